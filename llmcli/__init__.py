@@ -1,0 +1,3 @@
+"""llmcli: the transformer inference pipeline as Unix filters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,248 @@
+"""`llmcli generate`: ids (or text) -> generated_ids and finish_reason, with continuous batching."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from llmcli.cli import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    InputArg,
+    ModelOpt,
+    OutputOpt,
+    SkipErrorsOpt,
+    app,
+    open_input,
+    open_output,
+    say,
+)
+from llmcli.errors import InputError, UsageError
+
+
+def parse_logit_bias(values: list[str]) -> dict[int, float]:
+    """`--logit-bias 123:-5` (repeatable) or a JSON object `{"123": -5}`."""
+    bias: dict[int, float] = {}
+    for value in values:
+        try:
+            if value.lstrip().startswith("{"):
+                bias.update({int(k): float(v) for k, v in json.loads(value).items()})
+            else:
+                token, _, amount = value.partition(":")
+                bias[int(token)] = float(amount)
+        except (ValueError, json.JSONDecodeError, AttributeError):
+            raise UsageError(f"bad --logit-bias {value!r}", 'write TOKEN_ID:BIAS (e.g. 42:-100) or a JSON object {"42": -100}') from None
+    return bias
+
+
+@app.command()
+def generate(
+    input: InputArg = "-",
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most new tokens per record.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability (0 = off).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help="HF repetition penalty over prompt and output (1 = off).")] = 1.0,
+    presence_penalty: Annotated[float, typer.Option(help="OpenAI presence penalty over the output.")] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option(help="OpenAI frequency penalty over the output.")] = 0.0,
+    logit_bias: Annotated[Optional[List[str]], typer.Option(help="TOKEN_ID:BIAS, repeatable, or a JSON object.")] = None,
+    stop: Annotated[Optional[List[str]], typer.Option(help="Stop string (repeatable); not included in the output.")] = None,
+    stop_id: Annotated[Optional[List[int]], typer.Option(help="Stop token id (repeatable).")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token.")] = False,
+    min_tokens: Annotated[int, typer.Option(help="Generate at least this many tokens before stopping.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed: each record samples from its own stream derived from seed and id.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Samples per record (one output record each, with `sample`).")] = 1,
+    logprobs: Annotated[Optional[int], typer.Option(help="Add `logprobs`: the chosen token's logprob and this many alternatives.")] = None,
+    echo: Annotated[bool, typer.Option(help="Add `prompt_logprobs` for the prompt tokens.")] = False,
+    stream: Annotated[bool, typer.Option(help="Write {id, delta} records as text is produced, then the final record.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Sequences in flight at once (continuous batching).")] = 8,
+    progress: Annotated[bool, typer.Option(help="Progress bar on stderr (default: when stderr is a terminal).")] = False,
+    cache: Annotated[Optional[str], typer.Option(help="Resume from a KV cache written by `llmcli attend --save-cache`.")] = None,
+    truncate: Annotated[bool, typer.Option(help="Keep the last tokens of prompts longer than the context instead of failing.")] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    skip_errors: SkipErrorsOpt = False,
+) -> None:
+    """Generate tokens for each record's `ids` (or `text`), writing `generated_ids` and `finish_reason`.
+
+    Records are written in input order; up to --batch-size prompts are in flight at once.
+
+    Example: echo "The capital of France is" | llmcli tokenize | llmcli generate -n 8 | llmcli decode --text-only
+    """
+    from llmcli.core.generate import Request
+    from llmcli.core.sampling import SamplingParams
+    from llmcli.engine import Engine
+    from llmcli.records import (
+        FINISH_REASON,
+        GENERATED_IDS,
+        IDS,
+        LOGPROBS,
+        PROMPT_LOGPROBS,
+        TEXT,
+        ErrorCounter,
+        RecordWriter,
+        iter_lines,
+        require_ids,
+    )
+
+    if n < 1:
+        raise UsageError("--n must be at least 1", "use --n 1 or more")
+    if max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1", "use -n 1 or more")
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
+    params = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=parse_logit_bias(logit_bias or []),
+        seed=seed,
+        logprobs=logprobs,
+    )
+    stream_in, source = open_input(input)
+    engine = Engine(model, dtype=dtype, device=device, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL)
+    tokenizer = engine.tokenizer
+    vocab = engine.config.vocab_size
+    context = engine.context_length
+    prompt_cache = None
+    if cache is not None:
+        from llmcli.core.kvfile import load_prompt_cache
+
+        prompt_cache = load_prompt_cache(cache, engine.loaded)
+    counter = ErrorCounter(report=say) if skip_errors else None
+    records: dict[int, tuple[int, dict]] = {}
+
+    def requests():
+        for line in iter_lines(stream_in, source, skip_errors=counter):
+            try:
+                yield from make_requests(line.record, line.number)
+            except InputError as exc:
+                exc.line = exc.line or line.number
+                exc.source = exc.source or source
+                if counter is None:
+                    raise
+                counter.add(exc)
+
+    def make_requests(record: dict, number: int):
+        if IDS in record:
+            ids = require_ids(record, number, vocab_size=vocab)
+        elif TEXT in record:
+            if not isinstance(record[TEXT], str):
+                raise InputError("`text` must be a string", None, line=number)
+            ids = tokenizer.encode(record[TEXT]).ids
+        else:
+            raise InputError("no `ids` or `text` in the record for generate", "pipe through `llmcli tokenize` first")
+        limit = context - 1
+        if len(ids) > limit:
+            if not truncate:
+                raise InputError(
+                    f"the prompt has {len(ids)} tokens but the model's context holds {context}",
+                    "shorten it, or pass --truncate to keep its last tokens",
+                    line=number,
+                )
+            ids = ids[-limit:]
+        kv = None
+        if prompt_cache is not None:
+            from llmcli.core.kvfile import check_prefix
+
+            k, v, cached_ids = prompt_cache
+            check_prefix(cached_ids, ids, cache, number)
+            kv = (k, v)
+        for sample in range(n):
+            req = Request(
+                id=record.get("id", number),
+                prompt_ids=ids,
+                params=params,
+                max_tokens=max_tokens,
+                min_tokens=min_tokens,
+                stop=list(stop or []),
+                stop_token_ids=list(stop_id or []),
+                ignore_eos=ignore_eos,
+                echo=echo,
+                sample_index=sample,
+                prompt_cache=kv,
+            )
+            records[id(req)] = (number, record)
+            yield req
+
+    writer = RecordWriter(open_output(output))
+    show_progress = progress or sys.stderr.isatty()
+    bar = _Progress() if show_progress else None
+
+    def on_event(event) -> None:
+        if stream and event.text:
+            writer.write({"id": event.request.id, **({"sample": event.request.sample_index} if n > 1 else {}), "delta": event.text})
+        if bar is not None:
+            bar.token(event)
+
+    try:
+        for result in engine.iter_results(requests(), on_event=on_event):
+            _, record = records.pop(id(result.request))
+            out = dict(record)
+            if n > 1:
+                out["sample"] = result.request.sample_index
+            out[GENERATED_IDS] = result.generated_ids
+            out[FINISH_REASON] = result.finish_reason
+            if result.logprobs is not None:
+                out[LOGPROBS] = [_named(tokenizer, e) for e in result.logprobs]
+            if result.prompt_logprobs is not None:
+                out[PROMPT_LOGPROBS] = result.prompt_logprobs
+            writer.write(out)
+            if bar is not None:
+                bar.record()
+    finally:
+        if bar is not None:
+            bar.close()
+    if counter is not None and counter.count:
+        say(f"skipped {counter.count} bad line(s) of {source}")
+
+
+def _named(tokenizer, entry: dict) -> dict:
+    """OpenAI-shaped logprob entry with token text beside each id."""
+    out = {"token": tokenizer.id_to_token(entry["id"]), "id": entry["id"], "logprob": entry["logprob"]}
+    out["top_logprobs"] = [{"token": tokenizer.id_to_token(t["id"]), "id": t["id"], "logprob": t["logprob"]} for t in entry.get("top_logprobs", [])]
+    return out
+
+
+class _Progress:
+    """Records done, tokens/s and elapsed time on stderr (Rich)."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.done = 0
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        self.task = self.progress.add_task("generating", total=None)
+        self.progress.start()
+
+    def token(self, event) -> None:
+        if event.token is not None:
+            self.tokens += 1
+        self._update()
+
+    def record(self) -> None:
+        self.done += 1
+        self._update()
+
+    def _update(self) -> None:
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.progress.update(self.task, description=f"{self.done} records, {self.tokens} tokens, {rate:.1f} tok/s")
+
+    def close(self) -> None:
+        self.progress.stop()

@@ -1,0 +1,108 @@
+"""load_model: a path (HF directory or .gguf file) -> config, module with weights, tokenizer.
+
+The only place that puts readers, architectures and tokenizers together. Catalogue names are
+resolved before this (llmcli.catalog), so the core never touches the cache or the network.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmcli.core.config import ModelConfig
+from llmcli.core.models import family_module
+from llmcli.core.tokenizer import Tokenizer, load_tokenizer
+from llmcli.errors import ModelError, UsageError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    module: torch.nn.Module
+    tokenizer: Tokenizer
+    path: Path
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path.suffix == ".gguf" else self.path.name
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UsageError(f"unknown --dtype {name!r}", f"use one of {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda but no CUDA device is available", "use --device cpu")
+        return torch.device("cuda")
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UsageError("--device mps but MPS is not available", "use --device cpu")
+        return torch.device("mps")
+    raise UsageError(f"unknown --device {name!r}", "use cpu, cuda or mps")
+
+
+def read_config(path: Path) -> ModelConfig:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{path} has no config.json", "an HF-format model directory needs config.json, tokenizer.json and *.safetensors")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_file} is not valid JSON ({exc})", "restore the file from the model's source") from None
+    return ModelConfig.from_dict(raw, source=str(config_file))
+
+
+def load_model(path: Path | str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    from llmcli.core import weights
+
+    path = Path(path)
+    torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    torch_device = resolve_device(device) if isinstance(device, str) else device
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist", "give a catalogue name (see `llmcli models`), an HF-format directory or a .gguf file")
+    if path.is_file() and path.suffix == ".gguf":
+        checkpoint = weights.read_gguf(path)
+        config, tensors = checkpoint.config, checkpoint.tensors
+    elif path.is_dir():
+        config = read_config(path)
+        tensors = weights.read_safetensors(path)
+    else:
+        raise ModelError(
+            f"{path} is neither an HF-format directory nor a .gguf file",
+            "supported formats: safetensors (HF directory) and GGUF; pickled .bin/.pt/.pth files are never loaded",
+        )
+    family = family_module(config)
+    tensors = family.sanitize(tensors, config)
+    with torch.device("meta"):
+        module = family.Model(config)
+    weights.load_state(module, tensors, str(path), torch_dtype)
+    _rebuild_meta_buffers(module, family, config)
+    module = module.to(torch_device).eval()
+    tokenizer = load_tokenizer(path)
+    return LoadedModel(config=config, module=module, tokenizer=tokenizer, path=path, dtype=torch_dtype, device=torch_device)
+
+
+def _rebuild_meta_buffers(module: torch.nn.Module, family, config: ModelConfig) -> None:
+    """Buffers computed at construction (rope frequencies) are not in checkpoints: build them for real."""
+    meta = [name for name, buf in module.named_buffers() if buf.is_meta]
+    if not meta:
+        return
+    built = family.build_buffers(config)
+    for name in meta:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._buffers[leaf] = built[name]

@@ -1,0 +1,254 @@
+"""The Llama family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, Mistral, Qwen2 (qkv bias).
+
+Parameter names equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so
+loading is a loop with a shape check. GQA through SDPA's enable_gqa; a slow eager attention
+path, kept beside the fast one, returns the probabilities when they are asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Collection
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcli.core.config import ModelConfig
+from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with HF's rope_scaling types default, linear and llama3."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+        high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+        old_context = float(scaling.get("original_max_position_embeddings", 8192))
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    from llmcli.errors import ModelError
+
+    raise ModelError(f"unsupported rope_scaling type {kind!r}", "supported: default, linear, llama3")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics whatever the compute dtype, as HF does
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        qkv_bias = config.attention_bias
+        o_bias = config.attention_bias and config.model_type != "qwen2"
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        want_probs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, hd)
+        probs = None
+        if want_probs:
+            # slow reference path: explicit softmax so the probabilities can be returned
+            groups = self.n_heads // self.n_kv
+            kk = k.repeat_interleave(groups, dim=1)
+            vv = v.repeat_interleave(groups, dim=1)
+            scores = (q @ kk.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # (B, H, T, S)
+            if mask is None:
+                mask = causal_mask(positions, k.shape[2])
+            scores = scores.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out = probs.to(q.dtype) @ vv
+        elif mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
+        return self.o_proj(out), probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, positions, mask, cache, want_probs):
+        a, probs = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, cache, want_probs)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, probs
+
+
+class Backbone(nn.Module):
+    """HF's `model.` prefix: embeddings, blocks, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        # tied checkpoints have no lm_head tensor: logits reuse the embedding matrix
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    # ------------------------------------------------------------ helpers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _mask(self, positions: torch.Tensor, S: int) -> torch.Tensor:
+        mask = causal_mask(positions, S)
+        window = self.config.sliding_window
+        if window and S > window:
+            keys = torch.arange(S, device=positions.device)
+            mask = mask & (keys[None, None, None, :] > positions[:, None, :, None] - window)
+        return mask
+
+    # ------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden: Collection[int] = (),
+        output_attentions: Collection[int] = (),
+        logits_index: torch.Tensor | None = None,
+        compute_logits: bool = True,
+    ) -> ForwardOutput:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        B, T, _ = x.shape
+        L = self.config.num_hidden_layers
+        if cache is not None:
+            positions = cache.positions(T)  # (B, T)
+            S = int(positions.max()) + 1
+            uniform = bool((cache.lengths == cache.lengths[0]).all())
+            # one row or equal lengths with a fresh cache: plain causal attention needs no mask
+            # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
+            plain = uniform and (T == 1 or int(cache.lengths[0]) == 0) and not self.config.sliding_window
+            mask = None if plain else self._mask(positions, S)
+        else:
+            positions = torch.arange(T, device=x.device)[None, :].expand(B, T)
+            mask = self._mask(positions, T) if (self.config.sliding_window and T > self.config.sliding_window) else None
+        cos, sin = self.rope(positions, x.dtype)
+        hidden: dict[int, torch.Tensor] = {}
+        attentions: dict[int, torch.Tensor] = {}
+        if 0 in output_hidden:
+            hidden[0] = x
+        for i, block in enumerate(self.model.layers):
+            want = i in output_attentions
+            x, probs = block(x, cos, sin, positions, mask, cache, want)
+            if want:
+                attentions[i] = probs
+            if i + 1 in output_hidden and i + 1 != L:
+                hidden[i + 1] = x
+        x = self.model.norm(x)
+        if L in output_hidden:
+            hidden[L] = x
+        if cache is not None:
+            cache.advance(attention_mask.sum(1) if attention_mask is not None else T)
+        logits = None
+        if compute_logits:
+            h = x if logits_index is None else x[torch.arange(B, device=x.device), logits_index]  # (B, T, d) or (B, d)
+            logits = F.linear(h, self.output_weight())
+        return ForwardOutput(last_hidden=x, logits=logits, hidden_states=hidden, attentions=attentions)
+
+
+def build_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The non-checkpoint buffers, for a model built on the meta device."""
+    return {"inv_freq": rope_inv_freq(config)}
+
+
+def sanitize(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF llama keys are already our names; drop what we compute ourselves or tie."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        out[name] = t
+    return out

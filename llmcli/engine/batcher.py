@@ -1,0 +1,204 @@
+"""Continuous batching over a slot KV cache.
+
+Up to `batch_size` sequences are in flight; each `step()` first admits waiting requests into
+free rows (one prefill each), then decodes one token for every active row in a single forward.
+A finished sequence frees its row at once, so the next request starts on the next step and
+prompts of different lengths share a batch. Every sequence samples from its own generator
+(derived from the run's seed and the record's id), so results do not depend on the batch.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmcli.core import sampling
+from llmcli.core.generate import Request, TextStream, decode_step, prefill
+from llmcli.core.models.base import KVCache
+from llmcli.errors import ContextLengthError
+
+
+@dataclass
+class Event:
+    """What one step did for one request: a new token and its text, and whether it finished."""
+
+    request: Request
+    token: int | None
+    text: str
+    logprob: dict | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | None while running
+    generated_ids: list[int] = field(default_factory=list)  # set when finished: the final ids
+    prompt_logprobs: list | None = None  # set on the first event of an echo request
+    logprobs: list[dict] | None = None  # set when finished, if asked for: one entry per generated id
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    row: int
+    generator: torch.Generator | None
+    text: TextStream
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+
+
+class ContinuousBatcher:
+    def __init__(self, loaded, batch_size: int = 8, max_len: int | None = None):
+        self.loaded = loaded
+        self.model = loaded.module
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.batch_size = batch_size
+        self.max_len = min(max_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        self.cache = KVCache.for_model(self.config, batch_size, self.max_len, dtype=loaded.dtype, device=loaded.device)
+        self.vocab = self.config.vocab_size
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[_Sequence | None] = [None] * batch_size
+        self.last_token = torch.zeros(batch_size, dtype=torch.long, device=loaded.device)
+        # token counts per row for repetition / presence / frequency penalties
+        self.generated_counts = torch.zeros(batch_size, self.vocab, dtype=torch.int32, device=loaded.device)
+        self.prompt_seen = torch.zeros(batch_size, self.vocab, dtype=torch.bool, device=loaded.device)
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_id)
+
+    # ------------------------------------------------------------ queue
+
+    def add(self, request: Request) -> None:
+        if len(request.prompt_ids) == 0:
+            raise ContextLengthError("the prompt is empty", "give at least one token (tokenize some text)")
+        if len(request.prompt_ids) >= self.max_len:
+            raise ContextLengthError(
+                f"the prompt has {len(request.prompt_ids)} tokens but the context holds {self.max_len}",
+                "shorten the prompt or use --truncate",
+            )
+        self.waiting.append(request)
+
+    def cancel(self, request_id: Any) -> list[Event]:
+        """Drop a request wherever it is; its row is free for the next step."""
+        self.waiting = collections.deque(r for r in self.waiting if r.id != request_id)
+        events = []
+        for seq in self.rows:
+            if seq is not None and seq.request.id == request_id:
+                events.append(self._finish(seq, "cancelled"))
+        return events
+
+    @property
+    def active(self) -> int:
+        return sum(seq is not None for seq in self.rows)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.active > 0
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        for row in range(self.batch_size):
+            if self.rows[row] is None and self.waiting:
+                events.extend(self._admit(self.waiting.popleft(), row))
+        running = [seq for seq in self.rows if seq is not None]
+        if not running:
+            return events
+        active = torch.tensor([seq is not None for seq in self.rows], device=self.cache.lengths.device)
+        logits = decode_step(self.model, self.cache, self.last_token, active)  # (B, V)
+        rows = [seq.row for seq in running]
+        tokens, entries = self._choose(running, logits[rows])
+        for seq, token, entry in zip(running, tokens, entries):
+            events.append(self._accept(seq, token, entry))
+        return events
+
+    def _admit(self, request: Request, row: int) -> list[Event]:
+        self.cache.reset_row(row)
+        ids = request.prompt_ids
+        start = 0
+        if request.prompt_cache is not None:
+            k, v = request.prompt_cache
+            self.cache.load_row(row, k, v)
+            start = k.shape[2]
+        if start >= len(ids):
+            # the saved cache covers the whole prompt: recompute only the last position's logits
+            self.cache.lengths[row] = len(ids) - 1
+            start = len(ids) - 1
+        seq = _Sequence(request, row, sampling.make_generator(request.params.seed, request.id, request.sample_index), TextStream(self.tokenizer, request.stop))
+        self.rows[row] = seq
+        self.generated_counts[row].zero_()
+        self.prompt_seen[row].zero_()
+        self.prompt_seen[row, torch.tensor(ids, device=self.prompt_seen.device)] = True
+        prompt_logprobs = None
+        if request.echo:
+            if start > 0:
+                raise ContextLengthError("prompt logprobs need the whole prompt recomputed", "drop --cache when using --echo")
+            all_logits = prefill(self.model, self.cache, row, ids[start:], all_logits=True)  # (T, V)
+            prompt_logprobs = sampling.prompt_logprobs(all_logits, ids, request.params.logprobs or 0)
+            last = all_logits[-1:]
+        else:
+            last = prefill(self.model, self.cache, row, ids[start:])[None]  # (1, V)
+        tokens, entries = self._choose([seq], last)
+        event = self._accept(seq, tokens[0], entries[0])
+        event.prompt_logprobs = prompt_logprobs
+        return [event]
+
+    def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], list[dict | None]]:
+        """Sample one token per sequence from its (n, V) logits with each request's own settings."""
+        rows = [s.row for s in seqs]
+        params = [s.request.params for s in seqs]
+        logits = logits.float()
+        for i, seq in enumerate(seqs):
+            # min_tokens: the end is not allowed yet (vLLM's MinTokensLogitsProcessor)
+            if len(seq.generated) < seq.request.min_tokens:
+                blocked = list(self._stop_ids(seq.request))
+                if blocked:
+                    logits[i, blocked] = float("-inf")
+        probs = sampling.process_logits(logits, params, self.generated_counts[rows], self.prompt_seen[rows])
+        chosen = sampling.sample(probs, [s.generator for s in seqs], params)
+        want = [p.logprobs for p in params]
+        entries: list[dict | None] = [None] * len(seqs)
+        if any(w is not None for w in want):
+            k = max(w or 0 for w in want)
+            all_entries = sampling.token_logprobs(logits, chosen, k)
+            entries = [e if w is not None else None for e, w in zip(all_entries, want)]
+            for e, w in zip(entries, want):
+                if e is not None:
+                    e["top_logprobs"] = e["top_logprobs"][: w or 0]
+        return chosen.tolist(), entries
+
+    def _stop_ids(self, request: Request) -> set[int]:
+        ids = set(request.stop_token_ids)
+        if not request.ignore_eos:
+            ids |= self.eos_ids
+        return ids
+
+    def _accept(self, seq: _Sequence, token: int, entry: dict | None) -> Event:
+        request = seq.request
+        if token in self._stop_ids(request):
+            return self._finish(seq, "stop")
+        seq.generated.append(token)
+        if entry is not None:
+            seq.logprobs.append(entry)
+        self.generated_counts[seq.row, token] += 1
+        self.last_token[seq.row] = token
+        piece, stopped = seq.text.add(token)
+        if stopped:
+            return self._finish(seq, "stop", piece)
+        full = int(self.cache.lengths[seq.row]) + 1 >= self.max_len
+        if len(seq.generated) >= request.max_tokens or full:
+            return self._finish(seq, "length", piece)
+        return Event(request, token, piece, entry)
+
+    def _finish(self, seq: _Sequence, reason: str, piece: str = "") -> Event:
+        if reason != "stop" or seq.text.stopped_at is None:
+            piece += seq.text.finish()
+        keep = seq.text.tokens_before_stop()
+        self.rows[seq.row] = None
+        last = seq.generated[-1] if seq.generated else None
+        return Event(
+            seq.request,
+            last,
+            piece,
+            seq.logprobs[-1] if seq.logprobs else None,
+            finish_reason=reason,
+            generated_ids=seq.generated[:keep],
+            logprobs=seq.logprobs[:keep] if seq.request.params.logprobs is not None else None,
+        )

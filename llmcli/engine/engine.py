@@ -1,0 +1,125 @@
+"""Engine: a plain class built from a model reference and options, holding one loaded model.
+
+No global state, so it can live inside a Ray actor or any worker process. Commands and the
+server build one Engine and feed it Requests; results come back in input order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from llmcli.core.generate import Request
+from llmcli.engine.batcher import ContinuousBatcher, Event
+
+
+@dataclass
+class Result:
+    """A finished request."""
+
+    request: Request
+    generated_ids: list[int]
+    finish_reason: str
+    text: str  # the streamed text joined (stop strings removed)
+    logprobs: list[dict] | None = None
+    prompt_logprobs: list | None = None
+
+
+@dataclass
+class _Pending:
+    pieces: list[str] = field(default_factory=list)
+    prompt_logprobs: list | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        batch_size: int = 8,
+        max_context: int | None = None,
+        notify: Callable[[str], None] | None = None,
+        default_model: str = "smollm2-135m-instruct",
+    ):
+        from llmcli.catalog import resolve_model_path
+        from llmcli.core.loader import load_model
+
+        path = resolve_model_path(str(model) if model is not None else None, notify or (lambda _msg: None), default=default_model)
+        self.loaded = load_model(path, dtype=dtype, device=device)
+        self.batch_size = batch_size
+        self.max_context = max_context
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+    @property
+    def context_length(self) -> int:
+        n = self.loaded.config.max_position_embeddings
+        return min(n, self.max_context) if self.max_context else n
+
+    def make_batcher(self, batch_size: int | None = None) -> ContinuousBatcher:
+        return ContinuousBatcher(self.loaded, batch_size or self.batch_size, self.context_length)
+
+    def iter_events(self, requests: Iterable[Request], batch_size: int | None = None) -> Iterator[Event]:
+        """Every event of every request, as produced, with continuous admission.
+
+        Requests are pulled lazily, a few ahead of the free rows. If pulling the next request
+        raises (a bad input line), the requests already admitted are finished first and their
+        events delivered, then the error propagates: nothing read before it is lost.
+        """
+        batcher = self.make_batcher(batch_size)
+        source = iter(requests)
+        failure: BaseException | None = None
+        exhausted = False
+        while True:
+            while not exhausted and failure is None and len(batcher.waiting) < batcher.batch_size - batcher.active + 1:
+                try:
+                    batcher.add(next(source))
+                except StopIteration:
+                    exhausted = True
+                except Exception as exc:  # noqa: BLE001 - re-raised once the admitted requests are done
+                    failure = exc
+            if not batcher.has_work():
+                break
+            yield from batcher.step()
+        if failure is not None:
+            raise failure
+
+    def iter_results(self, requests: Iterable[Request], batch_size: int | None = None, on_event: Callable[[Event], None] | None = None) -> Iterator[Result]:
+        """Finished requests in input order (a later one that finishes first waits for the earlier)."""
+        order: list[Any] = []
+        pending: dict[int, _Pending] = {}
+        done: dict[int, Result] = {}
+
+        def tracked(reqs: Iterable[Request]) -> Iterator[Request]:
+            for req in reqs:
+                order.append(id(req))
+                yield req
+
+        next_index = 0
+        for event in self.iter_events(tracked(requests), batch_size):
+            if on_event is not None:
+                on_event(event)
+            key = id(event.request)
+            state = pending.setdefault(key, _Pending())
+            state.pieces.append(event.text)
+            if event.prompt_logprobs is not None:
+                state.prompt_logprobs = event.prompt_logprobs
+            if event.finish_reason is not None:
+                done[key] = Result(event.request, event.generated_ids, event.finish_reason, "".join(state.pieces), event.logprobs, state.prompt_logprobs)
+                del pending[key]
+            while next_index < len(order) and order[next_index] in done:
+                yield done.pop(order[next_index])
+                next_index += 1
+
+    def generate(self, request: Request) -> Result:
+        """One request, whole."""
+        return next(iter(self.iter_results([request], batch_size=1)))

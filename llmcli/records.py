@@ -1,0 +1,252 @@
+"""The pipe format: JSONL records in and out, the field names, and the tensor codec.
+
+One UTF-8 JSON object per line. A stage copies every field it does not own and adds its own;
+`id` is kept (the 1-based line number when absent). Tensors travel as
+`{"dtype": "float32", "shape": [...], "data": "<base64 little-endian row-major bytes>"}` so they
+pass through any number of stages bit for bit; `--floats` writes nested lists instead.
+
+This module imports numpy but never torch, so tokenize and decode start fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from dataclasses import dataclass
+from typing import IO, Any, Iterator
+
+import numpy as np
+
+from llmcli.errors import InputError
+
+# Field names: the one place they are spelled.
+ID = "id"
+TEXT = "text"
+IDS = "ids"
+TOKENS = "tokens"
+OFFSETS = "offsets"
+COUNT = "count"
+EMBEDDINGS = "embeddings"
+EMBEDDING = "embedding"
+HIDDEN = "hidden"
+ATTENTION = "attention"
+GENERATED_IDS = "generated_ids"
+FINISH_REASON = "finish_reason"
+COMPLETION = "completion"
+LOGPROBS = "logprobs"
+PROMPT_LOGPROBS = "prompt_logprobs"
+MESSAGES = "messages"
+REPLY = "reply"
+SAMPLES = "samples"
+USAGE = "usage"
+ERROR = "error"
+
+# Which stage makes each field: used in "missing field" errors so the fix is concrete.
+MADE_BY = {
+    TEXT: "your input (one JSON object per line with a `text` field, or plain text lines to `llmcli tokenize`)",
+    IDS: "llmcli tokenize",
+    EMBEDDINGS: "llmcli encode",
+    HIDDEN: "llmcli attend",
+    GENERATED_IDS: "llmcli generate",
+    MESSAGES: "your input (a list of {role, content} objects)",
+}
+
+TENSOR_DTYPES = {"float32", "float16", "bfloat16", "float64", "int32", "int64"}
+
+
+# ---------------------------------------------------------------- tensor codec
+
+
+def encode_tensor(array: Any, floats: bool = False) -> Any:
+    """A numpy array (or anything np.asarray takes) as a JSON-ready tensor object, or nested lists."""
+    arr = np.asarray(array)
+    if floats:
+        return arr.tolist()
+    dtype = str(arr.dtype)
+    if dtype not in TENSOR_DTYPES:
+        arr = arr.astype(np.float32)
+        dtype = "float32"
+    data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    return {"dtype": dtype, "shape": list(arr.shape), "data": base64.b64encode(data).decode("ascii")}
+
+
+def decode_tensor(value: Any, field: str = "tensor", line: int | None = None) -> np.ndarray:
+    """The inverse of encode_tensor; also accepts nested lists (from --floats)."""
+    if isinstance(value, dict):
+        try:
+            dtype = value["dtype"]
+            shape = [int(s) for s in value["shape"]]
+            raw = base64.b64decode(value["data"], validate=True)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(
+                f"`{field}` is not a tensor object ({exc})",
+                'a tensor is {"dtype": ..., "shape": [...], "data": "<base64>"} as written by llmcli',
+                line=line,
+            ) from None
+        if dtype not in TENSOR_DTYPES or dtype == "bfloat16":
+            raise InputError(f"`{field}` has unsupported dtype {dtype!r}", f"use one of {sorted(TENSOR_DTYPES - {'bfloat16'})}", line=line)
+        np_dtype = np.dtype(dtype).newbyteorder("<")
+        expected = int(np.prod(shape)) * np_dtype.itemsize
+        if len(raw) != expected:
+            raise InputError(
+                f"`{field}` data has {len(raw)} bytes but shape {shape} of {dtype} needs {expected}",
+                "the record was truncated or edited; regenerate it",
+                line=line,
+            )
+        return np.frombuffer(raw, dtype=np_dtype).reshape(shape).astype(np.dtype(dtype), copy=False)
+    if isinstance(value, list):
+        try:
+            return np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"`{field}` is a ragged or non-numeric list", "write a rectangular list of numbers", line=line) from None
+    raise InputError(f"`{field}` must be a tensor object or a list of numbers", None, line=line)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Line:
+    """One input line: its 1-based number and the parsed record."""
+
+    number: int
+    record: dict
+
+
+def _decode_utf8(raw: bytes, number: int, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"invalid UTF-8 at byte offset {exc.start} of the line",
+            "convert the input to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+            line=number,
+            source=source,
+        ) from None
+
+
+def parse_json_line(text: str, number: int, source: str) -> dict:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(
+            f"malformed JSON ({exc.msg} at column {exc.colno})",
+            "each line must be one JSON object; pass plain text to `llmcli tokenize --lines`",
+            line=number,
+            source=source,
+        ) from None
+    if not isinstance(record, dict):
+        raise InputError(
+            f"expected a JSON object, got {type(record).__name__}",
+            'wrap the value in an object, e.g. {"text": ...}',
+            line=number,
+            source=source,
+        )
+    return record
+
+
+def iter_raw_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(number, bytes without the newline) for every line, as soon as it arrives."""
+    number = 0
+    while True:
+        raw = stream.readline()
+        if not raw:
+            return
+        number += 1
+        yield number, raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw
+
+
+def iter_lines(stream: IO[bytes], source: str = "-", mode: str = "jsonl", skip_errors: "ErrorCounter | None" = None) -> Iterator[Line]:
+    """Records from a binary stream.
+
+    mode "jsonl": every non-blank line is a JSON object. mode "lines": every line is `{"text": line}`.
+    mode "auto": JSONL when the first non-blank line starts with "{", plain lines otherwise.
+    Records without `id` get their line number. Bad lines raise InputError, or are counted and
+    skipped when skip_errors is given.
+    """
+    for number, raw in iter_raw_lines(stream):
+        try:
+            text = _decode_utf8(raw, number, source)
+            if mode == "auto":
+                if not text.strip():
+                    continue
+                mode = "jsonl" if text.lstrip().startswith("{") else "lines"
+            if mode == "lines":
+                record = {TEXT: text}
+            else:
+                if not text.strip():
+                    continue
+                record = parse_json_line(text, number, source)
+            record.setdefault(ID, number)
+            yield Line(number, record)
+        except InputError as exc:
+            if skip_errors is None:
+                raise
+            skip_errors.add(exc)
+
+
+class ErrorCounter:
+    """Counts the lines that --skip-errors passed over, and says so on stderr."""
+
+    def __init__(self, report=None):
+        self.count = 0
+        self.first: InputError | None = None
+        self._report = report
+
+    def add(self, exc: InputError) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = exc
+        if self._report is not None:
+            self._report(f"skipped: {exc}")
+
+
+def require(record: dict, field: str, number: int | None = None, stage: str | None = None) -> Any:
+    """The value of a field, or an error that names the stage that makes it."""
+    if field not in record:
+        maker = MADE_BY.get(field)
+        hint = f"pipe through `{maker}` first" if maker and maker.startswith("llmcli") else (f"expected from {maker}" if maker else None)
+        raise InputError(f"no `{field}` in the record" + (f" for {stage}" if stage else ""), hint, line=number)
+    return record[field]
+
+
+def require_ids(record: dict, number: int | None, field: str = IDS, vocab_size: int | None = None) -> list[int]:
+    """A list of token ids, checked to be integers inside the vocabulary."""
+    ids = require(record, field, number)
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InputError(f"`{field}` must be a list of integers", "use the output of `llmcli tokenize`", line=number)
+    if vocab_size is not None:
+        bad = [i for i in ids if i < 0 or i >= vocab_size]
+        if bad:
+            raise InputError(
+                f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})",
+                "the ids come from another model's tokenizer; tokenize with the same --model",
+                line=number,
+            )
+    return ids
+
+
+# ---------------------------------------------------------------- writing
+
+
+class RecordWriter:
+    """Writes one record per line, each in a single write and flushed, so a reader never sees half a record."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        self.stream.write(line)
+        self.stream.flush()
+        self.count += 1
+
+    def write_text(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()

@@ -1,0 +1,109 @@
+"""Tiny random checkpoints saved as real HF directories, built with transformers (test-only).
+
+Each directory has config.json, model.safetensors and a real byte-level BPE tokenizer.json
+trained on a few sentences, so every command runs on it end to end in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris is the capital of France.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers like 12345 and 3.14159 appear in text.",
+    "Héllo wörld, naïve café. 你好世界。 🙂",
+    "To be, or not to be, that is the question.",
+]
+VOCAB = 320
+
+
+def make_bpe_tokenizer(path: Path, bert: bool = False) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if bert:
+        from tokenizers import normalizers
+
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+        tok.train_from_iterator(TRAINING_TEXT, trainer)
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        tok.decoder = decoders.WordPiece()
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=VOCAB - 8,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(TRAINING_TEXT, trainer)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(path / "tokenizer.json"))
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
+    """kind: llama, llama3, mistral, qwen2, gpt2, bert. Returns the HF directory."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    if kind in ("llama", "llama3"):
+        extra = {}
+        if kind == "llama3":
+            extra["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, **common, **extra)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, bos_token_id=0, eos_token_id=2, **common)
+        model = transformers.MistralForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, **common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    elif kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+        model = transformers.BertModel(cfg, add_pooling_layer=False)
+    else:
+        raise ValueError(kind)
+    model.eval()
+    # larger weights than the init default give peaky, non-degenerate distributions
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3 if kind != "bert" else 0.1)
+    model.save_pretrained(str(path), safe_serialization=True)
+    make_bpe_tokenizer(path, bert=kind == "bert")
+    tok_cfg = {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None} if kind != "bert" else {"model_max_length": 256}
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return path
+
+
+def load_reference(path: Path, eager: bool = True):
+    """The transformers model for a tiny directory, float32, eval mode."""
+    import transformers
+
+    cfg = json.loads((path / "config.json").read_text())
+    kw = {"attn_implementation": "eager"} if eager else {}
+    if cfg["model_type"] == "bert":
+        return transformers.BertModel.from_pretrained(str(path), add_pooling_layer=False, **kw).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw).eval()
