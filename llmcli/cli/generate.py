@@ -16,6 +16,7 @@ from llmcli.cli import (
     DtypeOpt,
     InputArg,
     ModelOpt,
+    QuantizeOpt,
     OutputOpt,
     SkipErrorsOpt,
     app,
@@ -70,6 +71,7 @@ def generate(
     truncate: Annotated[bool, typer.Option(help="Keep the last tokens of prompts longer than the context instead of failing.")] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = "none",
     skip_errors: SkipErrorsOpt = False,
 ) -> None:
     """Generate tokens for each record's `ids` (or `text`), writing `generated_ids` and `finish_reason`.
@@ -113,7 +115,7 @@ def generate(
         logprobs=logprobs,
     )
     stream_in, source = open_input(input)
-    engine = Engine(model, dtype=dtype, device=device, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL)
+    engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL)
     tokenizer = engine.tokenizer
     vocab = engine.config.vocab_size
     context = engine.context_length

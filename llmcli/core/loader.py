@@ -28,6 +28,7 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     device: torch.device
+    quantize: str | None = None
 
     @property
     def name(self) -> str:
@@ -66,8 +67,15 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_dict(raw, source=str(config_file))
 
 
-def load_model(path: Path | str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    path: Path | str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    quantize: str | None = None,
+) -> LoadedModel:
+    """Read a checkpoint into the fast inference layout (fused projections; int8 with quantize="int8")."""
     from llmcli.core import weights
+    from llmcli.core.quantize import quantize_linears
 
     path = Path(path)
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
@@ -77,6 +85,7 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "float32", device: s
     if path.is_file() and path.suffix == ".gguf":
         checkpoint = weights.read_gguf(path)
         config, tensors = checkpoint.config, checkpoint.tensors
+        del checkpoint
     elif path.is_dir():
         config = read_config(path)
         tensors = weights.read_safetensors(path)
@@ -90,10 +99,17 @@ def load_model(path: Path | str, dtype: str | torch.dtype = "float32", device: s
     with torch.device("meta"):
         module = family.Model(config)
     weights.load_state(module, tensors, str(path), torch_dtype)
+    del tensors  # the module holds the only references now, so fusing does not keep two copies
     _rebuild_meta_buffers(module, family, config)
+    if hasattr(module, "fuse"):
+        module.fuse()
     module = module.to(torch_device).eval()
+    if quantize not in (None, "none"):
+        if hasattr(module, "untie_output"):
+            module.untie_output()
+        quantize_linears(module, quantize)
     tokenizer = load_tokenizer(path)
-    return LoadedModel(config=config, module=module, tokenizer=tokenizer, path=path, dtype=torch_dtype, device=torch_device)
+    return LoadedModel(config=config, module=module, tokenizer=tokenizer, path=path, dtype=torch_dtype, device=torch_device, quantize=quantize)
 
 
 def _rebuild_meta_buffers(module: torch.nn.Module, family, config: ModelConfig) -> None:

@@ -145,13 +145,15 @@ class ContinuousBatcher:
         rows = [s.row for s in seqs]
         params = [s.request.params for s in seqs]
         logits = logits.float()
+        allowed = logits
         for i, seq in enumerate(seqs):
             # min_tokens: the end is not allowed yet (vLLM's MinTokensLogitsProcessor)
             if len(seq.generated) < seq.request.min_tokens:
                 blocked = list(self._stop_ids(seq.request))
                 if blocked:
-                    logits[i, blocked] = float("-inf")
-        probs = sampling.process_logits(logits, params, self.generated_counts[rows], self.prompt_seen[rows])
+                    allowed = allowed.clone() if allowed is logits else allowed
+                    allowed[i, blocked] = float("-inf")
+        probs = sampling.process_logits(allowed, params, self.generated_counts[rows], self.prompt_seen[rows])
         chosen = sampling.sample(probs, [s.generator for s in seqs], params)
         want = [p.logprobs for p in params]
         entries: list[dict | None] = [None] * len(seqs)

@@ -39,6 +39,7 @@ class Engine:
         *,
         dtype: str = "float32",
         device: str = "cpu",
+        quantize: str | None = None,
         batch_size: int = 8,
         max_context: int | None = None,
         notify: Callable[[str], None] | None = None,
@@ -48,7 +49,7 @@ class Engine:
         from llmcli.core.loader import load_model
 
         path = resolve_model_path(str(model) if model is not None else None, notify or (lambda _msg: None), default=default_model)
-        self.loaded = load_model(path, dtype=dtype, device=device)
+        self.loaded = load_model(path, dtype=dtype, device=device, quantize=quantize)
         self.batch_size = batch_size
         self.max_context = max_context
 

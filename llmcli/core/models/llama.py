@@ -58,11 +58,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op on the hot path
         # float32 statistics whatever the compute dtype, as HF does
-        dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -78,6 +79,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matmul instead of three
+        self.split_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+
+    def fuse(self) -> None:
+        self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(
         self,
@@ -90,12 +97,20 @@ class Attention(nn.Module):
         want_probs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
+        nq, nk = self.n_heads, self.n_kv
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, nq + 2 * nk, self.head_dim)
+            qk = qkv[:, :, : nq + nk]
+            qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads in one go
+            q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nk :]
+        else:
+            q = self.q_proj(x).view(B, T, nq, self.head_dim)
+            k = self.k_proj(x).view(B, T, nk, self.head_dim)
+            v = self.v_proj(x).view(B, T, nk, self.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, hd)
         probs = None
@@ -125,9 +140,28 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the parts' outputs side by side (fewer, larger matmuls)."""
+    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    return fused
 
 
 class Block(nn.Module):
@@ -163,19 +197,37 @@ class Model(nn.Module):
         # tied checkpoints have no lm_head tensor: logits reuse the embedding matrix
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------ helpers
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def output_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def fuse(self) -> None:
+        """The fast inference layout: fused QKV and gate/up projections. Results are unchanged."""
+        for block in self.model.layers:
+            block.self_attn.fuse()
+            block.mlp.fuse()
+
+    def untie_output(self) -> None:
+        """Give a tied model its own lm_head module (sharing the embedding tensor), so it can be quantized."""
+        if self.lm_head is None:
+            weight = self.model.embed_tokens.weight
+            self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+            self.lm_head.weight = weight
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, sin (B, T, hd) for absolute positions, looked up in a table grown on demand."""
+        need = int(positions.max()) + 1
+        table = self._rope_table
+        if table is None or table[0].shape[0] < need or table[0].dtype != dtype or table[0].device != positions.device:
+            size = max(need, 256 if table is None else 2 * table[0].shape[0])
+            pos = torch.arange(size, device=positions.device)
+            freqs = pos[:, None].float() * self.inv_freq.float()  # (S, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
+            table = self._rope_table = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return table[0][positions], table[1][positions]
 
     def _mask(self, positions: torch.Tensor, S: int) -> torch.Tensor:
         mask = causal_mask(positions, S)
@@ -233,7 +285,7 @@ class Model(nn.Module):
         logits = None
         if compute_logits:
             h = x if logits_index is None else x[torch.arange(B, device=x.device), logits_index]  # (B, T, d) or (B, d)
-            logits = F.linear(h, self.output_weight())
+            logits = F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
         return ForwardOutput(last_hidden=x, logits=logits, hidden_states=hidden, attentions=attentions)
 
 
