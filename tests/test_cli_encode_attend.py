@@ -210,7 +210,7 @@ def test_heatmap_renders_on_stderr_and_keeps_stdout_clean(llama_dir, count):
     assert "attention" not in rec and decode_tensor(rec["hidden"]).shape == (count, 64)  # --heatmap alone adds no field
     lines = result.stderr.splitlines()
     assert lines[0] == "record 1: mean over layers 0,1 heads 0,1,2,3"
-    assert lines[-1].split()[:2] == [str(count), "tokens" if count > 1 else "token"]
+    assert lines[-1].split()[:2] == [str(count), "tokens," if count > 1 else "token"]
     rows = [line for line in lines[:-2] if "\u2588" in line or "\u2591" in line or "\u2592" in line or "\u2593" in line]  # minus the legend
     if count == 1:
         assert len(rows) == 1 and rows[0].split()[0] == "The"  # the one query, labelled, attends to itself fully

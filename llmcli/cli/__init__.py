@@ -156,6 +156,20 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage-error, abort, exit) classes of click and of the copy of click that Typer vendors."""
+    errors: list[type] = [click.ClickException]
+    aborts: list[type] = [click.exceptions.Abort, typer.Abort]
+    exits: list[type] = [click.exceptions.Exit, typer.Exit]
+    try:
+        from typer._click import exceptions as vendored
+
+        errors.append(vendored.ClickException)
+    except ImportError:  # older Typer uses click itself
+        pass
+    return tuple(errors), tuple(set(aborts)), tuple(set(exits))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app and turn every failure into one stderr line and an exit code."""
     command = typer.main.get_command(app)
@@ -165,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         args.remove("--debug")
         debug = True
         os.environ["LLMCLI_DEBUG"] = "1"
+    click_errors, aborts, exits = _click_exceptions()
     try:
         rc = command.main(args=args, prog_name="llmcli", standalone_mode=False)
         if isinstance(rc, int) and rc:
@@ -174,14 +189,19 @@ def main(argv: list[str] | None = None) -> None:
             raise
         say(f"error: {exc}")
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except aborts:
         say("interrupted")
         sys.exit(130)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        say(f"error: {exc.format_message()}")
-        sys.exit(exc.exit_code)
+    except exits as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except click_errors as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        say(f"error: {exc.format_message()}{where}")
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         say("interrupted")
         sys.exit(130)

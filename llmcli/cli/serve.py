@@ -1,0 +1,123 @@
+"""`llmcli serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over one model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from llmcli.cli import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, app, say
+from llmcli.errors import UsageError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """'1MB' -> 1000000, '512KiB' -> 524288, '2048' -> 2048 bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"bad size {text!r}", "write a number of bytes with an optional unit, e.g. 1MB, 512KiB or 65536")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").lower()])
+
+
+def model_name(ref: Optional[str], default: str) -> str:
+    """The name clients use in `model`: the catalogue name, or the file/directory name of a path."""
+    if ref is None:
+        return default
+    path = Path(ref)
+    if path.suffix == ".gguf":
+        return path.stem
+    if path.exists() or "/" in ref:
+        return path.resolve().name if path.exists() else path.name
+    return ref
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind. The default answers only this machine; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        Optional[str], typer.Option("--api-key", envvar="LLMCLI_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests decoded together (continuous batching).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a batch row; more get HTTP 429.")] = 64,
+    max_body: Annotated[str, typer.Option(help="Largest request body (1MB = 10^6 bytes, 1MiB = 2^20); larger gets HTTP 413.")] = "1MB",
+    max_context: Annotated[Optional[int], typer.Option(help="Cap the context (tokens per sequence) below the model's; saves KV-cache memory.")] = None,
+    embedding_model: Annotated[
+        Optional[str], typer.Option(help=f"Encoder for /v1/embeddings when --model is a decoder. Default: {DEFAULT_ENCODER} (loaded on first use).")
+    ] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The model name clients send (default: the catalogue or file name).")] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = "none",
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level on stderr: critical, error, warning, info, debug.")] = "warning",
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API.
+
+    Routes: POST /v1/completions, /v1/chat/completions (both with "stream": true as server-sent
+    events), /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health (503 while the model
+    loads), /metrics (Prometheus). SIGTERM stops taking requests, finishes those in flight, exits 0.
+
+    Example: llmcli serve --port 8000 & curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
+    if max_queue < 0:
+        raise UsageError("--max-queue must be 0 or more", "use e.g. --max-queue 64")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is not a TCP port", "use a number in 1..65535 (0 picks a free one)")
+    if max_context is not None and max_context < 2:
+        raise UsageError("--max-context must be at least 2", "leave it out to use the model's context")
+    body_limit = parse_size(max_body)
+    if log_level not in ("critical", "error", "warning", "info", "debug"):
+        raise UsageError(f"unknown --log-level {log_level!r}", "use critical, error, warning, info or debug")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"`llmcli serve` needs {exc.name}", "pip install 'llmcli[serve]'") from None
+
+    from llmcli.catalog import resolve_model_path
+    from llmcli.core.loader import load_model
+    from llmcli.engine import Engine
+    from llmcli.engine.service import Embedder, EngineService
+    from llmcli.server import make_app, run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
+    name = served_model_name or model_name(model, DEFAULT_MODEL)
+    embed_ref = embedding_model or DEFAULT_ENCODER
+    embed_name = model_name(embedding_model, DEFAULT_ENCODER)
+
+    def load_backend():
+        engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, max_context=max_context, notify=say, default_model=DEFAULT_MODEL)
+        if engine.config.is_encoder:
+            return Embedder(engine.loaded)
+        say(f"llmcli: loaded {name} ({engine.config.model_type}, context {engine.context_length}, batch size {batch_size})")
+        return EngineService(engine, batch_size=batch_size, max_queue=max_queue)
+
+    def load_embedder():
+        loaded = load_model(resolve_model_path(embed_ref, say, default=DEFAULT_ENCODER), dtype=dtype, device=device)
+        if not loaded.config.is_encoder:
+            raise UsageError(f"--embedding-model {embed_ref} is a {loaded.config.model_type} decoder", f"use an encoder such as {DEFAULT_ENCODER}")
+        return Embedder(loaded)
+
+    application = make_app(
+        load_backend,
+        model_name=name,
+        api_key=api_key,
+        max_body=body_limit,
+        embedder=load_embedder,
+        embedding_name=embed_name,
+        # a model named on the command line loads at startup, so a bad one fails there; the default waits for first use
+        preload_embedder=embedding_model is not None,
+    )
+    rc = run_server(application, host, port, notify=say, log_level=log_level)
+    if rc:
+        raise typer.Exit(rc)

@@ -1,0 +1,500 @@
+"""Checkpoint readers: safetensors and GGUF -> {HF tensor name: torch.Tensor}, and loading them into a module.
+
+The only two formats are safetensors and GGUF: pickled checkpoints (.bin/.pt/.pth/.ckpt) are refused,
+never unpickled. safetensors tensors are views into a private memory map, so nothing is read
+until a tensor is touched and a tensor that already has the wanted dtype is never copied.
+GGUF tensors are renamed to HF llama names, dequantized to float32 (gguf's own numpy kernels),
+and llama.cpp's RoPE row permutation of Q and K is undone, so they equal the HF checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmcli.core.config import ModelConfig
+from llmcli.core.gguf_meta import GGUFHeader, GGUFTensorInfo, read_gguf_header
+from llmcli.errors import ModelError
+
+SUPPORTED_FORMATS = "safetensors (an HF-format directory or a .safetensors file) and GGUF"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+GGUF_ARCHITECTURES = ("llama",)
+
+# Buffers some checkpoints carry that every model recomputes itself: dropping them is harmless.
+HARMLESS_EXTRAS = ("rotary_emb.inv_freq", "position_ids", ".attn.bias", ".attn.masked_bias", "num_batches_tracked")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own limit
+
+
+# ------------------------------------------------------------------ safetensors
+
+
+def _refuse_pickle(path: Path) -> ModelError:
+    return ModelError(
+        f"{path} is a pickled checkpoint, which llmcli never loads (unpickling can run arbitrary code)",
+        f"supported formats: {SUPPORTED_FORMATS}; convert it with transformers' save_pretrained(safe_serialization=True)",
+    )
+
+
+def read_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
+    """A .safetensors file, or a directory with model.safetensors or an index of shards -> {name: tensor}."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"weights path {path} does not exist", "give an HF-format directory or a .safetensors file")
+    if path.is_dir():
+        return _read_directory(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
+    if path.suffix == ".gguf":
+        raise ModelError(f"{path} is a GGUF file, not safetensors", "load it with read_gguf (llmcli picks the reader by suffix)")
+    return _read_file(path)
+
+
+def _read_directory(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return _read_sharded(index)
+    single = path / "model.safetensors"
+    if single.is_file():
+        return _read_file(single)
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        # shards without their index (or a differently named single file): read them all
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            for name, t in _read_file(f).items():
+                if name in tensors:
+                    raise ModelError(f"tensor {name} appears in more than one file of {path} (again in {f.name})", "keep only one copy of the checkpoint in the directory")
+                tensors[name] = t
+        return tensors
+    present = sorted(p.name for p in path.iterdir())
+    pickles = [n for n in present if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ModelError(
+            f"{path} holds only pickled weights ({', '.join(pickles)}), which llmcli never loads",
+            f"supported formats: {SUPPORTED_FORMATS}; convert with transformers' save_pretrained(safe_serialization=True)",
+        )
+    listing = ", ".join(present[:20]) + (f" and {len(present) - 20} more" if len(present) > 20 else "") if present else "nothing"
+    raise ModelError(
+        f"{path} has no weights: no model.safetensors, model.safetensors.index.json or *.safetensors (it holds {listing})",
+        f"supported formats: {SUPPORTED_FORMATS}; download the model's *.safetensors files into the directory",
+    )
+
+
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ModelError(f"{index} is not a valid safetensors index ({exc})", "restore the file from the model's source") from None
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise ModelError(f"{index} lists shard(s) that are missing: {', '.join(missing)}", "download every shard listed in the index")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(_read_file(index.parent / shard))
+    absent = [name for name in weight_map if name not in tensors]
+    if absent:
+        raise ModelError(
+            f"tensor {absent[0]} is listed in {index} under {weight_map[absent[0]]} but that file does not hold it"
+            + (f" ({len(absent) - 1} more missing)" if len(absent) > 1 else ""),
+            "download the shards again; they do not match the index",
+        )
+    return tensors
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    """One .safetensors file as views into a copy-on-write memory map (no data is read here)."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
+    size = path.stat().st_size
+    hint = "the download was probably cut short or the file is not safetensors; download it again"
+    if size < 8:
+        raise ModelError(f"{path} is not a valid safetensors file: only {size} bytes", hint)
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > _MAX_HEADER or 8 + header_len > size:
+            raise ModelError(f"{path} is not a valid safetensors file: its header claims {header_len} bytes but the file has {size}", hint)
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not a valid safetensors file: unreadable header ({exc})", hint) from None
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    data_len = size - data_start
+    mm = np.memmap(path, dtype=np.uint8, mode="c") if data_len > 0 else np.zeros(0, np.uint8)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        try:
+            dtype_name, shape = entry["dtype"], [int(d) for d in entry["shape"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{path} is not a valid safetensors file: bad header entry for tensor {name}", hint) from None
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ModelError(
+                f"tensor {name} in {path} has dtype {dtype_name}, which llmcli cannot read",
+                f"supported safetensors dtypes: {', '.join(_SAFETENSORS_DTYPES)}",
+            )
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if end - begin != numel * itemsize or begin < 0:
+            raise ModelError(f"{path} is corrupt: tensor {name} of shape {tuple(shape)} {dtype_name} needs {numel * itemsize} bytes, its offsets give {end - begin}", hint)
+        if end > data_len:
+            raise ModelError(f"{path} is truncated: tensor {name} ends at byte {data_start + end} but the file has {size}", hint)
+        raw_bytes = torch.from_numpy(mm[data_start + begin : data_start + end])
+        if (data_start + begin) % itemsize:
+            raw_bytes = raw_bytes.clone()  # a misaligned tensor (rare) gets its own aligned copy
+        tensors[name] = raw_bytes.view(dtype).reshape(shape)
+    return tensors
+
+
+# ------------------------------------------------------------------ GGUF
+
+
+@dataclass
+class Q8Weight:
+    """A Q8_0 matrix kept quantized: int8 values and one float32 scale per block of 32 along a row."""
+
+    qweight: torch.Tensor  # (out, in) int8
+    scales: torch.Tensor  # (out, in // 32) float32
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.qweight.shape
+        return (self.qweight.view(out, inp // 32, 32).float() * self.scales[:, :, None]).reshape(out, inp)
+
+
+@dataclass
+class GGUFCheckpoint:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # HF names, float32 (F16/BF16/quantized types dequantized)
+    metadata: dict[str, Any]  # every GGUF key/value, e.g. tokenizer.ggml.tokens, tokenizer.chat_template
+    # keep_quantized=True: Q8_0 matrices land here instead of in `tensors` (HF names, un-permuted)
+    quantized: dict[str, Q8Weight] = field(default_factory=dict)
+    # tensors with no HF equivalent, under their GGUF names (llama3's rope_freqs.weight)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# llama.cpp tensor names -> HF llama names ({i} is the block index)
+_GGUF_GLOBAL = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_GGUF_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_EXTRA = ("rope_freqs.weight",)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF llama name of a llama.cpp tensor name, or None when it has none."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        return None
+    if stem in _GGUF_GLOBAL:
+        return f"{_GGUF_GLOBAL[stem]}.{kind}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK:
+        return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{kind}"
+    return None
+
+
+def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.LlamaModel.permute).
+
+    llama.cpp rotates adjacent pairs (x0, x1), (x2, x3)...; HF rotates halves (x_i, x_{i+hd/2}).
+    The converter reorders each head's rows from (half, i) to (i, half); this is the inverse.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def config_from_gguf(metadata: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]] | None = None, source: str = "GGUF") -> ModelConfig:
+    """ModelConfig (HF field names) from GGUF metadata; tensor_shapes are GGUF names -> torch-order shapes."""
+    arch = metadata.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelError(
+            f"{source} has architecture {arch!r}, which llmcli cannot run from GGUF",
+            f"supported GGUF architectures: {', '.join(GGUF_ARCHITECTURES)}",
+        )
+    shapes = tensor_shapes or {}
+
+    def get(key: str, default: Any = None, required: bool = False) -> Any:
+        value = metadata.get(f"{arch}.{key}", default)
+        if required and value is None:
+            raise ModelError(f"{source} lacks the metadata key {arch}.{key}", "convert the model again with llama.cpp's convert_hf_to_gguf.py")
+        return value
+
+    hidden = int(get("embedding_length", required=True))
+    heads = int(get("attention.head_count", required=True))
+    kv_heads = get("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        raise ModelError(f"{source} has a different number of KV heads per layer", "llmcli supports one KV head count for all layers")
+    head_dim = int(get("attention.key_length", hidden // heads))
+    rope_dim = get("rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise ModelError(f"{source} rotates {rope_dim} of {head_dim} head dimensions (partial RoPE)", "llmcli's llama family rotates whole heads")
+
+    if "token_embd.weight" in shapes:
+        vocab = shapes["token_embd.weight"][0]
+    elif "tokenizer.ggml.tokens" in metadata:
+        vocab = len(metadata["tokenizer.ggml.tokens"])
+    else:
+        vocab = get("vocab_size", required=True)
+
+    rope_scaling = None
+    scaling_type = get("rope.scaling.type")
+    factor = get("rope.scaling.factor", get("rope.scale_linear"))
+    if scaling_type is None and factor is not None and get("rope.scale_linear") is not None:
+        scaling_type = "linear"
+    if scaling_type not in (None, "none") and factor is not None:
+        rope_scaling = {"rope_type": scaling_type, "factor": float(factor)}
+        original = get("rope.scaling.original_context_length")
+        if original is not None:
+            rope_scaling["original_max_position_embeddings"] = int(original)
+
+    eos = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        if metadata.get(key) is not None and int(metadata[key]) not in eos:
+            eos.append(int(metadata[key]))
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    pad = metadata.get("tokenizer.ggml.padding_token_id")
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=int(get("block_count", required=True)),
+        num_attention_heads=heads,
+        num_key_value_heads=int(kv_heads),
+        head_dim=head_dim,
+        intermediate_size=int(get("feed_forward_length", required=True)),
+        max_position_embeddings=int(get("context_length", 2048)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        tie_word_embeddings="output.weight" not in shapes if shapes else False,
+        attention_bias="blk.0.attn_q.bias" in shapes,
+        mlp_bias="blk.0.ffn_up.bias" in shapes,
+        hidden_act="silu",
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_id=eos,
+        pad_token_id=None if pad is None else int(pad),
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def read_gguf(path: Path | str, keep_quantized: bool = False) -> GGUFCheckpoint:
+    """A GGUF file -> config, float32 tensors under HF llama names, metadata.
+
+    keep_quantized=True keeps Q8_0 matrices as Q8Weight (int8 + per-block scales) in
+    `checkpoint.quantized` instead of dequantizing them into `checkpoint.tensors`; every other
+    type is dequantized as usual.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise _refuse_pickle(path)
+    header = read_gguf_header(path)
+    source = str(path)
+    shapes = {t.name: t.shape for t in header.tensors}
+    config = config_from_gguf(header.metadata, shapes, source)
+
+    mm = np.memmap(path, dtype=np.uint8, mode="c")
+    tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, Q8Weight] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for info in header.tensors:
+        name = hf_name(info.name)
+        if name is None and info.name not in _GGUF_EXTRA:
+            raise ModelError(
+                f"{source} holds tensor {info.name!r}, which has no place in llmcli's llama model",
+                "this GGUF variant (e.g. mixture-of-experts or a vision tower) is not supported; use a plain llama GGUF",
+            )
+        try:
+            qtype = GGMLQuantizationType(info.type_id)
+        except ValueError:
+            raise ModelError(f"tensor {info.name} in {source} has unknown GGML type {info.type_id}", "use a GGUF written by a current llama.cpp") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        rows_shape = info.shape[:-1] if info.shape else ()
+        row_len = info.shape[-1] if info.shape else 1
+        if row_len % block:
+            raise ModelError(f"{source} is corrupt: tensor {info.name} has rows of {row_len}, not a multiple of its {qtype.name} block of {block}", "download the file again")
+        n_rows = int(np.prod(rows_shape, dtype=np.int64)) if rows_shape else 1
+        row_bytes = row_len // block * type_size
+        end = info.offset + n_rows * row_bytes
+        if end > header.file_size:
+            raise ModelError(
+                f"{source} is truncated: tensor {info.name} ends at byte {end} but the file has {header.file_size}",
+                "the download was probably cut short; download the file again",
+            )
+        raw = mm[info.offset : end].reshape(n_rows, row_bytes)
+        if keep_quantized and qtype == GGMLQuantizationType.Q8_0 and name is not None and len(info.shape) == 2:
+            weight = _q8_0_weight(raw, info.shape)
+            quantized[name] = _unpermute_if_qk(weight, info.name, config)
+            continue
+        t = _dequantize(raw, qtype, info, source).reshape(info.shape)
+        if name is None:
+            extra[info.name] = t
+        else:
+            tensors[name] = _unpermute_if_qk(t, info.name, config)
+    return GGUFCheckpoint(config=config, tensors=tensors, metadata=header.metadata, quantized=quantized, extra=extra)
+
+
+def _unpermute_if_qk(t, gguf_name: str, config: ModelConfig):
+    kind = gguf_name.split(".")[-2] if gguf_name.count(".") >= 2 else ""
+    if kind not in ("attn_q", "attn_k"):
+        return t
+    n_head = config.num_attention_heads if kind == "attn_q" else config.num_key_value_heads
+    if isinstance(t, Q8Weight):
+        # the permutation moves whole rows, and Q8_0 blocks never cross rows
+        return Q8Weight(unpermute_rope(t.qweight, n_head), unpermute_rope(t.scales, n_head))
+    return unpermute_rope(t, n_head)
+
+
+def _dequantize(raw: np.ndarray, qtype, info: GGUFTensorInfo, source: str) -> torch.Tensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if qtype == GGMLQuantizationType.F32:
+        return torch.from_numpy(raw.view(np.float32))  # a view into the map: no copy
+    if qtype == GGMLQuantizationType.F16:
+        return torch.from_numpy(raw.view(np.float16)).float()
+    if qtype == GGMLQuantizationType.BF16:
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
+    if qtype == GGMLQuantizationType.F64:
+        return torch.from_numpy(raw.view(np.float64)).float()
+    if qtype.name in ("I8", "I16", "I32", "I64"):
+        raise ModelError(
+            f"tensor {info.name} in {source} has integer type {qtype.name}, which is not a weight type",
+            "use a GGUF written by llama.cpp's convert_hf_to_gguf.py",
+        )
+    try:
+        values = dequantize(raw, qtype)
+    except NotImplementedError:
+        raise ModelError(
+            f"tensor {info.name} in {source} has type {qtype.name}, which the gguf package cannot dequantize",
+            "use a GGUF with F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant (Q2_K..Q6_K)",
+        ) from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def _q8_0_weight(raw: np.ndarray, shape: tuple[int, ...]) -> Q8Weight:
+    out, inp = shape
+    blocks = raw.reshape(out, inp // 32, 34)  # per block: float16 scale, then 32 int8 values
+    scales = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
+    qweight = blocks[:, :, 2:].copy().view(np.int8).reshape(out, inp)
+    return Q8Weight(torch.from_numpy(qweight), torch.from_numpy(scales))
+
+
+# ------------------------------------------------------------------ loading into a module
+
+
+def load_state(
+    module: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    dtype: torch.dtype,
+    ignore: Collection[str] = (),
+) -> None:
+    """Assign every parameter and persistent buffer of `module` from `tensors`, checking names and shapes.
+
+    Works on modules built on the meta device: tensors replace the parameters (assign-style), so a
+    tensor that already has `dtype` is used as it is, without a copy. Non-persistent buffers are
+    taken when present and otherwise left alone (the family rebuilds them). Extra tensors are an
+    error unless harmless (HARMLESS_EXTRAS) or ending with one of `ignore`.
+    """
+    persistent = set(module.state_dict(keep_vars=True).keys())
+    # parameters shared under several names (tied weights) are one slot with several names
+    slots: dict[int, list[tuple[str, bool]]] = {}
+    objects: dict[int, torch.Tensor] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        slots.setdefault(id(p), []).append((name, True))
+        objects[id(p)] = p
+    for name, b in module.named_buffers(remove_duplicate=False):
+        if b is None:
+            continue
+        slots.setdefault(id(b), []).append((name, False))
+        objects[id(b)] = b
+
+    known: set[str] = set()
+    missing: list[str] = []
+    plan: list[tuple[list[tuple[str, bool]], torch.Tensor]] = []
+    for key, names in slots.items():
+        known.update(n for n, _ in names)
+        found = next((n for n, _ in names if n in tensors), None)
+        if found is None:
+            if any(n in persistent for n, _ in names):
+                missing.append(names[0][0])
+            continue
+        current = objects[key]
+        t = tensors[found]
+        if tuple(t.shape) != tuple(current.shape):
+            raise ModelError(
+                f"tensor {found} in {source} has shape {tuple(t.shape)} but the model expects {tuple(current.shape)}",
+                "the weights do not belong to this config; check that config.json and the weights come from the same model",
+            )
+        want = dtype if current.is_floating_point() else current.dtype
+        if t.dtype != want:
+            t = t.to(want)
+        plan.append((names, t))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelError(
+            f"{source} lacks tensor {missing[0]}{more}",
+            "the file is incomplete or belongs to a different architecture; download the whole checkpoint",
+        )
+    extras = [
+        n for n in tensors
+        if n not in known and not n.endswith(HARMLESS_EXTRAS) and not (ignore and n.endswith(tuple(ignore)))
+    ]
+    if extras:
+        more = f" and {len(extras) - 1} more" if len(extras) > 1 else ""
+        raise ModelError(
+            f"{source} has tensor {extras[0]}{more} that the model does not use",
+            "the weights belong to a different architecture or config; check model_type and the layer counts",
+        )
+    for names, t in plan:
+        value = torch.nn.Parameter(t, requires_grad=False) if names[0][1] else t
+        for name, is_param in names:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if is_param:
+                owner._parameters[leaf] = value
+            else:
+                owner._buffers[leaf] = value

