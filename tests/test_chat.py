@@ -49,7 +49,8 @@ def rendered(tok, messages, add_generation_prompt=True) -> str:
 
 
 def spawn(model: Path, tmp: Path, *args: str):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TERM="dumb", LLMCLI_HOME=str(tmp / "home"))
+    # one torch thread: a tiny model runs faster so on shared cores
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TERM="dumb", LLMCLI_HOME=str(tmp / "home"), OMP_NUM_THREADS="1")
     return pexpect.spawn(
         sys.executable, ["-m", "llmcli", "chat", "--model", str(model), *args], env=env, encoding="utf-8", timeout=180, dimensions=(50, 1000)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -70,9 +71,9 @@ def test_greedy_32_tokens_equal_transformers(pair):
     ours, ref = pair
     ids = prompt(12, seed=2)
     # no eos: HF would otherwise stop early or (with min_new_tokens) suppress the eos logit
-    config = ref.generation_config
-    config.eos_token_id = None
-    expected = ref.generate(ids, max_new_tokens=32, do_sample=False, pad_token_id=0, generation_config=config)[0, 12:].tolist()
+    config = copy.deepcopy(ref.generation_config)
+    config.update(eos_token_id=None, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    expected = ref.generate(ids, generation_config=config)[0, 12:].tolist()
     assert len(expected) == 32
     cache = KVCache.for_model(ours.config, 1, 64)
     logits = ours(ids, cache=cache).logits[0, -1]
@@ -202,15 +203,18 @@ def test_bare_gpt2model_checkpoint_with_old_mask_buffers(tmp_path):
 
 
 @torch.inference_mode()
-def test_loader_builds_the_same_model(tiny_dir, pair):
-    """The shared loader (meta-device build + load_state) runs this family with the same result."""
-    from llmcli.core.loader import load_model
+def test_meta_build_and_load_state_give_the_same_model(tiny_dir, pair):
+    """The shared loader's path: build on the meta device, then weights.load_state assigns the tensors."""
+    from llmcli.core import weights
 
     _, ref = pair
-    loaded = load_model(tiny_dir)
-    assert isinstance(loaded.module, gpt2.Model)
+    config = ModelConfig.from_dict(json.loads((tiny_dir / "config.json").read_text()))
+    with torch.device("meta"):
+        module = gpt2.Model(config)
+    weights.load_state(module, gpt2.sanitize(weights.read_safetensors(tiny_dir), config), str(tiny_dir), torch.float32)
+    assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
     ids = prompt(24, seed=11)
-    torch.testing.assert_close(loaded.module(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(module.eval()(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_too_long_input_is_a_context_length_error(pair):
@@ -237,3 +241,15 @@ def test_sanitize_transposes_conv1d_once(tmp_path):
         torch.testing.assert_close(out[key], raw[key].T, atol=0, rtol=0)
     assert "lm_head.weight" not in out  # tied
     save_file(out, str(tmp_path / "x.safetensors"))  # contiguous after the transpose
+
+
+@torch.inference_mode()
+def test_config_without_tie_flag_loads_as_tied(tiny_dir, pair, tmp_path):
+    """Older GPT-2 config.json files do not say tie_word_embeddings (HF's default is tied)."""
+    _, ref = pair
+    raw = json.loads((tiny_dir / "config.json").read_text())
+    raw.pop("tie_word_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ours = load_ours(tmp_path, load_file(str(tiny_dir / "model.safetensors")))
+    ids = prompt(10, seed=12)
+    torch.testing.assert_close(ours(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)

@@ -106,8 +106,18 @@ class ModelConfig:
                 data["rope_scaling"] = params
         if "model_type" not in data:
             raise ModelError(f"{source} has no model_type", "use a config.json saved by transformers")
-        if data.get("hidden_act") in ("gelu_new", "gelu_pytorch_tanh"):
-            pass
+        if data["model_type"] == "gpt2":
+            data.setdefault("tie_word_embeddings", True)  # HF's default, which old GPT-2 configs leave unsaid
+        # variants we do not implement: refuse them instead of computing something else
+        unsupported = {
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "position_embedding_type": "absolute",
+        }
+        for key, expected in unsupported.items():
+            if key in data and data[key] != expected:
+                raise ModelError(f"{source}: {key}={data[key]!r} is not supported", f"llmcli implements {key}={expected!r}")
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in data]
         if missing:

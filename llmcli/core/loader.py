@@ -85,8 +85,10 @@ def load_model(
     if path.is_file() and path.suffix == ".gguf":
         checkpoint = weights.read_gguf(path)
         config, tensors = checkpoint.config, checkpoint.tensors
+        rope_freqs = checkpoint.extra.get("rope_freqs.weight")
         del checkpoint
     elif path.is_dir():
+        rope_freqs = None
         config = read_config(path)
         tensors = weights.read_safetensors(path)
     else:
@@ -101,6 +103,9 @@ def load_model(
     weights.load_state(module, tensors, str(path), torch_dtype)
     del tensors  # the module holds the only references now, so fusing does not keep two copies
     _rebuild_meta_buffers(module, family, config)
+    if rope_freqs is not None:
+        # llama3-style GGUFs carry their rope scaling as per-frequency divisors instead of config fields
+        module.inv_freq = module.inv_freq / rope_freqs.float()
     if hasattr(module, "fuse"):
         module.fuse()
     module = module.to(torch_device).eval()

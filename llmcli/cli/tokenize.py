@@ -1,0 +1,105 @@
+"""`llmcli tokenize`: text -> `ids`, `tokens`, `offsets` (or just a `count`), with the model's tokenizer.
+
+No torch here or in what it imports: tokenizing must start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from llmcli.cli import InputArg, ModelOpt, OutputOpt, SkipErrorsOpt, app, run_stage, say
+from llmcli.errors import InputError, UsageError
+
+
+def load_cli_tokenizer(model: Optional[str]):
+    """The tokenizer of --model: a catalogue name (pulled on first use), an HF directory or a .gguf file."""
+    from llmcli.catalog import resolve_model_path
+    from llmcli.core.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_model_path(model, say))
+
+
+@app.command()
+def tokenize(
+    input: InputArg = "-",
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    lines: Annotated[bool, typer.Option("--lines", help="Read every line as plain text (even one that starts with '{').")] = False,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Read JSONL records with a `text` field (a plain line is an error).")] = False,
+    add_special: Annotated[
+        Optional[bool],
+        typer.Option("--add-special/--no-add-special", help="Add the special tokens the model expects (BOS, [CLS] ... [SEP]). Default: the model's own choice.", show_default=False),
+    ] = None,
+    count: Annotated[bool, typer.Option("--count", help="Add only `count`, the number of tokens, instead of ids/tokens/offsets.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Write JSONL even when stdout is a terminal (where a table is shown otherwise).")] = False,
+    skip_errors: SkipErrorsOpt = False,
+) -> None:
+    """Split text into the model's tokens: adds `ids`, `tokens` (vocabulary pieces) and `offsets`.
+
+    Input is plain text, one text per line, or JSONL records with a `text` field; which one is
+    told from the first non-blank line (a line starting with '{' means JSONL), or forced with
+    --lines / --jsonl. Every field of a record is kept. `offsets` are [start, end) character
+    offsets into `text`: text[start:end] is what the token covers (a multi-byte character split
+    over several byte-level tokens gives each of them that character's offsets). Special tokens
+    written in the text (like <|im_start|>) are matched as special tokens. --count writes only
+    `count`. On a terminal (and without --json or -o) each record is shown as a table instead.
+
+    Example: echo "Hi there" | llmcli tokenize -m smollm2-135m-instruct
+    """
+    if lines and jsonl:
+        raise UsageError("--lines and --jsonl contradict each other", "give one of them, or neither to detect the format")
+    mode = "lines" if lines else "jsonl" if jsonl else "auto"
+
+    from llmcli.records import COUNT, IDS, OFFSETS, TEXT, TOKENS, require, stdout_is_terminal
+
+    tokenizer = load_cli_tokenizer(model)
+    show_table = not as_json and output in (None, "-") and stdout_is_terminal()
+    console = None
+    if show_table:
+        from rich.console import Console
+
+        console = Console()
+
+    def transform(record: dict, number: int):
+        text = require(record, TEXT, number, stage="llmcli tokenize")
+        if not isinstance(text, str):
+            raise InputError(f"`text` must be a string, got {type(text).__name__}", 'write {"text": "..."}', line=number)
+        enc = tokenizer.encode(text, add_special=add_special)
+        out = dict(record)
+        if count:
+            out[COUNT] = len(enc.ids)
+        else:
+            out[IDS] = enc.ids
+            out[TOKENS] = enc.tokens
+            out[OFFSETS] = enc.offsets
+        if console is not None:
+            _show(console, out, text, enc, count)
+            return []
+        return out
+
+    run_stage(input, output, transform, mode=mode, skip_errors=skip_errors)
+
+
+def _show(console, record: dict, text: str, enc, count_only: bool) -> None:
+    """One record as people read it: a title line, then one row per token."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from llmcli.cli.render import printable
+
+    title = f"id {record.get('id')}: {len(enc.ids)} token{'s' if len(enc.ids) != 1 else ''}"
+    if count_only:
+        console.print(Text(title))
+        return
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("id", justify="right")
+    table.add_column("token")
+    table.add_column("text")
+    table.add_column("offsets", justify="right", style="dim")
+    for i, (token_id, token, (start, end)) in enumerate(zip(enc.ids, enc.tokens, enc.offsets)):
+        table.add_row(str(i), str(token_id), Text(printable(token or "")), Text(printable(text[start:end])), f"{start}-{end}")
+    console.print(table)

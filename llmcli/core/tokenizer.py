@@ -1,0 +1,559 @@
+"""Tokenizers: a thin wrapper over HF `tokenizers`, the streaming detokenizer, and chat templates.
+
+`load_tokenizer(path)` reads an HF directory (tokenizer.json plus tokenizer_config.json,
+special_tokens_map.json, chat_template.jinja, generation_config.json) or a `.gguf` file, whose
+metadata describes the tokenizer under llama.cpp's key names and is rebuilt here as a
+`tokenizers.Tokenizer` the way llama.cpp tokenizes (and transformers' GGUF converter rebuilds it).
+
+No torch here: `llmcli tokenize` and `llmcli decode` import this module and must start fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from llmcli.errors import InputError, ModelError
+
+# End-of-turn tokens as llama.cpp names them (llama-vocab.cpp, "special_eog_ids"). A chat model
+# ends its reply with one of these rather than with the tokenizer's eos token in some families;
+# each one counts as a stop token when the chat template writes it.
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<EOT>",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
+    "<|return|>",
+    "<|call|>",
+)
+
+# GGUF token types (llama.cpp's llama_token_type)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass
+class Encoding:
+    """One text's tokens: ids, the readable pieces, and [start, end) character offsets into the text."""
+
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus what a model adds around it: special tokens, BOS, stop ids, chat template."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        special_tokens: dict[str, str | None] | None = None,
+        add_bos: bool = False,
+        eos_token_ids: Sequence[int] = (),
+        chat_template: str | None = None,
+        source: Path | None = None,
+    ):
+        self.backend = backend
+        # The names transformers puts in `special_tokens_map` (bos_token, eos_token, unk_token,
+        # pad_token, ...): chat templates read them as variables.
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.source = source
+        ids: list[int] = []
+        for i in list(eos_token_ids) + self._end_of_turn_ids():
+            if i is not None and i not in ids:
+                ids.append(i)
+        self._eos_token_ids = ids
+
+    # ---------------------------------------------------------------- vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("bos_token"))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("eos_token"))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a generation: eos, the model's extra stop ids, and the end-of-turn token of its chat template."""
+        return list(self._eos_token_ids)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("pad_token"))
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.token_to_id(self.special_tokens.get("unk_token"))
+
+    def _end_of_turn_ids(self) -> list[int]:
+        if not self.chat_template:
+            return []
+        specials = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+        found = []
+        for token in END_OF_TURN_TOKENS:
+            if token in specials and token in self.chat_template:
+                token_id = self.backend.token_to_id(token)
+                if token_id is not None:
+                    found.append(token_id)
+        return found
+
+    # ---------------------------------------------------------------- encode / decode
+
+    def encode(self, text: str, add_special: bool | None = None) -> Encoding:
+        """Tokens of one text. add_special None or True: the special tokens the model adds (BOS, [CLS]...); False: none."""
+        return self._wrap(self.backend.encode(text, add_special_tokens=add_special is not False), add_special)
+
+    def encode_batch(self, texts: Sequence[str], add_special: bool | None = None) -> list[Encoding]:
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special is not False)
+        return [self._wrap(e, add_special) for e in encodings]
+
+    def _wrap(self, enc: tokenizers.Encoding, add_special: bool | None) -> Encoding:
+        ids, tokens = list(enc.ids), list(enc.tokens)
+        offsets = [[int(a), int(b)] for a, b in enc.offsets]
+        bos = self.bos_token_id
+        # tokenizer_config's add_bos_token asks for a BOS the tokenizer.json post-processor may not add.
+        if add_special is not False and self.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+            tokens.insert(0, self.backend.id_to_token(bos))
+            offsets.insert(0, [0, 0])
+        return Encoding(ids=ids, tokens=tokens, offsets=offsets)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = list(ids)
+        size = self.vocab_size
+        bad = [i for i in ids if not 0 <= int(i) < size]
+        if bad:
+            raise InputError(
+                f"token id {bad[0]} is outside the vocabulary (0..{size - 1})",
+                "the ids come from another model's tokenizer; decode with the same --model",
+            )
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ---------------------------------------------------------------- chat template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """The conversation as the prompt text the model was trained on, rendered like transformers renders it."""
+        if not self.chat_template:
+            raise ModelError(
+                f"model {self.source or ''} has no chat template".replace("  ", " "),
+                "use a chat/instruct model (e.g. smollm2-135m-instruct), or send plain text to `llmcli generate`",
+            )
+        import jinja2
+
+        template = _compile_chat_template(self.chat_template)
+        variables = {**self.special_tokens, **kwargs}
+        variables.setdefault("tools", None)
+        variables.setdefault("documents", None)
+        try:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.TemplateError as exc:
+            raise InputError(f"the chat template refused the messages: {exc}", "check the roles and their order (e.g. system first, user and assistant alternating)") from None
+
+
+@lru_cache(maxsize=8)
+def _compile_chat_template(source: str):
+    """The template compiled in the environment transformers uses (utils/chat_template_utils.py).
+
+    Sandboxed, because a template is code that came with the model; trim_blocks and lstrip_blocks,
+    because templates are written for them; `raise_exception` and `strftime_now`, which templates
+    call; a `tojson` that does not escape HTML; and `{% generation %}` blocks accepted as plain blocks.
+    """
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelError(f"the model's chat template does not compile: {exc}", "the model files are damaged or the template needs a newer llmcli") from None
+
+
+# ---------------------------------------------------------------- streaming detokenizer
+
+
+class StreamingDetokenizer:
+    """Text from a growing list of token ids, piece by piece (mlx-lm's, vLLM's incremental detokenizer).
+
+    Each `add` decodes only a short window: the ids since the last emitted boundary plus the ids
+    before it (their text is subtracted), so decoders that look at neighbours (a sentencepiece
+    leading space, WordPiece's "##") give the same text as decoding everything. Text that ends in
+    an incomplete UTF-8 character (decoded as U+FFFD) is held back until the character completes;
+    the concatenation of every piece and `finalize()` equals `tokenizer.decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.window: list[int] = []  # the ids being decoded: [already emitted context | pending]
+        self.emitted = 0  # how many ids at the start of window are context whose text was emitted
+        self.context_text = ""
+        self.tokens: list[int] = []
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.backend.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; return the text it completes (often "", never half a character)."""
+        self.tokens.append(token_id)
+        self.window.append(token_id)
+        text = self._decode(self.window)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.context_text) :]
+        # The pending ids become the context of the next window.
+        self.window = self.window[self.emitted :]
+        self.emitted = len(self.window)
+        self.context_text = self._decode(self.window)
+        return piece
+
+    def finalize(self) -> str:
+        """The text still held back (a trailing incomplete character decodes to U+FFFD, as decode does)."""
+        text = self._decode(self.window)
+        piece = text[len(self.context_text) :]
+        self.window = []
+        self.emitted = 0
+        self.context_text = ""
+        return piece
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """The tokenizer of a model: an HF directory (or its tokenizer.json) or a .gguf file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path} does not exist", "give an HF-format model directory or a .gguf file")
+    if path.is_dir():
+        return _load_hf_dir(path, path / "tokenizer.json")
+    if path.suffix.lower() == ".json":
+        return _load_hf_dir(path.parent, path)
+    if path.suffix.lower() == ".gguf" or _is_gguf(path):
+        return _load_gguf(path)
+    raise ModelError(f"{path} is neither an HF model directory nor a .gguf file", "give the directory that holds tokenizer.json, or a .gguf file")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc})", "download the model files again") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config writes it: a string, or an AddedToken dict with `content`."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _load_hf_dir(folder: Path, tokenizer_file: Path) -> Tokenizer:
+    if not tokenizer_file.is_file():
+        others = [name for name in ("tokenizer.model", "vocab.txt", "vocab.json", "spiece.model") if (folder / name).is_file()]
+        hint = (
+            f"{folder} has only {', '.join(others)}; write tokenizer.json with transformers: "
+            f"AutoTokenizer.from_pretrained('{folder}').save_pretrained('{folder}')"
+            if others
+            else "an HF-format model directory needs tokenizer.json (the `tokenizers` format) beside config.json"
+        )
+        raise ModelError(f"no tokenizer.json in {folder}", hint)
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+        raise ModelError(f"cannot read {tokenizer_file}: {exc}", "download the model files again, or save it with a current `tokenizers`") from None
+    # Lengths are the pipeline's business (--truncate, context checks), never silently the tokenizer's.
+    backend.no_padding()
+    backend.no_truncation()
+
+    config = _read_json(folder / "tokenizer_config.json")
+    special_map = _read_json(folder / "special_tokens_map.json")
+    special = {name: _token_text(special_map.get(name)) for name in SPECIAL_NAMES}
+    for name in SPECIAL_NAMES:
+        if name in config:  # tokenizer_config wins, as in transformers
+            special[name] = _token_text(config[name])
+
+    chat_template = config.get("chat_template")
+    if isinstance(chat_template, list):  # several named templates: the default one
+        named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
+        chat_template = named.get("default") or next(iter(named.values()), None)
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        chat_template = jinja_file.read_text(encoding="utf-8")
+
+    add_bos = bool(config.get("add_bos_token", False))
+    add_eos = bool(config.get("add_eos_token", False))
+    if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
+        # What transformers does with these flags: a post-processor that writes exactly them.
+        backend.post_processor = _template_processor(backend, special.get("bos_token") if add_bos else None, special.get("eos_token") if add_eos else None)
+
+    eos_ids: list[int] = []
+    generation = _read_json(folder / "generation_config.json")
+    gen_eos = generation.get("eos_token_id")
+    eos_ids += [gen_eos] if isinstance(gen_eos, int) else [i for i in (gen_eos or []) if isinstance(i, int)]
+    eos = backend.token_to_id(special["eos_token"]) if special.get("eos_token") else None
+    return Tokenizer(
+        backend,
+        special_tokens=special,
+        add_bos=False,  # the post-processor adds it
+        eos_token_ids=([eos] if eos is not None else []) + eos_ids,
+        chat_template=chat_template if isinstance(chat_template, str) else None,
+        source=folder,
+    )
+
+
+def _template_processor(backend: tokenizers.Tokenizer, bos: str | None, eos: str | None):
+    bos_id = backend.token_to_id(bos) if bos else None
+    eos_id = backend.token_to_id(eos) if eos else None
+    bos = bos if bos_id is not None else None
+    eos = eos if eos_id is not None else None
+    single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
+    pair = " ".join([single] + ([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else []))
+    specials = ([(bos, bos_id)] if bos else []) + ([(eos, eos_id)] if eos and eos != bos else [])
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
+# ---------------------------------------------------------------- GGUF
+
+# Split regexes of the pre-tokenizers named by `tokenizer.ggml.pre` (llama.cpp's llama-vocab.cpp;
+# the same strings as transformers' integrations/gguf). Names not listed use GPT-2's regex.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx", "smaug-bpe", "lfm2"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O_SPLIT),
+}
+# llama.cpp splits every digit off first ("\p{N}"), then applies GPT-2's regex, for these; it is
+# what the original tokenizer.json of SmolLM/StarCoder does with Digits(individual_digits=True).
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact"}
+
+
+def _gguf_pre_tokenizer(pre: str | None):
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_THEN_GPT2:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (bytes_to_unicode)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _load_gguf(path: Path) -> Tokenizer:
+    from llmcli.core.gguf_meta import gguf_metadata
+
+    meta = gguf_metadata(path)
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not kind or not tokens:
+        raise ModelError(
+            f"{path} has no tokenizer in its metadata (tokenizer.ggml.model / tokenizer.ggml.tokens)",
+            "convert the model again with llama.cpp's convert_hf_to_gguf.py, which stores the tokenizer, or use the HF directory",
+        )
+    token_types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+    if kind == "gpt2":
+        backend = _gguf_byte_level(meta, tokens, token_types)
+        default_add_bos = False
+    elif kind == "llama":
+        backend = _gguf_sentencepiece(meta, tokens, token_types)
+        # Older files have no flag, and llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
+        default_add_bos = True
+    else:
+        raise ModelError(
+            f"{path} uses tokenizer model {kind!r}; llmcli reads GGUF tokenizers 'gpt2' (byte-level BPE) and 'llama' (sentencepiece BPE)",
+            "use the model's HF directory (tokenizer.json) instead",
+        )
+
+    def named(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[token_id] if isinstance(token_id, int) and 0 <= token_id < len(tokens) else None
+
+    special = {
+        "bos_token": named("bos_token_id"),
+        "eos_token": named("eos_token_id"),
+        "unk_token": named("unknown_token_id"),
+        "pad_token": named("padding_token_id"),
+        "sep_token": named("seperator_token_id") or named("separator_token_id"),
+        "cls_token": named("cls_token_id"),
+        "mask_token": named("mask_token_id"),
+    }
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", default_add_bos))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    backend.post_processor = _template_processor(backend, special["bos_token"] if add_bos else None, special["eos_token"] if add_eos else None)
+    stop = [meta.get(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    return Tokenizer(
+        backend,
+        special_tokens=special,
+        add_bos=False,  # the post-processor adds it
+        eos_token_ids=[i for i in stop if isinstance(i, int) and 0 <= i < len(tokens)],
+        chat_template=meta.get("tokenizer.chat_template"),
+        source=path,
+    )
+
+
+def _gguf_byte_level(meta: dict, tokens: list[str], token_types: list[int]) -> tokenizers.Tokenizer:
+    alphabet = _byte_alphabet()
+    letters = set(alphabet.values())
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        # llama.cpp stores byte-level tokens already spelled in GPT-2's alphabet; a token that is
+        # not (a raw control string with odd characters) is respelled byte by byte, as transformers does.
+        spelled = token if set(token) <= letters else "".join(alphabet[b] for b in token.encode("utf-8"))
+        vocab.setdefault(spelled, index)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    backend.decoder = decoders.ByteLevel()
+    _add_gguf_special_tokens(backend, tokens, token_types, byte_level=True)
+    return backend
+
+
+def _gguf_sentencepiece(meta: dict, tokens: list[str], token_types: list[int]) -> tokenizers.Tokenizer:
+    """Llama/Mistral-style sentencepiece BPE (transformers' LlamaTokenizer over the file's vocabulary)."""
+    vocab = {token: index for index, token in enumerate(tokens)}
+    raw_merges = meta.get("tokenizer.ggml.merges")
+    if raw_merges:
+        merges = [tuple(m.split(" ", 1)) for m in raw_merges]
+    else:
+        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        merges = _merges_from_scores(tokens, vocab, scores)
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
+    add_prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if add_prefix_space else "never", split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    _add_gguf_special_tokens(backend, tokens, token_types, byte_level=False)
+    return backend
+
+
+def _merges_from_scores(tokens: list[str], vocab: dict[str, int], scores: list[float]) -> list[tuple[str, str]]:
+    """Sentencepiece BPE keeps scores, not merges: every split of a token into two known pieces is a
+    merge, ranked by the merged token's score (transformers' generate_merges, same order)."""
+    found = []
+    for token, score in zip(tokens, scores):
+        local = [(token[:i], token[i:], score) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        found.extend(local)
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in found]
+
+
+def _add_gguf_special_tokens(backend: tokenizers.Tokenizer, tokens: list[str], token_types: list[int], byte_level: bool) -> None:
+    """Control tokens (<|im_start|>) become special added tokens so they are matched whole, never split;
+    user-defined ones (<think>) become plain added tokens. In a byte-level vocabulary a "control"
+    token spelled outside the byte alphabet is a llama.cpp mislabel and is left alone."""
+    letters = set(_byte_alphabet().values()) if byte_level else None
+    control = [
+        AddedToken(token, normalized=False, special=True)
+        for token, kind in zip(tokens, token_types)
+        if kind == _CONTROL and (letters is None or set(token) <= letters)
+    ]
+    if control:
+        backend.add_special_tokens(control)
+    user = [AddedToken(token, normalized=False, special=False) for token, kind in zip(tokens, token_types) if kind == _USER_DEFINED]
+    if user:
+        backend.add_tokens(user)
+
