@@ -106,3 +106,24 @@ def run_llmcli(llmcli_home: Path) -> Callable[..., subprocess.CompletedProcess]:
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_gguf: Path):
+    """SmolLM2 through llmcli's own loader, float32 (shared: loading costs seconds)."""
+    from llmcli.core.loader import load_model
+
+    return load_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf: Path):
+    """transformers' own GGUF loading of the same file: (model, tokenizer), the independent reference."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers
+
+    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tokenizer

@@ -22,6 +22,8 @@ pexpect = pytest.importorskip("pexpect")
 from tests.tiny import CHATML, load_reference, make_tiny  # noqa: E402
 
 EOS = 2  # <|im_end|> in the tiny tokenizer, the config's eos_token_id
+# one torch thread: a tiny model runs faster so, and shared CI cores are not oversubscribed
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,7 @@ def rendered(tok, messages, add_generation_prompt=True) -> str:
 
 
 def spawn(model: Path, tmp: Path, *args: str):
-    # one torch thread: a tiny model runs faster so on shared cores
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TERM="dumb", LLMCLI_HOME=str(tmp / "home"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TERM="dumb", LLMCLI_HOME=str(tmp / "home"), **ONE_THREAD)
     return pexpect.spawn(
         sys.executable, ["-m", "llmcli", "chat", "--model", str(model), *args], env=env, encoding="utf-8", timeout=180, dimensions=(50, 1000)
     )
@@ -165,7 +166,9 @@ def test_piped_records_get_replies_equal_to_transformers(dirs, hf_tok, run_llmcl
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
         {"id": 7, "messages": [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "return a + b"}, {"role": "user", "content": "Numbers?"}]},
     ]
-    proc = run_llmcli("chat", "--model", dirs["llama"], "--max-tokens", "10", "--system", "You are terse.", input="".join(json.dumps(r) + "\n" for r in records))
+    proc = run_llmcli(
+        "chat", "--model", dirs["llama"], "--max-tokens", "10", "--system", "You are terse.", input="".join(json.dumps(r) + "\n" for r in records), env=ONE_THREAD
+    )
     assert proc.returncode == 0, proc.stderr
     out = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r.get("id") for r in out] == ["a", 2, 7]
@@ -183,7 +186,7 @@ def test_piped_history_is_cut_to_the_context(dirs, hf_tok, run_llmcli):
     long_turn = "The quick brown fox jumps over the lazy dog. " * 6
     messages = [{"role": "user", "content": long_turn}, {"role": "assistant", "content": "Paris"}, {"role": "user", "content": "Hi"}]
     assert len(hf_tok(rendered(hf_tok, messages))["input_ids"]) > 64 - 8  # it cannot all fit
-    proc = run_llmcli("chat", "--model", dirs["llama"], "--max-tokens", "8", "--max-context", "64", "--show-prompt", input=json.dumps({"messages": messages}) + "\n")
+    proc = run_llmcli("chat", "--model", dirs["llama"], "--max-tokens", "8", "--max-context", "64", "--show-prompt", input=json.dumps({"messages": messages}) + "\n", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     assert "line 1: dropped the oldest turn" in proc.stderr
     assert rendered(hf_tok, messages[2:]) in proc.stderr
@@ -192,11 +195,13 @@ def test_piped_history_is_cut_to_the_context(dirs, hf_tok, run_llmcli):
 
 def test_piped_bad_record_names_its_line(dirs, run_llmcli):
     good = json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
-    proc = run_llmcli("chat", "--model", dirs["llama"], "--max-tokens", "2", input=good + "\n" + json.dumps({"text": "no messages"}) + "\n")
+    proc = run_llmcli("chat", "--model", dirs["llama"], "--max-tokens", "2", input=good + "\n" + json.dumps({"text": "no messages"}) + "\n", env=ONE_THREAD)
     assert proc.returncode == 1
     assert "line 2" in proc.stderr and "messages" in proc.stderr
     assert len(proc.stdout.splitlines()) == 1  # the record before it was answered
-    bad_role = run_llmcli("chat", "--model", dirs["llama"], "--skip-errors", input=json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n" + good + "\n")
+    bad_role = run_llmcli(
+        "chat", "--model", dirs["llama"], "--max-tokens", "2", "--skip-errors", input=json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n" + good + "\n", env=ONE_THREAD
+    )
     assert bad_role.returncode == 0
     assert "robot" in bad_role.stderr
     assert len(bad_role.stdout.splitlines()) == 1

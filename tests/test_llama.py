@@ -56,7 +56,7 @@ def test_cached_step_by_step_equals_full_forward(pair):
     cache = KVCache.for_model(ours.config, 1, 64)
     head = ours.module(ids[:, :10], cache=cache).logits[0]
     steps = [ours.module(ids[:, i : i + 1], cache=cache).logits[0, 0] for i in range(10, 30)]
-    torch.testing.assert_close(torch.cat([head, torch.stack(steps)]), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([head, torch.stack(steps)]), full, atol=1e-4, rtol=0)
 
 
 @torch.inference_mode()
@@ -76,8 +76,8 @@ def test_padded_batch_equals_each_alone(pair):
     last = ours.module(batch, cache=cache, attention_mask=mask, logits_index=mask.sum(1) - 1).logits  # (3, V)
     for i, p in enumerate(prompts):
         alone = ours.module(p[None]).logits[0]
-        torch.testing.assert_close(out[i, : len(p)], alone, atol=1e-5, rtol=0)
-        torch.testing.assert_close(last[i], alone[-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[i, : len(p)], alone, atol=1e-4, rtol=0)
+        torch.testing.assert_close(last[i], alone[-1], atol=1e-4, rtol=0)
     assert cache.lengths.tolist() == [5, 17, 11]
     tokens = last.argmax(-1)
     seqs = [p.tolist() + [int(t)] for p, t in zip(prompts, tokens)]

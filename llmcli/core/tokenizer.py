@@ -3,7 +3,10 @@
 `load_tokenizer(path)` reads an HF directory (tokenizer.json plus tokenizer_config.json,
 special_tokens_map.json, chat_template.jinja, generation_config.json) or a `.gguf` file, whose
 metadata describes the tokenizer under llama.cpp's key names and is rebuilt here as a
-`tokenizers.Tokenizer` the way llama.cpp tokenizes (and transformers' GGUF converter rebuilds it).
+`tokenizers.Tokenizer` that splits text the way llama.cpp does. transformers' GGUF converter
+builds the same tokenizer except for pre-tokenizers it has no entry for: for SmolLM's "smollm"
+it uses GPT-2's regex, which keeps a space with the number after it (" 12"), where llama.cpp and
+SmolLM2's own tokenizer.json split every digit off first.
 
 No torch here: `llmcli tokenize` and `llmcli decode` import this module and must start fast.
 """
@@ -11,6 +14,7 @@ No torch here: `llmcli tokenize` and `llmcli decode` import this module and must
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -63,7 +67,6 @@ class Tokenizer:
         backend: tokenizers.Tokenizer,
         *,
         special_tokens: dict[str, str | None] | None = None,
-        add_bos: bool = False,
         eos_token_ids: Sequence[int] = (),
         chat_template: str | None = None,
         source: Path | None = None,
@@ -72,7 +75,6 @@ class Tokenizer:
         # The names transformers puts in `special_tokens_map` (bos_token, eos_token, unk_token,
         # pad_token, ...): chat templates read them as variables.
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
-        self.add_bos = add_bos
         self.chat_template = chat_template
         self.source = source
         ids: list[int] = []
@@ -80,6 +82,7 @@ class Tokenizer:
             if i is not None and i not in ids:
                 ids.append(i)
         self._eos_token_ids = ids
+        self._byte_fallback_ids: frozenset[int] | None = None
 
     # ---------------------------------------------------------------- vocabulary
 
@@ -114,6 +117,18 @@ class Tokenizer:
     def unk_token_id(self) -> int | None:
         return self.token_to_id(self.special_tokens.get("unk_token"))
 
+    @property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of sentencepiece byte tokens (<0xE4>) when the decoder joins them with ByteFallback, else empty."""
+        if self._byte_fallback_ids is None:
+            ids: frozenset[int] = frozenset()
+            decoder = self.backend.decoder
+            if decoder is not None and b"ByteFallback" in decoder.__getstate__():
+                pattern = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+                ids = frozenset(i for token, i in self.backend.get_vocab(with_added_tokens=False).items() if pattern.fullmatch(token))
+            self._byte_fallback_ids = ids
+        return self._byte_fallback_ids
+
     def _end_of_turn_ids(self) -> list[int]:
         if not self.chat_template:
             return []
@@ -130,22 +145,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_special: bool | None = None) -> Encoding:
         """Tokens of one text. add_special None or True: the special tokens the model adds (BOS, [CLS]...); False: none."""
-        return self._wrap(self.backend.encode(text, add_special_tokens=add_special is not False), add_special)
+        return self._wrap(self.backend.encode(text, add_special_tokens=add_special is not False))
 
     def encode_batch(self, texts: Sequence[str], add_special: bool | None = None) -> list[Encoding]:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special is not False)
-        return [self._wrap(e, add_special) for e in encodings]
+        return [self._wrap(e) for e in encodings]
 
-    def _wrap(self, enc: tokenizers.Encoding, add_special: bool | None) -> Encoding:
-        ids, tokens = list(enc.ids), list(enc.tokens)
-        offsets = [[int(a), int(b)] for a, b in enc.offsets]
-        bos = self.bos_token_id
-        # tokenizer_config's add_bos_token asks for a BOS the tokenizer.json post-processor may not add.
-        if add_special is not False and self.add_bos and bos is not None and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-            tokens.insert(0, self.backend.id_to_token(bos))
-            offsets.insert(0, [0, 0])
-        return Encoding(ids=ids, tokens=tokens, offsets=offsets)
+    def _wrap(self, enc: tokenizers.Encoding) -> Encoding:
+        return Encoding(ids=list(enc.ids), tokens=list(enc.tokens), offsets=[[int(a), int(b)] for a, b in enc.offsets])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         ids = list(ids)
@@ -163,8 +170,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The conversation as the prompt text the model was trained on, rendered like transformers renders it."""
         if not self.chat_template:
+            where = f" {self.source}" if self.source else ""
             raise ModelError(
-                f"model {self.source or ''} has no chat template".replace("  ", " "),
+                f"model{where} has no chat template",
                 "use a chat/instruct model (e.g. smollm2-135m-instruct), or send plain text to `llmcli generate`",
             )
         import jinja2
@@ -237,29 +245,38 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.byte_ids = tokenizer.byte_fallback_ids
         self.reset()
 
     def reset(self) -> None:
         self.window: list[int] = []  # the ids being decoded: [already emitted context | pending]
         self.emitted = 0  # how many ids at the start of window are context whose text was emitted
         self.context_text = ""
-        self.tokens: list[int] = []
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.backend.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
 
     def add(self, token_id: int) -> str:
         """Feed one id; return the text it completes (often "", never half a character)."""
-        self.tokens.append(token_id)
         self.window.append(token_id)
+        if token_id in self.byte_ids:
+            # ByteFallback turns a whole run of byte tokens into U+FFFDs when any of it is not
+            # UTF-8, so nothing of a run is final until a non-byte token ends it.
+            return ""
         text = self._decode(self.window)
         if text.endswith("\ufffd"):
             return ""
         piece = text[len(self.context_text) :]
-        # The pending ids become the context of the next window.
-        self.window = self.window[self.emitted :]
+        # The pending ids become the context of the next window, unless they decode to nothing
+        # (skipped special tokens): a context must hold text, or the next token loses the
+        # space a neighbour gives it (WordPiece).
+        pending = self.window[self.emitted :]
+        pending_text = self._decode(pending)
+        if pending_text:
+            self.window, self.context_text = pending, pending_text
+        else:
+            self.context_text = text
         self.emitted = len(self.window)
-        self.context_text = self._decode(self.window)
         return piece
 
     def finalize(self) -> str:
@@ -350,11 +367,8 @@ def _load_hf_dir(folder: Path, tokenizer_file: Path) -> Tokenizer:
     if jinja_file.is_file():
         chat_template = jinja_file.read_text(encoding="utf-8")
 
-    add_bos = bool(config.get("add_bos_token", False))
-    add_eos = bool(config.get("add_eos_token", False))
-    if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
-        # What transformers does with these flags: a post-processor that writes exactly them.
-        backend.post_processor = _template_processor(backend, special.get("bos_token") if add_bos else None, special.get("eos_token") if add_eos else None)
+    # BOS/EOS come from tokenizer.json's post-processor alone; transformers (5.x) also ignores
+    # tokenizer_config's add_bos_token for a tokenizer.json, so both tokenize alike.
 
     eos_ids: list[int] = []
     generation = _read_json(folder / "generation_config.json")
@@ -364,7 +378,6 @@ def _load_hf_dir(folder: Path, tokenizer_file: Path) -> Tokenizer:
     return Tokenizer(
         backend,
         special_tokens=special,
-        add_bos=False,  # the post-processor adds it
         eos_token_ids=([eos] if eos is not None else []) + eos_ids,
         chat_template=chat_template if isinstance(chat_template, str) else None,
         source=folder,
@@ -482,7 +495,6 @@ def _load_gguf(path: Path) -> Tokenizer:
     return Tokenizer(
         backend,
         special_tokens=special,
-        add_bos=False,  # the post-processor adds it
         eos_token_ids=[i for i in stop if isinstance(i, int) and 0 <= i < len(tokens)],
         chat_template=meta.get("tokenizer.chat_template"),
         source=path,

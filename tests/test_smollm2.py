@@ -1,0 +1,44 @@
+"""The real SmolLM2-135M-Instruct GGUF against transformers loading the same file."""
+
+from __future__ import annotations
+
+import torch
+
+MIXED = "Hello, world! 你好，世界。 🙂👨‍👩‍👧 def f(x):\n\treturn x**2  # 12345\n\n   spaces   end"
+
+
+def test_token_ids_match_transformers(smollm2_loaded, smollm2_reference):
+    _, ref_tok = smollm2_reference
+    ours = smollm2_loaded.tokenizer.encode(MIXED, add_special=False).ids
+    assert ours == ref_tok.encode(MIXED, add_special_tokens=False)
+    assert smollm2_loaded.tokenizer.decode(ours) == ref_tok.decode(ours)
+
+
+@torch.inference_mode()
+def test_logits_of_64_token_prompt_within_1e3(smollm2_loaded, smollm2_reference):
+    ref_model, ref_tok = smollm2_reference
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune, or to take arms against a sea of troubles and, by opposing, end them. To die, to sleep, no more; and by a sleep to say we end the heart-ache"
+    ids = ref_tok.encode(text, add_special_tokens=False)[:64]
+    assert len(ids) == 64
+    x = torch.tensor([ids])
+    expected = ref_model(x).logits
+    got = smollm2_loaded.module(x).logits
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+
+
+@torch.inference_mode()
+def test_chatml_question_answers_paris(smollm2_loaded, smollm2_reference):
+    _, ref_tok = smollm2_reference
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = smollm2_loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from llmcli.core.generate import Request
+    from llmcli.engine.batcher import ContinuousBatcher
+
+    ids = smollm2_loaded.tokenizer.encode(prompt, add_special=False).ids
+    batcher = ContinuousBatcher(smollm2_loaded, batch_size=1, max_len=256)
+    batcher.add(Request(id=1, prompt_ids=ids, max_tokens=24))
+    text = ""
+    while batcher.has_work():
+        text += "".join(e.text for e in batcher.step())
+    assert "Paris" in text
