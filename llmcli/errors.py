@@ -51,3 +51,12 @@ class ModelError(LlmcliError):
 
 class ContextLengthError(InputError):
     """An input longer than the model's context window."""
+
+
+class OutputClosed(LlmcliError):
+    """The reader of stdout went away (`| head -n1`): stop quietly, like any Unix filter (128 + SIGPIPE)."""
+
+    exit_code = 141
+
+    def __init__(self):
+        super().__init__("output closed")

@@ -18,7 +18,7 @@ from typing import IO, Any, Iterator
 
 import numpy as np
 
-from llmcli.errors import InputError
+from llmcli.errors import InputError, OutputClosed
 
 # Field names: the one place they are spelled.
 ID = "id"
@@ -37,6 +37,7 @@ COMPLETION = "completion"
 LOGPROBS = "logprobs"
 PROMPT_LOGPROBS = "prompt_logprobs"
 MESSAGES = "messages"
+PROMPT = "prompt"
 REPLY = "reply"
 SAMPLES = "samples"
 USAGE = "usage"
@@ -227,6 +228,16 @@ def require_ids(record: dict, number: int | None, field: str = IDS, vocab_size: 
     return ids
 
 
+def check_messages(messages: Any, number: int | None = None) -> list[dict]:
+    """A chat as a list of {"role", "content"} objects with string fields."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError("`messages` must be a non-empty list", 'write [{"role": "user", "content": "..."}]', line=number)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InputError(f"message {i} needs string `role` and `content`", 'write {"role": "user", "content": "..."}', line=number)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -238,14 +249,15 @@ class RecordWriter:
         self.count = 0
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-        self.stream.write(line)
-        self.stream.flush()
+        self.write_text(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
         self.count += 1
 
     def write_text(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            raise OutputClosed() from None
 
 
 def stdout_is_terminal() -> bool:

@@ -18,7 +18,7 @@ import click
 import typer
 from typing_extensions import Annotated
 
-from llmcli.errors import InputError, LlmcliError, UsageError
+from llmcli.errors import InputError, LlmcliError, OutputClosed, UsageError
 
 app = typer.Typer(
     name="llmcli",
@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         rc = command.main(args=args, prog_name="llmcli", standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
+    except OutputClosed as exc:
+        _quiet_broken_pipe()
+        sys.exit(exc.exit_code)
     except LlmcliError as exc:
         if debug:
             raise

@@ -35,6 +35,8 @@ def tokenize(
     ] = None,
     count: Annotated[bool, typer.Option("--count", help="Add only `count`, the number of tokens, instead of ids/tokens/offsets.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Write JSONL even when stdout is a terminal (where a table is shown otherwise).")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Render the model's chat template first: `messages`, or `text` as the user's turn. Adds `prompt`.")] = False,
+    system: Annotated[Optional[str], typer.Option("--system", help="With --chat: a system message before the user's turn.")] = None,
     skip_errors: SkipErrorsOpt = False,
 ) -> None:
     """Split text into the model's tokens: adds `ids`, `tokens` (vocabulary pieces) and `offsets`.
@@ -47,13 +49,19 @@ def tokenize(
     written in the text (like <|im_start|>) are matched as special tokens. --count writes only
     `count`. On a terminal (and without --json or -o) each record is shown as a table instead.
 
+    --chat renders the model's chat template (with the assistant's turn opened) over the
+    record's `messages`, or over `text` as the user's message (after --system, if given), and
+    tokenizes that `prompt` instead; `offsets` then point into `prompt`.
+
     Example: echo "Hi there" | llmcli tokenize -m smollm2-135m-instruct
     """
+    if system is not None and not chat:
+        raise UsageError("--system needs --chat", "add --chat to render the chat template")
     if lines and jsonl:
         raise UsageError("--lines and --jsonl contradict each other", "give one of them, or neither to detect the format")
     mode = "lines" if lines else "jsonl" if jsonl else "auto"
 
-    from llmcli.records import COUNT, IDS, OFFSETS, TEXT, TOKENS, require, stdout_is_terminal
+    from llmcli.records import COUNT, IDS, OFFSETS, PROMPT, TEXT, TOKENS, require, stdout_is_terminal
 
     tokenizer = load_cli_tokenizer(model)
     show_table = not as_json and output in (None, "-") and stdout_is_terminal()
@@ -64,11 +72,16 @@ def tokenize(
         console = Console()
 
     def transform(record: dict, number: int):
-        text = require(record, TEXT, number, stage="llmcli tokenize")
-        if not isinstance(text, str):
-            raise InputError(f"`text` must be a string, got {type(text).__name__}", 'write {"text": "..."}', line=number)
-        enc = tokenizer.encode(text, add_special=add_special)
         out = dict(record)
+        if chat:
+            text = out[PROMPT] = render_chat(tokenizer, record, number, system)
+            # the template already writes every special token the model expects
+            enc = tokenizer.encode(text, add_special=False if add_special is None else add_special)
+        else:
+            text = require(record, TEXT, number, stage="llmcli tokenize")
+            if not isinstance(text, str):
+                raise InputError(f"`text` must be a string, got {type(text).__name__}", 'write {"text": "..."}', line=number)
+            enc = tokenizer.encode(text, add_special=add_special)
         if count:
             out[COUNT] = len(enc.ids)
         else:
@@ -81,6 +94,21 @@ def tokenize(
         return out
 
     run_stage(input, output, transform, mode=mode, skip_errors=skip_errors)
+
+
+def render_chat(tokenizer, record: dict, number: int, system: Optional[str] = None) -> str:
+    """The chat prompt for a record: its `messages`, or its `text` as the user's turn."""
+    from llmcli.records import MESSAGES, TEXT, check_messages
+
+    if MESSAGES in record:
+        messages = check_messages(record[MESSAGES], number)
+    elif isinstance(record.get(TEXT), str):
+        messages = [{"role": "user", "content": record[TEXT]}]
+    else:
+        raise InputError("no `messages` or `text` in the record for --chat", 'write {"text": "..."} or {"messages": [{"role": "user", "content": "..."}]}', line=number)
+    if system is not None and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}] + messages
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def _show(console, record: dict, text: str, enc, count_only: bool) -> None:

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llmcli.errors import InputError, UsageError
+from llmcli.errors import InputError, LlmcliError, UsageError
 
 FORMAT = "llmcli-kv-cache/1"
 
@@ -48,7 +48,7 @@ def load_prompt_cache(path: Path | str, loaded) -> tuple[torch.Tensor, torch.Ten
     if meta.get("format") != FORMAT or "k" not in tensors:
         raise UsageError(f"{path} is not an llmcli KV cache", "write one with `llmcli attend --save-cache FILE`")
     if meta.get("fingerprint") != model_fingerprint(loaded):
-        raise UsageError(
+        raise LlmcliError(
             f"cache file {path} was made by model {meta.get('model')!r}, not {loaded.name!r}",
             "use the same --model for attend and generate",
         )
