@@ -64,7 +64,12 @@ def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+    make_bpe_tokenizer(path, bert=kind == "bert")
+    from tokenizers import Tokenizer
+
+    # decoders get exactly the tokenizer's ids; the encoder keeps a padded vocabulary, as many real checkpoints do
+    vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
     if kind in ("llama", "llama3"):
         extra = {}
         if kind == "llama3":
@@ -78,7 +83,7 @@ def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
         cfg = transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
     elif kind == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
         model = transformers.GPT2LMHeadModel(cfg)
     elif kind == "bert":
         cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
@@ -92,7 +97,6 @@ def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
             if p.dim() >= 2:
                 p.normal_(0, 0.3 if kind != "bert" else 0.1)
     model.save_pretrained(str(path), safe_serialization=True)
-    make_bpe_tokenizer(path, bert=kind == "bert")
     tok_cfg = {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None} if kind != "bert" else {"model_max_length": 256}
     (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     return path

@@ -62,6 +62,8 @@ class ContinuousBatcher:
         self.generated_counts = torch.zeros(batch_size, self.vocab, dtype=torch.int32, device=loaded.device)
         self.prompt_seen = torch.zeros(batch_size, self.vocab, dtype=torch.bool, device=loaded.device)
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_id)
+        # checkpoints often pad the embedding matrix past the tokenizer's vocabulary: those rows are no tokens
+        self.real_vocab = min(self.vocab, self.tokenizer.vocab_size)
 
     # ------------------------------------------------------------ queue
 
@@ -75,6 +77,7 @@ class ContinuousBatcher:
             )
         self.waiting.append(request)
 
+    @torch.inference_mode()
     def cancel(self, request_id: Any) -> list[Event]:
         """Drop a request wherever it is; its row is free for the next step."""
         self.waiting = collections.deque(r for r in self.waiting if r.id != request_id)
@@ -93,6 +96,7 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------ stepping
 
+    @torch.inference_mode()
     def step(self) -> list[Event]:
         events: list[Event] = []
         for row in range(self.batch_size):
@@ -145,6 +149,8 @@ class ContinuousBatcher:
         rows = [s.row for s in seqs]
         params = [s.request.params for s in seqs]
         logits = logits.float()
+        if self.real_vocab < self.vocab:
+            logits[:, self.real_vocab :] = float("-inf")
         allowed = logits
         for i, seq in enumerate(seqs):
             # min_tokens: the end is not allowed yet (vLLM's MinTokensLogitsProcessor)
