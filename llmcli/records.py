@@ -5,7 +5,7 @@ One UTF-8 JSON object per line. A stage copies every field it does not own and a
 `{"dtype": "float32", "shape": [...], "data": "<base64 little-endian row-major bytes>"}` so they
 pass through any number of stages bit for bit; `--floats` writes nested lists instead.
 
-This module imports numpy but never torch, so tokenize and decode start fast.
+This module imports numpy only inside the tensor codec, and never torch, so tokenize and decode start fast.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import base64
 import json
 import sys
 from dataclasses import dataclass
-from typing import IO, Any, Iterator
-
-import numpy as np
+from typing import IO, TYPE_CHECKING, Any, Iterator
 
 from llmcli.errors import InputError, OutputClosed
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Field names: the one place they are spelled.
 ID = "id"
@@ -61,6 +62,8 @@ TENSOR_DTYPES = {"float32", "float16", "bfloat16", "float64", "int32", "int64"}
 
 def encode_tensor(array: Any, floats: bool = False) -> Any:
     """A numpy array (or anything np.asarray takes) as a JSON-ready tensor object, or nested lists."""
+    import numpy as np
+
     arr = np.asarray(array)
     if floats:
         return arr.tolist()
@@ -72,8 +75,10 @@ def encode_tensor(array: Any, floats: bool = False) -> Any:
     return {"dtype": dtype, "shape": list(arr.shape), "data": base64.b64encode(data).decode("ascii")}
 
 
-def decode_tensor(value: Any, field: str = "tensor", line: int | None = None) -> np.ndarray:
+def decode_tensor(value: Any, field: str = "tensor", line: int | None = None) -> "np.ndarray":
     """The inverse of encode_tensor; also accepts nested lists (from --floats)."""
+    import numpy as np
+
     if isinstance(value, dict):
         try:
             dtype = value["dtype"]

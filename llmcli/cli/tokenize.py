@@ -16,10 +16,10 @@ from llmcli.errors import InputError, UsageError
 
 def load_cli_tokenizer(model: Optional[str]):
     """The tokenizer of --model: a catalogue name (pulled on first use), an HF directory or a .gguf file."""
-    from llmcli.catalog import resolve_model_path
+    from llmcli.catalog import cache_root, resolve_model_path
     from llmcli.core.tokenizer import load_tokenizer
 
-    return load_tokenizer(resolve_model_path(model, say))
+    return load_tokenizer(resolve_model_path(model, say), cache_dir=cache_root() / "tokenizers")
 
 
 @app.command()

@@ -292,8 +292,13 @@ class StreamingDetokenizer:
 # ---------------------------------------------------------------- loading
 
 
-def load_tokenizer(path: Path | str) -> Tokenizer:
-    """The tokenizer of a model: an HF directory (or its tokenizer.json) or a .gguf file."""
+def load_tokenizer(path: Path | str, cache_dir: Path | str | None = None) -> Tokenizer:
+    """The tokenizer of a model: an HF directory (or its tokenizer.json) or a .gguf file.
+
+    Rebuilding a GGUF tokenizer from its metadata takes about half a second; with cache_dir the
+    result is kept there as JSON (keyed by the file's path, size and mtime) and read back in a
+    fraction of that, which is what keeps `llmcli tokenize` a fast filter.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path} does not exist", "give an HF-format model directory or a .gguf file")
@@ -302,7 +307,7 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     if path.suffix.lower() == ".json":
         return _load_hf_dir(path.parent, path)
     if path.suffix.lower() == ".gguf" or _is_gguf(path):
-        return _load_gguf(path)
+        return _load_gguf_cached(path, Path(cache_dir)) if cache_dir is not None else _load_gguf(path)
     raise ModelError(f"{path} is neither an HF model directory nor a .gguf file", "give the directory that holds tokenizer.json, or a .gguf file")
 
 
@@ -448,6 +453,38 @@ def _byte_alphabet() -> dict[int, str]:
             table[b] = chr(256 + extra)
             extra += 1
     return table
+
+
+def _load_gguf_cached(path: Path, cache_dir: Path) -> Tokenizer:
+    import hashlib
+    import json
+    import os
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = cache_dir / f"{key}.json"
+    if cached.is_file():
+        try:
+            saved = json.loads(cached.read_text(encoding="utf-8"))
+            return Tokenizer(
+                tokenizers.Tokenizer.from_str(saved["backend"]),
+                special_tokens=saved["special_tokens"],
+                eos_token_ids=saved["eos_token_ids"],
+                chat_template=saved["chat_template"],
+                source=path,
+            )
+        except Exception:  # noqa: BLE001 - any unreadable cache entry is simply rebuilt
+            pass
+    tok = _load_gguf(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        saved = {"backend": tok.backend.to_str(), "special_tokens": tok.special_tokens, "eos_token_ids": tok.eos_token_ids, "chat_template": tok.chat_template}
+        tmp.write_text(json.dumps(saved), encoding="utf-8")
+        os.replace(tmp, cached)  # atomic: a concurrent reader sees the old state or the whole file
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return tok
 
 
 def _load_gguf(path: Path) -> Tokenizer:
