@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,12 @@ BATCHED = {"llmcli", "transformers"}
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's peak RSS: VmHWM, since ru_maxrss keeps the parent's peak across exec (Linux only)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise SystemExit("no VmHWM in /proc/self/status: these benchmarks measure memory on Linux only")
 
 
 def random_ids(seed: int, vocab: int, shape: tuple[int, ...]) -> list:

@@ -1,8 +1,11 @@
 """Load test for `llmcli serve`: many concurrent streaming chats vs the same requests one at a time.
 
-Starts `python -m llmcli serve` on the real SmolLM2 GGUF (or --model), then
-  1. one at a time: --baseline requests, streamed, back to back -> tokens/s of a lone client;
-  2. --concurrency streaming chat requests at once, while a poller hits /health every 0.25 s;
+Starts `python -m llmcli serve` on the real SmolLM2 GGUF (or --model) twice:
+  1. with --batch-size 1, the best a lone client gets: --baseline requests, streamed, one after
+     the other -> the one-request-at-a-time tokens/s;
+  2. with --batch-size N: --concurrency streaming chat requests at once, while a poller hits
+     /health every 0.25 s (and, with --same-server-baseline, first the lone requests again on
+     this server, whose every step decodes all N rows);
 and reports: did every request complete with a full answer (finish_reason "stop": the model
 ended its turn; "length" means it hit --max-tokens), total generated tokens/s and its ratio to
 the one-at-a-time figure (goal >= 4x), p50/p95 time to first token, and /health's answers.
@@ -18,7 +21,6 @@ import asyncio
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,59 +123,85 @@ async def health_poller(base: str, stop: asyncio.Event, out: list) -> None:
                 pass
 
 
-async def run(base: str, model: str, args) -> dict:
+async def one_at_a_time(base: str, model: str, args) -> dict:
+    async with httpx.AsyncClient(base_url=base, timeout=3600) as client:
+        await chat_stream(client, model, "Hello!", 8)  # warm-up
+        t0 = time.perf_counter()
+        lone = [await chat_stream(client, model, QUESTIONS[i % len(QUESTIONS)], args.max_tokens) for i in range(args.baseline)]
+        seconds = time.perf_counter() - t0
+    tokens = sum(r.get("tokens") or 0 for r in lone)
+    return {"requests": len(lone), "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2)}
+
+
+async def concurrent(base: str, model: str, args) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     async with httpx.AsyncClient(base_url=base, timeout=3600, limits=limits) as client:
         await chat_stream(client, model, "Hello!", 8)  # warm-up
-
-        lone = []
-        t0 = time.perf_counter()
-        for i in range(args.baseline):
-            lone.append(await chat_stream(client, model, QUESTIONS[i % len(QUESTIONS)], args.max_tokens))
-        lone_seconds = time.perf_counter() - t0
-        lone_tokens = sum(r["tokens"] or 0 for r in lone)
-
         stop = asyncio.Event()
         health: list = []
         poller = asyncio.create_task(health_poller(base, stop, health))
         t0 = time.perf_counter()
         results = await asyncio.gather(*(chat_stream(client, model, QUESTIONS[i % len(QUESTIONS)], args.max_tokens) for i in range(args.concurrency)))
-        load_seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         stop.set()
         await poller
-
     ok = [r for r in results if "error" not in r]
-    load_tokens = sum(r["tokens"] or 0 for r in ok)
+    tokens = sum(r["tokens"] or 0 for r in ok)
     ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
-    lone_rate = lone_tokens / lone_seconds
-    load_rate = load_tokens / load_seconds
     return {
-        "model": model,
-        "concurrency": args.concurrency,
-        "batch_size": args.batch_size,
-        "max_tokens": args.max_tokens,
-        "one_at_a_time": {"requests": len(lone), "tokens": lone_tokens, "seconds": round(lone_seconds, 2), "tokens_per_s": round(lone_rate, 1)},
-        "concurrent": {
-            "requests": len(results),
-            "completed": len(ok),
-            "errors": [r["error"] for r in results if "error" in r][:5],
-            "finished_stop": sum(r.get("finish_reason") == "stop" for r in ok),
-            "finished_length": sum(r.get("finish_reason") == "length" for r in ok),
-            "empty_answers": sum(not r.get("answer", "").strip() for r in ok),
-            "tokens": load_tokens,
-            "seconds": round(load_seconds, 2),
-            "tokens_per_s": round(load_rate, 1),
-            "ttft_p50_s": round(percentile(ttfts, 0.5), 3),
-            "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
-        },
-        "speedup": round(load_rate / lone_rate, 2),
-        "health": {
-            "polls": len(health),
-            "ok": sum(s == 200 for s, _ in health),
-            "max_latency_s": round(max((t for _, t in health), default=float("nan")), 3),
-        },
+        "requests": len(results),
+        "completed": len(ok),
+        "errors": [r["error"] for r in results if "error" in r][:5],
+        "finished_stop": sum(r.get("finish_reason") == "stop" for r in ok),
+        "finished_length": sum(r.get("finish_reason") == "length" for r in ok),
+        "empty_answers": sum(not r.get("answer", "").strip() for r in ok),
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 2),
+        "ttft_p50_s": round(percentile(ttfts, 0.5), 3),
+        "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
+        "health": {"polls": len(health), "ok": sum(s == 200 for s, _ in health), "max_latency_s": round(max((t for _, t in health), default=float("nan")), 3)},
         "sample_answers": {QUESTIONS[i]: results[i].get("answer", "") for i in range(min(3, len(results)))},
     }
+
+
+class Served:
+    """`python -m llmcli serve` in a subprocess, for the length of a with-block."""
+
+    def __init__(self, args, batch_size: int):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="serve-load-", suffix=".log", delete=False)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        cmd = [sys.executable, "-m", "llmcli", "serve", "--port", str(self.port), "--batch-size", str(batch_size)]
+        cmd += ["--max-queue", str(args.concurrency * 2), "--max-context", str(args.max_context), "--device", args.device]
+        if args.model:
+            cmd += ["--model", args.model]
+        self.cmd = cmd
+        self.env = env
+
+    def __enter__(self) -> "Served":
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 900
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited:\n{Path(self.log.name).read_text()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not become healthy in 900 s")
+            time.sleep(0.5)
+        self.model = httpx.get(self.base + "/v1/models").json()["data"][0]["id"]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
 
 
 def main() -> int:
@@ -186,45 +214,32 @@ def main() -> int:
     parser.add_argument("--max-context", type=int, default=512, help="KV-cache length per row (memory: batch x context)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server (OMP_NUM_THREADS)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--same-server-baseline", action="store_true", help="also time the lone requests on the batched server")
     args = parser.parse_args()
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="serve-load-", suffix=".log", delete=False)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    cmd = [sys.executable, "-m", "llmcli", "serve", "--port", str(port), "--batch-size", str(args.batch_size)]
-    cmd += ["--max-queue", str(args.concurrency * 2), "--max-context", str(args.max_context), "--device", args.device]
-    if args.model:
-        cmd += ["--model", args.model]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 900
-        while True:
-            if server.poll() is not None:
-                sys.stderr.write(Path(log.name).read_text())
-                return 1
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                sys.stderr.write("server did not become healthy\n")
-                return 1
-            time.sleep(0.5)
-        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-        summary = asyncio.run(run(base, model, args))
-    finally:
-        server.terminate()
-        server.wait(120)
-    c, lone, h = summary["concurrent"], summary["one_at_a_time"], summary["health"]
+    with Served(args, 1) as lone_server:
+        lone = asyncio.run(one_at_a_time(lone_server.base, lone_server.model, args))
+    with Served(args, args.batch_size) as server:
+        same = asyncio.run(one_at_a_time(server.base, server.model, args)) if args.same_server_baseline else None
+        load = asyncio.run(concurrent(server.base, server.model, args))
+    summary = {
+        "model": server.model,
+        "concurrency": args.concurrency,
+        "batch_size": args.batch_size,
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "one_at_a_time": lone,
+        "one_at_a_time_same_server": same,
+        "concurrent": load,
+        "speedup": round(load["tokens_per_s"] / lone["tokens_per_s"], 2),
+    }
+    c, h = load, load["health"]
     sys.stderr.write(
         f"{summary['model']}: {c['completed']}/{c['requests']} concurrent streams completed "
         f"({c['finished_stop']} ended their answer, {c['finished_length']} hit max_tokens, {c['empty_answers']} empty)\n"
-        f"  one at a time : {lone['tokens_per_s']} tokens/s ({lone['tokens']} tokens in {lone['seconds']} s)\n"
-        f"  {c['requests']} at once   : {c['tokens_per_s']} tokens/s ({c['tokens']} tokens in {c['seconds']} s) -> {summary['speedup']}x\n"
+        f"  one at a time (--batch-size 1): {lone['tokens_per_s']} tokens/s ({lone['tokens']} tokens in {lone['seconds']} s)\n"
+        + (f"  one at a time (--batch-size {args.batch_size}): {same['tokens_per_s']} tokens/s\n" if same else "")
+        + f"  {c['requests']} at once (--batch-size {args.batch_size}): {c['tokens_per_s']} tokens/s ({c['tokens']} tokens in {c['seconds']} s) -> {summary['speedup']}x\n"
         f"  time to first token: p50 {c['ttft_p50_s']} s, p95 {c['ttft_p95_s']} s\n"
         f"  /health during the load: {h['ok']}/{h['polls']} answered 200, slowest {h['max_latency_s']} s\n"
     )

@@ -95,7 +95,7 @@ def test_cached_step_by_step_equals_full_forward(pair):
     head = ours(ids[:, :10], cache=cache).logits[0]
     chunk = ours(ids[:, 10:16], cache=cache).logits[0]  # a second multi-token chunk: positions 10..15
     steps = [ours(ids[:, i : i + 1], cache=cache).logits[0, 0] for i in range(16, 30)]
-    torch.testing.assert_close(torch.cat([head, chunk, torch.stack(steps)]), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([head, chunk, torch.stack(steps)]), full, atol=1e-4, rtol=0)
 
 
 @torch.inference_mode()

