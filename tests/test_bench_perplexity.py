@@ -8,9 +8,12 @@ SmolLM2 GGUF. Bench is checked for its output shape and its usage errors, never 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
+import sys
 import tarfile
 from pathlib import Path
 
@@ -182,6 +185,18 @@ def test_perplexity_cli_json_matches_transformers(tiny_llama, hamlet, tmp_path, 
     assert lines[1].startswith("bits per byte ") and lines[2].startswith(f"tokens {len(ids)} ")
 
 
+def test_perplexity_cli_reads_stdin(tiny_llama, hamlet, capsys, monkeypatch):
+    text = hamlet[2000:2600]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+    code, out, err = _run(capsys, ["perplexity", "-", "--model", str(tiny_llama), "--ctx", "48", "--stride", "16", "-f", "json"])
+    assert code == 0, err
+    got = json.loads(out)
+    ids = load_model(tiny_llama).tokenizer.encode(text).ids
+    ref_nll, ref_tokens, ref_windows = hf_sliding_window(load_reference(tiny_llama), ids, 48, 16)
+    assert (got["file"], got["bytes"], got["tokens_scored"], got["windows"]) == ("-", len(text.encode("utf-8")), ref_tokens, ref_windows)
+    assert _rel(got["perplexity"], math.exp(ref_nll / ref_tokens)) < 1e-3
+
+
 @pytest.mark.parametrize(
     "extra, code",
     [
@@ -237,9 +252,6 @@ def test_bench_formats(tiny_llama, capsys):
     assert code == 0, err
     assert [json.loads(line)["test"] for line in out.splitlines()] == ["pp8", "tg4"]
     code, out, _ = _run(capsys, [*args, "--format", "csv"])
-    import csv
-    import io
-
     table = list(csv.DictReader(io.StringIO(out)))
     assert [r["test"] for r in table] == ["pp8", "tg4"] and all(float(r["avg_ts"]) > 0 for r in table)
     code, out, _ = _run(capsys, [*args, "--format", "md"])

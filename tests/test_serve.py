@@ -428,6 +428,70 @@ def test_sigterm_drains_in_flight_requests(dirs, tmp_path):
         s.stop()
 
 
+# ---------------------------------------------------------------- in-process: the service and make_app
+
+
+def test_service_matches_the_engine_alone_and_drains(dirs):
+    from llmcli.core.generate import Request
+    from llmcli.core.sampling import SamplingParams
+    from llmcli.engine import Engine
+    from llmcli.engine.service import EngineService, QueueFull, ServiceClosed
+    from llmcli.errors import LlmcliError
+
+    engine = Engine(dirs["llama"], batch_size=3)
+    prompts = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16], [20], [30, 31], [40, 41, 42, 43], [50, 51, 52]]
+
+    def request(i, ids):
+        return Request(id=i, prompt_ids=ids, params=SamplingParams(temperature=0.8, seed=3), max_tokens=6 + i, ignore_eos=True)
+
+    alone = [engine.generate(request(i, ids)) for i, ids in enumerate(prompts)]
+    service = EngineService(engine, batch_size=3, max_queue=16)
+    got: dict = {}
+
+    def client(i, ids):  # each request from its own thread, all at once
+        handle = service.submit(request(i, ids))
+        events = list(handle)
+        got[i] = ("".join(e.text for e in events), events[-1].generated_ids, events[-1].finish_reason)
+
+    threads = [threading.Thread(target=client, args=(i, ids)) for i, ids in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, result in enumerate(alone):
+        assert got[i] == (result.text, result.generated_ids, result.finish_reason)
+
+    # a full queue refuses; shutdown(drain=True) finishes what is in flight, then refuses
+    small = EngineService(engine, batch_size=1, max_queue=1)
+    running = small.submit(Request(id="a", prompt_ids=[5], max_tokens=200, ignore_eos=True))
+    running.get(timeout=60)  # admitted: it holds the only row
+    small.submit(Request(id="b", prompt_ids=[5], max_tokens=2, ignore_eos=True))
+    with pytest.raises(QueueFull):
+        small.submit(Request(id="c", prompt_ids=[5], max_tokens=2))
+    small.cancel(running)
+    small.shutdown(drain=True, timeout=60)
+    assert small.metrics.finished == {"cancelled": 1, "length": 1}
+    with pytest.raises(ServiceClosed):
+        small.submit(Request(id="d", prompt_ids=[5], max_tokens=2))
+
+    # a step that raises fails the requests in it, and the service goes on with a fresh batcher
+    real_step = service._batcher.step
+    calls = []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real_step()
+
+    service._batcher.step = failing_step
+    with pytest.raises(LlmcliError, match="boom"):
+        list(service.submit(request(0, prompts[0])))
+    after = list(service.submit(request(1, prompts[1])))
+    assert after[-1].generated_ids == alone[1].generated_ids
+    service.shutdown(drain=True, timeout=60)
+
+
 # ---------------------------------------------------------------- in-process apps (make_app, no sockets)
 
 

@@ -63,8 +63,9 @@ def serve(
     Routes: POST /v1/completions, /v1/chat/completions (both with "stream": true as server-sent
     events), /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health (503 while the model
     loads), /metrics (Prometheus). SIGTERM stops taking requests, finishes those in flight, exits 0.
+    Any OpenAI client works: base_url http://127.0.0.1:8000/v1, model smollm2-135m-instruct.
 
-    Example: llmcli serve --port 8000 & curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
+    Example: llmcli serve --model smollm2-135m-instruct --port 8000
     """
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")

@@ -354,6 +354,7 @@ class EngineService:
         now = time.perf_counter()
         finished = 0
         admitted = 0
+        out: list[tuple[Handle, Event]] = []
         for event in events:
             rid = id(event.request)
             handle = self._owner.get(rid)
@@ -375,28 +376,30 @@ class EngineService:
                 self._started.discard(rid)
                 self._last_event.pop(rid, None)
                 finished += 1
-            handle._put(event)
+            out.append((handle, event))
         if finished or admitted:
+            # counts first, events after: a reader that has seen its first event must find the queue shorter
             with self._cond:
                 self._waiting -= admitted
                 self._inflight -= finished
                 self._cond.notify_all()
+        for handle, event in out:
+            handle._put(event)
 
     def _fail_request(self, handle: Handle, req: Request, exc: BaseException) -> None:
         self.metrics.failed += 1
-        handle._put(_Failure(exc))
         with self._cond:
             self._waiting -= 1
             self._inflight -= 1
             self._cond.notify_all()
+        handle._put(_Failure(exc))
+        if len(handle.requests) > 1:
+            self._cancel(handle.key)  # the submission has failed as a whole: free its other rows
 
     def _fail_all(self, exc: Exception) -> None:
         error = exc if isinstance(exc, LlmcliError) else LlmcliError(f"generation failed: {type(exc).__name__}: {exc}", "this is a bug in llmcli; please report it")
         owners = list(self._owner.items())
         self._owner.clear()
-        handles = {id(h): h for _, h in owners}
-        for h in handles.values():
-            h._put(_Failure(error))
         with self._cond:
             self._waiting -= sum(1 for rid, _ in owners if rid not in self._started)
             self._inflight -= len(owners)
@@ -406,6 +409,8 @@ class EngineService:
         self._last_event.clear()
         # the failed step may have left rows half-written: a fresh batcher (and cache) is the safe state
         self._batcher = self.engine.make_batcher(self.batch_size)
+        for handle in {id(h): h for _, h in owners}.values():
+            handle._put(_Failure(error))
 
 
 # ---------------------------------------------------------------- embeddings

@@ -914,6 +914,8 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets=None):
         await super().startup(sockets)
         state = self.llmcli_state
+        if state.load_error is not None or self.should_exit:
+            return
         bound = [s.getsockname() for srv in self.servers for s in (srv.sockets or [])]
         where = f"http://{bound[0][0]}:{bound[0][1]}" if bound else f"http://{self.config.host}:{self.config.port}"
         extra = "" if state.loaded else " (loading the model; /health answers 503 until it is ready)"
