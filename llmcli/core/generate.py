@@ -52,9 +52,10 @@ def prefill(model: torch.nn.Module, cache: KVCache, row: int, ids: list[int], al
 
 
 @torch.inference_mode()
-def decode_step(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """One token for every row: tokens (B,), active (B,) bool. Inactive rows neither read nor advance."""
-    out = model(tokens[:, None], cache=cache, attention_mask=active[:, None].long(), logits_index=torch.zeros_like(tokens))
+def decode_step(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    """One token for every row: tokens (B,). With active (B,) bool, inactive rows neither read nor advance."""
+    mask = None if active is None else active[:, None].long()
+    out = model(tokens[:, None], cache=cache, attention_mask=mask, logits_index=torch.zeros_like(tokens))
     return out.logits  # (B, V)
 
 

@@ -3,7 +3,8 @@
 Up to `batch_size` sequences are in flight; each `step()` first admits waiting requests into
 free rows (one prefill each), then decodes one token for every active row in a single forward.
 A finished sequence frees its row at once, so the next request starts on the next step and
-prompts of different lengths share a batch. Every sequence samples from its own generator
+prompts of different lengths share a batch. Running sequences are kept in rows 0..n-1 (a
+finished one's row takes the last running sequence), so a step computes only the rows in use. Every sequence samples from its own generator
 (derived from the run's seed and the record's id), so results do not depend on the batch.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from llmcli.core import sampling
 from llmcli.core.generate import Request, TextStream, decode_step, prefill
-from llmcli.core.models.base import KVCache
+from llmcli.core.models.base import KVCache, rows_view
 from llmcli.errors import ContextLengthError
 
 
@@ -85,6 +86,7 @@ class ContinuousBatcher:
         for seq in self.rows:
             if seq is not None and seq.request.id == request_id:
                 events.append(self._finish(seq, "cancelled"))
+        self._compact()
         return events
 
     @property
@@ -102,16 +104,35 @@ class ContinuousBatcher:
         for row in range(self.batch_size):
             if self.rows[row] is None and self.waiting:
                 events.extend(self._admit(self.waiting.popleft(), row))
+        self._compact()  # admissions that finished at once leave holes
         running = [seq for seq in self.rows if seq is not None]
         if not running:
             return events
-        active = torch.tensor([seq is not None for seq in self.rows], device=self.cache.lengths.device)
-        logits = decode_step(self.model, self.cache, self.last_token, active)  # (B, V)
-        rows = [seq.row for seq in running]
-        tokens, entries = self._choose(running, logits[rows])
+        n = len(running)  # rows 0..n-1, in row order
+        logits = decode_step(self.model, rows_view(self.cache, 0, n), self.last_token[:n])  # (n, V)
+        tokens, entries = self._choose(running, logits)
         for seq, token, entry in zip(running, tokens, entries):
             events.append(self._accept(seq, token, entry))
+        self._compact()
         return events
+
+    def _compact(self) -> None:
+        """Move the last running sequences into free rows below them, so rows 0..n-1 are the running ones."""
+        low, high = 0, self.batch_size - 1
+        while True:
+            while low < self.batch_size and self.rows[low] is not None:
+                low += 1
+            while high >= 0 and self.rows[high] is None:
+                high -= 1
+            if low >= high:
+                return
+            seq = self.rows[high]
+            self.cache.copy_row(self.cache, high, low)
+            self.last_token[low] = self.last_token[high]
+            self.generated_counts[low] = self.generated_counts[high]
+            self.prompt_seen[low] = self.prompt_seen[high]
+            seq.row = low
+            self.rows[low], self.rows[high] = seq, None
 
     def _admit(self, request: Request, row: int) -> list[Event]:
         self.cache.reset_row(row)

@@ -139,11 +139,16 @@ def wanted(layers: Collection[int] | None, index: int) -> bool:
     return bool(layers) and index in layers
 
 
-def row_view(cache: KVCache, row: int) -> KVCache:
-    """A one-row KVCache whose tensors are views into `cache`: a prefill through it fills that row in place."""
+def rows_view(cache: KVCache, start: int, end: int) -> KVCache:
+    """A KVCache of rows start..end-1 whose tensors are views into `cache`: writes land in place."""
     view = KVCache.__new__(KVCache)
     view.max_len = cache.max_len
-    view.k = [k[row : row + 1] for k in cache.k]
-    view.v = [v[row : row + 1] for v in cache.v]
-    view.lengths = cache.lengths[row : row + 1]
+    view.k = [k[start:end] for k in cache.k]
+    view.v = [v[start:end] for v in cache.v]
+    view.lengths = cache.lengths[start:end]
     return view
+
+
+def row_view(cache: KVCache, row: int) -> KVCache:
+    """One row of `cache` as a KVCache of its own: a prefill through it fills that row in place."""
+    return rows_view(cache, row, row + 1)
