@@ -259,10 +259,15 @@ def main() -> None:
     ap.add_argument("--tools", default=",".join(TOOLS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gguf", type=Path, default=None, help="the SmolLM2 Q4_1 GGUF (default: the llmcli catalogue copy)")
+    ap.add_argument("--table-from", type=Path, help="print the tables of a saved compare.json again, measuring nothing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         run_worker(json.loads(args.worker))
+        return
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print(tabulate(saved["meta"], saved["runs"]))
         return
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -281,61 +286,20 @@ def main() -> None:
     spec = {"prompt": args.prompt, "gen": args.gen, "batches": [1, args.batch] if args.batch > 1 else [1], "batch_prefill": args.batch_prefill, "threads": args.threads, "seed": args.seed, "gguf": str(gguf), "q8_0": str(q8) if q8 else None}
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
 
-    samples: dict[tuple[str, str, int], list[float]] = {}
-    rss: dict[str, list[int]] = {}
     runs = []
     for rep in range(args.reps):
         for tool in tools:
             print(f"[rep {rep + 1}/{args.reps}] {tool} ...", file=sys.stderr, flush=True)
+            load = os.getloadavg()[0]
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "tool": tool})], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-3000:])
                 raise SystemExit(f"{tool} worker failed ({proc.returncode})")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
-            result["rep"] = rep
+            result.update(rep=rep, load_before=load, load_after=os.getloadavg()[0])
             runs.append(result)
-            rss.setdefault(tool, []).append(result["peak_rss_bytes"])
-            for row in result["rows"]:
-                samples.setdefault((tool, row["test"], row["batch"]), []).append(row["tokens"] / row["seconds"])
             print("   " + ", ".join(f"{r['test']} b{r['batch']} {r['tokens'] / r['seconds']:.1f} t/s" for r in result["rows"]), file=sys.stderr, flush=True)
 
-    columns = [(f"pp{args.prompt}", 1), (f"tg{args.gen}", 1)]
-    if args.batch > 1:
-        if args.batch_prefill:
-            columns.append((f"pp{args.prompt}", args.batch))
-        columns.append((f"tg{args.gen}", args.batch))
-    tg1 = (f"tg{args.gen}", 1)
-
-    def cell(tool: str, col: tuple[str, int]) -> str:
-        values = samples.get((tool, *col))
-        if not values:
-            return "-"
-        m, s = mean_sd(values)
-        return f"{m:.1f} ± {s:.1f}"
-
-    lines = [
-        f"SmolLM2-135M-Instruct, {args.threads} threads, {args.reps} interleaved repetitions, tokens/s (mean ± sd)",
-        "",
-        "| tool | weights read per token | " + " | ".join(f"{t} b{b}" for t, b in columns) + " | peak RSS | tg b1 bandwidth bound | tg b1 / bound |",
-        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: | ---: | ---: |",
-    ]
-    for tool in tools:
-        bound = bandwidth / weight_bytes[tool]
-        tg_mean = mean_sd(samples[(tool, *tg1)])[0] if (tool, *tg1) in samples else float("nan")
-        lines.append(
-            f"| {LABELS[tool]} | {weight_bytes[tool] / 2**20:.0f} MiB | "
-            + " | ".join(cell(tool, c) for c in columns)
-            + f" | {max(rss[tool]) / 2**20:.0f} MiB | {bound:.1f} | {tg_mean / bound:.0%} |"
-        )
-    lines += ["", "| ratio (tokens/s) | " + " | ".join(f"{t} b{b}" for t, b in columns) + " |", "| --- | " + " | ".join("---:" for _ in columns) + " |"]
-    for peer in [t for t in tools if t != "llmcli"]:
-        if "llmcli" not in tools:
-            break
-        cells = []
-        for col in columns:
-            a, b = samples.get(("llmcli", *col)), samples.get((peer, *col))
-            cells.append(f"{statistics.fmean(a) / statistics.fmean(b):.2f}" if a and b else "-")
-        lines.append(f"| llmcli / {LABELS[peer].split(' (')[0]} | " + " | ".join(cells) + " |")
     import torch
 
     try:
@@ -344,16 +308,79 @@ def main() -> None:
         llama_version = llama_cpp.__version__
     except ImportError:
         llama_version = "absent"
+    meta = {
+        "prompt": args.prompt, "gen": args.gen, "batch": args.batch, "batch_prefill": args.batch_prefill, "threads": args.threads,
+        "reps": args.reps, "tools": tools, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; torch {torch.__version__}, llama-cpp-python {llama_version}",
+    }  # fmt: skip
+    (OUT / "compare.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
+    table = tabulate(meta, runs)
+    (OUT / "compare.md").write_text(table)
+    print(table)
+
+
+def tabulate(meta: dict, runs: list[dict]) -> str:
+    """The markdown tables from the raw runs: tokens/s per tool and test, then llmcli's ratios to each peer.
+
+    On a machine shared with other jobs a run can only be slowed down, never sped up, so the
+    best repetition is shown beside mean ± sd, and the ratios are given for both.
+    """
+    tools = meta["tools"]
+    samples: dict[tuple[str, str, int], list[float]] = {}
+    rss: dict[str, list[int]] = {}
+    for run in runs:
+        rss.setdefault(run["tool"], []).append(run["peak_rss_bytes"])
+        for row in run["rows"]:
+            samples.setdefault((run["tool"], row["test"], row["batch"]), []).append(row["tokens"] / row["seconds"])
+    columns = [(f"pp{meta['prompt']}", 1), (f"tg{meta['gen']}", 1)]
+    if meta["batch"] > 1:
+        if meta["batch_prefill"]:
+            columns.append((f"pp{meta['prompt']}", meta["batch"]))
+        columns.append((f"tg{meta['gen']}", meta["batch"]))
+    tg1 = ("tg" + str(meta["gen"]), 1)
+    bandwidth = meta["copy_bandwidth"]
+
+    def cell(tool: str, col: tuple[str, int]) -> str:
+        values = samples.get((tool, *col))
+        if not values:
+            return "-"
+        m, s = mean_sd(values)
+        return f"{m:.1f} ± {s:.1f} ({max(values):.1f})"
+
+    heads = " | ".join(f"{t} b{b}" for t, b in columns)
+    lines = [
+        f"SmolLM2-135M-Instruct, {meta['threads']} threads, {meta['reps']} interleaved repetitions; tokens/s as mean ± sd (best)",
+        "",
+        f"| tool | weights read per token | {heads} | peak RSS | tg b1 bandwidth bound | best tg b1 / bound |",
+        "| --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: | ---: | ---: |",
+    ]
+    for tool in tools:
+        bound = bandwidth / meta["weight_bytes"][tool]
+        best = max(samples.get((tool, *tg1), [float("nan")]))
+        lines.append(
+            f"| {LABELS[tool]} | {meta['weight_bytes'][tool] / 2**20:.0f} MiB | "
+            + " | ".join(cell(tool, c) for c in columns)
+            + f" | {max(rss[tool]) / 2**20:.0f} MiB | {bound:.1f} | {best / bound:.0%} |"
+        )
+    if "llmcli" in tools and len(tools) > 1:
+        lines += ["", f"| ratio of tokens/s: mean (best) | {heads} |", "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+        for peer in [t for t in tools if t != "llmcli"]:
+            cells = []
+            for col in columns:
+                a, b = samples.get(("llmcli", *col)), samples.get((peer, *col))
+                cells.append(f"{statistics.fmean(a) / statistics.fmean(b):.2f} ({max(a) / max(b):.2f})" if a and b else "-")
+            lines.append(f"| llmcli / {LABELS[peer].split(' (')[0]} | " + " | ".join(cells) + " |")
+    loads = [r.get("load_before") for r in runs if r.get("load_before") is not None]
     lines += [
         "",
         f"copy bandwidth (numpy, 1 thread, read+write): {bandwidth / 1e9:.1f} GB/s; bound = bandwidth / weights read per token.",
-        f"peak RSS: the worker process's maximum (loading included), worst of the repetitions.",
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; torch {torch.__version__}, llama-cpp-python {llama_version}; load average at end {os.getloadavg()[0]:.2f}.",
+        "peak RSS: the worker process's VmHWM (loading included), worst of the repetitions.",
+        f"machine: {meta['machine']}"
+        + (f"; 1-minute load average before the workers: {min(loads):.1f} to {max(loads):.1f}" if loads else "")
+        + (" (other jobs were running: compare the best and the ratios)" if loads and max(loads) > 0.5 + meta["threads"] else "")
+        + ".",
     ]
-    table = "\n".join(lines) + "\n"
-    (OUT / "compare.md").write_text(table)
-    (OUT / "compare.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes, "runs": runs}, indent=2))
-    print(table)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

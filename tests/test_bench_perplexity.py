@@ -282,16 +282,13 @@ def test_bench_bad_lists_exit_2(tiny_llama, capsys, flags, message):
 
 
 @pytest.mark.real
-def test_smollm2_perplexity_matches_transformers(smollm2_gguf, hamlet):
-    import transformers
-
-    text = hamlet[4000:9000]  # dialogue, past the cast list
-    loaded = load_model(smollm2_gguf)
+def test_smollm2_perplexity_matches_transformers(smollm2_loaded, smollm2_reference, hamlet):
+    text = hamlet[4000:6600]  # dialogue, past the cast list
+    loaded = smollm2_loaded
     ids = loaded.tokenizer.encode(text).ids
-    assert 1000 <= len(ids) <= 2000, len(ids)
+    assert 500 <= len(ids) <= 1000, len(ids)
     result = perplexity(loaded, ids, ctx=256, stride=128, batch_size=4, n_bytes=len(text.encode("utf-8")))
-    del loaded
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+    reference, _ = smollm2_reference
     ref_nll, ref_tokens, ref_windows = hf_sliding_window(reference, ids, 256, 128)
     assert (result.tokens_scored, result.windows) == (ref_tokens, ref_windows)
     assert _rel(result.ppl, math.exp(ref_nll / ref_tokens)) < 1e-3

@@ -253,9 +253,10 @@ def test_missing_ids_names_tokenize(llama_dir):
 
 
 def test_ids_outside_vocabulary(llama_dir):
+    vocab = json.loads(open(os.path.join(llama_dir, "config.json")).read())["vocab_size"]
     for command in ("attend", "encode"):
-        exc = error_of([command, "-m", str(llama_dir)], jsonl({"ids": [1, 2, 320]}))
-        assert "token id 320 is outside the vocabulary (0..319)" in str(exc)
+        exc = error_of([command, "-m", str(llama_dir)], jsonl({"ids": [1, 2, vocab]}))
+        assert f"token id {vocab} is outside the vocabulary (0..{vocab - 1})" in str(exc)
 
 
 def test_too_long_input_and_truncate(llama_dir, llama_ref):

@@ -35,11 +35,11 @@ def run(engine, reqs, batch_size):
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=123)], ids=["greedy", "seeded"])
 def test_results_do_not_depend_on_batch_size(engine, params):
     ps = prompts()
-    make = lambda: [Request(id=i, prompt_ids=p, params=params, max_tokens=10 + (i % 5) * 6, ignore_eos=True) for i, p in enumerate(ps)]
+    make = lambda: [Request(id=i, prompt_ids=p, params=params, max_tokens=4 + (i % 5) * 3, ignore_eos=True) for i, p in enumerate(ps)]
     one = run(engine, make(), 1)
     assert run(engine, make(), 4) == one
     assert run(engine, make(), 16) == one
-    assert all(len(ids) == 10 + (i % 5) * 6 for i, (ids, _) in enumerate(one))
+    assert all(len(ids) == 4 + (i % 5) * 3 for i, (ids, _) in enumerate(one))
 
 
 def test_greedy_equals_transformers_generate(engine, tiny_dir):

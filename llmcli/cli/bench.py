@@ -327,7 +327,7 @@ def bench(
     n_gen: Annotated[str, typer.Option("--n-gen", "-n", help="Tokens to generate, comma-separated (0 = no generation test).")] = "128",
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Sequences per forward, comma-separated.")] = "1",
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Timed runs of each test.")] = 3,
-    format: Annotated[str, typer.Option("--format", "-o", help="md, json, jsonl or csv.")] = "md",
+    format: Annotated[str, typer.Option("--format", "-f", help="md, json, jsonl or csv (llama-bench calls this -o; here -o is --output elsewhere).")] = "md",
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads for torch (default: torch's choice).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
     warmup: Annotated[bool, typer.Option(help="One untimed run of each test first.")] = True,
