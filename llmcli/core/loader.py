@@ -77,9 +77,9 @@ def load_model(
 ) -> LoadedModel:
     """Read a checkpoint into the fast inference layout (fused projections; int8 with quantize="int8").
 
-    With cache_dir, a GGUF's dequantized float32 tensors (and its rebuilt tokenizer) are kept
-    there as safetensors on first load and memory-mapped afterwards: dequantizing costs seconds
-    on every start otherwise, mapping costs nothing.
+    With cache_dir, a GGUF's weights are kept there after the first load, dequantized to float32
+    and already in the fused layout, as safetensors that later loads memory-map: dequantizing
+    and fusing cost seconds and a second copy of the weights on every start otherwise.
     """
     from llmcli.core import weights
     from llmcli.core.quantize import quantize_linears
@@ -89,29 +89,48 @@ def load_model(
     torch_device = resolve_device(device) if isinstance(device, str) else device
     if not path.exists():
         raise ModelError(f"model path {path} does not exist", "give a catalogue name (see `llmcli models`), an HF-format directory or a .gguf file")
-    if path.is_file() and path.suffix == ".gguf":
-        config, tensors, rope_freqs = _read_gguf(path, Path(cache_dir) if cache_dir is not None else None)
-    elif path.is_dir():
-        rope_freqs = None
-        config = read_config(path)
-        tensors = weights.read_safetensors(path)
-    else:
-        raise ModelError(
-            f"{path} is neither an HF-format directory nor a .gguf file",
-            "supported formats: safetensors (HF directory) and GGUF; pickled .bin/.pt/.pth files are never loaded",
-        )
+    is_gguf = path.is_file() and path.suffix == ".gguf"
+    cached = _cache_file(path, Path(cache_dir)) if (is_gguf and cache_dir is not None) else None
+    fused = False  # whether the tensors are already in the fused layout (read from the cache)
+    rope_freqs = None
+    if cached is not None and cached.is_file():
+        try:
+            config, tensors, rope_freqs = _read_cache(cached)
+            fused = True
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt from the GGUF
+            cached.unlink(missing_ok=True)
+    if not fused:
+        if is_gguf:
+            checkpoint = weights.read_gguf(path)
+            config, tensors = checkpoint.config, checkpoint.tensors
+            rope_freqs = checkpoint.extra.get("rope_freqs.weight")
+            del checkpoint
+        elif path.is_dir():
+            config = read_config(path)
+            tensors = weights.read_safetensors(path)
+        else:
+            raise ModelError(
+                f"{path} is neither an HF-format directory nor a .gguf file",
+                "supported formats: safetensors (HF directory) and GGUF; pickled .bin/.pt/.pth files are never loaded",
+            )
     family = family_module(config)
-    tensors = family.sanitize(tensors, config)
     with torch.device("meta"), _skip_init():
         module = family.Model(config)
-    weights.load_state(module, tensors, str(path), torch_dtype)
+    if fused:
+        with _skip_init():  # outside the device context: meta tensors take torch's plain meta kernels
+            module.fuse()
+    if not fused:
+        tensors = family.sanitize(tensors, config)
+    weights.load_state(module, tensors, str(cached if fused else path), torch_dtype)
     del tensors  # the module holds the only references now, so fusing does not keep two copies
     _rebuild_meta_buffers(module, family, config)
     if rope_freqs is not None:
         # llama3-style GGUFs carry their rope scaling as per-frequency divisors instead of config fields
         module.inv_freq = module.inv_freq / rope_freqs.float()
-    if hasattr(module, "fuse"):
+    if not fused and hasattr(module, "fuse"):
         module.fuse()
+        if cached is not None and torch_dtype == torch.float32:
+            _write_cache(cached, module, config, rope_freqs, path)
     module = module.to(torch_device).eval()
     if quantize not in (None, "none"):
         if hasattr(module, "untie_output"):
@@ -121,47 +140,48 @@ def load_model(
     return LoadedModel(config=config, module=module, tokenizer=tokenizer, path=path, dtype=torch_dtype, device=torch_device, quantize=quantize)
 
 
-def _read_gguf(path: Path, cache_dir: Path | None) -> tuple[ModelConfig, dict[str, torch.Tensor], torch.Tensor | None]:
-    """config, float32 tensors and llama3 rope divisors of a GGUF, through the dequantized cache."""
-    import dataclasses
+CACHE_LAYOUT = "llmcli-fused/1"  # bump when the fused parameter names change
+
+
+def _cache_file(path: Path, cache_dir: Path) -> Path:
     import hashlib
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{CACHE_LAYOUT}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    return cache_dir / "weights" / f"{key}.safetensors"
+
+
+def _read_cache(cached: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], torch.Tensor | None]:
+    from safetensors import safe_open
+
+    from llmcli.core import weights
+
+    with safe_open(str(cached), framework="pt") as f:
+        meta = f.metadata()
+    if meta.get("layout") != CACHE_LAYOUT:
+        raise ValueError("stale cache layout")
+    config = ModelConfig(**json.loads(meta["config"]))
+    tensors = weights.read_safetensors(cached)
+    return config, tensors, tensors.pop("extra.rope_freqs", None)
+
+
+def _write_cache(cached: Path, module: torch.nn.Module, config: ModelConfig, rope_freqs: torch.Tensor | None, source: Path) -> None:
+    import dataclasses
     import os
 
     from safetensors.torch import save_file
 
-    from llmcli.core import weights
-
-    cached = None
-    if cache_dir is not None:
-        stat = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-        cached = cache_dir / "weights" / f"{key}.safetensors"
-        if cached.is_file():
-            try:
-                from safetensors import safe_open
-
-                with safe_open(str(cached), framework="pt") as f:
-                    config = ModelConfig(**json.loads(f.metadata()["config"]))
-                tensors = weights.read_safetensors(cached)
-                return config, tensors, tensors.pop("extra.rope_freqs", None)
-            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt from the GGUF
-                cached.unlink(missing_ok=True)
-    checkpoint = weights.read_gguf(path)
-    config, tensors = checkpoint.config, checkpoint.tensors
-    rope_freqs = checkpoint.extra.get("rope_freqs.weight")
-    del checkpoint
-    if cached is not None:
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-            payload = {name: t.contiguous() for name, t in tensors.items()}
-            if rope_freqs is not None:
-                payload["extra.rope_freqs"] = rope_freqs.contiguous()
-            save_file(payload, str(tmp), metadata={"config": json.dumps(dataclasses.asdict(config)), "source": str(path)})
-            os.replace(tmp, cached)  # whole or absent, even with two loads racing
-        except OSError:
-            pass  # a full or read-only disk only costs speed next time
-    return config, tensors, rope_freqs
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        payload = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+        if rope_freqs is not None:
+            payload["extra.rope_freqs"] = rope_freqs.contiguous()
+        meta = {"config": json.dumps(dataclasses.asdict(config)), "layout": CACHE_LAYOUT, "source": str(source)}
+        save_file(payload, str(tmp), metadata=meta)
+        os.replace(tmp, cached)  # whole or absent, even with two loads racing
+    except OSError:
+        pass  # a full or read-only disk only costs speed next time
 
 
 @contextlib.contextmanager

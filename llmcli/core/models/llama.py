@@ -157,12 +157,20 @@ class MLP(nn.Module):
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
     """One Linear whose output is the parts' outputs side by side (fewer, larger matmuls)."""
-    weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+    weight = _cat([p.weight.detach() for p in parts])
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta")  # no random init
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if parts[0].bias is not None:
-        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+        fused.bias = nn.Parameter(_cat([p.bias.detach() for p in parts]), requires_grad=False)
     return fused
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0; on the meta device just the shape (torch.cat there imports the compiler stack)."""
+    if tensors[0].is_meta:
+        rows = sum(t.shape[0] for t in tensors)
+        return torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device="meta")
+    return torch.cat(tensors, dim=0)
 
 
 class Block(nn.Module):
