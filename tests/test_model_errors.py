@@ -1,0 +1,87 @@
+"""Broken or unsupported model files: one `error:` line naming the file and the fix, exit 1, no traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llmcli.cli import main
+from tests.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny("llama", tmp_path_factory.mktemp("errors-llama"))
+
+
+def run(capsys, args, stdin=None, monkeypatch=None):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    return info.value.code, err
+
+
+def broken_copy(tiny_dir, tmp_path, edit):
+    target = tmp_path / "model"
+    shutil.copytree(tiny_dir, target)
+    edit(target)
+    return target
+
+
+def truncate_weights(d):
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def unknown_architecture(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mamba"
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def wrong_shape(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = cfg["intermediate_size"] * 2
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def pickled_only(d):
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+
+
+CASES = {
+    "truncated safetensors": (truncate_weights, ["model.safetensors"]),
+    "unknown architecture": (unknown_architecture, ["unknown architecture 'mamba'", "llama"]),
+    "shape mismatch": (wrong_shape, ["mlp.", "shape"]),
+    "pickle only": (pickled_only, ["safetensors", "GGUF"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_broken_hf_directory(case, tiny_dir, tmp_path, capsys, monkeypatch):
+    edit, needles = CASES[case]
+    model = broken_copy(tiny_dir, tmp_path, edit)
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))
+    code, err = run(capsys, ["attend", "-m", str(model)])
+    assert code == 1, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    code, err = run(capsys, ["generate", "-m", str(tmp_path / "nothing-here")])
+    assert code == 1 and err.startswith("error: ") and "nothing-here" in err and "Traceback" not in err
+
+
+def test_corrupt_gguf(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))
+    code, err = run(capsys, ["attend", "-m", str(bad)])
+    assert code == 1, err
+    assert err.startswith("error: ") and "broken.gguf" in err and "Traceback" not in err
