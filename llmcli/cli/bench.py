@@ -356,14 +356,12 @@ def bench(
 
     import torch
 
-    from llmcli.catalog import resolve_model_path
-    from llmcli.core.loader import load_model
+    from llmcli.engine.engine import load_model_ref
     from llmcli.errors import ModelError
 
     if threads is not None:
         torch.set_num_threads(threads)
-    path = resolve_model_path(model, say, default=DEFAULT_MODEL)
-    loaded = load_model(path, dtype=dtype, device=device, quantize=quantize)
+    loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=say, default_model=DEFAULT_MODEL)
     if not loaded.config.is_causal:
         raise ModelError(f"{loaded.name} is an encoder ({loaded.config.model_type}); bench measures prefill and generation", "use a decoder model such as smollm2-135m-instruct")
     limit = loaded.config.max_position_embeddings

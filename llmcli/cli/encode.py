@@ -33,11 +33,9 @@ TruncateOpt = Annotated[bool, typer.Option("--truncate", help="Keep the first to
 
 def load_stage_model(model: Optional[str], dtype: str, device: str):
     """The LoadedModel for a stage: a catalogue name, HF directory or .gguf file (default: the decoder)."""
-    from llmcli.catalog import cache_root, resolve_model_path
-    from llmcli.core.loader import load_model
+    from llmcli.engine.engine import load_model_ref
 
-    path = resolve_model_path(model, say, default=DEFAULT_MODEL)
-    return load_model(path, dtype=dtype, device=device, cache_dir=cache_root())
+    return load_model_ref(model, dtype=dtype, device=device, notify=say, default_model=DEFAULT_MODEL)
 
 
 def fit_context(length: int, limit: int, truncate: bool, line: int | None, what: str = "input") -> int:

@@ -52,12 +52,10 @@ def perplexity(
     except UnicodeDecodeError as exc:
         raise InputError(f"{source} is not UTF-8 text (byte {exc.start})", "convert it, e.g. `iconv -f latin1 -t utf-8`", source=source) from None
 
-    from llmcli.catalog import resolve_model_path
-    from llmcli.core.loader import load_model
+    from llmcli.engine.engine import load_model_ref
     from llmcli.core.perplexity import perplexity as compute
 
-    path = resolve_model_path(model, say, default=DEFAULT_MODEL)
-    loaded = load_model(path, dtype=dtype, device=device, quantize=quantize)
+    loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=say, default_model=DEFAULT_MODEL)
     ids = loaded.tokenizer.encode(text).ids
     show = progress or sys.stderr.isatty()
     bar = _Bar() if show else None

@@ -32,6 +32,23 @@ class _Pending:
     prompt_logprobs: list | None = None
 
 
+def load_model_ref(
+    model: str | Path | None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quantize: str | None = None,
+    notify: Callable[[str], None] | None = None,
+    default_model: str = "smollm2-135m-instruct",
+):
+    """A catalogue name (pulled on first use), HF directory or .gguf file, loaded through the llmcli cache."""
+    from llmcli.catalog import cache_root, resolve_model_path
+    from llmcli.core.loader import load_model
+
+    path = resolve_model_path(str(model) if model is not None else None, notify or (lambda _msg: None), default=default_model)
+    return load_model(path, dtype=dtype, device=device, quantize=quantize, cache_dir=cache_root())
+
+
 class Engine:
     def __init__(
         self,
@@ -45,11 +62,7 @@ class Engine:
         notify: Callable[[str], None] | None = None,
         default_model: str = "smollm2-135m-instruct",
     ):
-        from llmcli.catalog import cache_root, resolve_model_path
-        from llmcli.core.loader import load_model
-
-        path = resolve_model_path(str(model) if model is not None else None, notify or (lambda _msg: None), default=default_model)
-        self.loaded = load_model(path, dtype=dtype, device=device, quantize=quantize, cache_dir=cache_root())
+        self.loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=notify, default_model=default_model)
         self.batch_size = batch_size
         self.max_context = max_context
 
