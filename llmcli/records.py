@@ -233,14 +233,21 @@ def require_ids(record: dict, number: int | None, field: str = IDS, vocab_size: 
     return ids
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def check_messages(messages: Any, number: int | None = None) -> list[dict]:
-    """A chat as a list of {"role", "content"} objects with string fields."""
+    """A chat as a non-empty list of {"role", "content"} objects with string fields and known roles."""
     if not isinstance(messages, list) or not messages:
-        raise InputError("`messages` must be a non-empty list", 'write [{"role": "user", "content": "..."}]', line=number)
+        raise InputError("`messages` must be a non-empty list of {role, content} objects", 'e.g. [{"role": "user", "content": "Hi"}]', line=number)
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InputError(f"message {i} needs string `role` and `content`", 'write {"role": "user", "content": "..."}', line=number)
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+            raise InputError(f"messages[{i}] must be an object with string `role` and `content`", 'e.g. {"role": "user", "content": "Hi"}', line=number)
+        if m["role"] not in ROLES:
+            raise InputError(f"messages[{i}] has role {m['role']!r}", f"use one of {', '.join(ROLES)}", line=number)
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 # ---------------------------------------------------------------- writing

@@ -34,7 +34,6 @@ from llmcli.cli import (
 from llmcli.errors import ContextLengthError, InputError, UsageError
 
 PROMPT = ">>> "
-ROLES = ("system", "user", "assistant")
 
 HELP = """commands:
   /help          this list
@@ -86,17 +85,6 @@ def reply_budget(max_tokens: int, context: int) -> int:
     return max(1, min(max_tokens, context // 2))
 
 
-def check_messages(value, number: int) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise InputError("`messages` must be a non-empty list of {role, content} objects", 'e.g. [{"role": "user", "content": "Hi"}]', line=number)
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InputError(f"messages[{i}] must be an object with string `role` and `content`", 'e.g. {"role": "user", "content": "Hi"}', line=number)
-        if m["role"] not in ROLES:
-            raise InputError(f"messages[{i}] has role {m['role']!r}", f"use one of {', '.join(ROLES)}", line=number)
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
 
 
 # ---------------------------------------------------------------- the command
@@ -173,7 +161,7 @@ def chat(
 
 
 def _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors) -> None:
-    from llmcli.records import MESSAGES, REPLY, ErrorCounter, RecordWriter, iter_lines, require
+    from llmcli.records import MESSAGES, REPLY, ErrorCounter, RecordWriter, check_messages, iter_lines, require
 
     tokenizer = engine.tokenizer
     context = engine.context_length
