@@ -54,7 +54,7 @@ class ContinuousBatcher:
         self.config = loaded.config
         self.batch_size = batch_size
         self.max_len = min(max_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        self.cache = KVCache.for_model(self.config, batch_size, self.max_len, dtype=loaded.dtype, device=loaded.device)
+        self.cache = KVCache.for_model(self.config, batch_size, self.max_len, dtype=loaded.dtype, device=loaded.device, initial_len=256)
         self.vocab = self.config.vocab_size
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[_Sequence | None] = [None] * batch_size
@@ -109,6 +109,7 @@ class ContinuousBatcher:
         if not running:
             return events
         n = len(running)  # rows 0..n-1, in row order
+        self.cache.reserve(int(self.cache.lengths[:n].max()) + 1)
         logits = decode_step(self.model, rows_view(self.cache, 0, n), self.last_token[:n])  # (n, V)
         tokens, entries = self._choose(running, logits)
         for seq, token, entry in zip(running, tokens, entries):
@@ -137,6 +138,7 @@ class ContinuousBatcher:
     def _admit(self, request: Request, row: int) -> list[Event]:
         self.cache.reset_row(row)
         ids = request.prompt_ids
+        self.cache.reserve(len(ids) + 1)  # on the root cache: the row view below cannot grow
         start = 0
         if request.prompt_cache is not None:
             k, v = request.prompt_cache
@@ -180,8 +182,12 @@ class ContinuousBatcher:
                 if blocked:
                     allowed = allowed.clone() if allowed is logits else allowed
                     allowed[i, blocked] = float("-inf")
-        probs = sampling.process_logits(allowed, params, self.generated_counts[rows], self.prompt_seen[rows])
-        chosen = sampling.sample(probs, [s.generator for s in seqs], params)
+        if all(_plain_greedy(p) for p in params):
+            # nothing reshapes the distribution: the argmax (lowest id on ties, as sample() does) is the answer
+            chosen = allowed.argmax(-1)
+        else:
+            probs = sampling.process_logits(allowed, params, self.generated_counts[rows], self.prompt_seen[rows])
+            chosen = sampling.sample(probs, [s.generator for s in seqs], params)
         want = [p.logprobs for p in params]
         entries: list[dict | None] = [None] * len(seqs)
         if any(w is not None for w in want):
@@ -231,3 +237,14 @@ class ContinuousBatcher:
             generated_ids=seq.generated[:keep],
             logprobs=seq.logprobs[:keep] if seq.request.params.logprobs is not None else None,
         )
+
+
+def _plain_greedy(params: sampling.SamplingParams) -> bool:
+    """Greedy with no bias or penalty: the chosen token is the argmax of the raw logits."""
+    return (
+        params.greedy
+        and not params.logit_bias
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+    )

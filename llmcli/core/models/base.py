@@ -50,17 +50,40 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        initial_len: int | None = None,
     ):
+        # max_len is the hard limit (the context); memory is allocated for initial_len positions
+        # and grows by doubling, since a full 8k context for 16 rows of a 30-layer model is GBs.
         self.max_len = max_len
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        alloc = min(max_len, initial_len or max_len)
+        shape = (batch_size, num_kv_heads, alloc, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @classmethod
-    def for_model(cls, config, batch_size: int, max_len: int | None = None, dtype=torch.float32, device="cpu") -> "KVCache":
+    def for_model(cls, config, batch_size: int, max_len: int | None = None, dtype=torch.float32, device="cpu", initial_len: int | None = None) -> "KVCache":
         max_len = max_len or config.max_position_embeddings
-        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim, max_len, dtype, device)
+        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim, max_len, dtype, device, initial_len)
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated now (up to max_len)."""
+        return self.k[0].shape[2]
+
+    def reserve(self, n: int) -> None:
+        """Make room for n positions per row (doubling), keeping what is stored. Not on views: reserve the root."""
+        if n <= self.capacity:
+            return
+        if n > self.max_len:
+            raise ContextLengthError(f"the sequence needs {n} positions but the cache holds {self.max_len}", "shorten the prompt or lower --max-tokens")
+        new = min(self.max_len, max(n, 2 * self.capacity))
+        old = self.capacity
+        for cache in (self.k, self.v):
+            for i, t in enumerate(cache):
+                grown = torch.zeros((t.shape[0], t.shape[1], new, t.shape[3]), dtype=t.dtype, device=t.device)
+                grown[:, :, :old] = t
+                cache[i] = grown
 
     @property
     def batch_size(self) -> int:
@@ -74,6 +97,7 @@ class KVCache:
                 f"the sequence needs {need} positions but the cache holds {self.max_len}",
                 "shorten the prompt or lower --max-tokens",
             )
+        self.reserve(need)
         return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)[None, :]
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +142,7 @@ class KVCache:
         n = k.shape[2]
         if n > self.max_len:
             raise ContextLengthError(f"the saved cache holds {n} positions, more than {self.max_len}", "use a longer context")
+        self.reserve(n)
         for layer in range(len(self.k)):
             self.k[layer][row, :, :n] = k[layer].to(self.k[layer].dtype)
             self.v[layer][row, :, :n] = v[layer].to(self.v[layer].dtype)
