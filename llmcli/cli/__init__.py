@@ -44,7 +44,10 @@ ModelOpt = Annotated[
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or mps (when present).")]
-QuantizeOpt = Annotated[str, typer.Option("--quantize", help="Weights: none, or int8 (int8 matmuls on the CPU; float32 only).")]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option("--quantize", help="none, or int8: experimental int8 weights and activations on the CPU (fast, but it loses much quality on SmolLM2; check with `llmcli perplexity`)."),
+]
 SkipErrorsOpt = Annotated[bool, typer.Option("--skip-errors", help="Skip bad lines (counted on stderr) instead of stopping.")]
 FloatsOpt = Annotated[bool, typer.Option("--floats", help="Write tensors as nested lists of numbers instead of base64.")]
 
