@@ -4,6 +4,8 @@
 
 Each loader runs in a fresh subprocess (peak RSS = VmHWM, which exec resets, unlike ru_maxrss):
   llmcli          llmcli.core.loader.load_model(gguf, "float32")   (GGUF Q4_1 -> float32, fused layout)
+  llmcli cached   the same through the llmcli cache, as every command loads: a later load maps the
+                  dequantized, fused weights the first load wrote (run any llmcli command once first)
   llmcli int8     the same with quantize="int8"                   (float32 first, then int8 linears)
   transformers    AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=float32)
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-LOADERS = ("llmcli", "llmcli-int8", "transformers")
+LOADERS = ("llmcli", "llmcli-cached", "llmcli-int8", "transformers")
 
 
 def status_bytes(field: str) -> int:
@@ -44,9 +46,12 @@ def worker(loader: str, gguf: Path) -> dict:
     if loader.startswith("llmcli"):
         from llmcli.core.loader import load_model
 
+        from llmcli.catalog import cache_root
+
+        cache = cache_root() if loader == "llmcli-cached" else None
         baseline = status_bytes("VmRSS")
         start = time.perf_counter()
-        loaded = load_model(gguf, dtype="float32", quantize="int8" if loader == "llmcli-int8" else None)
+        loaded = load_model(gguf, dtype="float32", quantize="int8" if loader == "llmcli-int8" else None, cache_dir=cache)
         seconds = time.perf_counter() - start
         held = loaded.module
     else:
