@@ -6,6 +6,7 @@
 Tools (each repetition runs every tool once, one fresh subprocess per tool and repetition, so
 the peak RSS of one tool never includes another's, and slow drifts of the machine hit all alike):
   llmcli           the engine on the GGUF dequantized to float32 (core prefill; Engine greedy decode)
+  llmcli int8      the same with --quantize int8 (Q8_0-style 8-bit weights, float32 activations)
   transformers     AutoModelForCausalLM.from_pretrained(dir, gguf_file=...), float32 (forward; generate)
   llama.cpp Q4_1   llama_cpp.Llama on the original Q4_1 GGUF
   llama.cpp Q8_0   llama_cpp.Llama on a Q8_0 GGUF made from it with llama.cpp's own quantizer
@@ -39,9 +40,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-TOOLS = ("llmcli", "transformers", "llamacpp-q4_1", "llamacpp-q8_0")
-LABELS = {"llmcli": "llmcli (float32)", "transformers": "transformers (float32)", "llamacpp-q4_1": "llama.cpp Q4_1", "llamacpp-q8_0": "llama.cpp Q8_0"}
-BATCHED = {"llmcli", "transformers"}
+TOOLS = ("llmcli", "llmcli-int8", "transformers", "llamacpp-q4_1", "llamacpp-q8_0")
+LABELS = {"llmcli": "llmcli (float32)", "llmcli-int8": "llmcli int8 (Q8_0-style)", "transformers": "transformers (float32)", "llamacpp-q4_1": "llama.cpp Q4_1", "llamacpp-q8_0": "llama.cpp Q8_0"}
+BATCHED = {"llmcli", "llmcli-int8", "transformers"}
+OURS = ("llmcli", "llmcli-int8")
 
 
 # ---------------------------------------------------------------- helpers shared by parent and workers
@@ -122,7 +124,8 @@ def worker_llmcli(spec: dict) -> list[dict]:
     torch.set_num_threads(spec["threads"])
     # The engine preallocates its cache for the whole context (8192 positions per row for SmolLM2);
     # bound it to what the tests use, as llama.cpp's n_ctx is bounded below.
-    engine = Engine(spec["gguf"], dtype="float32", batch_size=max(spec["batches"]), max_context=spec["prompt"] + spec["gen"] + 8)
+    quantize = "int8" if spec["tool"] == "llmcli-int8" else None
+    engine = Engine(spec["gguf"], dtype="float32", quantize=quantize, batch_size=max(spec["batches"]), max_context=spec["prompt"] + spec["gen"] + 8)
     loaded = engine.loaded
     vocab = loaded.config.vocab_size
 
@@ -232,7 +235,7 @@ def _measure(spec: dict, pp, tg, batched: bool) -> list[dict]:
     return rows
 
 
-WORKERS = {"llmcli": worker_llmcli, "transformers": worker_transformers, "llamacpp-q4_1": worker_llamacpp, "llamacpp-q8_0": worker_llamacpp}
+WORKERS = {"llmcli": worker_llmcli, "llmcli-int8": worker_llmcli, "transformers": worker_transformers, "llamacpp-q4_1": worker_llamacpp, "llamacpp-q8_0": worker_llamacpp}
 
 
 def run_worker(spec: dict) -> None:
@@ -280,7 +283,8 @@ def main() -> None:
     q8 = make_q8_0(gguf, OUT / q8_name, args.threads) if "llamacpp-q8_0" in tools else None
     bandwidth = copy_bandwidth()
     q4_bytes, n_weights = gguf_weight_bytes(gguf)
-    weight_bytes = {"llmcli": 4 * n_weights, "transformers": 4 * n_weights, "llamacpp-q4_1": q4_bytes}
+    # int8: one byte per weight plus a float32 scale per 32 (the embedding rows looked up are negligible)
+    weight_bytes = {"llmcli": 4 * n_weights, "llmcli-int8": n_weights + n_weights // 8, "transformers": 4 * n_weights, "llamacpp-q4_1": q4_bytes}
     if q8 is not None:
         weight_bytes["llamacpp-q8_0"] = gguf_weight_bytes(q8)[0]
     spec = {"prompt": args.prompt, "gen": args.gen, "batches": [1, args.batch] if args.batch > 1 else [1], "batch_prefill": args.batch_prefill, "threads": args.threads, "seed": args.seed, "gguf": str(gguf), "q8_0": str(q8) if q8 else None}
@@ -362,14 +366,17 @@ def tabulate(meta: dict, runs: list[dict]) -> str:
             + " | ".join(cell(tool, c) for c in columns)
             + f" | {max(rss[tool]) / 2**20:.0f} MiB | {bound:.1f} | {best / bound:.0%} |"
         )
-    if "llmcli" in tools and len(tools) > 1:
+    ours = [t for t in OURS if t in tools]
+    peers = [t for t in tools if t not in OURS]
+    if ours and peers:
         lines += ["", f"| ratio of tokens/s: mean (best) | {heads} |", "| --- | " + " | ".join("---:" for _ in columns) + " |"]
-        for peer in [t for t in tools if t != "llmcli"]:
-            cells = []
-            for col in columns:
-                a, b = samples.get(("llmcli", *col)), samples.get((peer, *col))
-                cells.append(f"{statistics.fmean(a) / statistics.fmean(b):.2f} ({max(a) / max(b):.2f})" if a and b else "-")
-            lines.append(f"| llmcli / {LABELS[peer].split(' (')[0]} | " + " | ".join(cells) + " |")
+        for tool in ours:
+            for peer in peers:
+                cells = []
+                for col in columns:
+                    a, b = samples.get((tool, *col)), samples.get((peer, *col))
+                    cells.append(f"{statistics.fmean(a) / statistics.fmean(b):.2f} ({max(a) / max(b):.2f})" if a and b else "-")
+                lines.append(f"| {LABELS[tool]} / {LABELS[peer]} | " + " | ".join(cells) + " |")
     loads = [r.get("load_before") for r in runs if r.get("load_before") is not None]
     lines += [
         "",

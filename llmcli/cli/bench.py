@@ -80,8 +80,9 @@ class BenchResult:
 
     def add(self, seconds: float) -> None:
         tokens = self.batch * (self.n_prompt or self.n_gen)
-        self.samples_ns.append(int(seconds * 1e9))
-        self.samples_ts.append(tokens / seconds)
+        ns = max(1, round(seconds * 1e9))
+        self.samples_ns.append(ns)
+        self.samples_ts.append(tokens / (ns / 1e9))  # from the recorded ns, so the two fields agree exactly
         self.avg_ns = statistics.fmean(self.samples_ns)
         self.avg_ts = statistics.fmean(self.samples_ts)
         several = len(self.samples_ns) > 1

@@ -82,7 +82,7 @@ def load_model(
     and fusing cost seconds and a second copy of the weights on every start otherwise.
     """
     from llmcli.core import weights
-    from llmcli.core.quantize import quantize_linears
+    from llmcli.core.quantize import check_scheme
 
     path = Path(path)
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
@@ -132,15 +132,27 @@ def load_model(
         if cached is not None and torch_dtype == torch.float32:
             _write_cache(cached, module, config, rope_freqs, path)
     module = module.to(torch_device).eval()
-    if quantize not in (None, "none"):
-        if hasattr(module, "untie_output"):
-            module.untie_output()
-        quantize_linears(module, quantize)
+    scheme = check_scheme(quantize, torch_dtype, torch_device)
+    if torch_device.type == "cpu" and torch_dtype == torch.float32:
+        _use_kernels(module, scheme, Path(cache_dir) / "kernels" if cache_dir is not None else None)
     tokenizer = load_tokenizer(path, cache_dir=Path(cache_dir) / "tokenizers" if cache_dir is not None else None)
     return LoadedModel(config=config, module=module, tokenizer=tokenizer, path=path, dtype=torch_dtype, device=torch_device, quantize=quantize)
 
 
 CACHE_LAYOUT = "llmcli-fused/1"  # bump when the fused parameter names change
+
+
+def _use_kernels(module: torch.nn.Module, scheme: str | None, build_dir: Path | None) -> None:
+    """Put the linear layers on the native decode kernels (and int8 weights with scheme="int8")."""
+    from llmcli.core.kernels import load_kernels
+    from llmcli.core.kernels.linear import accelerate_linears
+
+    kernels = load_kernels(build_dir)
+    if hasattr(module, "untie_output") and (kernels is not None or scheme is not None):
+        module.untie_output()  # the output projection is the largest matrix: it gets the kernel too
+    accelerate_linears(module, kernels, scheme)
+    if kernels is not None and hasattr(module, "use_kernels"):
+        module.use_kernels(kernels)
 
 
 def _cache_file(path: Path, cache_dir: Path) -> Path:

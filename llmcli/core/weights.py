@@ -186,8 +186,9 @@ class Q8Weight:
     scales: torch.Tensor  # (out, in // 32) float32
 
     def dequantize(self) -> torch.Tensor:
-        out, inp = self.qweight.shape
-        return (self.qweight.view(out, inp // 32, 32).float() * self.scales[:, :, None]).reshape(out, inp)
+        from llmcli.core.quantize import dequantize_q8
+
+        return dequantize_q8(self.qweight, self.scales)
 
 
 @dataclass

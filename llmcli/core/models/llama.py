@@ -57,8 +57,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels = None  # set by Model.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            x = x.contiguous()
+            out = torch.empty_like(x)
+            self.kernels.rms_norm_f32(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], self.eps)
+            return out
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op on the hot path
         # float32 statistics whatever the compute dtype, as HF does
@@ -82,6 +88,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
         self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matmul instead of three
         self.split_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+        self.sliding_window = config.sliding_window or 0
+        self.kernels = None  # set by Model.use_kernels
 
     def fuse(self) -> None:
         self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
@@ -98,6 +106,8 @@ class Attention(nn.Module):
         want_probs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
+        if T == 1 and self.kernels is not None and cache is not None and not want_probs and self.qkv_proj is not None and x.dtype == torch.float32:
+            return self._decode_native(x, cos, sin, positions, cache), None
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
         nq, nk = self.n_heads, self.n_kv
         if self.qkv_proj is not None:
@@ -133,6 +143,21 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(out), probs
 
+    def _decode_native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One position per row: rope, the cache write and attention in one native call."""
+        B = x.shape[0]
+        qkv = self.qkv_proj(x).contiguous()  # (B, 1, (nq + 2 nk) * hd)
+        kc, vc = cache.k[self.layer], cache.v[self.layer]  # (B, nk, cap, hd), rows of the cache
+        cos1, sin1 = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, hd)
+        pos = positions[:, 0].contiguous()  # (B,)
+        out = torch.empty((B, 1, self.n_heads * self.head_dim), dtype=torch.float32)
+        sb, sh, ss, _ = kc.stride()
+        self.kernels.attn_decode_f32(
+            qkv.data_ptr(), cos1.data_ptr(), sin1.data_ptr(), pos.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+            sb, sh, ss, B, self.n_heads, self.n_kv, self.head_dim, self.sliding_window, out.data_ptr(),
+        )
+        return self.o_proj(out)
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -142,12 +167,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+        self.kernels = None  # set by Model.use_kernels
 
     def fuse(self) -> None:
         self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None and self.kernels is not None and x.dtype == torch.float32:
+            gate_up = self.gate_up_proj(x).contiguous()  # (..., 2 I)
+            inter = gate_up.shape[-1] // 2
+            h = torch.empty((*gate_up.shape[:-1], inter), dtype=torch.float32)
+            self.kernels.silu_mul_f32(gate_up.data_ptr(), h.data_ptr(), gate_up.numel() // gate_up.shape[-1], inter)
+            return self.down_proj(h)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -207,6 +239,7 @@ class Model(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kernels = None
 
     # ------------------------------------------------------------ helpers
 
@@ -218,6 +251,13 @@ class Model(nn.Module):
         for block in self.model.layers:
             block.self_attn.fuse()
             block.mlp.fuse()
+
+    def use_kernels(self, kernels) -> None:
+        """Run norms, the MLP activation and decode-step attention on the native kernels (float32, CPU)."""
+        self._kernels = kernels
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention)) or (isinstance(module, MLP) and self.config.hidden_act == "silu"):
+                module.kernels = kernels
 
     def untie_output(self) -> None:
         """Give a tied model its own lm_head module (sharing the embedding tensor), so it can be quantized."""
@@ -270,6 +310,8 @@ class Model(nn.Module):
             # one row or equal lengths with a fresh cache: plain causal attention needs no mask
             # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
             plain = uniform and (T == 1 or int(cache.lengths[0]) == 0) and not self.config.sliding_window
+            # the native decode attention takes the positions themselves, not a mask
+            plain = plain or (T == 1 and self._kernels is not None and not output_attentions)
             mask = None if plain else self._mask(positions, S)
         else:
             positions = torch.arange(T, device=x.device)[None, :].expand(B, T)

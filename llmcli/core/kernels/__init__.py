@@ -1,0 +1,123 @@
+"""Native matrix-vector kernels for the decode path, built on first use with the system C compiler.
+
+Why native code: decoding one token per sequence is bound by reading the weights, and torch's
+sgemm for one or a few rows reaches well under half of the memory bandwidth on the CPUs we
+measured (benchmarks/README.md). `matvec.c` streams each weight row once for all rows of the
+batch. It is compiled with `cc -O3 -march=native -fopenmp` into the llmcli cache the first time
+(about a second), keyed by the source, the compiler and the CPU, and loaded with ctypes: no
+build step at install time and no torch headers. Without a compiler, or with LLMCLI_KERNELS=0,
+everything still runs, on torch's own matmuls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch  # noqa: F401 - loaded first: the kernels then share torch's OpenMP runtime and thread pool
+
+SOURCE = Path(__file__).with_name("matvec.c")
+QBLOCK = 32  # values per int8 block with one float scale, as llama.cpp's Q8_0
+
+_lock = threading.Lock()
+_loaded: dict[str, "Kernels | None"] = {}
+
+
+class Kernels:
+    """The compiled library's entry points, with argument types declared once."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        self.matvec_f32 = lib.matvec_f32
+        self.matvec_f32.argtypes = [vp, vp, vp, vp, i, i, i]
+        self.matvec_f32.restype = None
+        self.matvec_q8 = lib.matvec_q8
+        self.matvec_q8.argtypes = [vp, vp, vp, vp, vp, i, i, i]
+        self.matvec_q8.restype = None
+        self.rms_norm_f32 = lib.rms_norm_f32
+        self.rms_norm_f32.argtypes = [vp, vp, vp, i, i, ctypes.c_float]
+        self.rms_norm_f32.restype = None
+        self.silu_mul_f32 = lib.silu_mul_f32
+        self.silu_mul_f32.argtypes = [vp, vp, i, i]
+        self.silu_mul_f32.restype = None
+        i64 = ctypes.c_int64
+        self.attn_decode_f32 = lib.attn_decode_f32
+        self.attn_decode_f32.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, vp]
+        self.attn_decode_f32.restype = None
+        self.simd_width = int(lib.matvec_simd_width())
+
+
+def enabled() -> bool:
+    return os.environ.get("LLMCLI_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load_kernels(build_dir: Path | str | None = None) -> Kernels | None:
+    """The kernels, compiled into build_dir (default: a folder in the temp dir) if not there yet.
+
+    None when disabled (LLMCLI_KERNELS=0), on a non-CPU-float setup, or when no C compiler can
+    build them: callers fall back to torch. Safe to call from several processes at once (the
+    library is written under a temporary name and renamed into place).
+    """
+    if not enabled():
+        return None
+    folder = Path(build_dir) if build_dir is not None else Path(tempfile.gettempdir()) / f"llmcli-kernels-{os.getuid()}"
+    key = str(folder.resolve())
+    with _lock:
+        if key not in _loaded:
+            _loaded[key] = _build_and_load(folder)
+        return _loaded[key]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a library built for one CPU may not run on another."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _build_and_load(folder: Path) -> Kernels | None:
+    cc = _compiler()
+    if cc is None or platform.system() != "Linux":
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + version.encode() + _cpu_signature().encode()).hexdigest()[:20]
+    target = folder / f"matvec-{digest}.so"
+    if not target.is_file():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                os.unlink(tmp)
+                return None
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    try:
+        return Kernels(ctypes.CDLL(str(target)), target)
+    except OSError:
+        return None
