@@ -175,6 +175,34 @@ def test_decode_with_kernels_equals_torch_path(kind, tmp_path, monkeypatch):
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_native_decode_with_ragged_rows_and_sliding_window(tmp_path, monkeypatch, quantize):
+    """The one-call decode of all blocks, rows of different lengths, a window shorter than the text."""
+    import json
+
+    path = make_tiny("mistral", tmp_path / "mistral")
+    config = json.loads((path / "config.json").read_text())
+    config["sliding_window"] = 6
+    (path / "config.json").write_text(json.dumps(config))
+    fast = load_model(path, quantize=quantize, cache_dir=tmp_path / "cache")
+    monkeypatch.setenv("LLMCLI_KERNELS", "0")
+    plain = load_model(path, quantize=quantize)
+    assert fast.module._native_blocks() is not None and plain.module._native_blocks() is None
+    prompts = [[5, 9, 11], [7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    steps = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        logits = []
+        for loaded in (fast, plain):
+            cache = KVCache.for_model(loaded.config, 2, 64)
+            for row, ids in enumerate(prompts):
+                from llmcli.core.generate import prefill
+
+                prefill(loaded.module, cache, row, ids)
+            logits.append(torch.stack([loaded.module(steps[:, t : t + 1], cache=cache).logits[:, 0] for t in range(10)], 1))
+            assert cache.lengths.tolist() == [13, 19]
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
+
+
 def test_int8_tiny_model_tracks_transformers(tmp_path):
     path = make_tiny("llama", tmp_path / "llama")
     ours = load_model(path, quantize="int8")
@@ -210,3 +238,16 @@ def test_int8_perplexity_within_2_percent_of_float32_on_smollm2(smollm2_gguf, ll
         results[scheme] = perplexity(loaded, ids, ctx=128, stride=64).ppl
     assert math.isfinite(results["int8"])
     assert abs(results["int8"] / results["none"] - 1) < 0.02, results
+
+
+def test_without_a_working_compiler_models_run_on_torch(tmp_path, monkeypatch):
+    """A machine whose C compiler fails gets no kernels, and loading falls back to plain torch layers."""
+    monkeypatch.setenv("CC", "false")  # exists everywhere, fails every build
+    assert load_kernels(tmp_path / "nocc") is None
+    path = make_tiny("llama", tmp_path / "llama")
+    loaded = load_model(path, cache_dir=tmp_path / "nocc-cache")
+    assert type(loaded.module.model.layers[0].self_attn.qkv_proj) is nn.Linear
+    ref = load_reference(path)
+    ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.module(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)

@@ -30,6 +30,32 @@ _lock = threading.Lock()
 _loaded: dict[str, "Kernels | None"] = {}
 
 
+class LinearDesc(ctypes.Structure):
+    """matvec.c's `Linear`: one projection's weights, float32 or Q8_0."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("weight", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int),
+        ("k", ctypes.c_int),
+    ]
+
+
+class BlockDesc(ctypes.Structure):
+    """matvec.c's `Block`: one Llama-family block (two norms, four fused projections)."""
+
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("qkv", LinearDesc),
+        ("o", LinearDesc),
+        ("gate_up", LinearDesc),
+        ("down", LinearDesc),
+    ]
+
+
 class Kernels:
     """The compiled library's entry points, with argument types declared once."""
 
@@ -52,6 +78,11 @@ class Kernels:
         self.attn_decode_f32 = lib.attn_decode_f32
         self.attn_decode_f32.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, vp]
         self.attn_decode_f32.restype = None
+        self.decode_blocks_f32 = lib.decode_blocks_f32
+        self.decode_blocks_f32.argtypes = [
+            ctypes.POINTER(BlockDesc), i, vp, i, i, ctypes.c_float, i, i, i, i, vp, vp, vp, vp, vp, i64, i64, i64
+        ]
+        self.decode_blocks_f32.restype = None
         self.simd_width = int(lib.matvec_simd_width())
 
 

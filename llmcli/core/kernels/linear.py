@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.core.kernels import Kernels
+from llmcli.core.kernels import Kernels, LinearDesc
 from llmcli.core.quantize import QBLOCK, dequantize_q8, quantize_q8
 
 
@@ -72,6 +72,16 @@ class Q8Linear(nn.Module):
             flat.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features
         )
         return y.view(*x.shape[:-1], self.out_features)
+
+
+def describe(linear: nn.Module) -> LinearDesc | None:
+    """The C description of a kernel-backed linear layer (pointers into its tensors), or None."""
+    bias = None if linear.bias is None else linear.bias.data_ptr()
+    if isinstance(linear, KernelLinear):
+        return LinearDesc(0, linear.weight.data_ptr(), None, bias, linear.out_features, linear.in_features)
+    if isinstance(linear, Q8Linear) and linear.kernels is not None:
+        return LinearDesc(1, linear.qweight.data_ptr(), linear.scales.data_ptr(), bias, linear.out_features, linear.in_features)
+    return None
 
 
 def accelerate_linears(module: nn.Module, kernels: Kernels | None, quantize: str | None) -> nn.Module:

@@ -240,6 +240,7 @@ class Model(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kernels = None
+        self._blocks_desc = None  # matvec.c's view of the blocks (pointers into the weights), built on first use
 
     # ------------------------------------------------------------ helpers
 
@@ -255,9 +256,49 @@ class Model(nn.Module):
     def use_kernels(self, kernels) -> None:
         """Run norms, the MLP activation and decode-step attention on the native kernels (float32, CPU)."""
         self._kernels = kernels
+        self._blocks_desc = None
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention)) or (isinstance(module, MLP) and self.config.hidden_act == "silu"):
                 module.kernels = kernels
+
+    def _native_blocks(self):
+        """Every block described for matvec.c's decode_blocks_f32, or None when some part is not native."""
+        if self._kernels is None:
+            return None
+        if self._blocks_desc is None:
+            from llmcli.core.kernels import BlockDesc
+            from llmcli.core.kernels.linear import describe
+
+            described = []
+            for block in self.model.layers:
+                attn, mlp = block.self_attn, block.mlp
+                parts = [describe(p) if p is not None else None for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+                if any(p is None for p in parts) or mlp.kernels is None:
+                    self._blocks_desc = False
+                    return None
+                norms = block.input_layernorm.weight.data_ptr(), block.post_attention_layernorm.weight.data_ptr()
+                described.append(BlockDesc(*norms, *parts))
+            self._blocks_desc = (BlockDesc * len(described))(*described)
+        return self._blocks_desc or None
+
+    def _decode_blocks(self, blocks, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """All blocks of a one-position step in one native call; writes the cache like the torch path."""
+        import ctypes
+
+        B, _, d = x.shape
+        x = x.reshape(B, d).clone()  # the residual stream, updated in place by the kernel
+        cos1, sin1 = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, hd)
+        pos = positions[:, 0].contiguous()
+        L = len(cache.k)
+        kcs = (ctypes.c_void_p * L)(*[k.data_ptr() for k in cache.k])
+        vcs = (ctypes.c_void_p * L)(*[v.data_ptr() for v in cache.v])
+        sb, sh, ss, _ = cache.k[0].stride()
+        c = self.config
+        self._kernels.decode_blocks_f32(
+            blocks, L, x.data_ptr(), B, d, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.sliding_window or 0, cos1.data_ptr(), sin1.data_ptr(), pos.data_ptr(), kcs, vcs, sb, sh, ss,
+        )
+        return x.view(B, 1, d)
 
     def untie_output(self) -> None:
         """Give a tied model its own lm_head module (sharing the embedding tensor), so it can be quantized."""
@@ -321,13 +362,17 @@ class Model(nn.Module):
         attentions: dict[int, torch.Tensor] = {}
         if 0 in output_hidden:
             hidden[0] = x
-        for i, block in enumerate(self.model.layers):
-            want = i in output_attentions
-            x, probs = block(x, cos, sin, positions, mask, cache, want)
-            if want:
-                attentions[i] = probs
-            if i + 1 in output_hidden and i + 1 != L:
-                hidden[i + 1] = x
+        blocks = self._native_blocks() if (T == 1 and cache is not None and not output_hidden and not output_attentions) else None
+        if blocks is not None and x.dtype == torch.float32:
+            x = self._decode_blocks(blocks, x, cos, sin, positions, cache)
+        else:
+            for i, block in enumerate(self.model.layers):
+                want = i in output_attentions
+                x, probs = block(x, cos, sin, positions, mask, cache, want)
+                if want:
+                    attentions[i] = probs
+                if i + 1 in output_hidden and i + 1 != L:
+                    hidden[i + 1] = x
         x = self.model.norm(x)
         if L in output_hidden:
             hidden[L] = x
