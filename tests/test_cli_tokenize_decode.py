@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -341,6 +342,66 @@ def test_tokenize_streams_record_by_record(gguf):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(gguf):
+    """Ctrl-C while a stage waits for input: one stderr line, status 130, only whole records on stdout."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmcli", "decode", "-m", gguf],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        proc.stdin.write('{"ids": [19556]}\n')
+        proc.stdin.flush()
+        first = proc.stdout.readline()  # the stage is running and now waits for more input
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert err == "interrupted\n"
+    assert json.loads(first)["text"] == "Hello" and rest == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the fill of a pipe with Linux's FIONREAD")
+def test_ctrl_c_during_a_write_finishes_the_record(gguf):
+    """Ctrl-C while a record larger than the pipe is half written: the record is finished first."""
+    import fcntl
+    import termios
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmcli", "tokenize", "-m", gguf],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    try:
+        text = " ".join(["word"] * 20000)
+        proc.stdin.write(text.encode() + b"\n")
+        proc.stdin.flush()
+        # Nobody reads stdout yet: once the pipe is full, the writer is blocked inside the record.
+        capacity = fcntl.fcntl(proc.stdout.fileno(), 1032)  # F_GETPIPE_SZ
+        deadline = time.monotonic() + 120
+        while int.from_bytes(fcntl.ioctl(proc.stdout.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder) < capacity:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert err == b"interrupted\n"
+    assert len(out) > capacity and out.endswith(b"\n")
+    (line,) = records(out.decode())
+    assert line["text"] == text and len(line["ids"]) == 20000
 
 
 @pytest.mark.parametrize("command", ["tokenize", "decode"])

