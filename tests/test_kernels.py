@@ -251,3 +251,18 @@ def test_without_a_working_compiler_models_run_on_torch(tmp_path, monkeypatch):
     ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         torch.testing.assert_close(loaded.module(ids).logits, ref(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_bench_counts_the_checkpoint_parameters_in_int8_too(tmp_path):
+    """`llmcli bench` reports the checkpoint's parameter count whatever the layout: the int8 scales
+    and the 8-bit copy of a tied embedding are bytes, not parameters."""
+    from llmcli.cli.bench import model_size
+
+    path = make_tiny("llama", tmp_path / "llama")  # tied embeddings
+    expected = load_reference(path).num_parameters()
+    f32 = load_model(path)
+    int8 = load_model(path, quantize="int8")
+    size32, params32 = model_size(f32.module, tied_output=True)
+    size8, params8 = model_size(int8.module, tied_output=True)
+    assert params32 == params8 == expected
+    assert size32 == 4 * expected and size8 < size32

@@ -160,33 +160,29 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
 
 
-def model_size(module) -> tuple[int, int]:
-    """(bytes, parameter count) of the weights as held in memory; tied tensors counted once."""
+def model_size(module, tied_output: bool = False) -> tuple[int, int]:
+    """(bytes of the weights as held in memory, the checkpoint's parameter count); shared tensors counted once.
+
+    With --quantize int8 the per-block scales take bytes but are no parameters, and the 8-bit
+    copy of a tied embedding (the output projection) takes bytes but is the same parameters.
+    """
     import torch
 
     seen: set[int] = set()
     nbytes = count = 0
-
-    def add(t) -> None:
-        nonlocal nbytes, count
-        if not isinstance(t, torch.Tensor):
-            return
+    for name, value in module.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor):
+            continue
         try:
-            key = t.data_ptr()
+            key = value.data_ptr()
         except RuntimeError:  # a tensor without storage cannot be shared either
-            key = id(t)
+            key = id(value)
         if key in seen:
-            return
+            continue
         seen.add(key)
-        nbytes += t.numel() * t.element_size()
-        count += t.numel()
-
-    for value in module.state_dict(keep_vars=True).values():
-        if isinstance(value, tuple):  # int8 linears keep (weight, bias) packed together
-            for part in value:
-                add(part)
-        else:
-            add(value)
+        nbytes += value.numel() * value.element_size()
+        if not (name.endswith(".scales") or (tied_output and name.startswith("lm_head."))):
+            count += value.numel()
     return nbytes, count
 
 
@@ -206,7 +202,7 @@ def run_benchmarks(
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    size, n_params = model_size(loaded.module)
+    size, n_params = model_size(loaded.module, tied_output=bool(getattr(loaded.config, "tie_word_embeddings", False)))
     common = dict(
         model=loaded.name,
         model_path=str(loaded.path),
