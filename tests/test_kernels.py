@@ -9,6 +9,7 @@ format); its quality on the real SmolLM2 against float32 perplexity.
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -25,10 +26,16 @@ from llmcli.errors import UsageError
 from tests.tiny import load_reference, make_tiny
 
 
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    built = load_kernels(tmp_path_factory.mktemp("kernels"))
-    assert built is not None, "the C compiler on this machine failed to build llmcli/core/kernels/matvec.c"
+# The AVX-512 build, and on x86 also the portable C paths (what CPUs without AVX-512 run), built here with AVX-512 off.
+VARIANTS = [()] + ([("-mno-avx512f",)] if platform.machine() in ("x86_64", "AMD64") else [])
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda flags: " ".join(flags) or "native")
+def kernels(request, tmp_path_factory):
+    built = load_kernels(tmp_path_factory.mktemp("kernels"), extra_flags=request.param)
+    assert built is not None, f"the C compiler on this machine failed to build llmcli/core/kernels/matvec.c {request.param}"
+    if request.param:
+        assert built.simd_width == 1  # really the portable paths
     return built
 
 
@@ -266,3 +273,21 @@ def test_bench_counts_the_checkpoint_parameters_in_int8_too(tmp_path):
     size8, params8 = model_size(int8.module, tied_output=True)
     assert params32 == params8 == expected
     assert size32 == 4 * expected and size8 < size32
+
+
+def test_decode_blocks_on_each_build(kernels, tmp_path, monkeypatch):
+    """The one-call decode step on the AVX-512 build and on the portable paths, against torch."""
+    path = make_tiny("qwen2", tmp_path / "qwen2")  # q/k/v biases
+    monkeypatch.setenv("LLMCLI_KERNELS", "0")
+    plain, fast = load_model(path), load_model(path)
+    accelerate_linears(fast.module, kernels, None)
+    fast.module.use_kernels(kernels)
+    assert fast.module._native_blocks() is not None
+    ids = torch.randint(3, 300, (3, 12), generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        logits = []
+        for loaded in (fast, plain):
+            cache = KVCache.for_model(loaded.config, 3, 64)
+            loaded.module(ids[:, :4], cache=cache)
+            logits.append(torch.cat([loaded.module(ids[:, t : t + 1], cache=cache).logits for t in range(4, 12)], 1))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)

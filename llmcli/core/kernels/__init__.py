@@ -90,7 +90,7 @@ def enabled() -> bool:
     return os.environ.get("LLMCLI_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def load_kernels(build_dir: Path | str | None = None) -> Kernels | None:
+def load_kernels(build_dir: Path | str | None = None, extra_flags: tuple[str, ...] = ()) -> Kernels | None:
     """The kernels, compiled into build_dir (default: a folder in the temp dir) if not there yet.
 
     None when disabled (LLMCLI_KERNELS=0), on a non-CPU-float setup, or when no C compiler can
@@ -100,10 +100,10 @@ def load_kernels(build_dir: Path | str | None = None) -> Kernels | None:
     if not enabled():
         return None
     folder = Path(build_dir) if build_dir is not None else Path(tempfile.gettempdir()) / f"llmcli-kernels-{os.getuid()}"
-    key = str(folder.resolve())
+    key = str(folder.resolve()) + " ".join(extra_flags)
     with _lock:
         if key not in _loaded:
-            _loaded[key] = _build_and_load(folder)
+            _loaded[key] = _build_and_load(folder, extra_flags)
         return _loaded[key]
 
 
@@ -124,7 +124,7 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def _build_and_load(folder: Path) -> Kernels | None:
+def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = ()) -> Kernels | None:
     cc = _compiler()
     if cc is None or platform.system() != "Linux":
         return None
@@ -133,14 +133,14 @@ def _build_and_load(folder: Path) -> Kernels | None:
     except (OSError, subprocess.SubprocessError):
         return None
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + version.encode() + _cpu_signature().encode()).hexdigest()[:20]
+    digest = hashlib.sha256(source + version.encode() + _cpu_signature().encode() + " ".join(extra_flags).encode()).hexdigest()[:20]
     target = folder / f"matvec-{digest}.so"
     if not target.is_file():
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+            cmd = [cc, "-O3", "-march=native", *extra_flags, "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 os.unlink(tmp)
