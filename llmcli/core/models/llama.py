@@ -88,8 +88,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=o_bias)
         self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matmul instead of three
         self.split_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
-        self.sliding_window = config.sliding_window or 0
-        self.kernels = None  # set by Model.use_kernels
 
     def fuse(self) -> None:
         self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
@@ -106,8 +104,6 @@ class Attention(nn.Module):
         want_probs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        if T == 1 and self.kernels is not None and cache is not None and not want_probs and self.qkv_proj is not None and x.dtype == torch.float32:
-            return self._decode_native(x, cos, sin, positions, cache), None
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
         nq, nk = self.n_heads, self.n_kv
         if self.qkv_proj is not None:
@@ -142,21 +138,6 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(out), probs
-
-    def _decode_native(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One position per row: rope, the cache write and attention in one native call."""
-        B = x.shape[0]
-        qkv = self.qkv_proj(x).contiguous()  # (B, 1, (nq + 2 nk) * hd)
-        kc, vc = cache.k[self.layer], cache.v[self.layer]  # (B, nk, cap, hd), rows of the cache
-        cos1, sin1 = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (B, hd)
-        pos = positions[:, 0].contiguous()  # (B,)
-        out = torch.empty((B, 1, self.n_heads * self.head_dim), dtype=torch.float32)
-        sb, sh, ss, _ = kc.stride()
-        self.kernels.attn_decode_f32(
-            qkv.data_ptr(), cos1.data_ptr(), sin1.data_ptr(), pos.data_ptr(), kc.data_ptr(), vc.data_ptr(),
-            sb, sh, ss, B, self.n_heads, self.n_kv, self.head_dim, self.sliding_window, out.data_ptr(),
-        )
-        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -254,11 +235,11 @@ class Model(nn.Module):
             block.mlp.fuse()
 
     def use_kernels(self, kernels) -> None:
-        """Run norms, the MLP activation and decode-step attention on the native kernels (float32, CPU)."""
+        """Run norms, the MLP activation and whole decode steps on the native kernels (float32, CPU)."""
         self._kernels = kernels
         self._blocks_desc = None
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention)) or (isinstance(module, MLP) and self.config.hidden_act == "silu"):
+            if isinstance(module, RMSNorm) or (isinstance(module, MLP) and self.config.hidden_act == "silu"):
                 module.kernels = kernels
 
     def _native_blocks(self):
@@ -344,6 +325,8 @@ class Model(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
         L = self.config.num_hidden_layers
+        one_step = T == 1 and cache is not None and not output_hidden and not output_attentions and x.dtype == torch.float32
+        blocks = self._native_blocks() if one_step else None  # a whole decode step in one native call
         if cache is not None:
             positions = cache.positions(T)  # (B, T)
             S = int(positions.max()) + 1
@@ -351,9 +334,8 @@ class Model(nn.Module):
             # one row or equal lengths with a fresh cache: plain causal attention needs no mask
             # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
             plain = uniform and (T == 1 or int(cache.lengths[0]) == 0) and not self.config.sliding_window
-            # the native decode attention takes the positions themselves, not a mask
-            plain = plain or (T == 1 and self._kernels is not None and not output_attentions)
-            mask = None if plain else self._mask(positions, S)
+            # the native step takes the positions themselves, not a mask
+            mask = None if (plain or blocks is not None) else self._mask(positions, S)
         else:
             positions = torch.arange(T, device=x.device)[None, :].expand(B, T)
             mask = self._mask(positions, T) if (self.config.sliding_window and T > self.config.sliding_window) else None
@@ -362,8 +344,7 @@ class Model(nn.Module):
         attentions: dict[int, torch.Tensor] = {}
         if 0 in output_hidden:
             hidden[0] = x
-        blocks = self._native_blocks() if (T == 1 and cache is not None and not output_hidden and not output_attentions) else None
-        if blocks is not None and x.dtype == torch.float32:
+        if blocks is not None:
             x = self._decode_blocks(blocks, x, cos, sin, positions, cache)
         else:
             for i, block in enumerate(self.model.layers):
