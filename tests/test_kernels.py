@@ -54,9 +54,10 @@ def test_matvec_f32_equals_linear(kernels, M, N, K, bias):
         torch.testing.assert_close(fast(x[:, 0]), linear(x[:, 0]), atol=1e-5, rtol=1e-5)
 
 
-def test_matvec_rows_are_batch_invariant(kernels):
-    """Each output element is the same dot product alone or among other rows: bit for bit."""
-    fast = KernelLinear(nn.Linear(576, 200), kernels)
+@pytest.mark.parametrize("layer", [KernelLinear, Q8Linear])
+def test_matvec_rows_are_batch_invariant(kernels, layer):
+    """Each output element is the same dot product alone or among other rows: bit for bit (float32 and int8)."""
+    fast = layer(nn.Linear(576, 200), kernels)
     x = rand(16, 1, 576)
     with torch.inference_mode():
         together = fast(x)

@@ -36,6 +36,34 @@ int matvec_simd_width(void) {
 #endif
 }
 
+#ifdef __AVX512F__
+/* The sum of a vector's 16 lanes in one fixed order: halves, quarters, then (q0+q2)+(q1+q3).
+ * hsum16 below sums 16 vectors at once in exactly this order, so a dot product has the same
+ * bits whichever path computed it. */
+static inline float hsum(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    __m128 s = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+/* out[i] = hsum(v[i]) for 16 vectors, with 30 shuffles and 30 adds instead of 16 separate sums */
+static inline void hsum16(const __m512 *v, float *out) {
+    __m512 t[8], u[4], w[2];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
+    __m512 r = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+    float lanes[16];
+    _mm512_storeu_ps(lanes, r);
+    for (int j = 0; j < 4; j++)
+        for (int k = 0; k < 4; k++) out[j + 4 * k] = lanes[4 * j + k]; /* lane 4j + k holds vector j + 4k */
+}
+#endif
+
 /* out[r] = dot(x, w_r) for the 4 consecutive rows w_0..w_3 (row stride K) */
 static void dot4_f32(const float *restrict x, const float *restrict w, int K, float *restrict out) {
     const float *w0 = w, *w1 = w + K, *w2 = w + 2 * (size_t)K, *w3 = w + 3 * (size_t)K;
@@ -57,10 +85,10 @@ static void dot4_f32(const float *restrict x, const float *restrict w, int K, fl
         a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + k), xv, a2);
         a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + k), xv, a3);
     }
-    out[0] = _mm512_reduce_add_ps(a0);
-    out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2);
-    out[3] = _mm512_reduce_add_ps(a3);
+    out[0] = hsum(a0);
+    out[1] = hsum(a1);
+    out[2] = hsum(a2);
+    out[3] = hsum(a3);
 #else
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
@@ -81,7 +109,7 @@ static float dot1_f32(const float *restrict x, const float *restrict w, int K) {
         __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
         a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + k), _mm512_maskz_loadu_ps(tail, x + k), a);
     }
-    return _mm512_reduce_add_ps(a);
+    return hsum(a);
 #else
     float a = 0.0f;
 #pragma omp simd reduction(+ : a)
@@ -94,13 +122,15 @@ static float dot1_f32(const float *restrict x, const float *restrict w, int K) {
 /* 4 weight rows x 4 input rows: 16 accumulators, 8 loads per 16 FMAs (dot4_f32 needs 5 per 4).
  * Each accumulator sums the same products in the same order as dot4_f32, so the results are
  * bit-identical to computing the 4 input rows one by one. */
-static void dot4x4_f32(const float *restrict x, const float *restrict w, int K, float *restrict out /* [4 x][4 w] */) {
+static void dot4x4_f32(const float *restrict x, const float *restrict w, int K, float *restrict out /* [4 x][4 w] */, const float *prefetch) {
     __m512 acc[4][4];
     for (int i = 0; i < 4; i++)
         for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 wv[4];
+        if (prefetch) /* the next weight rows, while these are computed: memory and arithmetic overlap */
+            for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(prefetch + (size_t)r * K + k), _MM_HINT_T0);
         for (int r = 0; r < 4; r++) wv[r] = _mm512_loadu_ps(w + (size_t)r * K + k);
         for (int i = 0; i < 4; i++) {
             __m512 xv = _mm512_loadu_ps(x + (size_t)i * K + k);
@@ -116,8 +146,7 @@ static void dot4x4_f32(const float *restrict x, const float *restrict w, int K, 
             for (int r = 0; r < 4; r++) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
         }
     }
-    for (int i = 0; i < 4; i++)
-        for (int r = 0; r < 4; r++) out[i * 4 + r] = _mm512_reduce_add_ps(acc[i][r]);
+    hsum16(&acc[0][0], out); /* acc[i][r] is vector 4i + r: out[i * 4 + r] */
 }
 #endif
 
@@ -128,7 +157,7 @@ static void rows_f32(const float *x, const float *w, const float *bias, float *y
     if (count == ROWS)
         for (; m + 4 <= M; m += 4) {
             float out[16];
-            dot4x4_f32(x + (size_t)m * K, w, K, out);
+            dot4x4_f32(x + (size_t)m * K, w, K, out, m == 0 && n0 + 2 * ROWS <= N ? w + (size_t)ROWS * K : NULL);
             for (int i = 0; i < 4; i++)
                 for (int r = 0; r < ROWS; r++) y[(size_t)(m + i) * N + n0 + r] = out[i * 4 + r] + (bias ? bias[n0 + r] : 0.0f);
         }
@@ -167,7 +196,7 @@ static float dot_q8(const float *restrict x, const int8_t *restrict q, const flo
         __m512 d = _mm512_fmadd_ps(f0, _mm512_loadu_ps(xb), _mm512_mul_ps(f1, _mm512_loadu_ps(xb + 16)));
         acc = _mm512_fmadd_ps(d, _mm512_set1_ps(s[b]), acc);
     }
-    return _mm512_reduce_add_ps(acc);
+    return hsum(acc);
 #else
     /* lane-parallel over the 32 values of a block, scaled per block; the compiler vectorizes the k loops */
     float lanes[QBLOCK] = {0.0f};
@@ -184,13 +213,32 @@ static float dot_q8(const float *restrict x, const int8_t *restrict q, const flo
 #endif
 }
 
-static void dequant_rows(const int8_t *q, const float *s, int count, int K, float *out) {
-    int nb = K / QBLOCK;
-    for (int r = 0; r < count; r++)
-        for (int b = 0; b < nb; b++) {
-            float scale = s[(size_t)r * nb + b];
-            for (int k = 0; k < QBLOCK; k++) out[(size_t)r * K + b * QBLOCK + k] = scale * (float)q[(size_t)r * K + b * QBLOCK + k];
-        }
+/* dot_q8 on a row whose int8 values were already converted to float (exactly, unscaled): the same
+ * operations in the same order, so it gives dot_q8's bits. For several activation rows the
+ * conversion is done once per weight row instead of once per activation row. */
+static float dot_q8_converted(const float *restrict x, const float *restrict qf, const float *restrict s, int K) {
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < K / QBLOCK; b++) {
+        const float *fb = qf + b * QBLOCK;
+        const float *xb = x + b * QBLOCK;
+        __m512 d = _mm512_fmadd_ps(_mm512_loadu_ps(fb), _mm512_loadu_ps(xb), _mm512_mul_ps(_mm512_loadu_ps(fb + 16), _mm512_loadu_ps(xb + 16)));
+        acc = _mm512_fmadd_ps(d, _mm512_set1_ps(s[b]), acc);
+    }
+    return hsum(acc);
+#else
+    float lanes[QBLOCK] = {0.0f};
+    for (int b = 0; b < K / QBLOCK; b++) {
+        const float *fb = qf + b * QBLOCK;
+        const float *xb = x + b * QBLOCK;
+        float scale = s[b];
+#pragma omp simd
+        for (int k = 0; k < QBLOCK; k++) lanes[k] += fb[k] * xb[k] * scale;
+    }
+    float acc = 0.0f;
+    for (int k = 0; k < QBLOCK; k++) acc += lanes[k];
+    return acc;
+#endif
 }
 
 void matvec_q8(const float *x, const int8_t *Q, const float *S, const float *bias, float *y, int M, int N, int K) {
@@ -200,17 +248,17 @@ void matvec_q8(const float *x, const int8_t *Q, const float *S, const float *bia
         for (int n = 0; n < N; n++) y[n] = dot_q8(x, Q + (size_t)n * K, S + (size_t)n * nb, K) + (bias ? bias[n] : 0.0f);
         return;
     }
-    /* several rows: dequantize a block of weight rows once into a thread's buffer, reuse it for every m */
-    int groups = (N + ROWS - 1) / ROWS;
+    /* several rows: convert each weight row once into a thread's buffer (it stays in L1) and reuse
+     * it for every m, with dot_q8's own arithmetic: a sequence gets the same bits in any batch */
 #pragma omp parallel
     {
-        float *buf = (float *)aligned_alloc(64, ((sizeof(float) * ROWS * (size_t)K + 63) / 64) * 64);
+        float *buf = (float *)aligned_alloc(64, ((sizeof(float) * (size_t)K + 63) / 64) * 64);
 #pragma omp for schedule(static)
-        for (int g = 0; g < groups; g++) {
-            int n0 = g * ROWS;
-            int count = N - n0 < ROWS ? N - n0 : ROWS;
-            dequant_rows(Q + (size_t)n0 * K, S + (size_t)n0 * nb, count, K, buf);
-            rows_f32(x, buf, bias, y, M, N, K, n0, count);
+        for (int n = 0; n < N; n++) {
+            const int8_t *q = Q + (size_t)n * K;
+            for (int k = 0; k < K; k++) buf[k] = (float)q[k];
+            for (int m = 0; m < M; m++)
+                y[(size_t)m * N + n] = dot_q8_converted(x + (size_t)m * K, buf, S + (size_t)n * nb, K) + (bias ? bias[n] : 0.0f);
         }
         free(buf);
     }
