@@ -24,7 +24,6 @@ from pathlib import Path
 import torch  # noqa: F401 - loaded first: the kernels then share torch's OpenMP runtime and thread pool
 
 SOURCE = Path(__file__).with_name("matvec.c")
-QBLOCK = 32  # values per int8 block with one float scale, as llama.cpp's Q8_0
 
 _lock = threading.Lock()
 _loaded: dict[str, "Kernels | None"] = {}
@@ -93,8 +92,9 @@ def enabled() -> bool:
 def load_kernels(build_dir: Path | str | None = None, extra_flags: tuple[str, ...] = ()) -> Kernels | None:
     """The kernels, compiled into build_dir (default: a folder in the temp dir) if not there yet.
 
-    None when disabled (LLMCLI_KERNELS=0), on a non-CPU-float setup, or when no C compiler can
-    build them: callers fall back to torch. Safe to call from several processes at once (the
+    None when disabled (LLMCLI_KERNELS=0), off Linux, or when no C compiler can build them:
+    callers fall back to torch. extra_flags go to the compiler (tests build the portable paths
+    with -mno-avx512f). Safe to call from several processes at once (the
     library is written under a temporary name and renamed into place).
     """
     if not enabled():
@@ -129,11 +129,13 @@ def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = ()) -> Kernels 
     if cc is None or platform.system() != "Linux":
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        # the compiler's identity without running it (every model load passes here): its file and version stamp
+        compiler = os.path.realpath(shutil.which(cc) or cc)
+        stamp = os.stat(compiler)
+    except OSError:
         return None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + version.encode() + _cpu_signature().encode() + " ".join(extra_flags).encode()).hexdigest()[:20]
+    identity = f"{compiler} {stamp.st_size} {stamp.st_mtime_ns} {_cpu_signature()} {' '.join(extra_flags)}"
+    digest = hashlib.sha256(SOURCE.read_bytes() + identity.encode()).hexdigest()[:20]
     target = folder / f"matvec-{digest}.so"
     if not target.is_file():
         try:

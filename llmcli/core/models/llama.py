@@ -329,13 +329,14 @@ class Model(nn.Module):
         blocks = self._native_blocks() if one_step else None  # a whole decode step in one native call
         if cache is not None:
             positions = cache.positions(T)  # (B, T)
-            S = int(positions.max()) + 1
-            uniform = bool((cache.lengths == cache.lengths[0]).all())
-            # one row or equal lengths with a fresh cache: plain causal attention needs no mask
-            # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
-            plain = uniform and (T == 1 or int(cache.lengths[0]) == 0) and not self.config.sliding_window
-            # the native step takes the positions themselves, not a mask
-            mask = None if (plain or blocks is not None) else self._mask(positions, S)
+            if blocks is not None:
+                mask = None  # the native step takes the positions themselves, not a mask
+            else:
+                S = int(positions.max()) + 1
+                uniform = bool((cache.lengths == cache.lengths[0]).all())
+                # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
+                plain = uniform and (T == 1 or int(cache.lengths[0]) == 0) and not self.config.sliding_window
+                mask = None if plain else self._mask(positions, S)
         else:
             positions = torch.arange(T, device=x.device)[None, :].expand(B, T)
             mask = self._mask(positions, T) if (self.config.sliding_window and T > self.config.sliding_window) else None
