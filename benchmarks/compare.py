@@ -19,8 +19,8 @@ Tests (random token ids, seeded, the same for every tool):
   pp<P> b16  only with --batch-prefill: 16 prompts of P tokens in one forward (slow on 2 cores,
              and prefill is compute-bound already at b1, so it changes little)
 
-The memory-bandwidth bound of batch-1 decode is copy bandwidth (numpy memcpy, counted as bytes
-read + bytes written, STREAM's convention) / the weight bytes read per token (every matrix once;
+The memory-bandwidth bound of batch-1 decode is copy bandwidth (torch's copy on --threads threads,
+counted as bytes read + bytes written, STREAM's convention) / the weight bytes read per token (every matrix once;
 the tied embedding matrix is read whole by the output projection).
 
 Results: benchmarks/out/compare.md (the table, also printed) and compare.json (every sample).
@@ -96,16 +96,19 @@ def gguf_weight_bytes(path: Path) -> tuple[int, int]:
     return sum(int(t.n_bytes) for t in reader.tensors), sum(int(t.n_elements) for t in reader.tensors)
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
-    """Bytes/s of a numpy memcpy of a buffer far larger than the caches (read + write counted)."""
-    import numpy as np
+def copy_bandwidth(threads: int, nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
+    """Bytes/s of a copy of a buffer far larger than the caches (read + write counted), on as many
+    threads as the tools get: one thread cannot saturate the memory system, so a one-thread copy
+    would understate the bound for tools that stream the weights on every thread."""
+    import torch
 
-    src = np.ones(nbytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
+    torch.set_num_threads(threads)
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        np.copyto(dst, src)
+        dst.copy_(src)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best
 
@@ -281,7 +284,7 @@ def main() -> None:
     gguf = args.gguf or smollm2_gguf()
     q8_name = gguf.name.replace("Q4_1", "Q8_0") if "Q4_1" in gguf.name else gguf.stem + ".Q8_0.gguf"
     q8 = make_q8_0(gguf, OUT / q8_name, args.threads) if "llamacpp-q8_0" in tools else None
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(args.threads)
     q4_bytes, n_weights = gguf_weight_bytes(gguf)
     # int8: one byte per weight plus a float32 scale per 32 (the embedding rows looked up are negligible)
     weight_bytes = {"llmcli": 4 * n_weights, "llmcli-int8": n_weights + n_weights // 8, "transformers": 4 * n_weights, "llamacpp-q4_1": q4_bytes}
@@ -380,7 +383,7 @@ def tabulate(meta: dict, runs: list[dict]) -> str:
     loads = [r.get("load_before") for r in runs if r.get("load_before") is not None]
     lines += [
         "",
-        f"copy bandwidth (numpy, 1 thread, read+write): {bandwidth / 1e9:.1f} GB/s; bound = bandwidth / weights read per token.",
+        f"copy bandwidth (torch copy, {meta['threads']} threads, read+write): {bandwidth / 1e9:.1f} GB/s; bound = bandwidth / weights read per token.",
         "peak RSS: the worker process's VmHWM (loading included), worst of the repetitions.",
         f"machine: {meta['machine']}"
         + (f"; 1-minute load average before the workers: {min(loads):.1f} to {max(loads):.1f}" if loads else "")

@@ -43,26 +43,61 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("M, N, K", [(1, 37, 24), (3, 64, 576), (17, 130, 100), (1, 1, 16), (5, 9, 7)])
+@pytest.mark.parametrize("N, K", [(37, 24), (64, 576), (130, 100), (1, 16), (9, 7), (96, 33)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matvec_f32_equals_linear(kernels, M, N, K, bias):
+def test_panel_matmul_equals_linear(kernels, N, K, bias):
+    """Decode shapes (one position per row) and prompt shapes (several positions, more than one
+    block of 64 rows), with N a multiple of the 32-wide panels or not (a narrower last panel)."""
     linear = nn.Linear(K, N, bias=bias)
     fast = KernelLinear(linear, kernels)
-    x = rand(M, 1, K, seed=M * N)
     with torch.inference_mode():
-        torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(fast(x[:, 0]), linear(x[:, 0]), atol=1e-5, rtol=1e-5)
+        for shape in [(1, 1, K), (3, 1, K), (17, K), (2, 9, K), (1, 150, K)]:
+            x = rand(*shape, seed=N * K + shape[0])
+            torch.testing.assert_close(fast(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N, K", [(96, 40), (70, 33), (5, 8), (64, 1)])
+def test_panels_pack_and_unpack(N, K):
+    from llmcli.core.kernels.linear import PANEL, pack_panels, unpack_panels
+
+    w = rand(N, K)
+    packed = pack_panels(w)
+    assert packed.shape == (N * K,)  # no padding: the checkpoint's values, rearranged
+    assert torch.equal(unpack_panels(packed, N, K), w)
+    # panel p holds rows 32p.. as [K][32]: element (n, k) of a full panel sits at 32 K p + 32 k + n % 32
+    n, k = min(N - 1, PANEL + 3), K - 1
+    if n < N // PANEL * PANEL:
+        assert packed[PANEL * K * (n // PANEL) + PANEL * k + n % PANEL] == w[n, k]
+
+
+def test_panel_embedding_reads_the_output_panels(kernels):
+    """A tied model keeps one float32 copy: its embedding rows come from the output projection's panels."""
+    from llmcli.core.kernels.linear import PanelEmbedding
+
+    table = nn.Embedding(70, 24)  # 70 rows: two full panels and a last one of 6
+    tied = nn.Linear(24, 70, bias=False)
+    tied.weight = table.weight
+    output = KernelLinear(tied, kernels)
+    shared = PanelEmbedding(output)
+    ids = torch.tensor([[0, 31, 32, 63, 64, 69], [5, 5, 68, 40, 1, 2]])
+    assert torch.equal(shared(ids), table(ids))
+    assert shared.weight_panels.data_ptr() == output.weight_panels.data_ptr()
+    with pytest.raises(IndexError):
+        shared(torch.tensor([70]))
 
 
 @pytest.mark.parametrize("layer", [KernelLinear, Q8Linear])
 def test_matvec_rows_are_batch_invariant(kernels, layer):
-    """Each output element is the same dot product alone or among other rows: bit for bit (float32 and int8)."""
+    """Each output element is computed the same way alone or among other rows: bit for bit
+    (float32 and int8), whatever the number of rows (tiles of 8, blocks of 64, ragged tails)."""
     fast = layer(nn.Linear(576, 200), kernels)
-    x = rand(16, 1, 576)
+    x = rand(77, 1, 576)
     with torch.inference_mode():
-        together = fast(x)
-        alone = torch.cat([fast(x[i : i + 1]) for i in range(16)])
-    assert torch.equal(together, alone)
+        alone = torch.cat([fast(x[i : i + 1]) for i in range(77)])
+        for rows in (16, 13, 77):
+            assert torch.equal(fast(x[:rows]), alone[:rows])
+        if layer is KernelLinear:  # float32 prompts take the same kernel: positions of one sequence too
+            assert torch.equal(fast(x.view(1, 77, 576)).view(77, 1, 200), alone)
 
 
 def test_q8_format_equals_gguf_q8_0():

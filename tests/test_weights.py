@@ -225,6 +225,27 @@ def test_safetensors_memory_mapped_not_copied(tmp_path):
     assert grown < 16 * 2**20
 
 
+def test_released_file_pages_leave_memory_and_keep_values(tmp_path):
+    """Once a mapped tensor's values were copied into another layout, FileMappings.release gives its
+    pages back; touching the tensor again reads the file, not zeros. Anonymous memory is left alone."""
+    from safetensors.torch import save_file
+
+    from llmcli.core.weights import FileMappings
+
+    save_file({"w": torch.arange(32 * 2**20 // 4, dtype=torch.float32)}, tmp_path / "w.safetensors")
+    w = read_safetensors(tmp_path / "w.safetensors")["w"]
+    proc = psutil.Process()
+    total = float(w.sum(dtype=torch.float64))  # every page resident now
+    resident = proc.memory_info().rss
+    FileMappings().release(w)
+    dropped = resident - proc.memory_info().rss
+    assert dropped > 24 * 2**20, f"only {dropped / 2**20:.1f} MB given back"
+    assert float(w.sum(dtype=torch.float64)) == total and float(w[12345]) == 12345.0
+    anonymous = torch.ones(2**20)
+    FileMappings().release(anonymous)
+    assert float(anonymous.sum()) == 2**20
+
+
 # ------------------------------------------------------------------ GGUF from tiny HF llamas
 
 

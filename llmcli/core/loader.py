@@ -145,12 +145,17 @@ CACHE_LAYOUT = "llmcli-fused/1"  # bump when the fused parameter names change
 def _use_kernels(module: torch.nn.Module, scheme: str | None, build_dir: Path | None) -> None:
     """Put the linear layers on the native decode kernels (and int8 weights with scheme="int8")."""
     from llmcli.core.kernels import load_kernels
-    from llmcli.core.kernels.linear import accelerate_linears
+    from llmcli.core.kernels.linear import accelerate_linears, share_tied_embedding
 
     kernels = load_kernels(build_dir)
+    tied = None
     if hasattr(module, "untie_output") and (kernels is not None or scheme is not None):
-        module.untie_output()  # the output projection is the largest matrix: it gets the kernel too
+        if getattr(module, "lm_head", False) is None:
+            module.untie_output()  # the output projection is the largest matrix: it gets the kernel too
+            tied = module.lm_head.weight
     accelerate_linears(module, kernels, scheme)
+    if tied is not None:
+        share_tied_embedding(module, tied)  # one float32 copy of the matrix, not two
     if kernels is not None and hasattr(module, "use_kernels"):
         module.use_kernels(kernels)
 

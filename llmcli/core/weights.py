@@ -175,6 +175,45 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class FileMappings:
+    """This process's private file mappings (from /proc/self/maps, read once), to hand back the
+    pages under checkpoint tensors whose values were copied into another layout.
+
+    A tensor read by _read_file is a view into a memory-mapped file: packing or quantizing it
+    touches every page, and those pages stay resident (and count in the process's memory) for
+    as long as any other tensor keeps the map alive. Released pages cost nothing to keep
+    correct: they are private, never written, so a later touch reads them from the file again.
+    """
+
+    MADV_DONTNEED = 4
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[1].endswith("p") and parts[4] != "0" and parts[5].startswith("/"):
+                        lo, hi = parts[0].split("-")
+                        self.ranges.append((int(lo, 16), int(hi, 16)))
+        except OSError:
+            pass  # not Linux: nothing to release
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop the whole pages under `tensor` when they belong to a file mapping; otherwise nothing."""
+        import ctypes
+        import mmap
+
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi <= lo or not any(a <= lo and hi <= b for a, b in self.ranges):
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self.MADV_DONTNEED)
+
+
 # ------------------------------------------------------------------ GGUF
 
 

@@ -1,9 +1,9 @@
-"""Native matrix-vector kernels for the decode path, built on first use with the system C compiler.
+"""Native kernels for the CPU path, built on first use with the system C compiler.
 
 Why native code: decoding one token per sequence is bound by reading the weights, and torch's
 sgemm for one or a few rows reaches well under half of the memory bandwidth on the CPUs we
-measured (benchmarks/README.md). `matvec.c` streams each weight row once for all rows of the
-batch. It is compiled with `cc -O3 -march=native -fopenmp` into the llmcli cache the first time
+measured (benchmarks/README.md). `matvec.c` streams each weight once for all rows of the batch,
+and its float32 product on panel-packed weights also runs ahead of sgemm for prompts. It is compiled with `cc -O3 -march=native -fopenmp` into the llmcli cache the first time
 (about a second), keyed by the source, the compiler and the CPU, and loaded with ctypes: no
 build step at install time and no torch headers. Without a compiler, or with LLMCLI_KERNELS=0,
 everything still runs, on torch's own matmuls.
@@ -61,9 +61,9 @@ class Kernels:
     def __init__(self, lib: ctypes.CDLL, path: Path):
         self.path = path
         vp, i = ctypes.c_void_p, ctypes.c_int
-        self.matvec_f32 = lib.matvec_f32
-        self.matvec_f32.argtypes = [vp, vp, vp, vp, i, i, i]
-        self.matvec_f32.restype = None
+        self.matmul_panels_f32 = lib.matmul_panels_f32
+        self.matmul_panels_f32.argtypes = [vp, vp, vp, vp, i, i, i]
+        self.matmul_panels_f32.restype = None
         self.matvec_q8 = lib.matvec_q8
         self.matvec_q8.argtypes = [vp, vp, vp, vp, vp, i, i, i]
         self.matvec_q8.restype = None

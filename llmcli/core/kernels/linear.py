@@ -1,10 +1,13 @@
-"""Linear layers whose decode-shaped calls run on the native kernels.
+"""Linear layers on the native kernels.
 
-A call is decode-shaped when every sequence brings one position: x is (B, 1, in) or (B, in).
-Those calls read all the weights for a few rows of activations and go to `matvec.c`; longer
-inputs (prefill, perplexity, encoders) are real matrix products and stay on torch's sgemm.
-Choosing by shape, not by batch size, keeps a sequence's decode numerics the same alone or in
-a batch of any size.
+float32 weights are repacked once, at load, into `matvec.c`'s panels (32 output columns each,
+k-major): every float32 CPU call, one position or a whole prompt, then runs on
+`matmul_panels_f32`, which streams the weights once for all rows and computes every output
+element in one order whatever the number of rows, so a sequence's numbers are the same alone
+or in a batch of any size.
+
+Q8_0 weights run decode-shaped calls (one position per sequence: x is (B, 1, in) or (B, in)) on
+the int8 kernel; longer inputs are real matrix products and dequantize for sgemm.
 """
 
 from __future__ import annotations
@@ -16,6 +19,27 @@ from torch import nn
 from llmcli.core.kernels import Kernels, LinearDesc
 from llmcli.core.quantize import QBLOCK, dequantize_q8, quantize_q8
 
+PANEL = 32  # matvec.c's panel width
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> the N * K values in matvec.c's panel order: panel p is rows 32p..32p+31 as [K][32],
+    the last panel [K][N mod 32] when N is not a multiple of 32."""
+    n, k = weight.shape
+    full = n // PANEL * PANEL
+    parts = [weight[:full].reshape(-1, PANEL, k).transpose(1, 2).reshape(-1)]
+    if full < n:
+        parts.append(weight[full:].t().reshape(-1))
+    return torch.cat(parts).contiguous()
+
+
+def unpack_panels(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """pack_panels' inverse: the (N, K) matrix."""
+    full = n // PANEL * PANEL
+    head = packed[: full * k].view(-1, k, PANEL).transpose(1, 2).reshape(full, k)
+    tail = packed[full * k :].view(k, n - full).t()
+    return torch.cat([head, tail])
+
 
 def _decode_shaped(x: torch.Tensor) -> bool:
     return x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
@@ -26,23 +50,63 @@ def _native_input(x: torch.Tensor) -> bool:
 
 
 class KernelLinear(nn.Module):
-    """float32 weights, as nn.Linear (same `weight`/`bias`), with the native matvec for decode."""
+    """nn.Linear with float32 weights held in panels (`weight_panels`), computed by the native kernel."""
 
     def __init__(self, linear: nn.Linear, kernels: Kernels):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().contiguous(), requires_grad=False)
+        self.register_buffer("weight_panels", pack_panels(linear.weight.detach().float()))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().contiguous(), requires_grad=False)
         self.kernels = kernels
 
+    def unpacked_weight(self) -> torch.Tensor:
+        """The (out, in) weight matrix, as nn.Linear holds it (a copy)."""
+        return unpack_panels(self.weight_panels, self.out_features, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_decode_shaped(x) and _native_input(x)):
-            return F.linear(x, self.weight, self.bias)
+        if not _native_input(x):  # autograd or another dtype: torch on the unpacked matrix
+            return F.linear(x, self.unpacked_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         flat = x.reshape(-1, self.in_features).contiguous()  # (M, in)
         y = torch.empty((flat.shape[0], self.out_features), dtype=torch.float32)
         bias = None if self.bias is None else self.bias.data_ptr()
-        self.kernels.matvec_f32(flat.data_ptr(), self.weight.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features)
+        self.kernels.matmul_panels_f32(flat.data_ptr(), self.weight_panels.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features)
         return y.view(*x.shape[:-1], self.out_features)
+
+
+class PanelEmbedding(nn.Module):
+    """An embedding table read from a KernelLinear's panels: a model with tied embeddings keeps one
+    float32 copy of the matrix for both the input embedding and the output projection."""
+
+    def __init__(self, output: KernelLinear):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = output.out_features, output.in_features
+        self.register_buffer("weight_panels", output.weight_panels)  # the same tensor: state_dict lists it here first
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n, k = self.num_embeddings, self.embedding_dim
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= n):
+            raise IndexError(f"token id out of range for an embedding of {n} rows")
+        full = n // PANEL * PANEL
+        out = torch.empty((flat.numel(), k), dtype=self.weight_panels.dtype)
+        head = flat < full
+        rows = flat[head]
+        out[head] = self.weight_panels[: full * k].view(-1, k, PANEL)[rows // PANEL, :, rows % PANEL]
+        if full < n:
+            out[~head] = self.weight_panels[full * k :].view(k, n - full)[:, flat[~head] - full].t()
+        return out.view(*ids.shape, k)
+
+
+def share_tied_embedding(module: nn.Module, tied: torch.Tensor) -> None:
+    """After accelerate_linears: the nn.Embedding whose weight is `tied` (the tensor the output
+    projection was tied to) reads its rows from the output projection's panels instead."""
+    output = getattr(module, "lm_head", None)
+    if not isinstance(output, KernelLinear):
+        return
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Embedding) and child.weight is tied:
+                setattr(parent, name, PanelEmbedding(output))
 
 
 class Q8Linear(nn.Module):
@@ -78,7 +142,7 @@ def describe(linear: nn.Module) -> LinearDesc | None:
     """The C description of a kernel-backed linear layer (pointers into its tensors), or None."""
     bias = None if linear.bias is None else linear.bias.data_ptr()
     if isinstance(linear, KernelLinear):
-        return LinearDesc(0, linear.weight.data_ptr(), None, bias, linear.out_features, linear.in_features)
+        return LinearDesc(0, linear.weight_panels.data_ptr(), None, bias, linear.out_features, linear.in_features)
     if isinstance(linear, Q8Linear) and linear.kernels is not None:
         return LinearDesc(1, linear.qweight.data_ptr(), linear.scales.data_ptr(), bias, linear.out_features, linear.in_features)
     return None
@@ -90,6 +154,9 @@ def accelerate_linears(module: nn.Module, kernels: Kernels | None, quantize: str
     quantize="int8" makes them Q8Linear (where in_features is a multiple of 32; others stay
     float32); otherwise KernelLinear when kernels are available. Returns the module.
     """
+    from llmcli.core.weights import FileMappings
+
+    mappings = FileMappings()
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child.weight.dtype != torch.float32 or child.weight.device.type != "cpu":
@@ -98,4 +165,7 @@ def accelerate_linears(module: nn.Module, kernels: Kernels | None, quantize: str
                 setattr(parent, name, Q8Linear(child, kernels))
             elif kernels is not None:
                 setattr(parent, name, KernelLinear(child, kernels))
+            else:
+                continue
+            mappings.release(child.weight)  # its values now live in the new layout: one copy in memory, not two
     return module
