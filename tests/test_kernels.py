@@ -118,18 +118,25 @@ def test_q8_format_equals_gguf_q8_0():
     assert torch.all((dequantize_q8(q, scales) - w).abs() <= step / 2 + 1e-7)
 
 
-@pytest.mark.parametrize("M", [1, 2, 9])
-def test_matvec_q8_equals_dequantized_linear(kernels, M):
-    linear = nn.Linear(96, 70, bias=True)
+@pytest.mark.parametrize("N", [70, 64])
+def test_q8_panels_equal_float32_panels_on_the_dequantized_matrix(kernels, N):
+    """The int8 kernel dequantizes each value as it loads it: bit for bit the float32 kernel's result
+    on dequantize_q8's matrix, for decode and prompt shapes (N = 70: a narrower last panel)."""
+    linear = nn.Linear(96, N, bias=True)
     q8 = Q8Linear(linear, kernels)
-    reference = F.linear  # on the dequantized weights: what the prefill path computes
-    x = rand(M, 1, 96, seed=M)
+    q, scales = q8.unpacked()
+    expected_q, expected_scales = quantize_q8(linear.weight)
+    assert torch.equal(q, expected_q) and torch.equal(scales, expected_scales)
+    dense = nn.Linear(96, N, bias=True)
+    with torch.no_grad():
+        dense.weight.copy_(dequantize_q8(q, scales))
+        dense.bias.copy_(linear.bias)
+    as_float = KernelLinear(dense, kernels)
     with torch.inference_mode():
-        expected = reference(x, dequantize_q8(q8.qweight, q8.scales), q8.bias)
-        torch.testing.assert_close(q8(x), expected, atol=1e-5, rtol=1e-5)
-        # longer inputs take the dequantizing sgemm path: same numbers
-        long = rand(2, 7, 96)
-        torch.testing.assert_close(q8(long), reference(long, dequantize_q8(q8.qweight, q8.scales), q8.bias), atol=0, rtol=0)
+        for shape in [(1, 1, 96), (9, 1, 96), (2, 7, 96), (1, 130, 96)]:
+            x = rand(*shape, seed=shape[0])
+            assert torch.equal(q8(x), as_float(x))
+            torch.testing.assert_close(q8(x), dense(x), atol=1e-5, rtol=1e-5)
 
 
 def test_q8_without_kernels_still_runs():

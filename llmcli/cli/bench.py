@@ -181,7 +181,7 @@ def model_size(module, tied_output: bool = False) -> tuple[int, int]:
             continue
         seen.add(key)
         nbytes += value.numel() * value.element_size()
-        if not (name.endswith(".scales") or (tied_output and name.startswith("lm_head."))):
+        if not (name.endswith(".scale_panels") or (tied_output and name.startswith("lm_head."))):
             count += value.numel()
     return nbytes, count
 

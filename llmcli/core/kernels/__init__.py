@@ -64,9 +64,9 @@ class Kernels:
         self.matmul_panels_f32 = lib.matmul_panels_f32
         self.matmul_panels_f32.argtypes = [vp, vp, vp, vp, i, i, i]
         self.matmul_panels_f32.restype = None
-        self.matvec_q8 = lib.matvec_q8
-        self.matvec_q8.argtypes = [vp, vp, vp, vp, vp, i, i, i]
-        self.matvec_q8.restype = None
+        self.matmul_panels_q8 = lib.matmul_panels_q8
+        self.matmul_panels_q8.argtypes = [vp, vp, vp, vp, vp, i, i, i]
+        self.matmul_panels_q8.restype = None
         self.rms_norm_f32 = lib.rms_norm_f32
         self.rms_norm_f32.argtypes = [vp, vp, vp, i, i, ctypes.c_float]
         self.rms_norm_f32.restype = None

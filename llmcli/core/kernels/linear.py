@@ -6,8 +6,8 @@ k-major): every float32 CPU call, one position or a whole prompt, then runs on
 element in one order whatever the number of rows, so a sequence's numbers are the same alone
 or in a batch of any size.
 
-Q8_0 weights run decode-shaped calls (one position per sequence: x is (B, 1, in) or (B, in)) on
-the int8 kernel; longer inputs are real matrix products and dequantize for sgemm.
+Q8_0 weights (`--quantize int8`) use the same panels for their int8 values and scales, and the
+same kernel, which dequantizes each value as it loads it.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ def unpack_panels(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     head = packed[: full * k].view(-1, k, PANEL).transpose(1, 2).reshape(full, k)
     tail = packed[full * k :].view(k, n - full).t()
     return torch.cat([head, tail])
-
-
-def _decode_shaped(x: torch.Tensor) -> bool:
-    return x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
 
 
 def _native_input(x: torch.Tensor) -> bool:
@@ -112,28 +108,34 @@ def share_tied_embedding(module: nn.Module, tied: torch.Tensor) -> None:
 class Q8Linear(nn.Module):
     """Q8_0 weights (int8 in blocks of 32 with a float32 scale each), float32 activations.
 
-    Decode-shaped calls run on the native kernel straight from the int8 values; longer inputs
-    dequantize the matrix for the call and use sgemm, which is far faster than an int8 loop
-    there. Without kernels every call takes the dequantizing path (slow, same results).
+    The int8 values and the scales are held in panels like KernelLinear's, and every call, one
+    position or a whole prompt, runs on the native kernel, which gives exactly KernelLinear's
+    result on the dequantized matrix. Without kernels, calls dequantize the matrix and use
+    torch (slow, the same numbers up to summation order).
     """
 
     def __init__(self, linear: nn.Linear, kernels: Kernels | None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scales = quantize_q8(linear.weight)
-        self.register_buffer("qweight", q)  # (out, in) int8
-        self.register_buffer("scales", scales)  # (out, in / 32) float32
+        self.register_buffer("qweight_panels", pack_panels(q))  # out * in int8
+        self.register_buffer("scale_panels", pack_panels(scales))  # out * in / 32 float32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().contiguous(), requires_grad=False)
         self.kernels = kernels
 
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 values (out, in) and scales (out, in / 32) in quantize_q8's row layout."""
+        n, k = self.out_features, self.in_features
+        return unpack_panels(self.qweight_panels, n, k), unpack_panels(self.scale_panels, n, k // QBLOCK)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is None or not (_decode_shaped(x) and _native_input(x)):
-            return F.linear(x, dequantize_q8(self.qweight, self.scales).to(x.dtype), self.bias)
+        if self.kernels is None or not _native_input(x):
+            return F.linear(x, dequantize_q8(*self.unpacked()).to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         flat = x.reshape(-1, self.in_features).contiguous()
         y = torch.empty((flat.shape[0], self.out_features), dtype=torch.float32)
         bias = None if self.bias is None else self.bias.data_ptr()
-        self.kernels.matvec_q8(
-            flat.data_ptr(), self.qweight.data_ptr(), self.scales.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features
+        self.kernels.matmul_panels_q8(
+            flat.data_ptr(), self.qweight_panels.data_ptr(), self.scale_panels.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features
         )
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -144,7 +146,7 @@ def describe(linear: nn.Module) -> LinearDesc | None:
     if isinstance(linear, KernelLinear):
         return LinearDesc(0, linear.weight_panels.data_ptr(), None, bias, linear.out_features, linear.in_features)
     if isinstance(linear, Q8Linear) and linear.kernels is not None:
-        return LinearDesc(1, linear.qweight.data_ptr(), linear.scales.data_ptr(), bias, linear.out_features, linear.in_features)
+        return LinearDesc(1, linear.qweight_panels.data_ptr(), linear.scale_panels.data_ptr(), bias, linear.out_features, linear.in_features)
     return None
 
 

@@ -10,8 +10,8 @@
  * Every output element is computed in one fixed order whatever M is: a sequence gets
  * bit-identical results alone or in a batch.
  *
- * q8 weights are llama.cpp's Q8_0 layout split in two arrays: int8 values [N, K] and one float
- * scale per block of 32 consecutive values of a row [N, K/32]. K must be a multiple of 32.
+ * q8 weights are llama.cpp's Q8_0 values (int8 in blocks of 32 along a row, one float scale per
+ * block) in the same panel layout as float32. K must be a multiple of 32.
  *
  * AVX-512 intrinsics where the build machine has it (-march=native); elsewhere portable C whose
  * `omp simd` loops the compiler vectorizes for the machine (AVX2, NEON). Built here with AVX-512
@@ -65,38 +65,71 @@ static float dot1_f32(const float *restrict x, const float *restrict w, int K) {
 #endif
 }
 
-/* ------------------------------------------------------------------ float32 matrix products
+/* ------------------------------------------------------------------ matrix products on panels
  * The weights are stored in panels of 32 output columns, each panel k-major: panel p holds
  * W[32p .. 32p+31, k] for k = 0..K-1 as [K][32] (the last panel [K][N mod 32] when N is not a
- * multiple of 32), so the layout holds exactly N*K floats. A panel is one contiguous stream from
+ * multiple of 32), so the layout holds exactly N*K values. A panel is one contiguous stream from
  * memory, and a tile of up to 8 activation rows x 32 columns keeps 16 accumulators in registers
  * while each weight vector is loaded once for all 8 rows: measured on 2 Zen 4 cores, 16 rows of
  * SmolLM2's projections take about half the time of dot products on row-major weights, and
  * every shape we use runs faster than torch's sgemm (benchmarks/README.md).
  *
+ * Q8_0 weights use the same panels for their int8 values, and their scales (one per block of 32
+ * consecutive k of an output column) as [K/32][32] per panel. Each int8 value is converted and
+ * multiplied by its scale as it is loaded: exactly the float32 value dequantize_q8 gives (one
+ * rounding, the same), so the rest is the float32 arithmetic on the dequantized matrix.
+ *
  * Output element (m, n) is always the chain acc = fma(x[m, k], W[n, k], acc) for k = 0..K-1
  * starting from 0, then + bias[n]: the same operations whatever M, the tile or the thread, so a
- * sequence gets bit-identical results alone or in a batch.
+ * sequence gets bit-identical results alone or in a batch, in float32 and in Q8_0.
  */
 #define PANEL 32
-#define TILE_ROWS 8  /* activation rows per tile: 8 x 2 accumulators + 2 weight vectors fit 32 registers */
+#define TILE_ROWS 8  /* activation rows per tile: 8 x 2 accumulators + the weight vectors fit 32 registers */
 #define ROW_BLOCK 64 /* rows per task: threads split (panel, row block) pairs, panel-major */
 
-/* rows of this tile (xt: the tile's activations transposed, [K][mr]) against one panel (wp: [K][ldw], ldw = its
- * width). `full` (ldw == PANEL) is a compile-time constant at each call: full panels get unmasked loads at a
- * constant stride, which runs about twice as fast as the general form. */
-static inline __attribute__((always_inline)) void panel_tile(const int mr, const int full, const float *restrict xt, const float *restrict wp,
-                                                             int ldw, int K, const float *restrict bias, float *restrict y, size_t ldy) {
+typedef struct {
+    const void *values; /* this panel's float32 [K][ldw] or int8 [K][ldw] */
+    const float *scales; /* Q8_0: this panel's [K/32][ldw]; NULL for float32 */
+    int ldw;            /* the panel's width: 32, or N mod 32 for the last one */
+} Panel;
+
+/* rows of this tile (xt: the tile's activations transposed, [K][mr]) against one panel. `q8` and `full`
+ * (ldw == PANEL) are compile-time constants at each call: full panels get unmasked loads at a constant
+ * stride, which runs about twice as fast as the general form. */
+static inline __attribute__((always_inline)) void panel_tile(const int mr, const int q8, const int full, const float *restrict xt, Panel panel, int K,
+                                                             const float *restrict bias, float *restrict y, size_t ldy) {
+    const int ldw = full ? PANEL : panel.ldw;
+    const float *wf = (const float *)panel.values;
+    const int8_t *wq = (const int8_t *)panel.values;
 #ifdef __AVX512F__
-    if (full) ldw = PANEL;
     __mmask16 m0 = ldw >= 16 ? 0xFFFF : (__mmask16)((1u << ldw) - 1);
     __mmask16 m1 = ldw >= 32 ? 0xFFFF : ldw <= 16 ? 0 : (__mmask16)((1u << (ldw - 16)) - 1);
     __m512 a[TILE_ROWS][2];
     for (int m = 0; m < mr; m++) a[m][0] = a[m][1] = _mm512_setzero_ps();
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
     for (int k = 0; k < K; k++) {
-        const float *wk = wp + (size_t)k * ldw;
-        __m512 w0 = full ? _mm512_loadu_ps(wk) : _mm512_maskz_loadu_ps(m0, wk);
-        __m512 w1 = full ? _mm512_loadu_ps(wk + 16) : _mm512_maskz_loadu_ps(m1, wk + 16);
+        __m512 w0, w1;
+        if (q8) {
+            if (k % QBLOCK == 0) {
+                const float *sk = panel.scales + (size_t)(k / QBLOCK) * ldw;
+                s0 = full ? _mm512_loadu_ps(sk) : _mm512_maskz_loadu_ps(m0, sk);
+                s1 = full ? _mm512_loadu_ps(sk + 16) : _mm512_maskz_loadu_ps(m1, sk + 16);
+            }
+            __m256i raw;
+            if (full) {
+                raw = _mm256_loadu_si256((const __m256i *)(wq + (size_t)k * PANEL));
+            } else { /* the narrow last panel: its row through a zeroed buffer */
+                int8_t row[PANEL] = {0};
+                for (int j = 0; j < ldw; j++) row[j] = wq[(size_t)k * ldw + j];
+                raw = _mm256_loadu_si256((const __m256i *)row);
+            }
+            w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw))), s0);
+            w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1))), s1);
+        } else {
+            const float *wk = wf + (size_t)k * ldw;
+            w0 = full ? _mm512_loadu_ps(wk) : _mm512_maskz_loadu_ps(m0, wk);
+            w1 = full ? _mm512_loadu_ps(wk + 16) : _mm512_maskz_loadu_ps(m1, wk + 16);
+        }
         const float *xk = xt + (size_t)k * mr;
         for (int m = 0; m < mr; m++) {
             __m512 b = _mm512_set1_ps(xk[m]);
@@ -112,12 +145,18 @@ static inline __attribute__((always_inline)) void panel_tile(const int mr, const
     }
 #else
     /* the same loop order for every mr: one function, one code path, so the bits do not depend on M */
-    if (full) ldw = PANEL;
-    float a[TILE_ROWS][PANEL];
+    float a[TILE_ROWS][PANEL], w[PANEL];
     for (int m = 0; m < mr; m++)
         for (int j = 0; j < PANEL; j++) a[m][j] = 0.0f;
     for (int k = 0; k < K; k++) {
-        const float *wk = wp + (size_t)k * ldw;
+        const float *wk = w;
+        if (q8) {
+            const float *sk = panel.scales + (size_t)(k / QBLOCK) * ldw;
+#pragma omp simd
+            for (int j = 0; j < ldw; j++) w[j] = (float)wq[(size_t)k * ldw + j] * sk[j];
+        } else {
+            wk = wf + (size_t)k * ldw;
+        }
         for (int m = 0; m < mr; m++) {
             float xv = xt[(size_t)k * mr + m];
 #pragma omp simd
@@ -129,27 +168,31 @@ static inline __attribute__((always_inline)) void panel_tile(const int mr, const
 #endif
 }
 
-#define PANEL_TILE_CASES(full)                                                 \
-    switch (mr) { /* constant row counts: every accumulator stays in a register */ \
-    case 8: panel_tile(8, full, xt, wp, ldw, K, bias, y, ldy); break;            \
-    case 7: panel_tile(7, full, xt, wp, ldw, K, bias, y, ldy); break;            \
-    case 6: panel_tile(6, full, xt, wp, ldw, K, bias, y, ldy); break;            \
-    case 5: panel_tile(5, full, xt, wp, ldw, K, bias, y, ldy); break;            \
-    case 4: panel_tile(4, full, xt, wp, ldw, K, bias, y, ldy); break;            \
-    case 3: panel_tile(3, full, xt, wp, ldw, K, bias, y, ldy); break;            \
-    case 2: panel_tile(2, full, xt, wp, ldw, K, bias, y, ldy); break;            \
-    default: panel_tile(1, full, xt, wp, ldw, K, bias, y, ldy); break;           \
+#define PANEL_TILE_CASES(q8, full)                                                 \
+    switch (mr) { /* constant row counts: every accumulator stays in a register */     \
+    case 8: panel_tile(8, q8, full, xt, panel, K, bias, y, ldy); break;              \
+    case 7: panel_tile(7, q8, full, xt, panel, K, bias, y, ldy); break;              \
+    case 6: panel_tile(6, q8, full, xt, panel, K, bias, y, ldy); break;              \
+    case 5: panel_tile(5, q8, full, xt, panel, K, bias, y, ldy); break;              \
+    case 4: panel_tile(4, q8, full, xt, panel, K, bias, y, ldy); break;              \
+    case 3: panel_tile(3, q8, full, xt, panel, K, bias, y, ldy); break;              \
+    case 2: panel_tile(2, q8, full, xt, panel, K, bias, y, ldy); break;              \
+    default: panel_tile(1, q8, full, xt, panel, K, bias, y, ldy); break;             \
     }
 
-static void panel_rows(int mr, const float *xt, const float *wp, int ldw, int K, const float *bias, float *y, size_t ldy) {
-    if (ldw == PANEL)
-        PANEL_TILE_CASES(1)
+static void panel_rows(int mr, const float *xt, Panel panel, int K, const float *bias, float *y, size_t ldy) {
+    if (panel.scales == NULL && panel.ldw == PANEL)
+        PANEL_TILE_CASES(0, 1)
+    else if (panel.scales == NULL)
+        PANEL_TILE_CASES(0, 0)
+    else if (panel.ldw == PANEL)
+        PANEL_TILE_CASES(1, 1)
     else
-        PANEL_TILE_CASES(0)
+        PANEL_TILE_CASES(1, 0)
 }
 
-/* y (M, N) = x (M, K) W^T + bias, W in panels (see above); bias may be NULL */
-void matmul_panels_f32(const float *x, const float *Wp, const float *bias, float *y, int M, int N, int K) {
+/* y (M, N) = x (M, K) W^T + bias on panels: float32 (S NULL, elem 4) or Q8_0 (int8 values, scales S, elem 1) */
+static void matmul_panels(const float *x, const void *W, const float *S, int elem, const float *bias, float *y, int M, int N, int K) {
     int panels = (N + PANEL - 1) / PANEL, blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     /* each tile's activations transposed to [K][mr] (one row needs no transposing) */
     float *xt = M == 1 ? NULL : (float *)malloc(sizeof(float) * (size_t)M * K);
@@ -165,95 +208,25 @@ void matmul_panels_f32(const float *x, const float *Wp, const float *bias, float
     const float *xs = M == 1 ? x : xt;
 #pragma omp parallel for schedule(static)
     for (int task = 0; task < panels * blocks; task++) {
-        int p = task / blocks, n0 = p * PANEL, ldw = N - n0 < PANEL ? N - n0 : PANEL;
-        const float *wp = Wp + (size_t)n0 * K; /* every panel before p is full: 32 K floats each */
+        int p = task / blocks, n0 = p * PANEL;
+        Panel panel = {/* every panel before p is full: 32 K values and 32 K/32 scales each */
+                       (const char *)W + (size_t)n0 * K * elem, S ? S + (size_t)n0 * (K / QBLOCK) : NULL, N - n0 < PANEL ? N - n0 : PANEL};
         int end = (task % blocks + 1) * ROW_BLOCK < M ? (task % blocks + 1) * ROW_BLOCK : M;
         for (int m0 = task % blocks * ROW_BLOCK; m0 < end; m0 += TILE_ROWS) {
             int mr = end - m0 < TILE_ROWS ? end - m0 : TILE_ROWS;
-            panel_rows(mr, xs + (size_t)m0 * K, wp, ldw, K, bias ? bias + n0 : NULL, y + (size_t)m0 * N + n0, (size_t)N);
+            panel_rows(mr, xs + (size_t)m0 * K, panel, K, bias ? bias + n0 : NULL, y + (size_t)m0 * N + n0, (size_t)N);
         }
     }
     free(xt);
 }
 
-/* One q8 row against one activation row, without a dequantized copy (the M = 1 case). */
-static float dot_q8(const float *restrict x, const int8_t *restrict q, const float *restrict s, int K) {
-#ifdef __AVX512F__
-    __m512 acc = _mm512_setzero_ps();
-    for (int b = 0; b < K / QBLOCK; b++) {
-        const int8_t *qb = q + b * QBLOCK;
-        const float *xb = x + b * QBLOCK;
-        __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qb)));
-        __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qb + 16))));
-        __m512 d = _mm512_fmadd_ps(f0, _mm512_loadu_ps(xb), _mm512_mul_ps(f1, _mm512_loadu_ps(xb + 16)));
-        acc = _mm512_fmadd_ps(d, _mm512_set1_ps(s[b]), acc);
-    }
-    return hsum(acc);
-#else
-    /* lane-parallel over the 32 values of a block, scaled per block; the compiler vectorizes the k loops */
-    float lanes[QBLOCK] = {0.0f};
-    for (int b = 0; b < K / QBLOCK; b++) {
-        const int8_t *qb = q + b * QBLOCK;
-        const float *xb = x + b * QBLOCK;
-        float scale = s[b];
-#pragma omp simd
-        for (int k = 0; k < QBLOCK; k++) lanes[k] += (float)qb[k] * xb[k] * scale;
-    }
-    float acc = 0.0f;
-    for (int k = 0; k < QBLOCK; k++) acc += lanes[k];
-    return acc;
-#endif
+void matmul_panels_f32(const float *x, const float *W, const float *bias, float *y, int M, int N, int K) {
+    matmul_panels(x, W, NULL, 4, bias, y, M, N, K);
 }
 
-/* dot_q8 on a row whose int8 values were already converted to float (exactly, unscaled): the same
- * operations in the same order, so it gives dot_q8's bits. For several activation rows the
- * conversion is done once per weight row instead of once per activation row. */
-static float dot_q8_converted(const float *restrict x, const float *restrict qf, const float *restrict s, int K) {
-#ifdef __AVX512F__
-    __m512 acc = _mm512_setzero_ps();
-    for (int b = 0; b < K / QBLOCK; b++) {
-        const float *fb = qf + b * QBLOCK;
-        const float *xb = x + b * QBLOCK;
-        __m512 d = _mm512_fmadd_ps(_mm512_loadu_ps(fb), _mm512_loadu_ps(xb), _mm512_mul_ps(_mm512_loadu_ps(fb + 16), _mm512_loadu_ps(xb + 16)));
-        acc = _mm512_fmadd_ps(d, _mm512_set1_ps(s[b]), acc);
-    }
-    return hsum(acc);
-#else
-    float lanes[QBLOCK] = {0.0f};
-    for (int b = 0; b < K / QBLOCK; b++) {
-        const float *fb = qf + b * QBLOCK;
-        const float *xb = x + b * QBLOCK;
-        float scale = s[b];
-#pragma omp simd
-        for (int k = 0; k < QBLOCK; k++) lanes[k] += fb[k] * xb[k] * scale;
-    }
-    float acc = 0.0f;
-    for (int k = 0; k < QBLOCK; k++) acc += lanes[k];
-    return acc;
-#endif
-}
-
-void matvec_q8(const float *x, const int8_t *Q, const float *S, const float *bias, float *y, int M, int N, int K) {
-    int nb = K / QBLOCK;
-    if (M == 1) {
-#pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++) y[n] = dot_q8(x, Q + (size_t)n * K, S + (size_t)n * nb, K) + (bias ? bias[n] : 0.0f);
-        return;
-    }
-    /* several rows: convert each weight row once into a thread's buffer (it stays in L1) and reuse
-     * it for every m, with dot_q8's own arithmetic: a sequence gets the same bits in any batch */
-#pragma omp parallel
-    {
-        float *buf = (float *)aligned_alloc(64, ((sizeof(float) * (size_t)K + 63) / 64) * 64);
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            const int8_t *q = Q + (size_t)n * K;
-            for (int k = 0; k < K; k++) buf[k] = (float)q[k];
-            for (int m = 0; m < M; m++)
-                y[(size_t)m * N + n] = dot_q8_converted(x + (size_t)m * K, buf, S + (size_t)n * nb, K) + (bias ? bias[n] : 0.0f);
-        }
-        free(buf);
-    }
+/* Q8_0 panels; K must be a multiple of 32 */
+void matmul_panels_q8(const float *x, const int8_t *Q, const float *S, const float *bias, float *y, int M, int N, int K) {
+    matmul_panels(x, Q, S, 1, bias, y, M, N, K);
 }
 
 /* ------------------------------------------------------------------ the rest of a decode step
@@ -411,7 +384,7 @@ void attn_decode_f32(const float *qkv, const float *cos, const float *sin, const
  */
 
 typedef struct {
-    int kind;             /* 0: float32 weight in panels (matmul_panels_f32); 1: Q8_0 (int8 [n, k] + scales [n, k/32]) */
+    int kind;             /* 0: float32 weight in panels; 1: Q8_0 int8 values and scales in panels (see above) */
     const void *weight;
     const float *scales;
     const float *bias;    /* NULL for none */
@@ -425,7 +398,7 @@ typedef struct {
 
 static void linear_apply(const Linear *lin, const float *x, float *y, int M) {
     if (lin->kind == 1)
-        matvec_q8(x, (const int8_t *)lin->weight, lin->scales, lin->bias, y, M, lin->n, lin->k);
+        matmul_panels_q8(x, (const int8_t *)lin->weight, lin->scales, lin->bias, y, M, lin->n, lin->k);
     else
         matmul_panels_f32(x, (const float *)lin->weight, lin->bias, y, M, lin->n, lin->k);
 }
