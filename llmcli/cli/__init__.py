@@ -114,7 +114,7 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, 
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or mps (when present).")]
 QuantizeOpt = Annotated[
     str,
-    typer.Option("--quantize", help="none, or int8: 8-bit weights in blocks of 32 (llama.cpp's Q8_0), float32 activations, on the CPU: about 3x faster decoding, perplexity within 1% on SmolLM2."),
+    typer.Option("--quantize", help="none, or int8: 8-bit weights in blocks of 32 (llama.cpp's Q8_0), float32 activations, on the CPU: 2-3x faster decoding at batch 1, perplexity within 1% on SmolLM2."),
 ]
 SkipErrorsOpt = Annotated[bool, typer.Option("--skip-errors", help="Skip bad lines (counted on stderr) instead of stopping.")]
 FloatsOpt = Annotated[bool, typer.Option("--floats", help="Write tensors as nested lists of numbers instead of base64.")]

@@ -63,10 +63,10 @@ class Kernels:
         vp, i = ctypes.c_void_p, ctypes.c_int
         self.matmul_panels_f32 = lib.matmul_panels_f32
         self.matmul_panels_f32.argtypes = [vp, vp, vp, vp, i, i, i]
-        self.matmul_panels_f32.restype = None
+        self.matmul_panels_f32.restype = i  # 0, or -1: no memory for the transposed activations
         self.matmul_panels_q8 = lib.matmul_panels_q8
         self.matmul_panels_q8.argtypes = [vp, vp, vp, vp, vp, i, i, i]
-        self.matmul_panels_q8.restype = None
+        self.matmul_panels_q8.restype = i
         self.rms_norm_f32 = lib.rms_norm_f32
         self.rms_norm_f32.argtypes = [vp, vp, vp, i, i, ctypes.c_float]
         self.rms_norm_f32.restype = None

@@ -45,6 +45,12 @@ def _native_input(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
 
 
+def _checked(status: int, y: torch.Tensor) -> torch.Tensor:
+    if status != 0:  # as torch does when an allocation fails
+        raise MemoryError(f"not enough memory for a transposed copy of {y.shape[0]} activation rows")
+    return y
+
+
 class KernelLinear(nn.Module):
     """nn.Linear with float32 weights held in panels (`weight_panels`), computed by the native kernel."""
 
@@ -65,8 +71,8 @@ class KernelLinear(nn.Module):
         flat = x.reshape(-1, self.in_features).contiguous()  # (M, in)
         y = torch.empty((flat.shape[0], self.out_features), dtype=torch.float32)
         bias = None if self.bias is None else self.bias.data_ptr()
-        self.kernels.matmul_panels_f32(flat.data_ptr(), self.weight_panels.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features)
-        return y.view(*x.shape[:-1], self.out_features)
+        done = self.kernels.matmul_panels_f32(flat.data_ptr(), self.weight_panels.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features)
+        return _checked(done, y).view(*x.shape[:-1], self.out_features)
 
 
 class PanelEmbedding(nn.Module):
@@ -134,10 +140,10 @@ class Q8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features).contiguous()
         y = torch.empty((flat.shape[0], self.out_features), dtype=torch.float32)
         bias = None if self.bias is None else self.bias.data_ptr()
-        self.kernels.matmul_panels_q8(
+        done = self.kernels.matmul_panels_q8(
             flat.data_ptr(), self.qweight_panels.data_ptr(), self.scale_panels.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features
         )
-        return y.view(*x.shape[:-1], self.out_features)
+        return _checked(done, y).view(*x.shape[:-1], self.out_features)
 
 
 def describe(linear: nn.Module) -> LinearDesc | None:

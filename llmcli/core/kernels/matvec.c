@@ -191,11 +191,13 @@ static void panel_rows(int mr, const float *xt, Panel panel, int K, const float 
         PANEL_TILE_CASES(1, 0)
 }
 
-/* y (M, N) = x (M, K) W^T + bias on panels: float32 (S NULL, elem 4) or Q8_0 (int8 values, scales S, elem 1) */
-static void matmul_panels(const float *x, const void *W, const float *S, int elem, const float *bias, float *y, int M, int N, int K) {
+/* y (M, N) = x (M, K) W^T + bias on panels: float32 (S NULL, elem 4) or Q8_0 (int8 values, scales S, elem 1).
+ * Returns 0, or -1 when the transposed copy of x cannot be allocated (y is then untouched). */
+static int matmul_panels(const float *x, const void *W, const float *S, int elem, const float *bias, float *y, int M, int N, int K) {
     int panels = (N + PANEL - 1) / PANEL, blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     /* each tile's activations transposed to [K][mr] (one row needs no transposing) */
     float *xt = M == 1 ? NULL : (float *)malloc(sizeof(float) * (size_t)M * K);
+    if (M > 1 && xt == NULL) return -1;
     if (M > 1) {
 #pragma omp parallel for schedule(static)
         for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {
@@ -218,15 +220,16 @@ static void matmul_panels(const float *x, const void *W, const float *S, int ele
         }
     }
     free(xt);
+    return 0;
 }
 
-void matmul_panels_f32(const float *x, const float *W, const float *bias, float *y, int M, int N, int K) {
-    matmul_panels(x, W, NULL, 4, bias, y, M, N, K);
+int matmul_panels_f32(const float *x, const float *W, const float *bias, float *y, int M, int N, int K) {
+    return matmul_panels(x, W, NULL, 4, bias, y, M, N, K);
 }
 
 /* Q8_0 panels; K must be a multiple of 32 */
-void matmul_panels_q8(const float *x, const int8_t *Q, const float *S, const float *bias, float *y, int M, int N, int K) {
-    matmul_panels(x, Q, S, 1, bias, y, M, N, K);
+int matmul_panels_q8(const float *x, const int8_t *Q, const float *S, const float *bias, float *y, int M, int N, int K) {
+    return matmul_panels(x, Q, S, 1, bias, y, M, N, K);
 }
 
 /* ------------------------------------------------------------------ the rest of a decode step
