@@ -275,6 +275,31 @@ def test_gguf_f32_equals_hf_state_dict(hf_llama, tmp_path):
     assert ckpt.metadata["tokenizer.chat_template"] == "{{ messages }}"
 
 
+def test_gguf_weights_cache_keeps_the_packed_panels(tmp_path):
+    """With a cache directory, the second load of a GGUF memory-maps the float32 weights already in
+    the kernels' panel order (nothing is packed again) and computes the same logits; a damaged
+    panel file is rebuilt, not trusted."""
+    from llmcli.core.kernels.linear import KernelLinear
+    from llmcli.core.loader import load_model
+    from llmcli.core.weights import FileMappings
+
+    path = write_gguf(tmp_path / "tied.gguf", _make_llama(tied=True, seed=2), Q.F32)
+    cache = tmp_path / "cache"
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4))
+    first = load_model(path, cache_dir=cache)
+    (panels,) = (cache / "weights").glob("*.panels.safetensors")
+    second = load_model(path, cache_dir=cache)
+    layer = second.module.model.layers[1].mlp.gate_up_proj
+    assert isinstance(layer, KernelLinear)
+    assert any(lo <= layer.weight_panels.data_ptr() < hi for lo, hi in FileMappings().ranges)  # a view into the file
+    with torch.inference_mode():
+        expected = first.module(ids).logits
+        assert torch.equal(second.module(ids).logits, expected)
+        panels.write_bytes(b"not safetensors")
+        assert torch.equal(load_model(path, cache_dir=cache).module(ids).logits, expected)
+    assert panels.stat().st_size > 10_000  # written again whole
+
+
 def test_gguf_tied_has_no_lm_head(tmp_path):
     model = _make_llama(tied=True, seed=1)
     ckpt = read_gguf(write_gguf(tmp_path / "tied.gguf", model, Q.F32))

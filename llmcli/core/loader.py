@@ -134,7 +134,8 @@ def load_model(
     module = module.to(torch_device).eval()
     scheme = check_scheme(quantize, torch_dtype, torch_device)
     if torch_device.type == "cpu" and torch_dtype == torch.float32:
-        _use_kernels(module, scheme, Path(cache_dir) / "kernels" if cache_dir is not None else None)
+        panels_file = cached.with_name(cached.stem + ".panels.safetensors") if cached is not None else None
+        _use_kernels(module, scheme, Path(cache_dir) / "kernels" if cache_dir is not None else None, panels_file)
     tokenizer = load_tokenizer(path, cache_dir=Path(cache_dir) / "tokenizers" if cache_dir is not None else None)
     return LoadedModel(config=config, module=module, tokenizer=tokenizer, path=path, dtype=torch_dtype, device=torch_device, quantize=quantize)
 
@@ -142,10 +143,18 @@ def load_model(
 CACHE_LAYOUT = "llmcli-fused/1"  # bump when the fused parameter names change
 
 
-def _use_kernels(module: torch.nn.Module, scheme: str | None, build_dir: Path | None) -> None:
-    """Put the linear layers on the native decode kernels (and int8 weights with scheme="int8")."""
+PANELS_LAYOUT = "llmcli-panels/1"  # bump when matvec.c's panel order changes
+
+
+def _use_kernels(module: torch.nn.Module, scheme: str | None, build_dir: Path | None, panels_file: Path | None = None) -> None:
+    """Put the linear layers on the native kernels (and int8 weights with scheme="int8").
+
+    With panels_file (a GGUF's weights cache), the float32 weights already packed in the kernels'
+    panel order are kept beside the cache: later loads memory-map them instead of repacking
+    every weight (about half a second for SmolLM2, and its pages stay untouched until used).
+    """
     from llmcli.core.kernels import load_kernels
-    from llmcli.core.kernels.linear import accelerate_linears, share_tied_embedding
+    from llmcli.core.kernels.linear import accelerate_linears, panel_state, share_tied_embedding
 
     kernels = load_kernels(build_dir)
     tied = None
@@ -153,11 +162,32 @@ def _use_kernels(module: torch.nn.Module, scheme: str | None, build_dir: Path | 
         if getattr(module, "lm_head", False) is None:
             module.untie_output()  # the output projection is the largest matrix: it gets the kernel too
             tied = module.lm_head.weight
-    accelerate_linears(module, kernels, scheme)
+    use_panels = panels_file is not None and kernels is not None and scheme is None
+    panels = _read_panels(panels_file) if use_panels else None
+    accelerate_linears(module, kernels, scheme, panels)
     if tied is not None:
         share_tied_embedding(module, tied)  # one float32 copy of the matrix, not two
     if kernels is not None and hasattr(module, "use_kernels"):
         module.use_kernels(kernels)
+    if use_panels and (panels is None or panels.keys() != panel_state(module).keys()):
+        _write_tensors(panels_file, panel_state(module), {"layout": PANELS_LAYOUT})
+
+
+def _read_panels(panels_file: Path) -> dict[str, torch.Tensor] | None:
+    from llmcli.core import weights
+
+    if not panels_file.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(panels_file), framework="pt") as f:
+            if (f.metadata() or {}).get("layout") != PANELS_LAYOUT:
+                raise ValueError("stale panel layout")
+        return weights.read_safetensors(panels_file)
+    except Exception:  # noqa: BLE001 - a damaged or stale entry is rebuilt by packing again
+        panels_file.unlink(missing_ok=True)
+        return None
 
 
 def _cache_file(path: Path, cache_dir: Path) -> Path:
@@ -184,21 +214,26 @@ def _read_cache(cached: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], tor
 
 def _write_cache(cached: Path, module: torch.nn.Module, config: ModelConfig, rope_freqs: torch.Tensor | None, source: Path) -> None:
     import dataclasses
+
+    payload = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
+    if rope_freqs is not None:
+        payload["extra.rope_freqs"] = rope_freqs.contiguous()
+    _write_tensors(cached, payload, {"config": json.dumps(dataclasses.asdict(config)), "layout": CACHE_LAYOUT, "source": str(source)})
+
+
+def _write_tensors(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors cache entry, whole or absent even with two loads racing; a full disk only costs speed."""
     import os
 
     from safetensors.torch import save_file
 
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        payload = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
-        if rope_freqs is not None:
-            payload["extra.rope_freqs"] = rope_freqs.contiguous()
-        meta = {"config": json.dumps(dataclasses.asdict(config)), "layout": CACHE_LAYOUT, "source": str(source)}
-        save_file(payload, str(tmp), metadata=meta)
-        os.replace(tmp, cached)  # whole or absent, even with two loads racing
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, target)
     except OSError:
-        pass  # a full or read-only disk only costs speed next time
+        pass
 
 
 @contextlib.contextmanager

@@ -188,7 +188,10 @@ class FileMappings:
     MADV_DONTNEED = 4
 
     def __init__(self) -> None:
+        import ctypes
+
         self.ranges: list[tuple[int, int]] = []
+        self._libc = ctypes.CDLL(None, use_errno=True)  # once: building a CDLL costs about a millisecond
         try:
             with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -210,8 +213,7 @@ class FileMappings:
         hi = end // mmap.PAGESIZE * mmap.PAGESIZE
         if hi <= lo or not any(a <= lo and hi <= b for a, b in self.ranges):
             return
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self.MADV_DONTNEED)
+        self._libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self.MADV_DONTNEED)
 
 
 # ------------------------------------------------------------------ GGUF

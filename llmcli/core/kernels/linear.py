@@ -27,10 +27,10 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     the last panel [K][N mod 32] when N is not a multiple of 32."""
     n, k = weight.shape
     full = n // PANEL * PANEL
-    parts = [weight[:full].reshape(-1, PANEL, k).transpose(1, 2).reshape(-1)]
-    if full < n:
-        parts.append(weight[full:].t().reshape(-1))
-    return torch.cat(parts).contiguous()
+    out = torch.empty(n * k, dtype=weight.dtype)  # one copy: this runs over every weight at load
+    out[: full * k].view(-1, k, PANEL).copy_(weight[:full].reshape(-1, PANEL, k).transpose(1, 2))
+    out[full * k :].view(k, n - full).copy_(weight[full:].t())
+    return out
 
 
 def unpack_panels(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -54,10 +54,12 @@ def _checked(status: int, y: torch.Tensor) -> torch.Tensor:
 class KernelLinear(nn.Module):
     """nn.Linear with float32 weights held in panels (`weight_panels`), computed by the native kernel."""
 
-    def __init__(self, linear: nn.Linear, kernels: Kernels):
+    def __init__(self, linear: nn.Linear, kernels: Kernels, panels: torch.Tensor | None = None):
+        """panels: this weight already in panel order (from the loader's cache), used as it is."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_panels", pack_panels(linear.weight.detach().float()))
+        ready = panels is not None and panels.dtype == torch.float32 and panels.shape == (linear.in_features * linear.out_features,)
+        self.register_buffer("weight_panels", panels if ready else pack_panels(linear.weight.detach().float()))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().contiguous(), requires_grad=False)
         self.kernels = kernels
 
@@ -156,24 +158,32 @@ def describe(linear: nn.Module) -> LinearDesc | None:
     return None
 
 
-def accelerate_linears(module: nn.Module, kernels: Kernels | None, quantize: str | None) -> nn.Module:
+def accelerate_linears(module: nn.Module, kernels: Kernels | None, quantize: str | None, panels: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Swap every float32 CPU nn.Linear of `module` for its kernel-backed twin, in place.
 
     quantize="int8" makes them Q8Linear (where in_features is a multiple of 32; others stay
-    float32); otherwise KernelLinear when kernels are available. Returns the module.
+    float32); otherwise KernelLinear when kernels are available. `panels` maps a layer's
+    `<name>.weight_panels` (as in the module's state_dict) to its weight already packed, as
+    panel_state returned it. Returns the module.
     """
     from llmcli.core.weights import FileMappings
 
     mappings = FileMappings()
-    for parent in list(module.modules()):
+    for prefix, parent in list(module.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child.weight.dtype != torch.float32 or child.weight.device.type != "cpu":
                 continue
             if quantize == "int8" and child.in_features % QBLOCK == 0:
                 setattr(parent, name, Q8Linear(child, kernels))
             elif kernels is not None:
-                setattr(parent, name, KernelLinear(child, kernels))
+                ready = (panels or {}).get(f"{prefix}.{name}.weight_panels" if prefix else f"{name}.weight_panels")
+                setattr(parent, name, KernelLinear(child, kernels, ready))
             else:
                 continue
             mappings.release(child.weight)  # its values now live in the new layout: one copy in memory, not two
     return module
+
+
+def panel_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every KernelLinear's packed weight by its state_dict name: what accelerate_linears can reuse."""
+    return {f"{name}.weight_panels": m.weight_panels for name, m in module.named_modules() if isinstance(m, KernelLinear)}
