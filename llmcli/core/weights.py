@@ -191,7 +191,6 @@ class FileMappings:
         import ctypes
 
         self.ranges: list[tuple[int, int]] = []
-        self._libc = ctypes.CDLL(None, use_errno=True)  # once: building a CDLL costs about a millisecond
         try:
             with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -201,6 +200,8 @@ class FileMappings:
                         self.ranges.append((int(lo, 16), int(hi, 16)))
         except OSError:
             pass  # not Linux: nothing to release
+        # once, and only where there is something to release: building a CDLL costs about a millisecond
+        self._libc = ctypes.CDLL(None, use_errno=True) if self.ranges else None
 
     def release(self, tensor: torch.Tensor) -> None:
         """Drop the whole pages under `tensor` when they belong to a file mapping; otherwise nothing."""
