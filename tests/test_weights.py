@@ -225,6 +225,32 @@ def test_safetensors_memory_mapped_not_copied(tmp_path):
     assert grown < 16 * 2**20
 
 
+def test_write_safetensors_is_read_by_safetensors_itself(tmp_path):
+    """The streaming writer behind the weights cache: the safetensors library reads its files back
+    (every dtype we write, scalars, empty tensors, non-contiguous inputs) with the metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from llmcli.core.weights import write_safetensors
+
+    tensors = {
+        "w": torch.randn(5, 7).t(),
+        "h": torch.randn(3, 3).to(torch.bfloat16),
+        "i": torch.arange(6, dtype=torch.int64).view(2, 3),
+        "q": torch.tensor([-3, 4, 127], dtype=torch.int8),
+        "s": torch.tensor(2.5),
+        "e": torch.zeros(0, 4),
+    }
+    write_safetensors(tmp_path / "t.safetensors", tensors, {"layout": "x/1"})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"layout": "x/1"}
+    assert all(torch.equal(read_safetensors(tmp_path / "t.safetensors")[n], t) for n, t in tensors.items())
+
+
 def test_released_file_pages_leave_memory_and_keep_values(tmp_path):
     """Once a mapped tensor's values were copied into another layout, FileMappings.release gives its
     pages back; touching the tensor again reads the file, not zeros. Anonymous memory is left alone."""

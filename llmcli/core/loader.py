@@ -225,12 +225,12 @@ def _write_tensors(target: Path, tensors: dict[str, torch.Tensor], metadata: dic
     """A safetensors cache entry, whole or absent even with two loads racing; a full disk only costs speed."""
     import os
 
-    from safetensors.torch import save_file
+    from llmcli.core import weights
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
+        weights.write_safetensors(tmp, tensors, metadata)
         os.replace(tmp, target)
     except OSError:
         pass

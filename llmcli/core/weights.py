@@ -175,6 +175,30 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def write_safetensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file straight from the tensors' memory.
+
+    safetensors' own save_file first turns every tensor into a bytes copy, which doubles the
+    memory of a cache write (about 500 MB more for SmolLM2's weights); this streams each tensor.
+    """
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    flat: list[torch.Tensor] = []
+    offset = 0
+    for name, tensor in tensors.items():
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + data.numel()]}
+        offset += data.numel()
+        flat.append(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for data in flat:
+            f.write(memoryview(data.numpy()))
+
+
 class FileMappings:
     """This process's private file mappings (from /proc/self/maps, read once), to hand back the
     pages under checkpoint tensors whose values were copied into another layout.

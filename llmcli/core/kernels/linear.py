@@ -169,7 +169,10 @@ def accelerate_linears(module: nn.Module, kernels: Kernels | None, quantize: str
     from llmcli.core.weights import FileMappings
 
     mappings = FileMappings()
-    for prefix, parent in list(module.named_modules()):
+    # only the parents are listed: a list of every module would keep each replaced layer's weights
+    # alive until the end, a second copy of the model at the peak
+    parents = [(prefix, m) for prefix, m in module.named_modules() if any(type(c) is nn.Linear for c in m.children())]
+    for prefix, parent in parents:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child.weight.dtype != torch.float32 or child.weight.device.type != "cpu":
                 continue
