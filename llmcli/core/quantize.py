@@ -28,14 +28,22 @@ def check_scheme(scheme: str | None, dtype: torch.dtype, device: torch.device) -
     return scheme
 
 
+QUANTIZE_ROWS = 4096  # rows per step: the float temporaries stay a few MB, not several copies of the largest matrix
+
+
 def quantize_q8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float -> int8 values (out, in) and float32 scales (out, in // 32). in % 32 == 0."""
     out, inp = weight.shape
-    blocks = weight.detach().float().reshape(out, inp // QBLOCK, QBLOCK)
-    scales = blocks.abs().amax(dim=-1) / 127.0  # (out, in/32)
-    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
-    q = torch.round(blocks / safe[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q.reshape(out, inp).contiguous(), scales.contiguous()
+    q = torch.empty((out, inp), dtype=torch.int8)
+    scales = torch.empty((out, inp // QBLOCK), dtype=torch.float32)
+    for start in range(0, out, QUANTIZE_ROWS):
+        rows = slice(start, start + QUANTIZE_ROWS)
+        blocks = weight[rows].detach().float().reshape(-1, inp // QBLOCK, QBLOCK)
+        step = blocks.abs().amax(dim=-1) / 127.0  # (rows, in/32)
+        safe = torch.where(step == 0, torch.ones_like(step), step)
+        q[rows] = torch.round(blocks / safe[..., None]).clamp_(-127, 127).to(torch.int8).reshape(-1, inp)
+        scales[rows] = step
+    return q, scales
 
 
 def dequantize_q8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
