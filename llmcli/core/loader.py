@@ -169,8 +169,10 @@ def _use_kernels(module: torch.nn.Module, scheme: str | None, build_dir: Path | 
         share_tied_embedding(module, tied)  # one float32 copy of the matrix, not two
     if kernels is not None and hasattr(module, "use_kernels"):
         module.use_kernels(kernels)
-    if use_panels and (panels is None or panels.keys() != panel_state(module).keys()):
-        _write_tensors(panels_file, panel_state(module), {"layout": PANELS_LAYOUT})
+    if use_panels:
+        packed = panel_state(module)
+        if panels is None or panels.keys() != packed.keys():
+            _write_tensors(panels_file, packed, {"layout": PANELS_LAYOUT})
 
 
 def _read_panels(panels_file: Path) -> dict[str, torch.Tensor] | None:
