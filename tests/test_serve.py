@@ -523,6 +523,154 @@ def test_make_app_health_is_503_until_loaded(dirs):
         assert out["usage"]["completion_tokens"] == 2
 
 
+# ---------------------------------------------------------------- refused requests: lone surrogates, the wrong model
+
+
+def failed_total(client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("llmcli_requests_failed_total "):
+            return float(line.split()[1])
+    raise AssertionError("no llmcli_requests_failed_total in /metrics")
+
+
+def openai_error(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+@pytest.fixture(scope="module")
+def pair_app(dirs):
+    """An in-process app over the tiny llama (text) and the tiny bert (embeddings)."""
+    from fastapi.testclient import TestClient
+
+    from llmcli.core.loader import load_model
+    from llmcli.engine import Engine
+    from llmcli.engine.service import Embedder, EngineService
+    from llmcli.server import make_app
+
+    app = make_app(EngineService(Engine(dirs["llama"], batch_size=2), max_queue=4), model_name="llama", embedder=Embedder(load_model(dirs["bert"])), embedding_name="bert")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+# JSON escapes exactly as a client writes them (json.dumps writes "\ud800" for a lone surrogate too)
+LONE_SURROGATE_BODIES = [
+    ("/v1/chat/completions", r'{"model": "llama", "messages": [{"role": "user", "content": "hi \ud800"}], "max_tokens": 2}', "messages.0.content"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00 hi"}]}]}', "messages.0.content"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "system", "content": "ok"}, {"role": "user", "content": "x", "name": "a\ud800"}]}', "messages.1.name"),
+    ("/v1/completions", r'{"model": "llama", "prompt": "hi \udc00", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", r'{"model": "llama", "prompt": ["fine", "hi \ud800"], "max_tokens": 2}', "prompt"),
+    ("/v1/completions", r'{"model": "llama", "prompt": "hi", "stop": ["\ud800"], "max_tokens": 2}', "stop"),
+    ("/v1/embeddings", r'{"model": "bert", "input": "hi \ud800"}', "input"),
+    ("/v1/embeddings", r'{"input": ["fine", "\udfff"]}', "input"),
+    ("/tokenize", r'{"model": "llama", "prompt": "hi \ud800"}', "prompt"),
+    ("/tokenize", r'{"model": "llama", "messages": [{"role": "user", "content": "\ud800"}]}', "messages.0.content"),
+    ("/detokenize", r'{"model": "\ud800", "tokens": [5]}', "model"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), LONE_SURROGATE_BODIES)
+def test_a_lone_surrogate_is_a_counted_400(pair_app, path, raw, param):
+    before = failed_total(pair_app)
+    r = pair_app.post(path, content=raw.encode("ascii"), headers={"Content-Type": "application/json"})
+    error = openai_error(r, 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert "lone surrogate" in error["message"] and error["message"].startswith(f"{param}: ")
+    assert failed_total(pair_app) == before + 1
+
+
+def test_a_surrogate_pair_is_text_and_raw_utf8_surrogates_are_refused(pair_app):
+    ok = pair_app.post("/tokenize", content=rb'{"model": "llama", "prompt": "\ud83d\ude42"}', headers={"Content-Type": "application/json"})
+    assert ok.status_code == 200 and ok.json()["count"] > 0  # a pair is one character (U+1F642)
+    # a surrogate written as (invalid) UTF-8 bytes: Python's JSON reader lets it through as "\ud800"
+    r = pair_app.post("/v1/completions", content=b'{"prompt": "a\xed\xa0\x80"}', headers={"Content-Type": "application/json"})
+    assert openai_error(r, 400)["param"] == "prompt"
+
+
+def test_an_unexpected_error_is_a_counted_500(pair_app, monkeypatch):
+    embedder = pair_app.app.state.llmcli.embedder
+
+    def broken(_inputs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(embedder, "embed", broken)
+    before = failed_total(pair_app)
+    error = openai_error(pair_app.post("/v1/embeddings", json={"input": "hi"}), 500)
+    assert error["type"] == "server_error" and "boom" in error["message"]
+    assert failed_total(pair_app) == before + 1
+    assert 'llmcli_http_requests_total{method="POST",path="/v1/embeddings",status="500"} 1' in pair_app.get("/metrics").text
+
+
+def test_a_failed_generation_is_counted_once(pair_app, monkeypatch):
+    service = pair_app.app.state.llmcli.service
+
+    def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(service._batcher, "step", broken)  # the service then starts a fresh batcher
+    before = failed_total(pair_app)
+    error = openai_error(pair_app.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}), 500)
+    assert "boom" in error["message"]
+    assert failed_total(pair_app) == before + 1  # by the engine; the HTTP layer does not count it again
+    assert pair_app.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def model_not_found(r, name: str) -> str:
+    error = openai_error(r, 404)
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "model", "model_not_found")
+    assert error["message"].startswith(f"The model `{name}` ")
+    return error["message"]
+
+
+def test_each_route_answers_only_for_its_own_model(pair_app):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    before = failed_total(pair_app)
+    # the embedding model cannot chat or complete, the chat model makes no embeddings
+    assert "/v1/embeddings" in model_not_found(pair_app.post("/v1/chat/completions", json={**chat, "model": "bert"}), "bert")
+    assert "`llama`" in model_not_found(pair_app.post("/v1/completions", json={"model": "bert", "prompt": "hi"}), "bert")
+    assert "`bert`" in model_not_found(pair_app.post("/v1/embeddings", json={"model": "llama", "input": "hi"}), "llama")
+    # an unknown name, in OpenAI's words
+    for path, body in [("/v1/chat/completions", chat), ("/v1/completions", {"prompt": "hi"}), ("/v1/embeddings", {"input": "hi"}), ("/tokenize", {"prompt": "hi"})]:
+        assert model_not_found(pair_app.post(path, json={**body, "model": "gpt-4o"}), "gpt-4o") == "The model `gpt-4o` does not exist."
+    assert failed_total(pair_app) == before + 7
+    # the right names, or none (the route's default), still work; /tokenize takes either model
+    assert pair_app.post("/v1/chat/completions", json={**chat, "model": "llama"}).status_code == 200
+    assert pair_app.post("/v1/chat/completions", json=chat).status_code == 200
+    assert pair_app.post("/v1/embeddings", json={"model": "bert", "input": "hi"}).status_code == 200
+    assert pair_app.post("/v1/embeddings", json={"input": "hi"}).status_code == 200
+    assert pair_app.post("/tokenize", json={"model": "bert", "prompt": "hi"}).json()["tokens"][0] == 2  # bert's [CLS]
+    assert [m["id"] for m in pair_app.get("/v1/models").json()["data"]] == ["llama", "bert"]
+
+
+def test_an_encoder_server_has_no_model_for_text(dirs):
+    from fastapi.testclient import TestClient
+
+    from llmcli.core.loader import load_model
+    from llmcli.engine.service import Embedder
+    from llmcli.server import make_app
+
+    with TestClient(make_app(Embedder(load_model(dirs["bert"])), model_name="bert")) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["bert"]
+        message = model_not_found(client.post("/v1/chat/completions", json={"model": "bert", "messages": [{"role": "user", "content": "hi"}]}), "bert")
+        assert "/v1/embeddings" in message and "ask for" not in message  # there is no text model to suggest
+        assert client.post("/v1/embeddings", json={"model": "bert", "input": "hi"}).status_code == 200
+        assert failed_total(client) == 1  # counted without a generation service too
+
+
+def test_a_real_server_refuses_a_lone_surrogate(server):
+    before = server.metrics()["llmcli_requests_failed_total"]
+    raw = r'{"model": "llama", "messages": [{"role": "user", "content": "\ud800"}]}'.encode("ascii")
+    r = httpx.post(server.base + "/v1/chat/completions", content=raw, headers={**server.headers(), "Content-Type": "application/json"}, timeout=60)
+    assert openai_error(r, 400)["param"] == "messages.0.content"
+    with pytest.raises(openai.NotFoundError) as info:
+        server.client().embeddings.create(model="llama", input="hi")
+    assert info.value.body["code"] == "model_not_found"
+    assert server.metrics()["llmcli_requests_failed_total"] == before + 2
+
+
 # ---------------------------------------------------------------- the real model
 
 

@@ -64,6 +64,8 @@ def serve(
     events), /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health (503 while the model
     loads), /metrics (Prometheus). SIGTERM stops taking requests, finishes those in flight, exits 0.
     Any OpenAI client works: base_url http://127.0.0.1:8000/v1, model smollm2-135m-instruct.
+    `model` must name the route's model (the text model, or the embedding model on
+    /v1/embeddings) or be left out; other names get 404 model_not_found.
 
     Example: llmcli serve --model smollm2-135m-instruct --port 8000
     """

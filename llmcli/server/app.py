@@ -44,6 +44,10 @@ from llmcli.server.schemas import (
 )
 
 DEFAULT_MAX_BODY = 1 << 20
+# the routes that use a model: an error answer from any of them counts in llmcli_requests_failed_total
+MODEL_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"})
+# set in the ASGI scope when the engine has already counted a request's failure
+_FAILURE_COUNTED = "llmcli.failure_counted"
 # how often a non-streamed request checks that its client is still there
 DISCONNECT_POLL_S = 0.5
 
@@ -53,6 +57,8 @@ DISCONNECT_POLL_S = 0.5
 
 class ApiError(Exception):
     """An error with its HTTP status, in OpenAI's error fields."""
+
+    counted = False  # True when the engine has counted the failure already (a generation that failed)
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -177,12 +183,33 @@ class ServerState:
                     raise ApiError(500, f"the embedding model failed to load: {exc}", "server_error", None, "model_load_failed") from None
         return self.embedder
 
-    def check_model(self, requested: str | None) -> None:
-        names = {self.model_name}
-        if self.embedding_name:
-            names.add(self.embedding_name)
-        if requested is not None and requested not in names:
-            raise ApiError(404, f"the model `{requested}` does not exist; this server serves {', '.join(sorted(names))}", "invalid_request_error", "model", "model_not_found")
+    def served_models(self, task: str | None = None) -> list[str]:
+        """The names a client may send as `model`: for task "generate" (completions, chat), "embed", or any task (None)."""
+        if not self.loaded:  # an encoder or a decoder? known once the main model has loaded; requests get 503 until then
+            return list(dict.fromkeys(n for n in (self.model_name, self.embedding_name) if n))
+        generate = [self.model_name] if self.service is not None else []
+        has_embedder = self.embedder is not None or self.embedder_factory is not None
+        embed = [self.embedding_name] if self.embedding_name and has_embedder else []
+        if task == "generate":
+            return generate
+        if task == "embed":
+            return embed
+        return list(dict.fromkeys(generate + embed))
+
+    def check_model(self, requested: str | None, task: str | None = None) -> None:
+        """404 model_not_found unless `requested` (None: the default) names a model that serves the task."""
+        if requested is None or requested in self.served_models(task):
+            return
+        message = f"The model `{requested}` does not exist."  # OpenAI's (and vLLM's) words
+        if requested in self.served_models():  # served, but for the other task
+            if task == "generate":
+                message = f"The model `{requested}` makes embeddings, not text: send it to /v1/embeddings"
+                others = self.served_models("generate")
+            else:
+                message = f"The model `{requested}` generates text and makes no embeddings: send it to /v1/chat/completions or /v1/completions"
+                others = self.served_models("embed")
+            message += f", or ask for the model `{others[0]}` here" if others else ""
+        raise ApiError(404, message, "invalid_request_error", "model", "model_not_found")
 
 
 # ---------------------------------------------------------------- the guard (ASGI middleware)
@@ -200,6 +227,7 @@ class Guard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         status_seen: list[int] = []
+        raised = False
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
@@ -208,9 +236,17 @@ class Guard:
 
         try:
             await self._guarded(scope, receive, counting_send, path)
+        except Exception:
+            raised = True  # an unexpected error: the outermost middleware answers 500 (and logs it)
+            raise
         finally:
+            status = status_seen[0] if status_seen else (500 if raised else 0)
             route = scope.get("route")
-            self.state.http.add(scope.get("method", ""), getattr(route, "path", None) or "(unmatched)", status_seen[0] if status_seen else 0)
+            self.state.http.add(scope.get("method", ""), getattr(route, "path", None) or "(unmatched)", status)
+            # 429 has its own counter (rejected); a failed generation was counted by the engine
+            failed = raised or (status >= 400 and status != 429)
+            if failed and path in MODEL_ROUTES and not scope.get(_FAILURE_COUNTED):
+                self.state.http.fail()
 
     async def _guarded(self, scope, receive, send, path):
         state = self.state
@@ -383,8 +419,10 @@ async def _collect(service: EngineService, handle: Handle, choices: dict[int, _C
                 next_check = time.monotonic() + DISCONNECT_POLL_S
                 if await request.is_disconnected():
                     break
-    except LlmcliError as exc:
-        raise api_error_from(exc) from None
+    except LlmcliError as exc:  # the submission failed in the engine, which counted it
+        error = api_error_from(exc)
+        error.counted = True
+        raise error from None
     finally:
         if not handle.done:
             service.cancel(handle)
@@ -552,7 +590,9 @@ def make_app(
     # ------------------------------------------------------------ error shapes
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError):
+    async def _api_error(request: Request, exc: ApiError):
+        if exc.counted:
+            request.scope[_FAILURE_COUNTED] = True
         return exc.response()
 
     @app.exception_handler(LlmcliError)
@@ -597,16 +637,14 @@ def make_app(
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "llmcli"}]
-        if state.embedding_name and state.embedding_name != state.model_name:
-            data.append({"id": state.embedding_name, "object": "model", "created": state.created, "owned_by": "llmcli"})
+        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "llmcli"} for name in state.served_models()]
         return {"object": "list", "data": data}
 
     # ------------------------------------------------------------ completions
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        state.check_model(body.model)
+        state.check_model(body.model, "generate")
         if body.suffix:
             raise ApiError(400, "suffix (insertion) is not supported", "invalid_request_error", "suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -705,7 +743,7 @@ def make_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        state.check_model(body.model)
+        state.check_model(body.model, "generate")
         if body.tools:
             raise ApiError(400, "tools (function calling) are not supported", "invalid_request_error", "tools")
         if body.response_format and body.response_format.get("type", "text") != "text":
@@ -781,7 +819,7 @@ def make_app(
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
-        state.check_model(body.model)
+        state.check_model(body.model, "embed")
         embedder = await run_in_threadpool(state.require_embedder)
         raw = body.input
         if isinstance(raw, str):
@@ -812,7 +850,8 @@ def make_app(
 
     def _tokenizer_for(model: str | None):
         if model is not None and model == state.embedding_name and model != state.model_name:
-            return state.require_embedder().tokenizer, state.require_embedder().context_length
+            embedder = state.require_embedder()
+            return embedder.tokenizer, embedder.context_length
         if state.service is not None:
             return state.service.engine.tokenizer, state.service.engine.context_length
         if state.main_is_encoder and state.embedder is not None:

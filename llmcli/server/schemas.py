@@ -5,17 +5,61 @@ the meaning of a request and that llmcli cannot honour (tools, suffix, structure
 refused by the endpoints with a 400 naming the field. Extensions beyond OpenAI's API are
 vLLM's names: top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 return_tokens_as_token_ids, add_special_tokens.
+
+Every string in a body must be valid Unicode: JSON lets a client send half of a surrogate pair
+(`"\\ud800"`), which no tokenizer can encode and no response can echo, so it is refused here,
+for every field at once, with a 400 naming the field.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+
+def _lone_surrogate(value: Any) -> tuple[str, int, str] | None:
+    """Where a value first holds a lone surrogate: (path inside the value, character index, the surrogate), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # UTF-8 has no encoding for U+D800..U+DFFF
+            return "", exc.start, value[exc.start]
+        return None
+    if isinstance(value, dict):
+        items = ((f"[{k!r}]", x) for k, v in value.items() for x in (k, v))
+    elif isinstance(value, list):
+        if value and isinstance(value[0], int):
+            return None  # token ids: the schemas allow no list that mixes ids and strings
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, ContentPart):
+        items = ((f".{name}", getattr(value, name)) for name in ContentPart.model_fields)
+    else:
+        return None  # numbers, booleans, None, and nested bodies (which check their own fields)
+    for where, item in items:
+        found = _lone_surrogate(item)
+        if found is not None:
+            return where + found[0], found[1], found[2]
+    return None
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _no_lone_surrogates(cls, value: Any) -> Any:
+        found = _lone_surrogate(value)
+        if found is not None:
+            where, index, char = found
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "the string{where} holds a lone surrogate (U+{code}) at character {index}, which is not valid Unicode; "
+                "send UTF-8 text, where a \\uD800-\\uDFFF escape is only valid as half of a surrogate pair",
+                {"where": f" at {where}" if where else "", "code": f"{ord(char):04X}", "index": index},
+            )
+        return value
 
 
 class StreamOptions(_Body):
@@ -56,7 +100,11 @@ class CompletionRequest(_Sampling):
     suffix: Optional[str] = None
 
 
-class ContentPart(_Body):
+class ContentPart(BaseModel):
+    # not a _Body: it sits inside a union, where pydantic would report its own check once per
+    # union member; ChatMessage checks the parts' text instead, as part of `content`
+    model_config = ConfigDict(extra="ignore")
+
     type: str
     text: Optional[str] = None
 
