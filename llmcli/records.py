@@ -146,9 +146,10 @@ def find_lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
     UTF-16 surrogate (a character no UTF-8 text, tokenizer or writer can take), or None.
     `where` is a path like `text` or `messages[0].content`."""
     if isinstance(value, str):
-        for char in value:
-            if "\ud800" <= char <= "\udfff":
-                return path or "the value", char
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # UTF-8 has no encoding for U+D800..U+DFFF
+            return path or "the value", value[exc.start]
         return None
     if isinstance(value, dict):
         for key, item in value.items():
