@@ -39,7 +39,7 @@ from difflib import get_close_matches
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
-from llmcli.errors import ModelError
+from llmcli.errors import LlmcliError, ModelError
 
 if TYPE_CHECKING:
     import zipfile
@@ -139,9 +139,22 @@ def human_count(n: int | None) -> str:
 
 
 def cache_root() -> Path:
-    """$LLMCLI_HOME, or ~/.cache/llmcli; read at each call so tests and subprocesses can point it elsewhere."""
+    """$LLMCLI_HOME, or ~/.cache/llmcli; read at each call so tests and subprocesses can point it elsewhere.
+
+    It need not exist yet (it is created when first written), but a file where it or one of the
+    folders above it should be is refused here, in one line, rather than as an OSError later.
+    """
     home = os.environ.get("LLMCLI_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "llmcli"
+    root = Path(home).expanduser() if home else Path.home() / ".cache" / "llmcli"
+    for path in (root, *root.parents):
+        if path.exists():  # the nearest one that exists must be a folder
+            if not path.is_dir():
+                blocked = "is not a directory" if path == root else f"cannot be created: {path} is not a directory"
+                if home:
+                    raise LlmcliError(f"LLMCLI_HOME={home} {blocked}", "point LLMCLI_HOME at a directory (created when missing), or unset it to use ~/.cache/llmcli")
+                raise LlmcliError(f"the llmcli cache {root} {blocked}", "move that file away, or set LLMCLI_HOME to a directory")
+            break
+    return root
 
 
 def models_dir(root: Path | None = None) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,6 +45,8 @@ MESSAGES = "messages"
 PROMPT = "prompt"
 REPLY = "reply"
 SAMPLES = "samples"
+SAMPLE = "sample"
+DELTA = "delta"
 USAGE = "usage"
 ERROR = "error"
 
@@ -132,6 +135,36 @@ def _invalid_utf8(exc: UnicodeDecodeError, number: int, source: str) -> InputErr
     )
 
 
+# A JSON string escape that decodes to half of a UTF-16 surrogate pair (\ud800-\udfff). Raw UTF-8
+# cannot hold a surrogate (the strict decoder refuses one), so only a line with such an escape
+# can carry one: the others skip the walk over their values.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def find_lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(where, character) for the first string in a JSON value, key or value, that holds a lone
+    UTF-16 surrogate (a character no UTF-8 text, tokenizer or writer can take), or None.
+    `where` is a path like `text` or `messages[0].content`."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # UTF-8 has no encoding for U+D800..U+DFFF
+            return path or "the value", value[exc.start]
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            found = find_lone_surrogate(key, f"a key in {path}" if path else "a key") or find_lone_surrogate(item, where)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = find_lone_surrogate(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def parse_json_line(text: str, number: int, source: str) -> dict:
     try:
         record = json.loads(text)
@@ -149,7 +182,25 @@ def parse_json_line(text: str, number: int, source: str) -> dict:
             line=number,
             source=source,
         )
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        found = find_lone_surrogate(record)
+        if found is not None:
+            where, char = found
+            raise InputError(
+                f"`{where}` holds a lone UTF-16 surrogate (\\u{ord(char):04x}), which is no character",
+                "write the character itself, or both halves of its surrogate pair (\\ud83d\\ude42 is U+1F642)",
+                line=number,
+                source=source,
+            )
     return record
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def strip_bom(data: bytes) -> bytes:
+    """The bytes without a leading UTF-8 byte order mark (what Python's `utf-8-sig` drops)."""
+    return data[len(UTF8_BOM) :] if data.startswith(UTF8_BOM) else data
 
 
 class LineReader:
@@ -159,6 +210,7 @@ class LineReader:
     out those lines before reading again. `before_read`, when given, is called each time every
     line read so far has been taken and the next read may wait for input: the moment for a stage
     that gathers lines to finish the ones it holds, so that it never waits with a line unanswered.
+    A UTF-8 byte order mark at the very start of the stream (Windows editors write one) is dropped.
     """
 
     CHUNK = 1 << 16
@@ -186,6 +238,8 @@ class LineReader:
         raw = self._lines[self._next]
         self._next += 1
         self.number += 1
+        if self.number == 1:
+            raw = strip_bom(raw)
         return self.number, raw
 
     def _fill(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import IO, Annotated, Any, Callable, Iterable, NamedTuple, NoReturn, Optional
@@ -92,10 +93,32 @@ app = typer.Typer(
 )
 
 
+def version_text() -> str:
+    """`llmcli <version>`: the installed distribution's version, or the package's own when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"llmcli {version('llmcli')}"
+    except PackageNotFoundError:
+        from llmcli import __version__
+
+        return f"llmcli {__version__}"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(version_text() + "\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _group() -> None:
+def _group(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", help="Print the version (`llmcli X.Y.Z`) and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
     # A callback keeps `app` a group even while only one command's module is loaded
-    # (Typer turns an app of one command into that command); it has no options and does nothing.
+    # (Typer turns an app of one command into that command); its one option is --version.
     pass
 
 
@@ -105,7 +128,7 @@ DEFAULT_ENCODER = "all-minilm-l6-v2"
 # ---------------------------------------------------------------- shared options
 
 InputArg = Annotated[str, typer.Argument(help="Input file of records (JSONL); '-' reads stdin.", show_default=True)]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write records to FILE instead of stdout.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write records to FILE instead of stdout (never onto an input file: refused).")]
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", help=f"Catalogue name, HF-format directory or .gguf file. Default: {DEFAULT_MODEL}.", envvar="LLMCLI_MODEL"),
@@ -136,19 +159,49 @@ def debug_enabled() -> bool:
 # ---------------------------------------------------------------- input and output
 
 
-def open_input(path: str) -> tuple[IO[bytes], str]:
-    """A binary stream and the name to use for it in messages."""
+def open_input(path: str, kind: str = "JSONL file") -> tuple[IO[bytes], str]:
+    """A binary stream and the name to use for it in messages; `kind` is what the command reads, for the hints."""
     if path == "-":
         return sys.stdin.buffer, "-"
     p = Path(path)
     if not p.exists():
-        raise UsageError(f"input file {path} does not exist", "give a path to a JSONL file, or '-' for stdin")
+        raise UsageError(f"input file {path} does not exist", f"give a path to a {kind}, or '-' for stdin")
     if p.is_dir():
-        raise UsageError(f"input {path} is a directory", "give a JSONL file, or '-' for stdin")
+        raise UsageError(f"input {path} is a directory", f"give a {kind}, or '-' for stdin")
     return open(p, "rb"), path
 
 
+def check_output(output: "str | os.PathLike | None", *inputs: "str | os.PathLike | None", flag: str = "--output") -> None:
+    """Refuse an output file that is one of the files the command reads, before anything opens it.
+
+    Opening the output truncates it, so `tokenize s.jsonl -o s.jsonl` would read an empty input
+    and destroy it. Files are compared by device and inode after following links, so a symlink
+    or a hard link to the input is caught, and '-' is compared when stdin is that file
+    (`< s.jsonl`). An output that does not exist yet, or is not a regular file (/dev/stdout, a
+    terminal), is never an input. Every command with -o calls this first, before loading a model.
+    """
+    if output is None or str(output) == "-":
+        return
+    try:
+        out = os.stat(output)
+    except OSError:
+        return
+    if not stat.S_ISREG(out.st_mode):
+        return
+    for path in inputs:
+        if path is None:
+            continue
+        try:
+            st = os.fstat(sys.stdin.fileno()) if str(path) == "-" else os.stat(path)
+        except (OSError, ValueError):  # no such file (open_input says so), or a stdin without a file descriptor
+            continue
+        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+            what = "the file on stdin" if str(path) == "-" else f"the input file {path}"
+            raise UsageError(f"{flag} {output} is {what}; writing it would destroy the input", "write to another file and rename it afterwards")
+
+
 def open_output(path: Optional[str]) -> IO[str]:
+    """The stream for --output (stdout for None or '-'); call check_output(path, <inputs>) before."""
     if path is None or path == "-":
         return sys.stdout
     try:
@@ -173,6 +226,7 @@ def run_stage(
     """
     from llmcli.records import ErrorCounter, RecordWriter, iter_lines
 
+    check_output(output, input)
     stream, source = open_input(input)
     writer = RecordWriter(open_output(output))
     counter = ErrorCounter(report=say) if skip_errors else None
@@ -207,6 +261,7 @@ def run_batched_stage(
     mode: str = "jsonl",
     skip_errors: bool = False,
     max_batch: int = BATCH_LINES,
+    kind: str = "JSONL file",
 ) -> int:
     """run_stage for a transform that is faster over many records at once (a batched tokenizer).
 
@@ -215,12 +270,15 @@ def run_batched_stage(
     have already arrived (up to max_batch), and never waits for more: a line that comes alone
     (an interactive pipe) is transformed and written at once, alone. The results of a batch are
     written in one write. Errors behave as in run_stage: a bad line stops the run after every
-    earlier record is written, or is counted and skipped with skip_errors. Returns the number of
-    records written.
+    earlier record is written, or is counted and skipped with skip_errors. If transform raises
+    instead (a failure no check foresaw), the batch is redone one line at a time, so that every
+    record before the failing line is written before the exception propagates. `kind` is what
+    the input should be, for open_input's hints. Returns the number of records written.
     """
     from llmcli.records import ErrorCounter, Line, LineReader, RecordWriter, iter_line_results
 
-    stream, source = open_input(input)
+    check_output(output, input)
+    stream, source = open_input(input, kind)
     writer = RecordWriter(open_output(output))
     counter = ErrorCounter(report=say) if skip_errors else None
     pending: list[Line] = []
@@ -234,12 +292,9 @@ def run_batched_stage(
             raise exc
         counter.add(exc)
 
-    def finish_pending() -> None:
-        if not pending:
-            return
-        results = transform([(line.record, line.number) for line in pending])
+    def write_results(lines: list[Line], results: list) -> None:
         done: list[dict] = []
-        for line, result in zip(pending, results):
+        for line, result in zip(lines, results):
             if isinstance(result, InputError):
                 writer.write_many(done)  # everything before the bad line, before it is reported
                 done = []
@@ -248,8 +303,24 @@ def run_batched_stage(
                 done.append(result)
             else:
                 done.extend(result)
-        pending.clear()
         writer.write_many(done)
+
+    def finish_pending() -> None:
+        if not pending:
+            return
+        lines = pending[:]
+        pending.clear()
+        try:
+            results = transform([(line.record, line.number) for line in lines])
+        except Exception:
+            if len(lines) == 1:
+                raise
+            # Something no check foresaw failed somewhere in the batch: redo it one line at a
+            # time, so that every record before the failing line is written before it propagates.
+            for line in lines:
+                write_results([line], transform([(line.record, line.number)]))
+            return
+        write_results(lines, results)
 
     # The reader finishes the pending lines before each read that could wait for input.
     for item in iter_line_results(LineReader(stream, before_read=finish_pending), source, mode):

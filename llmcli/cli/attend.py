@@ -17,6 +17,7 @@ from llmcli.cli import (
     OutputOpt,
     SkipErrorsOpt,
     app,
+    check_output,
     run_stage,
 )
 from llmcli.cli.encode import TruncateOpt, load_stage_model, read_embeddings, read_ids
@@ -82,6 +83,9 @@ def attend(
 
     Example: echo "The cat sat on the mat." | llmcli tokenize | llmcli attend --heatmap --layers 0 > hidden.jsonl
     """
+    check_output(output, input)
+    check_output(png, input, flag="--png")
+    check_output(save_cache, input, flag="--save-cache")
     import torch
 
     from llmcli.cli.render import PerRecordPath, render_heatmap, token_labels, write_png

@@ -27,6 +27,7 @@ from llmcli.cli import (
     QuantizeOpt,
     SkipErrorsOpt,
     app,
+    check_output,
     open_input,
     open_output,
     say,
@@ -130,6 +131,7 @@ def chat(
     interactive = input == "-" and sys.stdin.isatty()
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
     stream_in = source = None
+    check_output(output, input)
     if not interactive:
         stream_in, source = open_input(input)  # a missing file fails before the model loads
     engine = Engine(

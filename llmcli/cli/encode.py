@@ -21,6 +21,7 @@ from llmcli.cli import (
     OutputOpt,
     SkipErrorsOpt,
     app,
+    check_output,
     run_stage,
     say,
 )
@@ -118,6 +119,7 @@ def encode(
         raise UsageError(f"unknown --pool {pool!r}", f"use one of {', '.join(POOLS)}")
     if normalize and pool is None:
         raise UsageError("--normalize needs --pool", "add --pool mean (or cls, last)")
+    check_output(output, input)
 
     import torch
 

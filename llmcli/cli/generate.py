@@ -20,6 +20,7 @@ from llmcli.cli import (
     OutputOpt,
     SkipErrorsOpt,
     app,
+    check_output,
     open_input,
     open_output,
     say,
@@ -64,7 +65,7 @@ def generate(
     n: Annotated[int, typer.Option("--n", help="Samples per record (one output record each, with `sample`).")] = 1,
     logprobs: Annotated[Optional[int], typer.Option(help="Add `logprobs`: the chosen token's logprob and this many alternatives.")] = None,
     echo: Annotated[bool, typer.Option(help="Add `prompt_logprobs` for the prompt tokens.")] = False,
-    stream: Annotated[bool, typer.Option(help="Write {id, delta} records as text is produced, then the final record.")] = False,
+    stream: Annotated[bool, typer.Option(help="Write {id, delta} records as text is produced, each record's together just before its final record.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences in flight at once (continuous batching).")] = 8,
     progress: Annotated[bool, typer.Option(help="Progress bar on stderr (default: when stderr is a terminal).")] = False,
     cache: Annotated[Optional[str], typer.Option(help="Resume from a KV cache written by `llmcli attend --save-cache`.")] = None,
@@ -84,11 +85,14 @@ def generate(
     from llmcli.core.sampling import SamplingParams
     from llmcli.engine import Engine
     from llmcli.records import (
+        DELTA,
         FINISH_REASON,
         GENERATED_IDS,
+        ID,
         IDS,
         LOGPROBS,
         PROMPT_LOGPROBS,
+        SAMPLE,
         TEXT,
         ErrorCounter,
         RecordWriter,
@@ -114,6 +118,7 @@ def generate(
         seed=seed,
         logprobs=logprobs,
     )
+    check_output(output, input, cache)
     stream_in, source = open_input(input)
     engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL)
     tokenizer = engine.tokenizer
@@ -147,6 +152,8 @@ def generate(
             ids = tokenizer.encode(record[TEXT]).ids
         else:
             raise InputError("no `ids` or `text` in the record for generate", "pipe through `llmcli tokenize` first")
+        if not ids:  # the batcher refuses one too, but by then the line it came from is unknown
+            raise InputError("the prompt is empty (no tokens to continue)", "give the record a non-empty `text` or `ids`", line=number)
         limit = context - 1
         if len(ids) > limit:
             if not truncate:
@@ -184,9 +191,18 @@ def generate(
     show_progress = progress or sys.stderr.isatty()
     bar = _Progress() if show_progress else None
 
+    # Stream records of a request behind the one whose final record comes next, held until it is
+    # next: each record's deltas come together, just before it, so a reader never sees two interleaved.
+    held: dict[int, list[dict]] = {}
+
     def on_event(event) -> None:
         if stream and event.text:
-            writer.write({"id": event.request.id, **({"sample": event.request.sample_index} if n > 1 else {}), "delta": event.text})
+            delta = {ID: event.request.id, **({SAMPLE: event.request.sample_index} if n > 1 else {}), DELTA: event.text}
+            key = id(event.request)
+            if key == next(iter(records), None):
+                writer.write(delta)
+            else:
+                held.setdefault(key, []).append(delta)
         if bar is not None:
             bar.token(event)
 
@@ -203,6 +219,8 @@ def generate(
             if result.prompt_logprobs is not None:
                 out[PROMPT_LOGPROBS] = result.prompt_logprobs
             writer.write(out)
+            if held:
+                writer.write_many(held.pop(next(iter(records), None), []))
             if bar is not None:
                 bar.record()
     finally:

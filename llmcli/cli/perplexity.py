@@ -41,9 +41,11 @@ def perplexity(
         raise UsageError(f"--stride {stride} must be between 1 and --ctx ({ctx})", "use a stride of at most the context, e.g. half of it")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
-    stream, source = open_input(file)
+    from llmcli.records import strip_bom
+
+    stream, source = open_input(file, kind="plain text file (UTF-8)")
     try:
-        data = stream.read()
+        data = strip_bom(stream.read())
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()

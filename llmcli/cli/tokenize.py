@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmcli.cli import BATCH_LINES, InputArg, ModelOpt, OutputOpt, SkipErrorsOpt, app, run_batched_stage, say
+from llmcli.cli import BATCH_LINES, InputArg, ModelOpt, OutputOpt, SkipErrorsOpt, app, check_output, run_batched_stage, say
 from llmcli.errors import InputError, UsageError
 
 
@@ -59,6 +59,7 @@ def tokenize(
     if lines and jsonl:
         raise UsageError("--lines and --jsonl contradict each other", "give one of them, or neither to detect the format")
     mode = "lines" if lines else "jsonl" if jsonl else "auto"
+    check_output(output, input)
 
     from llmcli.records import COUNT, IDS, OFFSETS, PROMPT, TEXT, TOKENS, require, stdout_is_terminal
 
@@ -109,7 +110,7 @@ def tokenize(
         return results
 
     # A table is shown as its record is reached, in order with the errors on stderr: one line at a time.
-    run_batched_stage(input, output, transform, mode=mode, skip_errors=skip_errors, max_batch=1 if console is not None else BATCH_LINES)
+    run_batched_stage(input, output, transform, mode=mode, skip_errors=skip_errors, max_batch=1 if console is not None else BATCH_LINES, kind="text or JSONL file")
 
 
 def render_chat(tokenizer, record: dict, number: int, system: Optional[str] = None) -> str:
