@@ -4,7 +4,8 @@ Unknown fields are ignored (as vLLM does), so newer clients keep working; fields
 the meaning of a request and that llmcli cannot honour (tools, suffix, structured output) are
 refused by the endpoints with a 400 naming the field. Extensions beyond OpenAI's API are
 vLLM's names: top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-return_tokens_as_token_ids, add_special_tokens.
+return_tokens_as_token_ids, add_special_tokens; and llmcli's parse_special (chat messages only:
+read special-token text inside a message as special tokens, off by default).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class ChatCompletionRequest(_Sampling):
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
+    parse_special: bool = False  # llmcli's: special-token text inside messages read as special tokens
 
 
 class EmbeddingRequest(_Body):
@@ -92,6 +94,7 @@ class TokenizeRequest(_Body):
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    parse_special: bool = False
 
 
 class DetokenizeRequest(_Body):
