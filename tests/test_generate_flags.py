@@ -1,5 +1,6 @@
 """`llmcli generate` flags: --logprobs capped as the server caps it, --stop-id checked against the
-vocabulary, --samples (with the old --n as a hidden alias), --progress's help."""
+vocabulary, --samples (with the old --n as a hidden alias); --progress/--no-progress (generate,
+perplexity, bench) defaulting to "when stderr is a terminal"."""
 
 from __future__ import annotations
 
@@ -74,6 +75,20 @@ def test_samples_and_the_hidden_n_alias(tiny, capsys, monkeypatch):
 
     shown = CliRunner().invoke(app, ["generate", "--help"]).stdout
     assert "--samples" in shown and "--n " not in shown
+
+
+@pytest.mark.parametrize("command", ["generate", "perplexity", "bench"])
+def test_progress_help_names_its_real_default(command):
+    shown = CliRunner().invoke(app, [command, "--help"]).stdout
     start = shown.index("--progress / --no-progress")
     progress = " ".join(shown[start : shown.index("\n  --", start)].split())  # its help text, wrapped lines joined
     assert "(default: when stderr is a terminal)" in progress and "[default:" not in progress
+
+
+def test_no_progress_wins_on_a_terminal(monkeypatch):
+    from llmcli.cli import wants_progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert wants_progress(None) is True and wants_progress(False) is False
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert wants_progress(None) is False and wants_progress(True) is True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import List, Optional
 
@@ -18,11 +17,13 @@ from llmcli.cli import (
     ModelOpt,
     QuantizeOpt,
     OutputOpt,
+    ProgressOpt,
     SkipErrorsOpt,
     app,
     open_input,
     open_output,
     say,
+    wants_progress,
 )
 from llmcli.errors import InputError, UsageError
 
@@ -70,9 +71,7 @@ def generate(
     echo: Annotated[bool, typer.Option(help="Add `prompt_logprobs` for the prompt tokens.")] = False,
     stream: Annotated[bool, typer.Option(help="Write {id, delta} records as text is produced, then the final record.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences in flight at once (continuous batching).")] = 8,
-    progress: Annotated[
-        Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr (default: when stderr is a terminal).", show_default=False)
-    ] = None,
+    progress: ProgressOpt = None,
     cache: Annotated[Optional[str], typer.Option(help="Resume from a KV cache written by `llmcli attend --save-cache`.")] = None,
     truncate: Annotated[bool, typer.Option(help="Keep the last tokens of prompts longer than the context instead of failing.")] = False,
     dtype: DtypeOpt = "float32",
@@ -192,8 +191,7 @@ def generate(
             yield req
 
     writer = RecordWriter(open_output(output))
-    show_progress = sys.stderr.isatty() if progress is None else progress
-    bar = _Progress() if show_progress else None
+    bar = _Progress() if wants_progress(progress) else None
 
     def on_event(event) -> None:
         if stream and event.text:
