@@ -339,7 +339,7 @@ def prompts_file(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_generate_stream_writes_each_records_deltas_together_and_decode_follows_it(tiny, prompts_file, n):
-    common = ["-m", tiny, "-n", "12", "--ignore-eos", "--batch-size", "8", "--n", str(n), "--temperature", "1", "--seed", "3"]
+    common = ["-m", tiny, "-n", "12", "--ignore-eos", "--batch-size", "8", "--samples", str(n), "--temperature", "1", "--seed", "3"]
     streamed = invoke("generate", *common, "--stream", prompts_file)
     assert streamed.exit_code == 0, streamed.output
     out = records(streamed.stdout)

@@ -439,6 +439,7 @@ def test_prompt_logprobs_shift_by_one():
         {"seed": 1.5},
         {"logprobs": -1},
         {"logprobs": True},
+        {"logprobs": 21},
     ],
 )
 def test_out_of_range_values_are_usage_errors(kwargs):

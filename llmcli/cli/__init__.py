@@ -141,6 +141,15 @@ QuantizeOpt = Annotated[
 ]
 SkipErrorsOpt = Annotated[bool, typer.Option("--skip-errors", help="Skip bad lines (counted on stderr) instead of stopping.")]
 FloatsOpt = Annotated[bool, typer.Option("--floats", help="Write tensors as nested lists of numbers instead of base64.")]
+# None (neither flag): a bar when stderr is a terminal; see wants_progress
+ProgressOpt = Annotated[
+    Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr (default: when stderr is a terminal).", show_default=False)
+]
+
+
+def wants_progress(progress: Optional[bool]) -> bool:
+    """--progress / --no-progress as given, else a bar when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else progress
 
 
 # ---------------------------------------------------------------- stderr

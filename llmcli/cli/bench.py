@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, app, say
+from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, app, say, wants_progress
 from llmcli.errors import UsageError
 
 FORMATS = ("md", "json", "jsonl", "csv")
@@ -328,7 +328,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads for torch (default: torch's choice).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
     warmup: Annotated[bool, typer.Option(help="One untimed run of each test first.")] = True,
-    progress: Annotated[bool, typer.Option(help="Live progress bar on stderr (default: when stderr is a terminal).")] = False,
+    progress: ProgressOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
@@ -366,7 +366,7 @@ def bench(
     if longest > limit:
         raise UsageError(f"a test needs {longest} positions but {loaded.name} holds {limit}", f"use -p and -n of at most {limit}")
     tests = sum(p > 0 for p in prompts) + sum(n > 0 for n in gens)
-    reporter = _Reporter(tests * len(batches) * repetitions, live=progress or sys.stderr.isatty())
+    reporter = _Reporter(tests * len(batches) * repetitions, live=wants_progress(progress))
     try:
         rows = run_benchmarks(loaded, prompts, gens, batches, repetitions, seed=seed, warmup=warmup, quantize=quantize, on_result=reporter)
     finally:

@@ -39,23 +39,29 @@ PROMPT = ">>> "
 HELP = """commands:
   /help          this list
   /reset         forget the conversation (the system prompt stays)
-  /system TEXT   set the system prompt (no TEXT: show it)
+  /system TEXT   set the system prompt (no TEXT: show it, or the template's default one)
   /history       show the conversation as the model receives it (its chat template)
   /save FILE     write the messages as JSON
-  /exit          leave (also Ctrl-D, or Ctrl-C at the prompt)
-Ctrl-C during a reply stops the reply."""
+  /exit          leave (also Ctrl-D at the prompt)
+Ctrl-C during a reply stops the reply; your message and the part of the reply shown stay in
+the conversation. Ctrl-C at the prompt clears the line, as in Python's REPL."""
 
 
 # ---------------------------------------------------------------- the conversation and the context window
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
-    """The prompt text for the messages and its token ids (the template holds any BOS it wants)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    return text, list(tokenizer.encode(text, add_special=False).ids)
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = True, parse_special: bool = False) -> tuple[str, list[int]]:
+    """The prompt text for the messages and its token ids (the template holds any BOS it wants).
+
+    Special-token text inside a message is plain text unless parse_special (see Tokenizer.encode_chat).
+    """
+    text, encoding = tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, parse_special=parse_special)
+    return text, encoding.ids
 
 
-def fit_messages(tokenizer, messages: list[dict], context: int, reserve: int, notify: Callable[[str], None]) -> tuple[list[dict], str, list[int]]:
+def fit_messages(
+    tokenizer, messages: list[dict], context: int, reserve: int, notify: Callable[[str], None], parse_special: bool = False
+) -> tuple[list[dict], str, list[int]]:
     """Drop the oldest turns until the prompt leaves `reserve` tokens for the reply.
 
     System messages and the last message always stay; a user message goes together with the
@@ -64,7 +70,7 @@ def fit_messages(tokenizer, messages: list[dict], context: int, reserve: int, no
     """
     kept = list(messages)
     while True:
-        text, ids = render(tokenizer, kept)
+        text, ids = render(tokenizer, kept, parse_special=parse_special)
         if len(ids) + reserve <= context:
             return kept, text, ids
         droppable = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
@@ -106,6 +112,9 @@ def chat(
     stop: Annotated[Optional[List[str]], typer.Option(help="Stop string (repeatable); not included in the reply.")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end of the turn (for tests and benchmarks).")] = False,
     show_prompt: Annotated[bool, typer.Option(help="Print the rendered prompt the model receives to stderr before each reply.")] = False,
+    parse_special: Annotated[
+        bool, typer.Option("--parse-special", help="Read special-token text inside messages (<|im_end|>) as special tokens, not as plain text.")
+    ] = False,
     max_context: Annotated[Optional[int], typer.Option(help="Cap the context below the model's (saves memory).")] = None,
     batch_size: Annotated[int, typer.Option(help="Piped records in flight at once.")] = 8,
     dtype: DtypeOpt = "float32",
@@ -116,7 +125,10 @@ def chat(
     """Chat with the model: a REPL on a terminal, or JSONL records with `messages` -> the same records plus `reply`.
 
     The prompt is the model's own chat template. The history is kept within the context window
-    (the oldest turns are dropped, with a notice on stderr). Type /help in the REPL for commands.
+    (the oldest turns are dropped, with a notice on stderr). Special-token text inside a message
+    (<|im_end|>) is plain text, so a message cannot end its turn or open another role's;
+    --parse-special reads it as special tokens. Type /help in the REPL for commands; Ctrl-C
+    stops a reply and keeps the conversation, Ctrl-D leaves.
 
     Example: echo '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}' | llmcli chat
     """
@@ -154,15 +166,15 @@ def chat(
         )
 
     if interactive:
-        _repl(engine, make_request, system, max_tokens, show_prompt)
+        _repl(engine, make_request, system, max_tokens, show_prompt, parse_special)
     else:
-        _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors)
+        _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors, parse_special)
 
 
 # ---------------------------------------------------------------- piped: records in, records out
 
 
-def _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors) -> None:
+def _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors, parse_special) -> None:
     from llmcli.records import MESSAGES, REPLY, ErrorCounter, RecordWriter, check_messages, iter_lines, require
 
     tokenizer = engine.tokenizer
@@ -177,7 +189,7 @@ def _batch(engine, make_request, stream_in, source, output, system, max_tokens, 
                 messages = check_messages(require(line.record, MESSAGES, line.number, stage="chat"), line.number)
                 if system is not None and not any(m["role"] == "system" for m in messages):
                     messages.insert(0, {"role": "system", "content": system})
-                _, text, ids = fit_messages(tokenizer, messages, context, reserve, lambda msg: say(f"line {line.number}: {msg}"))
+                _, text, ids = fit_messages(tokenizer, messages, context, reserve, lambda msg: say(f"line {line.number}: {msg}"), parse_special)
             except InputError as exc:
                 exc.line = exc.line or line.number
                 exc.source = exc.source or source
@@ -235,7 +247,7 @@ def _save_readline(setup) -> None:
         pass
 
 
-def _repl(engine, make_request, system: Optional[str], max_tokens: int, show_prompt: bool) -> None:
+def _repl(engine, make_request, system: Optional[str], max_tokens: int, show_prompt: bool, parse_special: bool = False) -> None:
     from llmcli.engine.service import EngineService
 
     tokenizer = engine.tokenizer
@@ -250,12 +262,15 @@ def _repl(engine, make_request, system: Optional[str], max_tokens: int, show_pro
         while True:
             try:
                 line = input(PROMPT)
-            except EOFError:
+            except EOFError:  # Ctrl-D
                 sys.stdout.write("\n")
                 return
             except KeyboardInterrupt:
+                # as Python's REPL: Ctrl-C drops the line being typed; leaving takes Ctrl-D or /exit
                 sys.stdout.write("\n")
-                raise typer.Exit(130)
+                sys.stdout.flush()
+                say("(Ctrl-C clears the line; Ctrl-D or /exit leaves)")
+                continue
             text = line.strip()
             if not text:
                 continue
@@ -264,24 +279,27 @@ def _repl(engine, make_request, system: Optional[str], max_tokens: int, show_pro
                     return
                 continue
             turn += 1
-            _turn(service, make_request, tokenizer, messages, line, turn, context, reserve, show_prompt)
+            _turn(service, make_request, tokenizer, messages, line, turn, context, reserve, show_prompt, parse_special)
     finally:
         _save_readline(setup)
         service.shutdown(drain=False, timeout=5.0)
 
 
-def _turn(service, make_request, tokenizer, messages: list[dict], line: str, turn: int, context: int, reserve: int, show_prompt: bool) -> None:
+def _turn(service, make_request, tokenizer, messages: list[dict], line: str, turn: int, context: int, reserve: int, show_prompt: bool, parse_special: bool) -> None:
     """One exchange: fit the history, stream the reply to stdout, keep both in `messages`.
 
-    Ctrl-C anywhere in here stops the reply (the request is cancelled, its row freed) and keeps
-    what was shown, so the history matches the screen.
+    Ctrl-C anywhere in here stops the reply (the request is cancelled, its row freed); the
+    user's message and the part of the reply that was shown stay in the conversation (as
+    llama-cli keeps them), so the history matches the screen and the next turn follows on.
     """
     handle = None
     pieces: list[str] = []
+    messages.append({"role": "user", "content": line})
     try:
         try:
-            kept, prompt_text, ids = fit_messages(tokenizer, messages + [{"role": "user", "content": line}], context, reserve, lambda m: say(f"llmcli: {m}"))
-        except ContextLengthError as exc:
+            kept, prompt_text, ids = fit_messages(tokenizer, messages, context, reserve, lambda m: say(f"llmcli: {m}"), parse_special)
+        except InputError as exc:  # too long for the context, or refused by the template: the REPL goes on
+            messages.pop()
             say(f"error: {exc}")
             return
         messages[:] = kept
@@ -301,8 +319,9 @@ def _turn(service, make_request, tokenizer, messages: list[dict], line: str, tur
         sys.stdout.write("\n")
         sys.stdout.flush()
         say("[reply stopped]")
-    if messages and messages[-1]["role"] == "user":
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+    finally:
+        if messages and messages[-1]["role"] == "user":
+            messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def _command(text: str, messages: list[dict], tokenizer) -> str | None:
@@ -317,8 +336,11 @@ def _command(text: str, messages: list[dict], tokenizer) -> str | None:
         say("llmcli: conversation forgotten")
     elif name == "/system":
         current = next((m for m in messages if m["role"] == "system"), None)
-        if not arg:
-            print(current["content"] if current else "(no system prompt)")
+        if not arg and current is not None:
+            print(current["content"])
+        elif not arg:
+            default = tokenizer.default_system_prompt()
+            print(f"(none set; the chat template adds its own:)\n{default}" if default else "(no system prompt)")
         elif current is not None:
             current["content"] = arg
         else:
@@ -327,7 +349,7 @@ def _command(text: str, messages: list[dict], tokenizer) -> str | None:
         if not messages:
             print("(empty)")
         else:
-            print(render(tokenizer, messages, add_generation_prompt=False)[0])
+            print(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
     elif name == "/save":
         if not arg:
             say("usage: /save FILE")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import List, Optional
 
@@ -18,12 +17,14 @@ from llmcli.cli import (
     ModelOpt,
     QuantizeOpt,
     OutputOpt,
+    ProgressOpt,
     SkipErrorsOpt,
     app,
     check_output,
     open_input,
     open_output,
     say,
+    wants_progress,
 )
 from llmcli.errors import InputError, UsageError
 
@@ -62,12 +63,16 @@ def generate(
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token.")] = False,
     min_tokens: Annotated[int, typer.Option(help="Generate at least this many tokens before stopping.")] = 0,
     seed: Annotated[Optional[int], typer.Option(help="Seed: each record samples from its own stream derived from seed and id.")] = None,
-    n: Annotated[int, typer.Option("--n", help="Samples per record (one output record each, with `sample`).")] = 1,
-    logprobs: Annotated[Optional[int], typer.Option(help="Add `logprobs`: the chosen token's logprob and this many alternatives.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Samples per record (one output record each, with `sample`; the API's `n`).")] = 1,
+    # the flag's old name, one letter from -n (--max-tokens): still read, no longer shown
+    n_alias: Annotated[Optional[int], typer.Option("--n", hidden=True)] = None,
+    logprobs: Annotated[
+        Optional[int], typer.Option(help="Add `logprobs`: the chosen token's logprob and this many alternatives (at most 20, as the server).")
+    ] = None,
     echo: Annotated[bool, typer.Option(help="Add `prompt_logprobs` for the prompt tokens.")] = False,
     stream: Annotated[bool, typer.Option(help="Write {id, delta} records as text is produced, each record's together just before its final record.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences in flight at once (continuous batching).")] = 8,
-    progress: Annotated[bool, typer.Option(help="Progress bar on stderr (default: when stderr is a terminal).")] = False,
+    progress: ProgressOpt = None,
     cache: Annotated[Optional[str], typer.Option(help="Resume from a KV cache written by `llmcli attend --save-cache`.")] = None,
     truncate: Annotated[bool, typer.Option(help="Keep the last tokens of prompts longer than the context instead of failing.")] = False,
     dtype: DtypeOpt = "float32",
@@ -82,7 +87,7 @@ def generate(
     Example: echo "The capital of France is" | llmcli tokenize | llmcli generate -n 8 | llmcli decode --text-only
     """
     from llmcli.core.generate import Request
-    from llmcli.core.sampling import SamplingParams
+    from llmcli.core.sampling import SamplingParams, check_token_ids
     from llmcli.engine import Engine
     from llmcli.records import (
         DELTA,
@@ -100,8 +105,12 @@ def generate(
         require_ids,
     )
 
-    if n < 1:
-        raise UsageError("--n must be at least 1", "use --n 1 or more")
+    if n_alias is not None:
+        if samples != 1:
+            raise UsageError("--n is the old name of --samples; give one of them", "use --samples")
+        samples = n_alias
+    if samples < 1:
+        raise UsageError("--samples must be at least 1", "use --samples 1 or more")
     if max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1", "use -n 1 or more")
     if batch_size < 1:
@@ -123,6 +132,7 @@ def generate(
     engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL)
     tokenizer = engine.tokenizer
     vocab = engine.config.vocab_size
+    check_token_ids(stop_id or [], vocab, "--stop-id")
     context = engine.context_length
     prompt_cache = None
     if cache is not None:
@@ -170,7 +180,7 @@ def generate(
             k, v, cached_ids = prompt_cache
             check_prefix(cached_ids, ids, cache, number)
             kv = (k, v)
-        for sample in range(n):
+        for sample in range(samples):
             req = Request(
                 id=record.get("id", number),
                 prompt_ids=ids,
@@ -188,8 +198,7 @@ def generate(
             yield req
 
     writer = RecordWriter(open_output(output))
-    show_progress = progress or sys.stderr.isatty()
-    bar = _Progress() if show_progress else None
+    bar = _Progress() if wants_progress(progress) else None
 
     # Stream records of a request behind the one whose final record comes next, held until it is
     # next: each record's deltas come together, just before it, so a reader never sees two interleaved.
@@ -197,7 +206,7 @@ def generate(
 
     def on_event(event) -> None:
         if stream and event.text:
-            delta = {ID: event.request.id, **({SAMPLE: event.request.sample_index} if n > 1 else {}), DELTA: event.text}
+            delta = {ID: event.request.id, **({SAMPLE: event.request.sample_index} if samples > 1 else {}), DELTA: event.text}
             key = id(event.request)
             if key == next(iter(records), None):
                 writer.write(delta)
@@ -210,7 +219,7 @@ def generate(
         for result in engine.iter_results(requests(), on_event=on_event):
             _, record = records.pop(id(result.request))
             out = dict(record)
-            if n > 1:
+            if samples > 1:
                 out["sample"] = result.request.sample_index
             out[GENERATED_IDS] = result.generated_ids
             out[FINISH_REASON] = result.finish_reason

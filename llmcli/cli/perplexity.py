@@ -8,7 +8,7 @@ import sys
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, app, open_input, say
+from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, app, open_input, say, wants_progress
 from llmcli.errors import InputError, UsageError
 
 FORMATS = ("text", "json")
@@ -22,7 +22,7 @@ def perplexity(
     stride: Annotated[int, typer.Option("--stride", help="Tokens between window starts; each window scores only tokens not scored before.")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.")] = 4,
     format: Annotated[str, typer.Option("--format", "-f", help="text (for people) or json (one object).")] = "text",
-    progress: Annotated[bool, typer.Option(help="Progress bar on stderr (default: when stderr is a terminal).")] = False,
+    progress: ProgressOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
@@ -59,7 +59,7 @@ def perplexity(
 
     loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=say, default_model=DEFAULT_MODEL)
     ids = loaded.tokenizer.encode(text).ids
-    show = progress or sys.stderr.isatty()
+    show = wants_progress(progress)
     bar = _Bar() if show else None
     try:
         result = compute(loaded, ids, ctx=ctx, stride=stride, batch_size=batch_size, on_progress=bar.update if bar else None, n_bytes=len(data))

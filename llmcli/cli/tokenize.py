@@ -36,6 +36,9 @@ def tokenize(
     as_json: Annotated[bool, typer.Option("--json", help="Write JSONL even when stdout is a terminal (where a table is shown otherwise).")] = False,
     chat: Annotated[bool, typer.Option("--chat", help="Render the model's chat template first: `messages`, or `text` as the user's turn. Adds `prompt`.")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="With --chat: a system message before the user's turn.")] = None,
+    parse_special: Annotated[
+        bool, typer.Option("--parse-special", help="With --chat: read special-token text inside messages (<|im_end|>) as special tokens, not as plain text.")
+    ] = False,
     skip_errors: SkipErrorsOpt = False,
 ) -> None:
     """Split text into the model's tokens: adds `ids`, `tokens` (vocabulary pieces) and `offsets`.
@@ -50,12 +53,17 @@ def tokenize(
 
     --chat renders the model's chat template (with the assistant's turn opened) over the
     record's `messages`, or over `text` as the user's message (after --system, if given), and
-    tokenizes that `prompt` instead; `offsets` then point into `prompt`.
+    tokenizes that `prompt` instead; `offsets` then point into `prompt`. There only the special
+    tokens the template writes are special: special-token text inside a message is plain text,
+    so a message cannot end its turn or open another role's (--parse-special: it is read as
+    special tokens too).
 
     Example: echo "Hi there" | llmcli tokenize -m smollm2-135m-instruct
     """
     if system is not None and not chat:
         raise UsageError("--system needs --chat", "add --chat to render the chat template")
+    if parse_special and not chat:
+        raise UsageError("--parse-special needs --chat", "special-token text is always read as special tokens in plain text; add --chat to render the chat template")
     if lines and jsonl:
         raise UsageError("--lines and --jsonl contradict each other", "give one of them, or neither to detect the format")
     mode = "lines" if lines else "jsonl" if jsonl else "auto"
@@ -80,11 +88,14 @@ def tokenize(
         results: list = []
         outs: list[dict] = []
         texts: list[str] = []
+        chats: list = []  # with --chat, each record's Encoding (its contents tokenized apart from the template's specials)
         for record, number in items:
             try:
                 out = dict(record)
                 if chat:
-                    text = out[PROMPT] = render_chat(tokenizer, record, number, system)
+                    text, encoding = encode_chat_record(tokenizer, record, number, system, parse_special, add_special=add_special)
+                    out[PROMPT] = text
+                    chats.append(encoding)
                 else:
                     text = require(record, TEXT, number, stage="llmcli tokenize")
                     if not isinstance(text, str):
@@ -95,7 +106,7 @@ def tokenize(
             results.append(out)
             outs.append(out)
             texts.append(text)
-        encodings = tokenizer.encode_batch_raw(texts, add_special=add_special) if texts else []
+        encodings = chats if chat else tokenizer.encode_batch_raw(texts, add_special=add_special) if texts else []
         for out, text, enc in zip(outs, texts, encodings):
             if count:
                 out[COUNT] = len(enc)
@@ -113,8 +124,8 @@ def tokenize(
     run_batched_stage(input, output, transform, mode=mode, skip_errors=skip_errors, max_batch=1 if console is not None else BATCH_LINES, kind="text or JSONL file")
 
 
-def render_chat(tokenizer, record: dict, number: int, system: Optional[str] = None) -> str:
-    """The chat prompt for a record: its `messages`, or its `text` as the user's turn."""
+def encode_chat_record(tokenizer, record: dict, number: int, system: Optional[str] = None, parse_special: bool = False, add_special: bool = False):
+    """The chat prompt for a record (its `messages`, or its `text` as the user's turn) and its Encoding."""
     from llmcli.records import MESSAGES, TEXT, check_messages
 
     if MESSAGES in record:
@@ -125,7 +136,7 @@ def render_chat(tokenizer, record: dict, number: int, system: Optional[str] = No
         raise InputError("no `messages` or `text` in the record for --chat", 'write {"text": "..."} or {"messages": [{"role": "user", "content": "..."}]}', line=number)
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}] + messages
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode_chat(messages, add_generation_prompt=True, parse_special=parse_special, add_special=add_special)
 
 
 def _show(console, record: dict, text: str, count_only: bool) -> None:

@@ -31,6 +31,8 @@ LOGIT_BIAS_LIMIT = 100.0
 PENALTY_LIMIT = 2.0
 # JSON has no -Infinity; vLLM's OpenAI server reports a filtered-out token's logprob as this.
 MIN_LOGPROB = -9999.0
+# The most alternatives a logprobs entry lists: OpenAI's cap (top_logprobs <= 20), for the CLI and the server.
+MAX_LOGPROBS = 20
 
 PerRow = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 IdsOrCounts = torch.Tensor | Sequence[Sequence[int]]
@@ -91,8 +93,11 @@ class SamplingParams:
         self.logit_bias = _normalise_bias(self.logit_bias)
         if self.seed is not None and not _is_int(self.seed):
             raise UsageError(f"seed must be a whole number, got {self.seed!r}", "give an integer such as 42, or no seed")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise UsageError(f"logprobs must be a whole number >= 0, got {self.logprobs!r}", "use 0 for the chosen token only, or e.g. 5 for five alternatives")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise UsageError(
+                f"logprobs must be a whole number from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}",
+                f"use 0 for the chosen token only, or up to {MAX_LOGPROBS} alternatives (the server's and OpenAI's cap)",
+            )
 
 
 def _is_int(value: Any) -> bool:
@@ -165,6 +170,13 @@ def _as_counts(value: IdsOrCounts, shape: torch.Size, device: torch.device) -> t
 # ---------------------------------------------------------------- logit processors
 
 
+def check_token_ids(ids: Sequence[int], vocab: int, what: str) -> None:
+    """UsageError naming `what` (logit_bias, --stop-id) for the first id outside 0..vocab-1."""
+    bad = [i for i in ids if not 0 <= int(i) < vocab]
+    if bad:
+        raise UsageError(f"{what} token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "use ids from this model's tokenizer (`llmcli tokenize`)")
+
+
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Mapping[int, float]] | Mapping[int, float]) -> torch.Tensor:
     """logits (B, V) plus each row's {token id: bias} (one mapping for all rows, or one per row)."""
     rows, vocab = logits.shape
@@ -178,9 +190,7 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Mapping[int, float]]
         if not bias:
             continue
         ids = [int(k) for k in bias]
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise UsageError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "use ids from this model's tokenizer (`llmcli tokenize`)")
+        check_token_ids(ids, vocab, "logit_bias")
         index = torch.tensor(ids, dtype=torch.long, device=logits.device)
         values = torch.tensor([float(bias[k]) for k in bias], dtype=logits.dtype, device=logits.device)
         out[row].index_add_(0, index, values)

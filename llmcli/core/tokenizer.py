@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -194,6 +194,152 @@ class Tokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as exc:
             raise InputError(f"the chat template refused the messages: {exc}", "check the roles and their order (e.g. system first, user and assistant alternating)") from None
+
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, parse_special: bool = False, add_special: bool = False, **kwargs: Any
+    ) -> tuple[str, Encoding]:
+        """The rendered chat prompt and its tokens; add_special False (the default): nothing added, the template writes any BOS it wants.
+
+        The special tokens the template writes (<|im_start|>, <|im_end|>) are special tokens; the
+        text of one inside a message's content is tokenized as plain text, so a message cannot
+        close its turn and open another role's. parse_special=True reads special-token text
+        everywhere, as transformers' apply_chat_template(tokenize=True) and llama.cpp do. Contents
+        without special-token text are tokenized in one piece either way (the same ids).
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        specials = self._special_pattern
+        contents = [m.get("content") for m in messages]
+        if parse_special or specials is None or not any(isinstance(c, str) and specials.search(c) for c in contents):
+            return text, self.encode(text, add_special=add_special)
+        spans = self._content_spans(messages, add_generation_prompt, text, kwargs)
+        return text, self._encode_with_plain_spans(text, spans, add_special)
+
+    def default_system_prompt(self) -> str | None:
+        """The system message the chat template writes when the conversation has none (SmolLM2's
+        "You are a helpful AI assistant named SmolLM, ..."), or None.
+
+        Found by rendering a user turn with and without a system message of a marker text: the
+        template's text around the marker, where the marker's absence leaves the default in its place.
+        """
+        if not self.chat_template:
+            return None
+        mark, user = "\U000f8300", "\U000f8301"
+        try:
+            with_system = self.apply_chat_template([{"role": "system", "content": mark}, {"role": "user", "content": user}], add_generation_prompt=False)
+            without = self.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=False)
+        except (InputError, ModelError):
+            return None
+        if with_system.count(mark) != 1 or with_system.count(user) != 1 or without.count(user) != 1:
+            return None
+        before, _, after = with_system[: with_system.index(user)].partition(mark)
+        head = without[: without.index(user)]
+        if not (head.startswith(before) and head.endswith(after)) or len(head) <= len(before) + len(after):
+            return None
+        return head[len(before) : len(head) - len(after)] or None
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        """A regex of the special tokens' texts, longest first (None when there are none)."""
+        found = sorted({t.content for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content}, key=len, reverse=True)
+        return re.compile("|".join(re.escape(t) for t in found)) if found else None
+
+    def _content_spans(self, messages: list[dict], add_generation_prompt: bool, text: str, kwargs: dict) -> list[tuple[int, int]]:
+        """[start, end) of every message content in the rendered `text`.
+
+        The template is rendered again with a marker in place of each content; the text between
+        the markers is the template's own. A template that strips a content is followed; one that
+        changes it otherwise cannot be split safely, and is refused rather than reading the
+        content's special-token text as special tokens.
+        """
+        marks = {i: f"\U000f8100{i}\U000f8101" for i, m in enumerate(messages) if isinstance(m.get("content"), str)}
+        stand_ins = [dict(m, content=marks[i]) if i in marks else m for i, m in enumerate(messages)]
+        parts = re.split("\U000f8100(\\d+)\U000f8101", self.apply_chat_template(stand_ins, add_generation_prompt=add_generation_prompt, **kwargs))
+        spans: list[tuple[int, int]] = []
+        ok = text.startswith(parts[0])
+        pos = len(parts[0])
+        for k in range(1, len(parts), 2):
+            if not ok:
+                break
+            content, following = messages[int(parts[k])]["content"], parts[k + 1]
+            ok = False
+            for piece in (content, content.strip()):
+                if text.startswith(piece + following, pos):
+                    spans.append((pos, pos + len(piece)))
+                    pos += len(piece) + len(following)
+                    ok = True
+                    break
+        if not ok or pos != len(text):
+            raise InputError(
+                "a message holds the text of a special token (such as <|im_end|>) and the chat template changes message contents, so it cannot be kept as plain text",
+                "remove the special-token text from the message, or pass --parse-special to read it as special tokens",
+            )
+        return spans
+
+    def _encode_with_plain_spans(self, text: str, spans: list[tuple[int, int]], add_special: bool) -> Encoding:
+        """Tokens of `text` with special-token text read as special tokens outside `spans` only.
+
+        One encode of the whole text, so the pieces around the contents tokenize as they would
+        otherwise: a copy of the backend reads no special tokens, and the template's own ones are
+        written as placeholder tokens that it does read, then mapped back to their ids and offsets.
+        """
+        import bisect
+
+        backend, placeholders = self._plain_special_backend
+        pattern = self._special_pattern
+        # the placeholder text in pieces; per piece its start there, its start in `text`, its length in `text`
+        pieces: list[str] = []
+        starts: list[int] = []
+        origins: list[int] = []
+        sizes: list[int] = []
+
+        def add(piece: str, origin: int, size: int) -> None:
+            if piece:
+                starts.append(starts[-1] + len(pieces[-1]) if pieces else 0)
+                pieces.append(piece)
+                origins.append(origin)
+                sizes.append(size)
+
+        pos = 0
+        for start, end in spans + [(len(text), len(text))]:
+            cursor = pos
+            for match in pattern.finditer(text, pos, start):
+                add(text[cursor : match.start()], cursor, match.start() - cursor)
+                add(placeholders[match.group()][0], match.start(), len(match.group()))
+                cursor = match.end()
+            add(text[cursor:start], cursor, start - cursor)
+            add(text[start:end], start, end - start)
+            pos = end
+
+        def where(offset: int) -> int:
+            """An offset into the placeholder text as an offset into `text`."""
+            i = bisect.bisect_right(starts, offset) - 1
+            if i < 0:
+                return offset
+            return origins[i] + min(offset - starts[i], sizes[i])
+
+        back = {stand_in: (real_id, token) for token, (_, stand_in, real_id) in placeholders.items()}
+        enc = backend.encode("".join(pieces), add_special_tokens=add_special)
+        ids, tokens = [], []
+        for token_id, token in zip(enc.ids, enc.tokens):
+            real_id, real = back.get(token_id, (token_id, token))
+            ids.append(real_id)
+            tokens.append(real)
+        return Encoding(ids=ids, tokens=tokens, offsets=[[where(a), where(b)] for a, b in enc.offsets])
+
+    @cached_property
+    def _plain_special_backend(self) -> tuple[tokenizers.Tokenizer, dict[str, tuple[str, int, int]]]:
+        """A copy of the backend that reads special-token text as plain text, plus a placeholder
+        token for each special token: {token text: (placeholder, placeholder id, real id)}.
+        Built on first use (a third of a second for a 50k vocabulary), when a message holds special-token text."""
+        copy = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        copy.encode_special_tokens = True
+        added = {t.content: (i, t) for i, t in self.backend.get_added_tokens_decoder().items() if t.special and t.content}
+        stand_ins = {content: f"\U000f8200{i}\U000f8201" for content, (i, _) in added.items()}
+        # not special, so that encode_special_tokens leaves them matched; the same flags as the token they stand for
+        copy.add_tokens(
+            [AddedToken(stand_ins[c], single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized, special=False) for c, (_, t) in added.items()]
+        )
+        return copy, {c: (stand_ins[c], copy.token_to_id(stand_ins[c]), i) for c, (i, _) in added.items()}
 
 
 @lru_cache(maxsize=8)

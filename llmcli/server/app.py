@@ -756,11 +756,11 @@ def make_app(
             raise ApiError(400, f"model {state.model_name} has no chat template", "invalid_request_error", "messages", None)
         messages = _messages(body.messages)
         try:
-            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            # the template already holds any BOS it wants (as transformers' apply_chat_template(tokenize=True))
+            rendered, encoding = tokenizer.encode_chat(messages, add_generation_prompt=True, parse_special=body.parse_special)
         except LlmcliError as exc:
             raise api_error_from(exc, "messages") from None
-        # the template already holds any BOS it wants (as transformers' apply_chat_template(tokenize=True))
-        ids = list(tokenizer.encode(rendered, add_special=False).ids)
+        ids = encoding.ids
         max_tokens = body.max_completion_tokens or body.max_tokens
         plan = _plan(state, body, [ids], [rendered], (body.top_logprobs or 0) if body.logprobs else None, max_tokens, False, cap_to_context=True)
         handle = _submit(plan)
@@ -868,10 +868,10 @@ def make_app(
             if not tokenizer.chat_template:
                 raise ApiError(400, f"model {state.model_name} has no chat template", "invalid_request_error", "messages")
             try:
-                text = tokenizer.apply_chat_template(_messages(body.messages), add_generation_prompt=body.add_generation_prompt)
+                _, encoding = tokenizer.encode_chat(_messages(body.messages), add_generation_prompt=body.add_generation_prompt, parse_special=body.parse_special)
             except LlmcliError as exc:
                 raise api_error_from(exc, "messages") from None
-            ids = list(tokenizer.encode(text, add_special=False).ids)
+            ids = encoding.ids
         else:
             ids = list(tokenizer.encode(body.prompt, add_special=body.add_special_tokens).ids)
         return {"count": len(ids), "max_model_len": context, "tokens": ids}

@@ -4,7 +4,8 @@ Unknown fields are ignored (as vLLM does), so newer clients keep working; fields
 the meaning of a request and that llmcli cannot honour (tools, suffix, structured output) are
 refused by the endpoints with a 400 naming the field. Extensions beyond OpenAI's API are
 vLLM's names: top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
-return_tokens_as_token_ids, add_special_tokens.
+return_tokens_as_token_ids, add_special_tokens; and llmcli's parse_special (chat messages only:
+read special-token text inside a message as special tokens, off by default).
 
 Every string in a body must be valid Unicode: JSON lets a client send half of a surrogate pair
 (`"\\ud800"`), which no tokenizer can encode and no response can echo, so it is refused here,
@@ -42,6 +43,8 @@ def _lone_surrogate(value: Any) -> tuple[str, int, str] | None:
         if found is not None:
             return where + found[0], found[1], found[2]
     return None
+
+from llmcli.core.sampling import MAX_LOGPROBS
 
 
 class _Body(BaseModel):
@@ -94,7 +97,7 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
@@ -120,10 +123,11 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(None, ge=1)  # default: what the context leaves
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
+    parse_special: bool = False  # llmcli's: special-token text inside messages read as special tokens
 
 
 class EmbeddingRequest(_Body):
@@ -140,6 +144,7 @@ class TokenizeRequest(_Body):
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    parse_special: bool = False
 
 
 class DetokenizeRequest(_Body):
