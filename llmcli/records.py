@@ -144,12 +144,12 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 def find_lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
     """(where, character) for the first string in a JSON value, key or value, that holds a lone
     UTF-16 surrogate (a character no UTF-8 text, tokenizer or writer can take), or None.
-    `where` is a path like `text` or `messages[0].content`."""
+    `where` is a path like `text` or `messages[0].content` ("" for the value itself)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:  # UTF-8 has no encoding for U+D800..U+DFFF
-            return path or "the value", value[exc.start]
+            return path, value[exc.start]
         return None
     if isinstance(value, dict):
         for key, item in value.items():
@@ -187,7 +187,7 @@ def parse_json_line(text: str, number: int, source: str) -> dict:
         if found is not None:
             where, char = found
             raise InputError(
-                f"`{where}` holds a lone UTF-16 surrogate (\\u{ord(char):04x}), which is no character",
+                f"`{where or 'the record'}` holds a lone UTF-16 surrogate (\\u{ord(char):04x}), which is no character",
                 "write the character itself, or both halves of its surrogate pair (\\ud83d\\ude42 is U+1F642)",
                 line=number,
                 source=source,

@@ -19,32 +19,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-
-def _lone_surrogate(value: Any) -> tuple[str, int, str] | None:
-    """Where a value first holds a lone surrogate: (path inside the value, character index, the surrogate), or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:  # UTF-8 has no encoding for U+D800..U+DFFF
-            return "", exc.start, value[exc.start]
-        return None
-    if isinstance(value, dict):
-        items = ((f"[{k!r}]", x) for k, v in value.items() for x in (k, v))
-    elif isinstance(value, list):
-        if value and isinstance(value[0], int):
-            return None  # token ids: the schemas allow no list that mixes ids and strings
-        items = ((f"[{i}]", v) for i, v in enumerate(value))
-    elif isinstance(value, ContentPart):
-        items = ((f".{name}", getattr(value, name)) for name in ContentPart.model_fields)
-    else:
-        return None  # numbers, booleans, None, and nested bodies (which check their own fields)
-    for where, item in items:
-        found = _lone_surrogate(item)
-        if found is not None:
-            return where + found[0], found[1], found[2]
-    return None
-
 from llmcli.core.sampling import MAX_LOGPROBS
+from llmcli.records import find_lone_surrogate
 
 
 class _Body(BaseModel):
@@ -53,14 +29,16 @@ class _Body(BaseModel):
     @field_validator("*")
     @classmethod
     def _no_lone_surrogates(cls, value: Any) -> Any:
-        found = _lone_surrogate(value)
+        # content parts are models inside a union (see ContentPart): checked here as plain data
+        plain = [part.model_dump() if isinstance(part, ContentPart) else part for part in value] if isinstance(value, list) else value
+        found = find_lone_surrogate(plain)
         if found is not None:
-            where, index, char = found
+            where, char = found
             raise PydanticCustomError(
                 "lone_surrogate",
-                "the string{where} holds a lone surrogate (U+{code}) at character {index}, which is not valid Unicode; "
+                "the string{where} holds a lone surrogate (U+{code}), which is not valid Unicode; "
                 "send UTF-8 text, where a \\uD800-\\uDFFF escape is only valid as half of a surrogate pair",
-                {"where": f" at {where}" if where else "", "code": f"{ord(char):04X}", "index": index},
+                {"where": f" at {where}" if where else "", "code": f"{ord(char):04X}"},
             )
         return value
 
