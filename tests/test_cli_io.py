@@ -207,6 +207,28 @@ def test_lone_surrogates_anywhere_in_a_record_and_valid_pairs(tiny):
     assert "line 4: `a key in meta` holds a lone UTF-16 surrogate (\\ud801)" in result.stderr
 
 
+def test_bytes_that_are_not_utf8_in_an_argument_are_one_line_not_a_traceback(tiny):
+    # Python hands an argument's non-UTF-8 bytes on as lone surrogates; the tokenizer refuses them
+    result = subprocess.run(
+        [sys.executable, "-m", "llmcli", "tokenize", "-m", str(tiny), "--chat", "--system", os.fsdecode(b"be \xff")],
+        input="hi\n", capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: line 1: the text holds U+DCFF") and "check the terminal's encoding" in result.stderr
+
+
+def test_the_tokenizer_refuses_lone_surrogates_with_an_input_error(tiny):
+    from llmcli.core.tokenizer import load_tokenizer
+    from llmcli.errors import InputError
+
+    tokenizer = load_tokenizer(tiny)
+    for encode in (lambda: tokenizer.encode("a\ud800"), lambda: tokenizer.encode_batch(["ok", "b\udc00"])):
+        with pytest.raises(InputError, match="U\\+D[8C]00 at character 1"):
+            encode()
+    assert tokenizer.encode_batch(["ok"])[0].ids == tokenizer.encode("ok").ids
+
+
 def test_generate_lone_surrogate_stops_at_its_line_after_every_record_before_it(tiny):
     """generate writes every record before the bad line (the ones in flight too), or skips it with
     --skip-errors. 40 lines, not 2000: generate reads no batches of lines, and 40 is five times

@@ -145,11 +145,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_special: bool | None = None) -> Encoding:
         """Tokens of one text. add_special None or True: the special tokens the model adds (BOS, [CLS]...); False: none."""
-        return self._wrap(self.backend.encode(text, add_special_tokens=add_special is not False))
+        try:
+            return self._wrap(self.backend.encode(text, add_special_tokens=add_special is not False))
+        except TypeError:
+            _check_unicode([text])
+            raise
 
     def encode_batch(self, texts: Sequence[str], add_special: bool | None = None) -> list[Encoding]:
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special is not False)
-        return [self._wrap(e) for e in encodings]
+        return [self._wrap(e) for e in self.encode_batch_raw(texts, add_special)]
 
     def encode_batch_raw(self, texts: Sequence[str], add_special: bool | None = None) -> list[tokenizers.Encoding]:
         """The backend's own encodings of several texts, as encode_batch tokenizes them.
@@ -158,7 +161,12 @@ class Tokenizer:
         the tokens: for callers that copy out some fields once, such as `llmcli tokenize`, where
         building an Encoding's lists for every text would add about a tenth to the time.
         """
-        return self.backend.encode_batch(list(texts), add_special_tokens=add_special is not False)
+        texts = list(texts)
+        try:
+            return self.backend.encode_batch(texts, add_special_tokens=add_special is not False)
+        except TypeError:
+            _check_unicode(texts)
+            raise
 
     def _wrap(self, enc: tokenizers.Encoding) -> Encoding:
         return Encoding(ids=list(enc.ids), tokens=list(enc.tokens), offsets=[[int(a), int(b)] for a, b in enc.offsets])
@@ -207,6 +215,7 @@ class Tokenizer:
         without special-token text are tokenized in one piece either way (the same ids).
         """
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        _check_unicode([text])
         specials = self._special_pattern
         contents = [m.get("content") for m in messages]
         if parse_special or specials is None or not any(isinstance(c, str) and specials.search(c) for c in contents):
@@ -340,6 +349,22 @@ class Tokenizer:
             [AddedToken(stand_ins[c], single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized, special=False) for c, (_, t) in added.items()]
         )
         return copy, {c: (stand_ins[c], copy.token_to_id(stand_ins[c]), i) for c, (i, _) in added.items()}
+
+
+def _check_unicode(texts: Sequence[str]) -> None:
+    """An InputError for the first text that holds a lone surrogate, which no tokenizer can encode:
+    a JSON escape like "\\ud800", or bytes that are not UTF-8 in a command-line argument (Python
+    hands those on as lone surrogates)."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                f"the text holds U+{ord(text[exc.start]):04X} at character {exc.start}, half of a surrogate pair and no character",
+                "give UTF-8 text (for a command-line argument, check the terminal's encoding)",
+            ) from None
+        except AttributeError:  # not a str: the backend's own TypeError says what it got
+            pass
 
 
 @lru_cache(maxsize=8)
