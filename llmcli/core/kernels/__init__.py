@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch  # noqa: F401 - loaded first: the kernels then share torch's OpenMP runtime and thread pool
 
+from llmcli.tempfiles import owned_tmp
+
 SOURCE = Path(__file__).with_name("matvec.c")
 
 _lock = threading.Lock()
@@ -140,12 +142,11 @@ def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = ()) -> Kernels 
     if not target.is_file():
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            os.close(fd)
-            cmd = [cc, "-O3", "-march=native", *extra_flags, "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+            tmp = owned_tmp(target)  # a build killed half-way is removed by the next load (llmcli.tempfiles)
+            cmd = [cc, "-O3", "-march=native", *extra_flags, "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
-                os.unlink(tmp)
+                tmp.unlink(missing_ok=True)
                 return None
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError):
