@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
 from typing import List, Optional
 
 import typer
@@ -18,8 +16,11 @@ from llmcli.cli import (
     ModelOpt,
     QuantizeOpt,
     OutputOpt,
+    ProgressOpt,
     SkipErrorsOpt,
+    ThreadsOpt,
     app,
+    apply_threads,
     open_input,
     open_output,
     say,
@@ -66,12 +67,13 @@ def generate(
     echo: Annotated[bool, typer.Option(help="Add `prompt_logprobs` for the prompt tokens.")] = False,
     stream: Annotated[bool, typer.Option(help="Write {id, delta} records as text is produced, then the final record.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences in flight at once (continuous batching).")] = 8,
-    progress: Annotated[bool, typer.Option(help="Progress bar on stderr (default: when stderr is a terminal).")] = False,
+    progress: ProgressOpt = None,
     cache: Annotated[Optional[str], typer.Option(help="Resume from a KV cache written by `llmcli attend --save-cache`.")] = None,
     truncate: Annotated[bool, typer.Option(help="Keep the last tokens of prompts longer than the context instead of failing.")] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
+    threads: ThreadsOpt = None,
     skip_errors: SkipErrorsOpt = False,
 ) -> None:
     """Generate tokens for each record's `ids` (or `text`), writing `generated_ids` and `finish_reason`.
@@ -82,6 +84,7 @@ def generate(
     """
     from llmcli.core.generate import Request
     from llmcli.core.sampling import SamplingParams
+    from llmcli.cli.progress import make_progress
     from llmcli.engine import Engine
     from llmcli.records import (
         FINISH_REASON,
@@ -115,6 +118,7 @@ def generate(
         logprobs=logprobs,
     )
     stream_in, source = open_input(input)
+    apply_threads(threads)
     engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL)
     tokenizer = engine.tokenizer
     vocab = engine.config.vocab_size
@@ -181,16 +185,13 @@ def generate(
             yield req
 
     writer = RecordWriter(open_output(output))
-    show_progress = progress or sys.stderr.isatty()
-    bar = _Progress() if show_progress else None
 
     def on_event(event) -> None:
         if stream and event.text:
             writer.write({"id": event.request.id, **({"sample": event.request.sample_index} if n > 1 else {}), "delta": event.text})
-        if bar is not None:
-            bar.token(event)
+        bar.on_event(event)
 
-    try:
+    with make_progress(progress, "generating") as bar:
         for result in engine.iter_results(requests(), on_event=on_event):
             _, record = records.pop(id(result.request))
             out = dict(record)
@@ -203,11 +204,7 @@ def generate(
             if result.prompt_logprobs is not None:
                 out[PROMPT_LOGPROBS] = result.prompt_logprobs
             writer.write(out)
-            if bar is not None:
-                bar.record()
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.advance(records=1)
     if counter is not None and counter.count:
         say(f"skipped {counter.count} bad line(s) of {source}")
 
@@ -218,33 +215,3 @@ def _named(tokenizer, entry: dict) -> dict:
     out["top_logprobs"] = [{"token": tokenizer.id_to_token(t["id"]), "id": t["id"], "logprob": t["logprob"]} for t in entry.get("top_logprobs", [])]
     return out
 
-
-class _Progress:
-    """Records done, tokens/s and elapsed time on stderr (Rich)."""
-
-    def __init__(self):
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.start = time.perf_counter()
-        self.tokens = 0
-        self.done = 0
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-        self.task = self.progress.add_task("generating", total=None)
-        self.progress.start()
-
-    def token(self, event) -> None:
-        if event.token is not None:
-            self.tokens += 1
-        self._update()
-
-    def record(self) -> None:
-        self.done += 1
-        self._update()
-
-    def _update(self) -> None:
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, description=f"{self.done} records, {self.tokens} tokens, {rate:.1f} tok/s")
-
-    def close(self) -> None:
-        self.progress.stop()

@@ -8,7 +8,7 @@ import sys
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, app, open_input, say
+from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, apply_threads, open_input, say
 from llmcli.errors import InputError, UsageError
 
 FORMATS = ("text", "json")
@@ -26,6 +26,7 @@ def perplexity(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Perplexity of a model on a text, with HF's sliding-window method (stride < ctx: overlapping context).
 
@@ -55,6 +56,7 @@ def perplexity(
     from llmcli.engine.engine import load_model_ref
     from llmcli.core.perplexity import perplexity as compute
 
+    apply_threads(threads)
     loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=say, default_model=DEFAULT_MODEL)
     ids = loaded.tokenizer.encode(text).ids
     show = progress or sys.stderr.isatty()

@@ -29,6 +29,7 @@ SOURCE = Path(__file__).with_name("matvec.c")
 
 _lock = threading.Lock()
 _loaded: dict[str, "Kernels | None"] = {}
+_threads = 0  # set_threads: 0 = OpenMP's own count for the calling thread
 
 
 class LinearDesc(ctypes.Structure):
@@ -85,6 +86,23 @@ class Kernels:
         ]
         self.decode_blocks_f32.restype = None
         self.simd_width = int(lib.matvec_simd_width())
+        self.set_threads = lib.matvec_set_threads
+        self.set_threads.argtypes = [i]
+        self.set_threads.restype = None
+        self.threads = lib.matvec_threads
+        self.threads.argtypes = []
+        self.threads.restype = i
+        self.set_threads(_threads)
+
+
+def set_threads(n: int) -> None:
+    """Run every parallel region of the kernels (loaded now or later) on n threads, from any thread."""
+    global _threads
+    with _lock:
+        _threads = n
+        for kernels in _loaded.values():
+            if kernels is not None:
+                kernels.set_threads(n)
 
 
 def enabled() -> bool:
