@@ -111,31 +111,26 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help=f"Catalogue name, HF-format directory or .gguf file. Default: {DEFAULT_MODEL}.", envvar="LLMCLI_MODEL"),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", "-t", help="CPU threads for the model math (torch and the native kernels). Default: the physical cores this process may use."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or mps (when present).")]
 QuantizeOpt = Annotated[
     str,
     typer.Option("--quantize", help="none, or int8: 8-bit weights in blocks of 32 (llama.cpp's Q8_0), float32 activations, on the CPU: 2-3x faster decoding at batch 1, perplexity within 1% on SmolLM2."),
 ]
-ThreadsOpt = Annotated[
-    Optional[int],
-    typer.Option("--threads", "-t", help="CPU threads for the model math (torch and the native kernels). Default: the physical cores this process may use."),
-]
-ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress on stderr. Default: when stderr is a terminal.")]
 SkipErrorsOpt = Annotated[bool, typer.Option("--skip-errors", help="Skip bad lines (counted on stderr) instead of stopping.")]
 FloatsOpt = Annotated[bool, typer.Option("--floats", help="Write tensors as nested lists of numbers instead of base64.")]
+# None (neither flag): a bar when stderr is a terminal; see wants_progress
+ProgressOpt = Annotated[
+    Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr (default: when stderr is a terminal).", show_default=False)
+]
 
 
-
-
-def apply_threads(threads: Optional[int]) -> int:
-    """Put --threads (default: the physical cores) into effect before the model runs; returns the count."""
-    from llmcli.core.threads import physical_cores, use_threads
-
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads {threads} is below 1", "use --threads 1 or more, or leave it out for the physical cores")
-    count = physical_cores() if threads is None else threads
-    use_threads(count)
-    return count
+def wants_progress(progress: Optional[bool]) -> bool:
+    """--progress / --no-progress as given, else a bar when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else progress
 
 
 # ---------------------------------------------------------------- stderr

@@ -25,7 +25,8 @@ from typing import Callable, Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, apply_threads, say
+from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, say
+from llmcli.core.threads import apply_threads
 from llmcli.errors import UsageError
 
 FORMATS = ("md", "json", "jsonl", "csv")

@@ -29,11 +29,11 @@ from llmcli.cli import (
     SkipErrorsOpt,
     ThreadsOpt,
     app,
-    apply_threads,
     open_input,
     open_output,
     say,
 )
+from llmcli.core.threads import apply_threads
 from llmcli.errors import ContextLengthError, InputError, UsageError
 
 PROMPT = ">>> "

@@ -24,10 +24,10 @@ from llmcli.cli import (
     SkipErrorsOpt,
     ThreadsOpt,
     app,
-    apply_threads,
     run_batched_stage,
     say,
 )
+from llmcli.core.threads import apply_threads
 from llmcli.errors import ContextLengthError, InputError, UsageError
 
 POOLS = ("mean", "cls", "last")

@@ -8,7 +8,8 @@ import sys
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, apply_threads, open_input, say
+from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, open_input, say
+from llmcli.core.threads import apply_threads
 from llmcli.errors import InputError, UsageError
 
 FORMATS = ("text", "json")

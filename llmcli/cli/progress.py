@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Optional
 
@@ -46,4 +45,6 @@ class Progress:
 
 def make_progress(flag: Optional[bool], verb: str) -> Progress:
     """Progress shown when --progress asks for it, or by default when stderr is a terminal."""
-    return Progress(verb, show=sys.stderr.isatty() if flag is None else flag)
+    from llmcli.cli import wants_progress
+
+    return Progress(verb, show=wants_progress(flag))

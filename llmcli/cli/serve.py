@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, apply_threads, say
+from llmcli.cli import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, say
+from llmcli.core.threads import apply_threads
 from llmcli.errors import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)

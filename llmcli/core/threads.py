@@ -37,6 +37,17 @@ def physical_cores(sys_cpu: Path = SYS_CPU, cpus: set[int] | None = None) -> int
     return len(cores) or os.cpu_count() or 1
 
 
+def apply_threads(threads: int | None) -> int:
+    """Put --threads (None: the physical cores) into effect before the model runs; returns the count."""
+    from llmcli.errors import UsageError
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads} is below 1", "use --threads 1 or more, or leave it out for the physical cores")
+    count = physical_cores() if threads is None else threads
+    use_threads(count)
+    return count
+
+
 def use_threads(n: int) -> None:
     """Run torch and the native kernels on n threads (every later op, from any thread)."""
     import torch
