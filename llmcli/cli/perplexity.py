@@ -8,7 +8,8 @@ import sys
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, app, open_input, say, wants_progress
+from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, ThreadsOpt, app, open_input, say, wants_progress
+from llmcli.core.threads import apply_threads
 from llmcli.errors import InputError, UsageError
 
 FORMATS = ("text", "json")
@@ -26,6 +27,7 @@ def perplexity(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Perplexity of a model on a text, with HF's sliding-window method (stride < ctx: overlapping context).
 
@@ -57,6 +59,7 @@ def perplexity(
     from llmcli.engine.engine import load_model_ref
     from llmcli.core.perplexity import perplexity as compute
 
+    apply_threads(threads)
     loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=say, default_model=DEFAULT_MODEL)
     ids = loaded.tokenizer.encode(text).ids
     show = wants_progress(progress)

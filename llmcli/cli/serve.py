@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, app, say
+from llmcli.cli import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, say
+from llmcli.core.threads import apply_threads
 from llmcli.errors import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
@@ -56,6 +57,7 @@ def serve(
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
+    threads: ThreadsOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level on stderr: critical, error, warning, info, debug.")] = "warning",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API.
@@ -84,7 +86,8 @@ def serve(
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ModuleNotFoundError as exc:
-        raise UsageError(f"`llmcli serve` needs {exc.name}", "pip install 'llmcli[serve]'") from None
+        raise UsageError(f"`llmcli serve` needs {exc.name}", "reinstall llmcli (pip install llmcli): fastapi and uvicorn are among its dependencies") from None
+    apply_threads(threads)  # before any thread starts: the engine and loader threads inherit the count
 
     from llmcli.catalog import resolve_model_path
     from llmcli.core.loader import load_model

@@ -90,6 +90,11 @@ def load_model(
     if not path.exists():
         raise ModelError(f"model path {path} does not exist", "give a catalogue name (see `llmcli models`), an HF-format directory or a .gguf file")
     is_gguf = path.is_file() and path.suffix == ".gguf"
+    if cache_dir is not None:
+        from llmcli.tempfiles import remove_dead_tmp
+
+        for folder in ("weights", "kernels", "tokenizers"):  # what loads killed mid-write left behind
+            remove_dead_tmp(Path(cache_dir) / folder)
     cached = _cache_file(path, Path(cache_dir)) if (is_gguf and cache_dir is not None) else None
     fused = False  # whether the tensors are already in the fused layout (read from the cache)
     rope_freqs = None
@@ -228,10 +233,11 @@ def _write_tensors(target: Path, tensors: dict[str, torch.Tensor], metadata: dic
     import os
 
     from llmcli.core import weights
+    from llmcli.tempfiles import owned_tmp
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp = owned_tmp(target)
         weights.write_safetensors(tmp, tensors, metadata)
         os.replace(tmp, target)
     except OSError:

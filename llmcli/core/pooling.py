@@ -15,6 +15,14 @@ from llmcli.errors import UsageError
 POOLS = ("mean", "cls", "last")
 
 
+def pad_batch(batch: list[list[int]], pad: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists -> (B, T) ids padded on the right to the longest with `pad`, and the (B, T) 1/0 mask."""
+    width = max(len(ids) for ids in batch)
+    x = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], dtype=torch.long, device=device)
+    return x, mask
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(B, T, d) token states and a (B, T) 1/0 mask -> (B, d).
 

@@ -445,7 +445,7 @@ class Embedder:
         """One normalized vector per input id list."""
         import torch
 
-        from llmcli.core.pooling import normalize, pool
+        from llmcli.core.pooling import normalize, pad_batch, pool
 
         vocab = self.config.vocab_size
         for i, ids in enumerate(inputs):
@@ -459,11 +459,7 @@ class Embedder:
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise InputError(f"token id {bad[0]} in input {i} is outside the vocabulary (0..{vocab - 1})", "use ids from the embedding model's tokenizer")
-        width = max(len(ids) for ids in inputs)
-        pad = self.tokenizer.pad_token_id or 0
-        device = self.loaded.device
-        x = torch.tensor([ids + [pad] * (width - len(ids)) for ids in inputs], dtype=torch.long, device=device)  # (B, T)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in inputs], dtype=torch.long, device=device)
+        x, mask = pad_batch(inputs, self.tokenizer.pad_token_id or 0, self.loaded.device)  # (B, T)
         with self._lock, torch.inference_mode():
             hidden = self.loaded.module(x, attention_mask=mask, compute_logits=False).last_hidden  # (B, T, d)
             vectors = normalize(pool(hidden.float(), mask, "mean"))  # (B, d)

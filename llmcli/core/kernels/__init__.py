@@ -23,10 +23,13 @@ from pathlib import Path
 
 import torch  # noqa: F401 - loaded first: the kernels then share torch's OpenMP runtime and thread pool
 
+from llmcli.tempfiles import owned_tmp
+
 SOURCE = Path(__file__).with_name("matvec.c")
 
 _lock = threading.Lock()
 _loaded: dict[str, "Kernels | None"] = {}
+_threads = 0  # set_threads: 0 = OpenMP's own count for the calling thread
 
 
 class LinearDesc(ctypes.Structure):
@@ -83,6 +86,23 @@ class Kernels:
         ]
         self.decode_blocks_f32.restype = None
         self.simd_width = int(lib.matvec_simd_width())
+        self.set_threads = lib.matvec_set_threads
+        self.set_threads.argtypes = [i]
+        self.set_threads.restype = None
+        self.threads = lib.matvec_threads
+        self.threads.argtypes = []
+        self.threads.restype = i
+        self.set_threads(_threads)
+
+
+def set_threads(n: int) -> None:
+    """Run every parallel region of the kernels (loaded now or later) on n threads, from any thread."""
+    global _threads
+    with _lock:
+        _threads = n
+        for kernels in _loaded.values():
+            if kernels is not None:
+                kernels.set_threads(n)
 
 
 def enabled() -> bool:
@@ -140,12 +160,11 @@ def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = ()) -> Kernels 
     if not target.is_file():
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            os.close(fd)
-            cmd = [cc, "-O3", "-march=native", *extra_flags, "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+            tmp = owned_tmp(target)  # a build killed half-way is removed by the next load (llmcli.tempfiles)
+            cmd = [cc, "-O3", "-march=native", *extra_flags, "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
-                os.unlink(tmp)
+                tmp.unlink(missing_ok=True)
                 return None
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError):

@@ -28,6 +28,16 @@
 
 #define QBLOCK 32
 
+/* Threads for every parallel region: set by matvec_set_threads (llmcli's --threads), else OpenMP's
+ * own count. An explicit count, because OpenMP's is per calling thread: torch.set_num_threads in the
+ * main thread does not reach a server's engine thread. */
+static int n_threads = 0;
+#define THREADS (n_threads > 0 ? n_threads : omp_get_max_threads())
+
+void matvec_set_threads(int n) { n_threads = n > 0 ? n : 0; }
+
+int matvec_threads(void) { return THREADS; }
+
 int matvec_simd_width(void) {
 #ifdef __AVX512F__
     return 16;
@@ -199,7 +209,7 @@ static int matmul_panels(const float *x, const void *W, const float *S, int elem
     float *xt = M == 1 ? NULL : (float *)malloc(sizeof(float) * (size_t)M * K);
     if (M > 1 && xt == NULL) return -1;
     if (M > 1) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(THREADS)
         for (int m0 = 0; m0 < M; m0 += TILE_ROWS) {
             int mr = M - m0 < TILE_ROWS ? M - m0 : TILE_ROWS;
             float *dst = xt + (size_t)m0 * K;
@@ -208,7 +218,7 @@ static int matmul_panels(const float *x, const void *W, const float *S, int elem
         }
     }
     const float *xs = M == 1 ? x : xt;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(THREADS)
     for (int task = 0; task < panels * blocks; task++) {
         int p = task / blocks, n0 = p * PANEL;
         Panel panel = {/* every panel before p is full: 32 K values and 32 K/32 scales each */
@@ -238,7 +248,7 @@ int matmul_panels_q8(const float *x, const int8_t *Q, const float *S, const floa
 
 /* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, the float32 statistics as HF computes them */
 void rms_norm_f32(const float *x, const float *w, float *out, int M, int K, float eps) {
-#pragma omp parallel for schedule(static) if (M > 8)
+#pragma omp parallel for schedule(static) if (M > 8) num_threads(THREADS)
     for (int m = 0; m < M; m++) {
         const float *xm = x + (size_t)m * K;
         float *om = out + (size_t)m * K;
@@ -297,7 +307,7 @@ static float softmax_numerators(float *a, int n, float top) {
 
 /* gate_up (M, 2I) = [gate | up] -> out (M, I) = silu(gate) * up */
 void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
-#pragma omp parallel for schedule(static) if (M > 1)
+#pragma omp parallel for schedule(static) if (M > 1) num_threads(THREADS)
     for (int m = 0; m < M; m++) {
         const float *g = gate_up + (size_t)m * 2 * I, *u = g + I;
         float *o = out + (size_t)m * I;
@@ -355,7 +365,7 @@ void attn_decode_f32(const float *qkv, const float *cos, const float *sin, const
     for (int b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     float scale = 1.0f / sqrtf((float)D);
     int group = nq / nk;
-#pragma omp parallel
+#pragma omp parallel num_threads(THREADS)
     {
         float *scores = (float *)malloc(sizeof(float) * (size_t)longest);
         float *q = (float *)malloc(sizeof(float) * (size_t)D);

@@ -1,0 +1,57 @@
+"""Temporary files of the llmcli cache whose writer died (kill -9, a crash, a power cut).
+
+Every cache entry is written under a temporary name that carries the writer's pid
+(`<name>.<pid>.tmp`) and renamed into place, so readers only ever see whole files. A writer
+killed before the rename leaves its temporary file behind; the next process that writes into
+the same folder removes those whose pid is no longer running. A pid taken over by a new
+process keeps its leftover until that one ends too: never a live writer's file, at worst a
+late cleanup. No torch here: the catalogue uses this too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_OWNED = re.compile(r"\.(\d+)\.tmp$")
+
+
+def owned_tmp(target: Path) -> Path:
+    """The temporary name to write `target` under: `<stem>.<pid>.tmp` beside it."""
+    return target.with_suffix(f".{os.getpid()}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (one of another user counts as running)."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, someone else's
+        return True
+    return True
+
+
+def remove_dead_tmp(folder: Path) -> list[Path]:
+    """Remove the `*.<pid>.tmp` files in folder whose pid is not running; returns what was removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no folder yet, or not readable: nothing to clean
+        return removed
+    for name in names:
+        match = _OWNED.search(name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        path = folder / name
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:  # gone already (another cleaner), or a read-only cache
+            pass
+    return removed
