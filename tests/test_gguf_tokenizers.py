@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from llmcli.core import tokenizer as tokmod  # noqa: E402
 from llmcli.core.tokenizer import load_tokenizer  # noqa: E402
 from llmcli.errors import ModelError  # noqa: E402
-from tests.test_tokenizer import write_gguf  # noqa: E402
+from tests.test_tokenizer import GPT2_SPLIT, llama_cpp_pieces, write_gguf  # noqa: E402
 
 MULTILINGUAL = (
     "Hello world! It's 2025-12-02, the temperature is 23.5°C and ≈ 74°F.\n"
@@ -42,29 +42,6 @@ MULTILINGUAL = (
 PRE_NAMES = sorted({names[0] for names in {kind: [n for n, k in tokmod._PRE_TYPES.items() if k == kind] for kind in set(tokmod._PRE_TYPES.values())}.values()})
 PRE_NAMES += ["llama-bpe", "qwen2", "smollm", "deepseek-r1-qwen", "llama4", "command-r", "glm4", "tekken", "phi-2"]
 PRE_NAMES = sorted(set(PRE_NAMES))
-
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-
-def llama_cpp_pieces(text: str, patterns) -> list[str]:
-    import regex
-
-    pieces = [text]
-    for pattern in patterns:
-        out = []
-        for piece in pieces:
-            pos = 0
-            for m in regex.finditer(pattern, piece):
-                if m.start() > pos:
-                    out.append(piece[pos : m.start()])
-                if m.end() > m.start():
-                    out.append(m.group())
-                pos = m.end()
-            if pos < len(piece):
-                out.append(piece[pos:])
-        pieces = out
-    return pieces
-
 
 @pytest.fixture(scope="module")
 def smol_vocab(smollm2_gguf):
