@@ -1,5 +1,6 @@
 """GGUF tokenizers of every family against llama.cpp's rules and transformers.
 
+- Every GGUF below against llama.cpp itself (llama-cpp-python's `Llama(vocab_only=True).tokenize`).
 - gpt2-style BPE: a GGUF per llama.cpp pre-tokenizer type, with SmolLM2's real vocabulary and
   merges and `tokenizer.ggml.pre` set to the type's name, so the split is what is tested. The
   reference is llama.cpp's algorithm re-done here: the type's regexes applied one after another
@@ -72,6 +73,21 @@ def test_byte_level_pre_tokenizer_follows_llama_cpp(tmp_path, smol_vocab, pre):
     assert ours.decode(ours.encode(MULTILINGUAL).ids) == MULTILINGUAL
 
 
+def llama_cpp_ids(path: Path, text: str) -> list[int]:
+    """llama.cpp's tokenizer on the file: BOS as the file says, control tokens not parsed."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), vocab_only=True, verbose=False).tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("pre", PRE_NAMES)
+def test_byte_level_pre_tokenizer_equals_llama_cpp(tmp_path, smol_vocab, pre):
+    tokens, types, merges = smol_vocab
+    path = write_gguf(tmp_path / "t.gguf", "gpt2", tokens, types, merges=merges, pre=pre, bos_token_id=1, eos_token_id=2)
+    assert load_tokenizer(path).encode(MULTILINGUAL).ids == llama_cpp_ids(path, MULTILINGUAL)
+
+
 def test_ignore_merges_takes_a_word_whole(tmp_path):
     # "What" is a token but no merge builds it: llama-bpe (ignore_merges in llama.cpp and in
     # Llama 3's tokenizer.json) looks the whole word up first, gpt-2 stops at smaller pieces.
@@ -132,6 +148,13 @@ def test_gemma3_ids_match_transformers(gemma):
     assert gemma.decode(GEMMA3_MULTILINGUAL_IDS) == MULTILINGUAL
     assert gemma.encode(MULTILINGUAL, add_special=False).ids == GEMMA3_MULTILINGUAL_IDS[1:]
     assert (gemma.bos_token_id, gemma.eos_token_id, gemma.vocab_size) == (2, 1, 262144)
+
+
+@pytest.mark.real
+def test_gemma3_ids_equal_llama_cpp(gemma, gemma3_gguf):
+    texts = [MULTILINGUAL, "  two leading spaces", "a   b\t\tc\n\n\nd", "x       y", "\U000e0041 tag", " 🙂"]
+    for text in texts:
+        assert gemma.encode(text).ids == llama_cpp_ids(gemma3_gguf, text), text
 
 
 @pytest.mark.real
