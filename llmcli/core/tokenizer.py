@@ -582,43 +582,129 @@ def _template_processor(backend: tokenizers.Tokenizer, bos: str | None, eos: str
 
 # ---------------------------------------------------------------- GGUF
 
-# Split regexes of the pre-tokenizers named by `tokenizer.ggml.pre` (llama.cpp's llama-vocab.cpp;
-# the same strings as transformers' integrations/gguf). Names not listed use GPT-2's regex.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Pre-tokenizers named by `tokenizer.ggml.pre`, as llama.cpp's llama-vocab.cpp defines them (the
+# name -> type table in llama_vocab::impl::load, the regexes in llm_tokenizer_bpe). A type is a
+# list of regexes applied one after another, each splitting the pieces the previous one left
+# (text between matches stays a piece), which is `Split(..., "isolated")` in a Sequence. Where
+# llama.cpp rewrote a regex for std::regex, the original from the model's tokenizer.json is used.
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_CASED_WORDS = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{c}"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{c}"
 )
-_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "dbrx", "smaug-bpe", "lfm2"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _GPT4O_SPLIT),
+_TEKKEN_SPLIT = _CASED_WORDS.replace("{c}", "") + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_GPT4O_SPLIT = _CASED_WORDS.replace("{c}", _CONTRACTIONS + "?") + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_CJK_DEEPSEEK = "[一-龥ࠀ-一가-퟿]+"
+_PUNCT_WORDS = r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+_PRE_SPLITS: dict[str, tuple[str, ...]] = {
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]"),
+    "llama3": (_LLAMA3_SPLIT,),
+    "jais2": (
+        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}",
+    ),
+    "deepseek-llm": (
+        "[\r\n]",
+        "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+",
+        r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+        r"\s+$",
+        _CJK_DEEPSEEK,
+        r"\p{N}+",
+    ),
+    "deepseek-v3": (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "spark2_5": (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", _PUNCT_WORDS + r"| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+", r"\p{N}"),
+    "youtu": ("[가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|[一-龥぀-ゟ゠-ヿ]+", _GPT4O_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}", 1)),
+    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_DEEPSEEK, r"\p{N}"),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, "[0-9][0-9][0-9]"),
+    "starcoder": (r"\p{N}", _GPT2_SPLIT),
+    "gpt2": (_GPT2_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+    "qwen35": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "bloom": (r" ?[^(\s|.,!?…。，、।۔،)]+",),
+    "viking": (r" ?[^(\s|.,!?…。，、।۔،)]+", r"\p{N}"),
+    "tekken": (_TEKKEN_SPLIT,),
+    "chameleon": (
+        "<sentinel:[0-9]+>",
+        "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z",
+        "([\\t\\n]|    |  )",
+        r"\p{N}",
+        r"[\p{P}!-/:-@\[-`{-~]",
+        _GPT2_SPLIT,
+    ),
+    "gpt-4o": (_GPT4O_SPLIT,),
+    "tiny_aya": (r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O_SPLIT),
+    "bailingmoe": (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",),
+    "seed-coder": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "ufakzeka": (r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "laguna": ("[^\\n]+|[\\n]+", _QWEN2_SPLIT),
+    "exaone-moe": (
+        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+",
+    ),
+    "minicpm5": (r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
-# llama.cpp splits every digit off first ("\p{N}"), then applies GPT-2's regex, for these; it is
-# what the original tokenizer.json of SmolLM/StarCoder does with Digits(individual_digits=True).
-_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact"}
+# Every name llama.cpp accepts -> its type above (same regexes, different names in llama.cpp)
+_PRE_TYPES = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"), "llama3"),
+    **dict.fromkeys(("dbrx", "smaug-bpe", "chatglm-bpe", "glm4", "glm5"), "llama3"),
+    "jais-2": "jais2",
+    "deepseek-llm": "deepseek-llm",
+    **dict.fromkeys(("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"), "deepseek-v3"),
+    "spark2_5": "spark2_5",
+    "youtu": "youtu",
+    "deepseek-coder": "deepseek-coder",
+    "falcon": "falcon",
+    **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"), "starcoder"),
+    **dict.fromkeys(
+        ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "modern-bert",
+         "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"),
+        "gpt2",
+    ),  # fmt: skip
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan", "solar-open"), "qwen2"),
+    "qwen35": "qwen35",
+    **dict.fromkeys(("poro-chat", "bloom", "gpt3-finnish"), "bloom"),
+    "viking": "viking",
+    "tekken": "tekken",
+    "chameleon": "chameleon",
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), "gpt-4o"),
+    "granite-embed-multi-97m": "gpt-4o",  # llama.cpp adds \p{M} to its rewrite; the original regex has it
+    **dict.fromkeys(("tiny_aya", "cohere2moe"), "tiny_aya"),
+    **dict.fromkeys(("bailingmoe", "bailingmoe2", "llada-moe"), "bailingmoe"),
+    "seed-coder": "seed-coder",
+    "ufakzeka": "ufakzeka",
+    "grok-2": "qwen2",
+    "laguna": "laguna",
+    "exaone-moe": "exaone-moe",
+    "minicpm5": "minicpm5",
+    "default": "default",
+}
+# Names whose word is looked up whole before any merge (llama.cpp's ignore_merges, `"ignore_merges":
+# true` in their tokenizer.json), and those that add BOS when the file does not say.
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
+                  "minicpm5", "youtu", "glm4", "glm5", "tekken", "granite-embed-multi-97m"}  # fmt: skip
+_ADD_BOS = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano", "tekken", "chameleon"}
+# llama.cpp handles these with code of its own (custom digit grouping, Han rules, zero-width
+# splits) or without GPT-2's byte alphabet; nothing here rebuilds them yet.
+_UNSUPPORTED_PRE = {"kimi-k2", "superbpe", "afmoe", "gemma4", "granite-embed-multi-311m", "sarvam-moe", "whitespace"}
 
 
-def _gguf_pre_tokenizer(pre: str | None):
-    if pre in _SPLITS:
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+def _gguf_pre_tokenizer(pre: str | None, path: Path | None = None):
+    """The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`; a missing name is llama.cpp's
+    "default". A name llama.cpp does not know gets GPT-2's regex, as transformers gives it."""
+    if pre in _UNSUPPORTED_PRE:
+        raise ModelError(
+            f"{path or 'the GGUF file'} uses the pre-tokenizer {pre!r}, which llmcli does not rebuild yet",
+            "use the model's HF directory (tokenizer.json) instead",
         )
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _DIGITS_THEN_GPT2:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return byte_level
+    kind = _PRE_TYPES.get(pre or "default")
+    if kind == "gpt2" or kind is None:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if kind == "starcoder":  # \p{N} then GPT-2's regex, what SmolLM's own tokenizer.json writes
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    splits = [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in _PRE_SPLITS[kind]]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 @lru_cache(maxsize=1)
@@ -684,8 +770,8 @@ def _load_gguf(path: Path) -> Tokenizer:
         )
     token_types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
     if kind == "gpt2":
-        backend = _gguf_byte_level(meta, tokens, token_types)
-        default_add_bos = False
+        backend = _gguf_byte_level(meta, tokens, token_types, path)
+        default_add_bos = meta.get("tokenizer.ggml.pre") in _ADD_BOS
     elif kind == "llama":
         backend = _gguf_sentencepiece(meta, tokens, token_types)
         # Older files have no flag, and llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
@@ -722,7 +808,7 @@ def _load_gguf(path: Path) -> Tokenizer:
     )
 
 
-def _gguf_byte_level(meta: dict, tokens: list[str], token_types: list[int]) -> tokenizers.Tokenizer:
+def _gguf_byte_level(meta: dict, tokens: list[str], token_types: list[int], path: Path | None = None) -> tokenizers.Tokenizer:
     alphabet = _byte_alphabet()
     letters = set(alphabet.values())
     vocab: dict[str, int] = {}
@@ -732,8 +818,12 @@ def _gguf_byte_level(meta: dict, tokens: list[str], token_types: list[int]) -> t
         spelled = token if set(token) <= letters else "".join(alphabet[b] for b in token.encode("utf-8"))
         vocab.setdefault(spelled, index)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    pre = meta.get("tokenizer.ggml.pre")
+    pre_tokenizer = _gguf_pre_tokenizer(pre, path)
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES)
+    )
+    backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
     _add_gguf_special_tokens(backend, tokens, token_types, byte_level=True)
     return backend
