@@ -4,13 +4,17 @@ Up to `batch_size` sequences are in flight; each `step()` first admits waiting r
 free rows (one prefill each), then decodes one token for every active row in a single forward.
 A finished sequence frees its row at once, so the next request starts on the next step and
 prompts of different lengths share a batch. Running sequences are kept in rows 0..n-1 (a
-finished one's row takes the last running sequence), so a step computes only the rows in use. Every sequence samples from its own generator
-(derived from the run's seed and the record's id), so results do not depend on the batch.
+finished one's row takes the last running sequence), so a step computes only the rows in use,
+and the KV cache holds memory only for those rows and their lengths: it grows as sequences need it
+and shrinks when they finish, so one long prompt neither takes memory for every row nor keeps it.
+Every sequence samples from its own generator (derived from the run's seed and the record's id),
+so results do not depend on the batch.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +58,7 @@ class ContinuousBatcher:
         self.config = loaded.config
         self.batch_size = batch_size
         self.max_len = min(max_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        self.cache = KVCache.for_model(self.config, batch_size, self.max_len, dtype=loaded.dtype, device=loaded.device, initial_len=256)
+        self.cache = KVCache.for_model(self.config, batch_size, self.max_len, dtype=loaded.dtype, device=loaded.device, initial_len=256, initial_rows=1)
         self.vocab = self.config.vocab_size
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[_Sequence | None] = [None] * batch_size
@@ -87,6 +91,7 @@ class ContinuousBatcher:
             if seq is not None and seq.request.id == request_id:
                 events.append(self._finish(seq, "cancelled"))
         self._compact()
+        self._trim()
         return events
 
     @property
@@ -115,6 +120,8 @@ class ContinuousBatcher:
         for seq, token, entry in zip(running, tokens, entries):
             events.append(self._accept(seq, token, entry))
         self._compact()
+        if any(event.finish_reason is not None for event in events):
+            self._trim()
         return events
 
     def _compact(self) -> None:
@@ -135,10 +142,16 @@ class ContinuousBatcher:
             seq.row = low
             self.rows[low], self.rows[high] = seq, None
 
+    def _trim(self) -> None:
+        """Give back the cache memory that finished sequences needed and the running ones do not."""
+        n = self.active
+        if self.cache.trim(int(self.cache.lengths[:n].max()) + 1 if n else 0, n):
+            release_free_memory()
+
     def _admit(self, request: Request, row: int) -> list[Event]:
         self.cache.reset_row(row)
         ids = request.prompt_ids
-        self.cache.reserve(len(ids) + 1)  # on the root cache: the row view below cannot grow
+        self.cache.reserve(len(ids) + 1, row + 1)  # on the root cache: the row view below cannot grow
         start = 0
         if request.prompt_cache is not None:
             k, v = request.prompt_cache
@@ -237,6 +250,27 @@ class ContinuousBatcher:
             generated_ids=seq.generated[:keep],
             logprobs=seq.logprobs[:keep] if seq.request.params.logprobs is not None else None,
         )
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    A long prompt's activations and cache are freed after it, but glibc keeps freed blocks of a
+    few MB inside its heaps, where the process's RSS would carry them until it exits.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # not glibc
+        return None
 
 
 def _plain_greedy(params: sampling.SamplingParams) -> bool:

@@ -1,4 +1,9 @@
-"""What every architecture family shares: the forward contract, the KV cache, attention masks.
+"""What every architecture family shares: the forward contract, the KV cache, masked attention.
+
+Attention never holds (T, T) scores or masks for a long prompt: a fresh causal prompt takes SDPA's
+causal flag (tiled on the CPU), anything that needs a mask (a cached prefix, ragged rows, a
+sliding window) goes through `masked_attention` one block of query rows at a time, and only
+`reference_attention`, which returns the probabilities `attend --attention` asks for, builds them.
 
 Contract for a family module (core/models/<family>.py):
   - `Model(config)`: an nn.Module whose parameter names equal the HF checkpoint's keys, so weight
@@ -18,9 +23,11 @@ Attention layers are 0-based block indices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Collection
 
 import torch
+import torch.nn.functional as F
 
 from llmcli.errors import ContextLengthError
 
@@ -34,11 +41,15 @@ class ForwardOutput:
 
 
 class KVCache:
-    """A preallocated slot cache: row b holds `lengths[b]` tokens of one sequence.
+    """A slot cache: row b holds `lengths[b]` tokens of one sequence.
 
     Rows are independent, so a continuous-batching engine can put a new sequence into a free row
     while the others keep decoding. Each forward writes its new keys/values at positions
     lengths[b] .. lengths[b]+T-1 and then advances lengths by the number of real tokens.
+
+    Memory is allocated for `rows` x `capacity` positions and grows on demand (`reserve`); `trim`
+    gives it back once the sequences that needed it are gone. Rows 0..rows-1 are allocated, so a
+    user of fewer rows than batch_size keeps its sequences in the lowest rows.
     """
 
     def __init__(
@@ -51,39 +62,65 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         initial_len: int | None = None,
+        initial_rows: int | None = None,
     ):
         # max_len is the hard limit (the context); memory is allocated for initial_len positions
-        # and grows by doubling, since a full 8k context for 16 rows of a 30-layer model is GBs.
+        # and grows by doubling, since a full 8k context for 16 rows of a 30-layer model is GBs:
+        # a long prompt in one row must not make every row that long (initial_rows).
         self.max_len = max_len
-        alloc = min(max_len, initial_len or max_len)
-        shape = (batch_size, num_kv_heads, alloc, head_dim)
+        self.initial_len = min(max_len, initial_len or max_len)
+        shape = (min(batch_size, initial_rows or batch_size), num_kv_heads, self.initial_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @classmethod
-    def for_model(cls, config, batch_size: int, max_len: int | None = None, dtype=torch.float32, device="cpu", initial_len: int | None = None) -> "KVCache":
+    def for_model(
+        cls, config, batch_size: int, max_len: int | None = None, dtype=torch.float32, device="cpu", initial_len: int | None = None, initial_rows: int | None = None
+    ) -> "KVCache":
         max_len = max_len or config.max_position_embeddings
-        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim, max_len, dtype, device, initial_len)
+        return cls(config.num_hidden_layers, batch_size, config.num_key_value_heads, config.head_dim, max_len, dtype, device, initial_len, initial_rows)
 
     @property
     def capacity(self) -> int:
         """Positions allocated now (up to max_len)."""
         return self.k[0].shape[2]
 
-    def reserve(self, n: int) -> None:
-        """Make room for n positions per row (doubling), keeping what is stored. Not on views: reserve the root."""
-        if n <= self.capacity:
+    @property
+    def rows(self) -> int:
+        """Rows allocated now (up to batch_size)."""
+        return self.k[0].shape[0]
+
+    def reserve(self, n: int, rows: int = 0) -> None:
+        """Make room for n positions in rows 0..rows-1 (each doubling), keeping what is stored. Not on views: reserve the root."""
+        if n <= self.capacity and rows <= self.rows:
             return
         if n > self.max_len:
             raise ContextLengthError(f"the sequence needs {n} positions but the cache holds {self.max_len}", "shorten the prompt or lower --max-tokens")
-        new = min(self.max_len, max(n, 2 * self.capacity))
-        old = self.capacity
+        length = self.capacity if n <= self.capacity else min(self.max_len, max(n, 2 * self.capacity))
+        self._resize(self.rows if rows <= self.rows else min(self.batch_size, max(rows, 2 * self.rows)), length)
+
+    def trim(self, n: int, rows: int) -> bool:
+        """Give memory back once only rows 0..rows-1 hold sequences, none needing more than n positions.
+
+        Shrinks when the allocation is over twice what they need with room to grow (2n positions),
+        so a finished long prompt does not keep its memory, and the next steps do not regrow at once.
+        Returns whether it shrank.
+        """
+        length = min(self.max_len, max(self.initial_len, 2 * n))
+        rows = max(rows, 1)
+        if self.rows * self.capacity <= 2 * rows * length:
+            return False
+        self._resize(rows, length)
+        return True
+
+    def _resize(self, rows: int, length: int) -> None:
+        keep_rows, keep = min(rows, self.rows), min(length, self.capacity)
         for cache in (self.k, self.v):
             for i, t in enumerate(cache):
-                grown = torch.zeros((t.shape[0], t.shape[1], new, t.shape[3]), dtype=t.dtype, device=t.device)
-                grown[:, :, :old] = t
-                cache[i] = grown
+                resized = torch.zeros((rows, t.shape[1], length, t.shape[3]), dtype=t.dtype, device=t.device)
+                resized[:keep_rows, :, :keep] = t[:keep_rows, :, :keep]
+                cache[i] = resized
 
     @property
     def batch_size(self) -> int:
@@ -142,17 +179,61 @@ class KVCache:
         n = k.shape[2]
         if n > self.max_len:
             raise ContextLengthError(f"the saved cache holds {n} positions, more than {self.max_len}", "use a longer context")
-        self.reserve(n)
+        self.reserve(n, row + 1)
         for layer in range(len(self.k)):
             self.k[layer][row, :, :n] = k[layer].to(self.k[layer].dtype)
             self.v[layer][row, :, :n] = v[layer].to(self.v[layer].dtype)
         self.lengths[row] = n
 
 
-def causal_mask(positions: torch.Tensor, S: int) -> torch.Tensor:
-    """(B, 1, T, S) boolean: query at absolute position p sees keys 0..p."""
-    keys = torch.arange(S, device=positions.device)
-    return (keys[None, None, None, :] <= positions[:, None, :, None])
+# Query rows per block where attention needs an explicit mask: a (B, 1, 512, S) mask at a time
+# instead of (B, 1, T, S), so a long prompt costs memory linear in its length. Read at call time.
+ATTENTION_BLOCK = 512
+
+
+def causal_mask(positions: torch.Tensor, S: int, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, S) boolean: query at absolute position p sees keys 0..p (p-window+1..p with a sliding window)."""
+    keys = torch.arange(S, device=positions.device)[None, None, None, :]
+    query = positions[:, None, :, None]
+    mask = keys <= query
+    if window:
+        mask &= keys > query - window
+    return mask
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Causal (and sliding-window) SDPA for queries at any absolute positions, e.g. after a cached prefix.
+
+    q (B, H, T, hd) at `positions` (B, T); k, v (B, Hkv, S, hd) for positions 0..S-1. The mask is
+    built per block of ATTENTION_BLOCK query rows, against the keys that block may see, so no
+    (T, S) mask (nor the float copy SDPA makes of it) exists at once. Every query row is computed
+    on its own, with keys from position 0, so a row's result does not depend on the blocking.
+    """
+    T = q.shape[2]
+    block = ATTENTION_BLOCK
+    if T <= block:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(positions, k.shape[2], window), enable_gqa=enable_gqa)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))  # (B, H, T, hd)
+    for start in range(0, T, block):
+        pos = positions[:, start : start + block]  # (B, t)
+        S = min(int(pos.max()) + 1, k.shape[2])  # later keys are masked for every row of the block
+        mask = causal_mask(pos, S, window)  # (B, 1, t, S)
+        out[:, :, start : start + block] = F.scaled_dot_product_attention(q[:, :, start : start + block], k[:, :, :S], v[:, :, :S], attn_mask=mask, enable_gqa=enable_gqa)
+    return out
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slow path that also returns the probabilities (B, H, T, S), float32: explicit scores and softmax.
+
+    It builds (B, H, T, S) scores, so only `attend --attention`, which asks for the maps, runs it.
+    k, v may have fewer (GQA) heads than q; mask is boolean, broadcastable to (B, H, T, S).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return probs.to(v.dtype) @ v, probs
 
 
 def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -166,8 +247,11 @@ def wanted(layers: Collection[int] | None, index: int) -> bool:
 
 def rows_view(cache: KVCache, start: int, end: int) -> KVCache:
     """A KVCache of rows start..end-1 whose tensors are views into `cache`: writes land in place."""
+    if end > cache.rows:
+        raise RuntimeError(f"rows {start}..{end - 1} of a cache with {cache.rows} allocated: reserve them first")
     view = KVCache.__new__(KVCache)
     view.max_len = cache.max_len
+    view.initial_len = cache.initial_len
     view.k = [k[start:end] for k in cache.k]
     view.v = [v[start:end] for v in cache.v]
     view.lengths = cache.lengths[start:end]

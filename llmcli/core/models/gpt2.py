@@ -15,7 +15,6 @@ scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upca
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Collection
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.core.config import ModelConfig
-from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask
+from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention
 from llmcli.errors import ContextLengthError, ModelError
 
 # Conv1D weights in a GPT-2 checkpoint, stored (in, out): the ones sanitize transposes.
@@ -64,10 +63,11 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor | None,
+        plain: bool,
         cache: KVCache | None,
         want_probs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """plain: every row's queries start at key 0, so SDPA's own causal flag is the mask."""
         B, T, d = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)  # each (B, T, H, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
@@ -75,16 +75,12 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v, positions)  # (B, H, S, hd)
         probs = None
         if want_probs:
-            # slow reference path: an explicit softmax so the probabilities can be returned
-            scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # (B, H, T, S)
-            if mask is None:
-                mask = causal_mask(positions, k.shape[2])
-            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-            out = probs.to(v.dtype) @ v
-        elif mask is None:
+            out, probs = reference_attention(q, k, v, causal_mask(positions, k.shape[2]))
+        elif plain:
+            # SDPA's causal path on the CPU works in tiles: no (T, T) scores for a long prompt
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = masked_attention(q, k, v, positions)
         out = out.transpose(1, 2).reshape(B, T, d)  # (B, T, H*hd)
         return self.c_proj(out), probs
 
@@ -108,8 +104,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, mask, cache, want_probs):
-        a, probs = self.attn(self.ln_1(x), positions, mask, cache, want_probs)
+    def forward(self, x, positions, plain, cache, want_probs):
+        a, probs = self.attn(self.ln_1(x), positions, plain, cache, want_probs)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, probs
@@ -190,11 +186,10 @@ class Model(nn.Module):
             # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
             uniform = bool((cache.lengths == cache.lengths[0]).all())
             plain = uniform and (T == 1 or int(cache.lengths[0]) == 0)
-            mask = None if plain else causal_mask(positions, S)
         else:
             self._check_length(T)
             positions = torch.arange(T, device=x.device)[None, :].expand(B, T)
-            mask = None
+            plain = True
         x = x + self.transformer.wpe(positions)  # (B, T, d)
         hidden: dict[int, torch.Tensor] = {}
         attentions: dict[int, torch.Tensor] = {}
@@ -202,7 +197,7 @@ class Model(nn.Module):
             hidden[0] = x
         for i, block in enumerate(self.transformer.h):
             want = i in output_attentions
-            x, probs = block(x, positions, mask, cache, want)
+            x, probs = block(x, positions, plain, cache, want)
             if want:
                 attentions[i] = probs
             if i + 1 in output_hidden and i + 1 != L:

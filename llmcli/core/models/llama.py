@@ -2,7 +2,8 @@
 
 Parameter names equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so
 loading is a loop with a shape check. GQA through SDPA's enable_gqa; a slow eager attention
-path, kept beside the fast one, returns the probabilities when they are asked for.
+path (base.reference_attention), kept beside the fast one, returns the probabilities when they
+are asked for.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.core.config import ModelConfig
-from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask
+from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -80,6 +81,7 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.window = config.sliding_window
         qkv_bias = config.attention_bias
         o_bias = config.attention_bias and config.model_type != "qwen2"
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
@@ -99,10 +101,11 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor | None,
+        plain: bool,
         cache: KVCache | None,
         want_probs: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """plain: every row's queries start at key 0 with no window, so SDPA's own causal flag is the mask."""
         B, T, _ = x.shape
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
         nq, nk = self.n_heads, self.n_kv
@@ -121,21 +124,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, hd)
         probs = None
+        gqa = self.n_kv != self.n_heads
         if want_probs:
-            # slow reference path: explicit softmax so the probabilities can be returned
-            groups = self.n_heads // self.n_kv
-            kk = k.repeat_interleave(groups, dim=1)
-            vv = v.repeat_interleave(groups, dim=1)
-            scores = (q @ kk.transpose(-2, -1)).float() / math.sqrt(self.head_dim)  # (B, H, T, S)
-            if mask is None:
-                mask = causal_mask(positions, k.shape[2])
-            scores = scores.masked_fill(~mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-            out = probs.to(q.dtype) @ vv
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_heads)
+            out, probs = reference_attention(q, k, v, causal_mask(positions, k.shape[2], self.window))
+        elif plain:
+            # SDPA's causal path on the CPU works in tiles: no (T, T) scores for a long prompt
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            out = masked_attention(q, k, v, positions, self.window, gqa)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(out), probs
 
@@ -194,8 +190,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, positions, mask, cache, want_probs):
-        a, probs = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, cache, want_probs)
+    def forward(self, x, cos, sin, positions, plain, cache, want_probs):
+        a, probs = self.self_attn(self.input_layernorm(x), cos, sin, positions, plain, cache, want_probs)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, probs
@@ -300,14 +296,6 @@ class Model(nn.Module):
             table = self._rope_table = (emb.cos().to(dtype), emb.sin().to(dtype))
         return table[0][positions], table[1][positions]
 
-    def _mask(self, positions: torch.Tensor, S: int) -> torch.Tensor:
-        mask = causal_mask(positions, S)
-        window = self.config.sliding_window
-        if window and S > window:
-            keys = torch.arange(S, device=positions.device)
-            mask = mask & (keys[None, None, None, :] > positions[:, None, :, None] - window)
-        return mask
-
     # ------------------------------------------------------------ forward
 
     def forward(
@@ -327,19 +315,15 @@ class Model(nn.Module):
         L = self.config.num_hidden_layers
         one_step = T == 1 and cache is not None and not output_hidden and not output_attentions and x.dtype == torch.float32
         blocks = self._native_blocks() if one_step else None  # a whole decode step in one native call
+        window = self.config.sliding_window
         if cache is not None:
             positions = cache.positions(T)  # (B, T)
-            if blocks is not None:
-                mask = None  # the native step takes the positions themselves, not a mask
-            else:
-                S = int(positions.max()) + 1
-                uniform = bool((cache.lengths == cache.lengths[0]).all())
-                # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
-                plain = uniform and (T == 1 or int(cache.lengths[0]) == 0) and not self.config.sliding_window
-                mask = None if plain else self._mask(positions, S)
+            # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
+            # (and the native step takes the positions themselves)
+            plain = blocks is not None or (not window and (T == 1 or int(cache.lengths[0]) == 0) and bool((cache.lengths == cache.lengths[0]).all()))
         else:
             positions = torch.arange(T, device=x.device)[None, :].expand(B, T)
-            mask = self._mask(positions, T) if (self.config.sliding_window and T > self.config.sliding_window) else None
+            plain = not (window and T > window)
         cos, sin = self.rope(positions, x.dtype)
         hidden: dict[int, torch.Tensor] = {}
         attentions: dict[int, torch.Tensor] = {}
@@ -350,7 +334,7 @@ class Model(nn.Module):
         else:
             for i, block in enumerate(self.model.layers):
                 want = i in output_attentions
-                x, probs = block(x, cos, sin, positions, mask, cache, want)
+                x, probs = block(x, cos, sin, positions, plain, cache, want)
                 if want:
                     attentions[i] = probs
                 if i + 1 in output_hidden and i + 1 != L:

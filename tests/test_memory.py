@@ -1,0 +1,199 @@
+"""Long prompts without quadratic memory: attention never holds a (T, T) mask or scores, and the
+batcher's KV cache holds memory only for the rows and positions that are running.
+
+Peak memory is measured in a child process run with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB:
+every tensor of a long prompt is then its own mapping, returned when it is freed, so the peak
+RSS (VmHWM, reset before each prefill) is the peak of what that prefill allocated, whatever
+the load on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmcli
+from llmcli.core.generate import Request
+from llmcli.core.loader import load_model
+from llmcli.core.models import base
+from llmcli.core.models.base import KVCache, causal_mask, masked_attention, reference_attention
+from llmcli.engine import Engine
+from llmcli.engine.batcher import ContinuousBatcher
+from tests.tiny import load_reference, make_tiny
+
+PEAK_SCRIPT = r"""
+import json, re, sys, torch
+from llmcli.core.config import ModelConfig
+from llmcli.core.models import gpt2, llama
+from llmcli.core.models.base import KVCache
+
+lengths = [int(t) for t in sys.argv[1].split(",")]
+common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8192, tie_word_embeddings=True)
+torch.manual_seed(0)
+models = {
+    "prefill": llama.Model(ModelConfig(model_type="llama", num_key_value_heads=1, **common)),
+    "after a cached prefix": llama.Model(ModelConfig(model_type="llama", num_key_value_heads=1, **common)),
+    "sliding window": llama.Model(ModelConfig(model_type="llama", num_key_value_heads=1, sliding_window=256, **common)),
+    "gpt2 after a cached prefix": gpt2.Model(ModelConfig(model_type="gpt2", hidden_act="gelu_new", **common)),
+}
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+@torch.inference_mode()
+def prefill(path, T):
+    model = models[path].eval()
+    ids = torch.randint(0, 256, (1, T))
+    cache = KVCache.for_model(model.config, 1, T)
+    if path.endswith("prefix"):  # a saved prompt cache resumed, a chat's next turn
+        model(ids[:, :16], cache=cache, logits_index=torch.tensor([15]))
+        ids = ids[:, 16:]
+    model(ids, cache=cache, logits_index=torch.tensor([ids.shape[1] - 1]))
+
+out = {}
+for path in models:
+    prefill(path, 64)
+    out[path] = {}
+    for T in lengths:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS now
+        before = rss_kib()
+        prefill(path, T)
+        out[path][T] = peak_kib() - before
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the peak RSS needs Linux's /proc/self/clear_refs")
+def test_prefill_peak_memory_grows_linearly_with_prompt_length(tmp_path):
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_SCRIPT)
+    root = str(Path(llmcli.__file__).resolve().parents[1])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    done = subprocess.run([sys.executable, str(script), "1024,4096"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    peaks = json.loads(done.stdout)
+    for path, kib in peaks.items():
+        small, large = kib["1024"], kib["4096"]
+        # linear: 4x the prompt, about 4x the memory; (T, T) masks made it 9-10x (quadratic: 16x)
+        assert large < 4.5 * small, f"{path}: {small} KiB at 1024 tokens, {large} KiB at 4096: {peaks}"
+
+
+# ------------------------------------------------------------ blocked attention is exact
+
+
+def _qkv(B: int, H: int, Hkv: int, T: int, S: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, T, 16, generator=g), torch.randn(B, Hkv, S, 16, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_masked_attention_in_blocks_equals_one_whole_mask(monkeypatch, window):
+    monkeypatch.setattr(base, "ATTENTION_BLOCK", 8)
+    # two rows resuming at different cached lengths (7 and 12), 21 new positions each, GQA 4/2
+    q, k, v = _qkv(2, 4, 2, 21, 33)
+    positions = torch.tensor([[7], [12]]) + torch.arange(21)[None, :]
+    got = masked_attention(q, k, v, positions, window, enable_gqa=True)
+    expected, _ = reference_attention(q, k, v, causal_mask(positions, 33, window))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # each row alone computes the same numbers as in the batch
+    for row in range(2):
+        alone = masked_attention(q[row : row + 1], k[row : row + 1], v[row : row + 1], positions[row : row + 1], window, enable_gqa=True)
+        torch.testing.assert_close(alone, got[row : row + 1], atol=1e-6, rtol=0)
+
+
+def test_masked_attention_equals_sdpa_causal_for_a_fresh_prompt(monkeypatch):
+    monkeypatch.setattr(base, "ATTENTION_BLOCK", 8)
+    q, k, v = _qkv(1, 2, 2, 30, 30, seed=1)
+    got = masked_attention(q, k, v, torch.arange(30)[None, :])
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5, rtol=0)
+
+
+def make_tiny_with(kind: str, path: Path, **changes) -> Path:
+    """A tiny checkpoint whose config.json says `changes` (fields the random weights do not depend on)."""
+    make_tiny(kind, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """A tiny Mistral with an 8-token sliding window (transformers applies it in eager attention)."""
+    path = make_tiny_with("mistral", tmp_path_factory.mktemp("mistral-window"), sliding_window=8)
+    return load_model(path), load_reference(path)
+
+
+@torch.inference_mode()
+def test_sliding_window_in_blocks_matches_transformers(windowed, monkeypatch):
+    monkeypatch.setattr(base, "ATTENTION_BLOCK", 16)
+    ours, ref = windowed
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(5))
+    expected = ref(ids).logits
+    torch.testing.assert_close(ours.module(ids).logits, expected, atol=1e-4, rtol=0)
+    # a prefix in the cache, then the other 30 positions in one prefill (blocked, windowed, resumed)
+    cache = KVCache.for_model(ours.config, 1, 64)
+    head = ours.module(ids[:, :10], cache=cache).logits
+    tail = ours.module(ids[:, 10:], cache=cache).logits
+    torch.testing.assert_close(torch.cat([head, tail], dim=1), expected, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------ the batcher's KV cache
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory):
+    """A tiny llama with a 2048-position context (rope positions: the weights do not depend on it)."""
+    return make_tiny_with("llama", tmp_path_factory.mktemp("llama-2k"), max_position_embeddings=2048)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_a_long_prompt_grows_one_cache_row_and_gives_it_back(long_context):
+    batcher = ContinuousBatcher(load_model(long_context), batch_size=8)
+    batcher.add(Request(id=0, prompt_ids=_ids(1500, 1), max_tokens=3, ignore_eos=True))
+    batcher.step()  # admitted and first token
+    cache = batcher.cache
+    # the issue: every one of the 8 rows grew to the long prompt's length, and stayed so
+    assert cache.rows == 1 and 1500 < cache.capacity <= 2048
+    while batcher.has_work():
+        batcher.step()
+    assert (cache.rows, cache.capacity) == (1, 256)
+    # shorter requests afterwards take rows as they come, at the small length
+    for i in range(3):
+        batcher.add(Request(id=i + 1, prompt_ids=_ids(20, i + 2), max_tokens=5, ignore_eos=True))
+    batcher.step()
+    assert cache.rows == 4 and cache.capacity == 256
+
+
+def test_results_do_not_change_when_the_cache_shrinks_under_running_sequences(long_context):
+    engine = Engine(long_context)
+    # the long prompt finishes first, while the short ones keep decoding in the shrunk cache
+    make = lambda: [Request(id=i, prompt_ids=_ids(700 if i == 0 else 15 + i, 10 + i), max_tokens=2 if i == 0 else 12, ignore_eos=True) for i in range(4)]
+    alone = [r.generated_ids for r in engine.iter_results(make(), batch_size=1)]
+    batcher = engine.make_batcher(4)
+    for request in make():
+        batcher.add(request)
+    shrunk = False
+    results: dict[int, list[int]] = {}
+    while batcher.has_work():
+        for event in batcher.step():
+            if event.finish_reason is not None:
+                results[event.request.id] = event.generated_ids
+        shrunk = shrunk or (0 in results and len(results) < 4 and batcher.cache.capacity == 256)
+    assert shrunk
+    assert [results[i] for i in range(4)] == alone
