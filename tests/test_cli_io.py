@@ -266,6 +266,29 @@ def test_batched_stage_writes_every_record_before_an_unexpected_failure(tmp_path
     assert [r["n"] for r in records(target.read_text())] == list(range(2500))
 
 
+def test_batched_stage_skips_a_line_whose_transform_raises_an_input_error(tmp_path):
+    """A transform that raises the InputError of one line (instead of returning it) fails the whole
+    batch; redone one line at a time, --skip-errors skips just that line and the rest is written."""
+    from llmcli.cli import run_batched_stage
+    from llmcli.errors import InputError
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(jsonl(*({"n": i} for i in range(50))))
+    target = tmp_path / "out.jsonl"
+
+    def transform(items):
+        if any(record["n"] == 7 for record, _ in items):
+            raise InputError("seven is bad")
+        return [dict(record, seen=True) for record, _ in items]
+
+    assert run_batched_stage(str(source), str(target), transform, skip_errors=True, max_batch=16) == 49
+    assert [r["n"] for r in records(target.read_text())] == [i for i in range(50) if i != 7]
+    with pytest.raises(InputError, match="seven") as raised:
+        run_batched_stage(str(source), str(target), transform, max_batch=16)
+    assert raised.value.line == 8
+    assert [r["n"] for r in records(target.read_text())] == list(range(7))
+
+
 # ---------------------------------------------------------------- item 3: empty prompts in generate
 
 
