@@ -738,7 +738,9 @@ def _read_index(folder: Path) -> dict:
 
 
 def _write_index(folder: Path, index: dict) -> None:
-    tmp = folder / f"{INDEX_FILE}.{os.getpid()}.tmp"
+    from llmcli.tempfiles import owned_tmp
+
+    tmp = owned_tmp(folder / INDEX_FILE)
     try:
         tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
         os.replace(tmp, folder / INDEX_FILE)  # atomic, so a concurrent reader sees the old or the new index

