@@ -125,8 +125,8 @@ def worker_llmcli(spec: dict) -> list[dict]:
     from llmcli.engine import Engine
 
     torch.set_num_threads(spec["threads"])
-    # The engine preallocates its cache for the whole context (8192 positions per row for SmolLM2);
-    # bound it to what the tests use, as llama.cpp's n_ctx is bounded below.
+    # The context is bounded to what the tests use, as llama.cpp's n_ctx is bounded below (the
+    # engine's cache grows on demand, so this caps it rather than sizing it).
     quantize = "int8" if spec["tool"] == "llmcli-int8" else None
     engine = Engine(spec["gguf"], dtype="float32", quantize=quantize, batch_size=max(spec["batches"]), max_context=spec["prompt"] + spec["gen"] + 8)
     loaded = engine.loaded
