@@ -13,8 +13,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from llmcli.core.loader import load_model
-from llmcli.core.models.base import KVCache
 from llmcli.core.weights import read_gguf
+from tests.test_llama import greedy_with_cache, prompt
 from tests.test_weights import write_gguf
 from tests.tiny import load_reference, make_tiny
 
@@ -39,11 +39,6 @@ def pair(request, references, tmp_path_factory):
     return load_model(path), ref
 
 
-def prompt(n: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 300, (1, n), generator=g)
-
-
 @torch.inference_mode()
 def test_logits_over_64_positions_match_transformers(pair):
     ours, ref = pair
@@ -59,14 +54,7 @@ def test_greedy_32_tokens_with_the_cache_equal_transformers(pair):
     ours, ref = pair
     ids = prompt(12, seed=2)
     expected = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)[0, 12:].tolist()
-    cache = KVCache.for_model(ours.config, 1, 64)
-    logits = ours.module(ids, cache=cache).logits[0, -1]
-    got = []
-    for _ in range(32):
-        token = int(torch.argmax(logits))
-        got.append(token)
-        logits = ours.module(torch.tensor([[token]]), cache=cache).logits[0, -1]  # one step, the cache reused
-    assert got == expected
+    assert greedy_with_cache(ours, ids) == expected
 
 
 def test_gguf_config_and_names(references, tmp_path):
@@ -89,3 +77,18 @@ def test_qwen3_never_takes_the_llama_native_decode_block(pair):
     ours, _ = pair
     if ours.config.model_type == "qwen3":
         assert ours.module.native_decode is False and ours.module._native_blocks() is None
+
+
+@torch.inference_mode()
+def test_qwen3_gguf_through_the_weights_cache(references, tmp_path):
+    """The fused float32 cache of a GGUF keeps the family (q/k norms included) for the next load."""
+    _, ref = references["qwen3"]
+    path = write_gguf(tmp_path / "qwen3.gguf", ref, Q.F32, arch="qwen3")
+    ids = prompt(20, seed=4)
+    expected = ref(ids).logits
+    first = load_model(path, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "weights").glob("*.safetensors"))
+    second = load_model(path, cache_dir=tmp_path / "cache")
+    for loaded in (first, second):
+        assert loaded.config.model_type == "qwen3"
+        assert (loaded.module(ids).logits - expected).abs().max() <= 1e-4

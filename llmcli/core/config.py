@@ -81,13 +81,7 @@ class ModelConfig:
 
     @property
     def family(self) -> str:
-        try:
-            return FAMILIES[self.model_type]
-        except KeyError:
-            raise ModelError(
-                f"unknown architecture {self.model_type!r}",
-                f"supported model types: {', '.join(sorted(FAMILIES))}",
-            ) from None
+        return family_name(self.model_type)
 
     @property
     def is_encoder(self) -> bool:
@@ -128,10 +122,15 @@ def refuse_unsupported(data: dict[str, Any], supported: dict[str, Any], source: 
             raise ModelError(f"{source}: {key}={data[key]!r} is not supported", f"llmcli implements {key}={expected!r}")
 
 
-def family_of(model_type: str):
-    """The family module (core/models/<family>.py) that runs model_type; unknown ones fail with the list."""
-    import importlib
-
+def family_name(model_type: str) -> str:
+    """The family file in core/models that runs model_type; unknown ones fail with the supported list."""
     if model_type not in FAMILIES:
         raise ModelError(f"unknown architecture {model_type!r}", f"supported model types: {', '.join(sorted(FAMILIES))}")
-    return importlib.import_module(f"llmcli.core.models.{FAMILIES[model_type]}")
+    return FAMILIES[model_type]
+
+
+def family_of(model_type: str):
+    """The family module (core/models/<family>.py) that runs model_type."""
+    import importlib
+
+    return importlib.import_module(f"llmcli.core.models.{family_name(model_type)}")

@@ -1,4 +1,5 @@
-"""The Llama family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, Mistral, Qwen2 (qkv bias).
+"""The Llama family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, Mistral, Qwen2 (qkv bias),
+and the shared decoder that llama-shaped families (qwen3.py) subclass.
 
 Parameter names equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so
 loading is a loop with a shape check. GQA through SDPA's enable_gqa; a slow eager attention
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.core.config import ModelConfig, refuse_unsupported
+from llmcli.core.config import ModelConfig
 from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention
 from llmcli.errors import ModelError
 

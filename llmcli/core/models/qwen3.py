@@ -16,7 +16,7 @@ from llmcli.core.config import ModelConfig
 from llmcli.core.models import llama
 from llmcli.core.models.llama import build_buffers, known_rope, sanitize, uniform_window
 
-__all__ = ["Model", "build_buffers", "sanitize", "prepare_config", "GGUF_BLOCK_NAMES", "GGUF_PERMUTED_QK"]
+__all__ = ["GGUF_BLOCK_NAMES", "GGUF_PERMUTED_QK", "Model", "build_buffers", "prepare_config", "sanitize"]
 
 GGUF_BLOCK_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 GGUF_PERMUTED_QK: tuple[str, ...] = ()
