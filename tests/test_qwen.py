@@ -92,3 +92,14 @@ def test_qwen3_gguf_through_the_weights_cache(references, tmp_path):
     for loaded in (first, second):
         assert loaded.config.model_type == "qwen3"
         assert (loaded.module(ids).logits - expected).abs().max() <= 1e-4
+
+
+def test_qwen2_q8_0_kept_quantized_keeps_hf_rows(references, tmp_path):
+    """keep_quantized leaves NEOX-rope (qwen2) Q/K rows as they are, like the dequantized path."""
+    _, ref = references["qwen2"]
+    path = write_gguf(tmp_path / "qwen2-q8.gguf", ref, Q.Q8_0, arch="qwen2")
+    plain, kept = read_gguf(path), read_gguf(path, keep_quantized=True)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        assert name in kept.quantized and name not in kept.tensors
+        assert torch.equal(kept.quantized[name].dequantize(), plain.tensors[name])
+        assert (plain.tensors[name] - ref.state_dict()[name]).abs().max() < 0.05  # Q8_0 error, not a row permutation
