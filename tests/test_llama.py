@@ -1,4 +1,4 @@
-"""The Llama family against transformers on tiny random checkpoints: logits, greedy ids, cache, batch, attention."""
+"""The Llama family (and Qwen3, which shares its decoder) against transformers on tiny random checkpoints: logits, greedy ids, cache, batch, attention."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from llmcli.core.loader import load_model
 from llmcli.core.models.base import KVCache
 from tests.tiny import load_reference, make_tiny
 
-KINDS = ["llama", "llama3", "mistral", "qwen2"]
+KINDS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -33,19 +33,24 @@ def test_logits_match_transformers(pair):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def greedy_with_cache(ours, ids: torch.Tensor, n: int = 32) -> list[int]:
+    """n greedy tokens after ids, one forward per token with the KV cache reused across steps."""
+    cache = KVCache.for_model(ours.config, 1, 64)
+    logits = ours.module(ids, cache=cache).logits[0, -1]
+    got = []
+    for _ in range(n):
+        token = int(torch.argmax(logits))
+        got.append(token)
+        logits = ours.module(torch.tensor([[token]]), cache=cache).logits[0, -1]
+    return got
+
+
 @torch.inference_mode()
 def test_greedy_32_tokens_equal_transformers(pair):
     ours, ref = pair
     ids = prompt(12, seed=2)
     expected = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)[0, 12:].tolist()
-    cache = KVCache.for_model(ours.config, 1, 64)
-    logits = ours.module(ids, cache=cache).logits[0, -1]
-    got = []
-    for _ in range(32):
-        token = int(torch.argmax(logits))
-        got.append(token)
-        logits = ours.module(torch.tensor([[token]]), cache=cache).logits[0, -1]
-    assert got == expected
+    assert greedy_with_cache(ours, ids) == expected
 
 
 @torch.inference_mode()

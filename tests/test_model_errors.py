@@ -52,11 +52,27 @@ def pickled_only(d):
     (d / "pytorch_model.bin").write_bytes(b"not loaded")
 
 
+def edit_config(**changes):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(changes)
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    return edit
+
+
 CASES = {
     "truncated safetensors": (truncate_weights, ["model.safetensors"]),
     "unknown architecture": (unknown_architecture, ["unknown architecture 'mamba'", "llama"]),
     "shape mismatch": (wrong_shape, ["mlp.", "shape"]),
     "pickle only": (pickled_only, ["safetensors", "GGUF"]),
+    "mixture of experts": (edit_config(model_type="qwen3_moe"), ["unknown architecture 'qwen3_moe'", "qwen3"]),
+    "window on some layers": (
+        edit_config(model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1),
+        ["config.json", "max_window_layers=1", "use_sliding_window"],
+    ),
+    "mixed layer types": (edit_config(layer_types=["full_attention", "sliding_attention"]), ["config.json", "layer_types", "sliding_attention"]),
+    "unknown rope scaling": (edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["config.json", "rope_scaling", "'yarn'"]),
 }
 
 

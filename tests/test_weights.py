@@ -93,6 +93,8 @@ BLOCK_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
 }
 
 
@@ -104,8 +106,10 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(path: Path, model, qtype: Q, arch: str = "llama", raw_override: dict | None = None) -> Path:
-    """A llama.cpp-style GGUF of an HF llama: its names, its Q/K permutation, 1-D tensors in F32."""
+    """A llama.cpp-style GGUF of an HF model (convert_hf_to_gguf.py's layout): its names, 1-D tensors
+    in F32, and for arch llama (NORM rope) the Q/K permutation; qwen2/qwen3 (NEOX rope) keep HF's rows."""
     cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer = gguf.GGUFWriter(path, arch)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -115,19 +119,24 @@ def write_gguf(path: Path, model, qtype: Q, arch: str = "llama", raw_override: d
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") and cfg.rope_parameters else cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    writer.add_bos_token_id(cfg.bos_token_id)
-    writer.add_eos_token_id(cfg.eos_token_id)
-    writer.add_pad_token_id(cfg.pad_token_id)
+    for key in ("bos", "eos", "pad"):
+        if getattr(cfg, f"{key}_token_id", None) is not None:
+            getattr(writer, f"add_{key}_token_id")(getattr(cfg, f"{key}_token_id"))
     writer.add_chat_template("{{ messages }}")
     for name, t in model.state_dict().items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         w = t.detach().float().numpy()
-        if name.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass
+        elif name.endswith("q_proj.weight"):
             w = llama_cpp_permute(w, cfg.num_attention_heads)
         elif name.endswith("k_proj.weight"):
             w = llama_cpp_permute(w, cfg.num_key_value_heads)

@@ -58,7 +58,7 @@ CHATML = (
 
 
 def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
-    """kind: llama, llama3, mistral, qwen2, gpt2, bert. Returns the HF directory."""
+    """kind: llama, llama3, mistral, qwen2, qwen3, gpt2, bert. Returns the HF directory."""
     import torch
     import transformers
 
@@ -82,6 +82,11 @@ def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "qwen3":
+        # odd sizes: head_dim 20 != 48 / 3, GQA 3:1, tied embeddings, as Qwen3-0.6B is tied
+        shape = dict(hidden_size=48, intermediate_size=72, num_attention_heads=3, num_key_value_heads=1, head_dim=20)
+        cfg = transformers.Qwen3Config(**{**common, **shape}, tie_word_embeddings=True, bos_token_id=0, eos_token_id=2)
+        model = transformers.Qwen3ForCausalLM(cfg)
     elif kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
         model = transformers.GPT2LMHeadModel(cfg)
@@ -96,6 +101,9 @@ def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.3 if kind != "bert" else 0.1)
+            elif kind in ("qwen2", "qwen3"):
+                # norm weights and qkv biases that are not all ones / zeros, so their mapping is tested too
+                p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.3)
     model.save_pretrained(str(path), safe_serialization=True)
     tok_cfg = {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None} if kind != "bert" else {"model_max_length": 256}
     (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))

@@ -16,9 +16,17 @@ FAMILIES = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "qwen3": "qwen3",
     "smollm2": "llama",
     "gpt2": "gpt2",
     "bert": "bert",
+}
+
+# GGUF general.architecture (llama.cpp's names) -> the model_type it stands for.
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
 }
 
 # GPT-2 style names for the same fields.
@@ -70,18 +78,10 @@ class ModelConfig:
             self.eos_token_id = [self.eos_token_id]
         elif self.eos_token_id is None:
             self.eos_token_id = []
-        if self.model_type == "qwen2":
-            self.attention_bias = True  # Qwen2 always has q/k/v biases; its config does not say so
 
     @property
     def family(self) -> str:
-        try:
-            return FAMILIES[self.model_type]
-        except KeyError:
-            raise ModelError(
-                f"unknown architecture {self.model_type!r}",
-                f"supported model types: {', '.join(sorted(FAMILIES))}",
-            ) from None
+        return family_name(self.model_type)
 
     @property
     def is_encoder(self) -> bool:
@@ -106,22 +106,31 @@ class ModelConfig:
                 data["rope_scaling"] = params
         if "model_type" not in data:
             raise ModelError(f"{source} has no model_type", "use a config.json saved by transformers")
-        if data["model_type"] == "gpt2":
-            data.setdefault("tie_word_embeddings", True)  # HF's default, which old GPT-2 configs leave unsaid
-        # variants we do not implement: refuse them instead of computing something else
-        unsupported = {
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "position_embedding_type": "absolute",
-        }
-        for key, expected in unsupported.items():
-            if key in data and data[key] != expected:
-                raise ModelError(f"{source}: {key}={data[key]!r} is not supported", f"llmcli implements {key}={expected!r}")
+        # the family reads its own fields: defaults its config leaves unsaid, variants it refuses
+        data = family_of(data["model_type"]).prepare_config(data, source)
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in data]
         if missing:
             raise ModelError(f"{source} lacks {', '.join(missing)}", "use a config.json saved by transformers")
-        cfg = cls(**{k: v for k, v in data.items() if k in known})
-        cfg.family  # unknown architectures fail here, at load time, with the list of supported ones
-        return cfg
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def refuse_unsupported(data: dict[str, Any], supported: dict[str, Any], source: str) -> None:
+    """A one-line error naming the first field whose value is not the one llmcli implements."""
+    for key, expected in supported.items():
+        if key in data and data[key] != expected:
+            raise ModelError(f"{source}: {key}={data[key]!r} is not supported", f"llmcli implements {key}={expected!r}")
+
+
+def family_name(model_type: str) -> str:
+    """The family file in core/models that runs model_type; unknown ones fail with the supported list."""
+    if model_type not in FAMILIES:
+        raise ModelError(f"unknown architecture {model_type!r}", f"supported model types: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def family_of(model_type: str):
+    """The family module (core/models/<family>.py) that runs model_type."""
+    import importlib
+
+    return importlib.import_module(f"llmcli.core.models.{family_name(model_type)}")

@@ -3,8 +3,9 @@
 The only two formats are safetensors and GGUF: pickled checkpoints (.bin/.pt/.pth/.ckpt) are refused,
 never unpickled. safetensors tensors are views into a private memory map, so nothing is read
 until a tensor is touched and a tensor that already has the wanted dtype is never copied.
-GGUF tensors are renamed to HF llama names, dequantized to float32 (gguf's own numpy kernels),
-and llama.cpp's RoPE row permutation of Q and K is undone, so they equal the HF checkpoint's.
+GGUF tensors are renamed to HF names (llama's map plus the family's GGUF_BLOCK_NAMES), dequantized
+to float32 (gguf's own numpy kernels), and for the architectures whose Q and K rows llama.cpp
+permuted (the family's GGUF_PERMUTED_QK) the permutation is undone, so they equal the HF checkpoint's.
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcli.core.config import ModelConfig
+from llmcli.core.config import GGUF_ARCHITECTURES, ModelConfig, family_of
 from llmcli.core.gguf_meta import GGUFHeader, GGUFTensorInfo, read_gguf_header
 from llmcli.errors import ModelError
 
 SUPPORTED_FORMATS = "safetensors (an HF-format directory or a .safetensors file) and GGUF"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-GGUF_ARCHITECTURES = ("llama",)
 
 # Buffers some checkpoints carry that every model recomputes itself: dropping them is harmless.
 HARMLESS_EXTRAS = ("rotary_emb.inv_freq", "position_ids", ".attn.bias", ".attn.masked_bias", "num_batches_tracked")
@@ -288,16 +288,16 @@ _GGUF_BLOCK = {
 _GGUF_EXTRA = ("rope_freqs.weight",)
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The HF llama name of a llama.cpp tensor name, or None when it has none."""
+def hf_name(gguf_name: str, block_names: dict[str, str] = _GGUF_BLOCK) -> str | None:
+    """The HF name of a llama.cpp tensor name, or None when it has none; block_names: a family's map."""
     stem, _, kind = gguf_name.rpartition(".")
     if kind not in ("weight", "bias"):
         return None
     if stem in _GGUF_GLOBAL:
         return f"{_GGUF_GLOBAL[stem]}.{kind}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_BLOCK:
-        return f"model.layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block_names:
+        return f"model.layers.{parts[1]}.{block_names[parts[2]]}.{kind}"
     return None
 
 
@@ -362,7 +362,7 @@ def config_from_gguf(metadata: dict[str, Any], tensor_shapes: dict[str, tuple[in
     bos = metadata.get("tokenizer.ggml.bos_token_id")
     pad = metadata.get("tokenizer.ggml.padding_token_id")
     return ModelConfig(
-        model_type="llama",
+        model_type=GGUF_ARCHITECTURES[arch],
         vocab_size=int(vocab),
         hidden_size=hidden,
         num_hidden_layers=int(get("block_count", required=True)),
@@ -381,7 +381,6 @@ def config_from_gguf(metadata: dict[str, Any], tensor_shapes: dict[str, tuple[in
         bos_token_id=None if bos is None else int(bos),
         eos_token_id=eos,
         pad_token_id=None if pad is None else int(pad),
-        architectures=["LlamaForCausalLM"],
     )
 
 
@@ -401,17 +400,20 @@ def read_gguf(path: Path | str, keep_quantized: bool = False) -> GGUFCheckpoint:
     source = str(path)
     shapes = {t.name: t.shape for t in header.tensors}
     config = config_from_gguf(header.metadata, shapes, source)
+    family = family_of(config.model_type)
+    block_names = {**_GGUF_BLOCK, **family.GGUF_BLOCK_NAMES}
+    permuted = header.metadata["general.architecture"] in family.GGUF_PERMUTED_QK
 
     mm = np.memmap(path, dtype=np.uint8, mode="c")
     tensors: dict[str, torch.Tensor] = {}
     quantized: dict[str, Q8Weight] = {}
     extra: dict[str, torch.Tensor] = {}
     for info in header.tensors:
-        name = hf_name(info.name)
+        name = hf_name(info.name, block_names)
         if name is None and info.name not in _GGUF_EXTRA:
             raise ModelError(
-                f"{source} holds tensor {info.name!r}, which has no place in llmcli's llama model",
-                "this GGUF variant (e.g. mixture-of-experts or a vision tower) is not supported; use a plain llama GGUF",
+                f"{source} holds tensor {info.name!r}, which has no place in llmcli's {config.model_type} model",
+                f"this GGUF variant (e.g. mixture-of-experts or a vision tower) is not supported; use a plain {config.model_type} GGUF",
             )
         try:
             qtype = GGMLQuantizationType(info.type_id)
@@ -433,13 +435,13 @@ def read_gguf(path: Path | str, keep_quantized: bool = False) -> GGUFCheckpoint:
         raw = mm[info.offset : end].reshape(n_rows, row_bytes)
         if keep_quantized and qtype == GGMLQuantizationType.Q8_0 and name is not None and len(info.shape) == 2:
             weight = _q8_0_weight(raw, info.shape)
-            quantized[name] = _unpermute_if_qk(weight, info.name, config)
+            quantized[name] = _unpermute_if_qk(weight, info.name, config) if permuted else weight
             continue
         t = _dequantize(raw, qtype, info, source).reshape(info.shape)
         if name is None:
             extra[info.name] = t
         else:
-            tensors[name] = _unpermute_if_qk(t, info.name, config)
+            tensors[name] = _unpermute_if_qk(t, info.name, config) if permuted else t
     return GGUFCheckpoint(config=config, tensors=tensors, metadata=header.metadata, quantized=quantized, extra=extra)
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-from llmcli.core.config import ModelConfig
+from llmcli.core.config import ModelConfig, family_of
 
 
 def family_module(config: ModelConfig) -> ModuleType:
-    return importlib.import_module(f"llmcli.core.models.{config.family}")
+    return family_of(config.model_type)

@@ -10,6 +10,8 @@ Contract for a family module (core/models/<family>.py):
     loading is a loop with a shape check (nanoGPT). `sanitize(tensors, config)` is the only place
     that renames or transposes checkpoint tensors into those names (mlx-lm).
   - `Model.forward(input_ids, ...) -> ForwardOutput`, keyword arguments as below.
+  - `prepare_config(data, source)`, `build_buffers(config)`, and for GGUF families
+    `GGUF_BLOCK_NAMES` and `GGUF_PERMUTED_QK`: see docs/architectures.md.
 
 Padding is on the right everywhere: a row's real tokens come first. For causal models that
 makes the causal mask sufficient for the real positions (pads sit after every real query), and

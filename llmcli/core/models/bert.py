@@ -14,13 +14,13 @@ is the last layer's output (BERT has no final norm beyond each layer's own).
 from __future__ import annotations
 
 import math
-from typing import Collection
+from typing import Any, Collection
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.core.config import ModelConfig
+from llmcli.core.config import ModelConfig, refuse_unsupported
 from llmcli.core.models.base import ForwardOutput, KVCache, padding_mask
 from llmcli.core.models.gpt2 import activation
 from llmcli.errors import ContextLengthError, ModelError, UsageError
@@ -180,6 +180,12 @@ class Model(nn.Module):
             if i + 1 in output_hidden:
                 hidden[i + 1] = x
         return ForwardOutput(last_hidden=x, logits=None, hidden_states=hidden, attentions=attentions)
+
+
+def prepare_config(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """config.json fields (HF names) -> those ModelConfig takes: BERT variants it refuses."""
+    refuse_unsupported(data, {"position_embedding_type": "absolute"}, source)
+    return data
 
 
 def build_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -15,13 +15,13 @@ scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upca
 
 from __future__ import annotations
 
-from typing import Callable, Collection
+from typing import Any, Callable, Collection
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.core.config import ModelConfig
+from llmcli.core.config import ModelConfig, refuse_unsupported
 from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention
 from llmcli.errors import ContextLengthError, ModelError
 
@@ -212,6 +212,14 @@ class Model(nn.Module):
             h = x if logits_index is None else x[torch.arange(B, device=x.device), logits_index]  # (B, T, d) or (B, d)
             logits = F.linear(h, self.transformer.wte.weight) if self.lm_head is None else self.lm_head(h)
         return ForwardOutput(last_hidden=x, logits=logits, hidden_states=hidden, attentions=attentions)
+
+
+def prepare_config(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """config.json fields (HF names) -> those ModelConfig takes: GPT-2's defaults, variants it refuses."""
+    data.setdefault("tie_word_embeddings", True)  # HF's default, which old GPT-2 configs leave unsaid
+    supported = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+    refuse_unsupported(data, supported, source)
+    return data
 
 
 def build_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The Llama family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, Mistral, Qwen2 (qkv bias).
+"""The Llama family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, Mistral, Qwen2 (qkv bias),
+and the shared decoder that llama-shaped families (qwen3.py) subclass.
 
 Parameter names equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so
 loading is a loop with a shape check. GQA through SDPA's enable_gqa; a slow eager attention
@@ -9,7 +10,7 @@ are asked for.
 from __future__ import annotations
 
 import math
-from typing import Collection
+from typing import Any, Collection
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import nn
 
 from llmcli.core.config import ModelConfig
 from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention
+from llmcli.errors import ModelError
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -43,9 +45,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled)
-    from llmcli.errors import ModelError
-
-    raise ModelError(f"unsupported rope_scaling type {kind!r}", "supported: default, linear, llama3")
+    raise ModelError(f"unsupported rope_scaling type {kind!r}", f"supported: {', '.join(ROPE_TYPES)}")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,10 @@ class Attention(nn.Module):
         self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
+    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        """A family's per-head normalisation of (B, T, nq + nkv, hd) queries and keys before rope; none in llama."""
+        return qk
+
     def forward(
         self,
         x: torch.Tensor,
@@ -111,15 +115,15 @@ class Attention(nn.Module):
         nq, nk = self.n_heads, self.n_kv
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(B, T, nq + 2 * nk, self.head_dim)
-            qk = qkv[:, :, : nq + nk]
-            qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads in one go
-            q, k, v = qk[:, :, :nq], qk[:, :, nq:], qkv[:, :, nq + nk :]
+            qk, v = qkv[:, :, : nq + nk], qkv[:, :, nq + nk :]
         else:
             q = self.q_proj(x).view(B, T, nq, self.head_dim)
             k = self.k_proj(x).view(B, T, nk, self.head_dim)
+            qk = torch.cat((q, k), dim=2)
             v = self.v_proj(x).view(B, T, nk, self.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        qk = self.norm_qk(qk)
+        qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads in one go
+        q, k = qk[:, :, :nq], qk[:, :, nq:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, hd)
@@ -183,10 +187,10 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, attention: type[Attention] = Attention):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -200,18 +204,24 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """HF's `model.` prefix: embeddings, blocks, final norm."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, attention: type[Attention] = Attention):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i, attention) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Model(nn.Module):
+    """The decoder every llama-shaped family runs; a family subclass swaps the attention and says
+    whether matvec.c's fused decode block (which knows llama's block exactly) may run it."""
+
+    attention: type[Attention] = Attention
+    native_decode = True
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Backbone(config)
+        self.model = Backbone(config, self.attention)
         # tied checkpoints have no lm_head tensor: logits reuse the embedding matrix
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
@@ -240,7 +250,7 @@ class Model(nn.Module):
 
     def _native_blocks(self):
         """Every block described for matvec.c's decode_blocks_f32, or None when some part is not native."""
-        if self._kernels is None:
+        if self._kernels is None or not self.native_decode:
             return None
         if self._blocks_desc is None:
             from llmcli.core.kernels import BlockDesc
@@ -349,6 +359,56 @@ class Model(nn.Module):
             h = x if logits_index is None else x[torch.arange(B, device=x.device), logits_index]  # (B, T, d) or (B, d)
             logits = F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
         return ForwardOutput(last_hidden=x, logits=logits, hidden_states=hidden, attentions=attentions)
+
+
+# llama.cpp tensor names of a block this family adds to weights' shared map (none: the shared map is llama's)
+GGUF_BLOCK_NAMES: dict[str, str] = {}
+# GGUF architectures whose Q/K rows convert_hf_to_gguf.py permuted for llama.cpp's NORM rope
+# (adjacent pairs); the others (qwen2) use NEOX rope, HF's halves, and are stored as they are
+GGUF_PERMUTED_QK = ("llama",)
+
+
+def prepare_config(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """config.json fields (HF names) -> those ModelConfig takes, for the llama-shaped families."""
+    if data["model_type"] == "qwen2":
+        data["attention_bias"] = True  # Qwen2 always has q/k/v biases; its config does not say so
+    return uniform_window(known_rope(data, source), source)
+
+
+ROPE_TYPES = ("default", "linear", "llama3")  # the rope_scaling types rope_inv_freq computes
+
+
+def known_rope(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Refuse a rope_scaling type rope_inv_freq does not compute, naming the file, at config time."""
+    scaling = data.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in (None, *ROPE_TYPES):
+        raise ModelError(f"{source}: rope_scaling type {kind!r} is not supported", f"supported: {', '.join(ROPE_TYPES)}")
+    return data
+
+
+def uniform_window(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """One sliding window for every layer, or none; per-layer windows (Qwen's max_window_layers) are refused.
+
+    Qwen configs carry a sliding_window that applies only when use_sliding_window is true.
+    """
+    if data.get("use_sliding_window") is False:
+        data["sliding_window"] = None
+    same = "llmcli runs models whose layers all use the same attention (full, or one sliding window)"
+    if data.get("use_sliding_window") and data.get("sliding_window") is not None:
+        first = int(data.get("max_window_layers", 0))  # transformers' rule: layers from this one on slide
+        if 0 < first < int(data.get("num_hidden_layers", 0)):
+            raise ModelError(f"{source}: max_window_layers={first} with use_sliding_window=true (a window on some layers only) is not supported", same)
+        if first >= int(data.get("num_hidden_layers", 0)):
+            data["sliding_window"] = None
+    kinds = set(data.get("layer_types") or ())
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        raise ModelError(f"{source}: layer_types={sorted(kinds)!r} is not supported", "supported: full_attention, sliding_attention")
+    if len(kinds) > 1:
+        raise ModelError(f"{source}: layer_types mixes full_attention and sliding_attention, which is not supported", same)
+    if kinds == {"full_attention"}:
+        data["sliding_window"] = None
+    return data
 
 
 def build_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:

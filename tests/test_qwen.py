@@ -1,0 +1,105 @@
+"""Qwen2 and Qwen3 from HF directories and from GGUF (convert_hf_to_gguf.py's layout) against transformers.
+
+Tiny random checkpoints shaped like the real configs but scaled down (tests/tiny.py): Qwen2 with
+q/k/v biases and untied embeddings, Qwen3 with per-head q/k RMSNorm, head_dim 20 != 48/3, GQA and
+tied embeddings. Each is loaded as it is saved and as an F32 GGUF: over 64 positions the logits
+are within 1e-4 of transformers', and 32 greedy tokens decoded with the KV cache are identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from llmcli.core.loader import load_model
+from llmcli.core.weights import read_gguf
+from tests.test_llama import greedy_with_cache, prompt
+from tests.test_weights import write_gguf
+from tests.tiny import load_reference, make_tiny
+
+CASES = [("qwen2", "gguf"), ("qwen3", "hf"), ("qwen3", "gguf")]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    made = {}
+    for kind in ("qwen2", "qwen3"):
+        path = make_tiny(kind, tmp_path_factory.mktemp(kind))
+        made[kind] = (path, load_reference(path))
+    return made
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+def pair(request, references, tmp_path_factory):
+    kind, fmt = request.param
+    path, ref = references[kind]
+    if fmt == "gguf":
+        path = write_gguf(tmp_path_factory.mktemp(f"{kind}-gguf") / f"{kind}.gguf", ref, Q.F32, arch=kind)
+    return load_model(path), ref
+
+
+@torch.inference_mode()
+def test_logits_over_64_positions_match_transformers(pair):
+    ours, ref = pair
+    ids = prompt(64)
+    expected = ref(ids).logits
+    got = ours.module(ids).logits
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-4
+
+
+@torch.inference_mode()
+def test_greedy_32_tokens_with_the_cache_equal_transformers(pair):
+    ours, ref = pair
+    ids = prompt(12, seed=2)
+    expected = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)[0, 12:].tolist()
+    assert greedy_with_cache(ours, ids) == expected
+
+
+def test_gguf_config_and_names(references, tmp_path):
+    """The GGUF reads back under HF names with HF's rows (no llama permutation) and the family's own fields."""
+    for kind, (_, ref) in references.items():
+        ckpt = read_gguf(write_gguf(tmp_path / f"{kind}.gguf", ref, Q.F32, arch=kind))
+        cfg = ckpt.config
+        assert cfg.model_type == kind
+        assert cfg.head_dim == (getattr(ref.config, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        assert cfg.num_key_value_heads == ref.config.num_key_value_heads
+        assert cfg.attention_bias == (kind == "qwen2")
+        assert cfg.tie_word_embeddings == ref.config.tie_word_embeddings
+        expected = {n: t for n, t in ref.state_dict().items() if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+        assert set(ckpt.tensors) == set(expected)
+        for name, t in expected.items():
+            assert torch.equal(ckpt.tensors[name], t), name
+
+
+def test_qwen3_never_takes_the_llama_native_decode_block(pair):
+    ours, _ = pair
+    if ours.config.model_type == "qwen3":
+        assert ours.module.native_decode is False and ours.module._native_blocks() is None
+
+
+@torch.inference_mode()
+def test_qwen3_gguf_through_the_weights_cache(references, tmp_path):
+    """The fused float32 cache of a GGUF keeps the family (q/k norms included) for the next load."""
+    _, ref = references["qwen3"]
+    path = write_gguf(tmp_path / "qwen3.gguf", ref, Q.F32, arch="qwen3")
+    ids = prompt(20, seed=4)
+    expected = ref(ids).logits
+    first = load_model(path, cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "weights").glob("*.safetensors"))
+    second = load_model(path, cache_dir=tmp_path / "cache")
+    for loaded in (first, second):
+        assert loaded.config.model_type == "qwen3"
+        assert (loaded.module(ids).logits - expected).abs().max() <= 1e-4
+
+
+def test_qwen2_q8_0_kept_quantized_keeps_hf_rows(references, tmp_path):
+    """keep_quantized leaves NEOX-rope (qwen2) Q/K rows as they are, like the dequantized path."""
+    _, ref = references["qwen2"]
+    path = write_gguf(tmp_path / "qwen2-q8.gguf", ref, Q.Q8_0, arch="qwen2")
+    plain, kept = read_gguf(path), read_gguf(path, keep_quantized=True)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        assert name in kept.quantized and name not in kept.tensors
+        assert torch.equal(kept.quantized[name].dequantize(), plain.tensors[name])
+        assert (plain.tensors[name] - ref.state_dict()[name]).abs().max() < 0.05  # Q8_0 error, not a row permutation
