@@ -452,7 +452,9 @@ def test_console_script_loads_only_the_command_it_runs(gguf):
         "try:\n"
         "    main()\n"
         "finally:\n"
-        "    print(sorted(m for m in sys.modules if m.startswith(('llmcli.cli.', 'torch', 'pydantic'))), file=sys.stderr)\n"
+        "    from llmcli.cli import COMMAND_MODULES\n"
+        "    commands = tuple(f'llmcli.cli.{name}' for name in COMMAND_MODULES)\n"
+        "    print(sorted(m for m in sys.modules if m in commands or m.startswith(('torch', 'pydantic'))), file=sys.stderr)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], input="hello\n", capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
