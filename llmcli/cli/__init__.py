@@ -226,6 +226,7 @@ def _main(argv: list[str] | None) -> None:
             command = typer.main.get_command(app)
         finally:
             LazyGroup.lazy = False
+        speed_up_params(command.params)  # --install-completion and --show-completion, added after the group was built
     except KeyboardInterrupt:
         _exit_interrupted()
     debug = debug_enabled()
