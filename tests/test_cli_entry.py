@@ -35,7 +35,7 @@ def test_typer_classes_are_not_patched():
 
 @pytest.mark.parametrize(
     "version, expected",
-    [("0.29.2", True), ("0.20.0", True), ("0.19.2", False), ("0.30.0", False), ("1.0.0", False), ("0.30.0.dev1", False), ("", False), ("main", False)],
+    [("0.29.2", True), ("0.29.0", True), ("0.28.1", False), ("0.19.2", False), ("0.30.0", False), ("1.0.0", False), ("0.30.0.dev1", False), ("", False), ("main", False)],
 )
 def test_speed_up_only_with_a_typer_it_was_checked_against(version, expected):
     assert supported(version) is expected
