@@ -21,7 +21,25 @@ from typing import Annotated, Any, Iterable, NamedTuple, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from llmcli.cli.stage import say
+# The options and the stage helpers lived here before cli/options.py and cli/stage.py; they are
+# still importable from llmcli.cli for code written against that layout (noqa F401: re-exported).
+# New code imports them from their own modules.
+from llmcli.cli.options import (  # noqa: F401
+    DEFAULT_ENCODER,
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    FloatsOpt,
+    InputArg,
+    ModelOpt,
+    OutputOpt,
+    ProgressOpt,
+    QuantizeOpt,
+    SkipErrorsOpt,
+    ThreadsOpt,
+    wants_progress,
+)
+from llmcli.cli.stage import BATCH_LINES, BadLines, check_output, open_input, open_output, run_batched_stage, run_stage, say  # noqa: F401
 from llmcli.cli.typer_speedup import speed_up, speed_up_params
 from llmcli.errors import LlmcliError, OutputClosed
 

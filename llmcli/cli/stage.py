@@ -213,7 +213,12 @@ def run_batched_stage(
             # Something no check foresaw failed somewhere in the batch: redo it one line at a
             # time, so that every record before the failing line is written before it propagates.
             for line in lines:
-                write_results([line], transform([(line.record, line.number)]))
+                try:
+                    results = transform([(line.record, line.number)])
+                except InputError as exc:  # bad input of this line: skipped with --skip-errors like any other
+                    bad.fail(exc, line.number)
+                    continue
+                write_results([line], results)
             return
         write_results(lines, results)
 
