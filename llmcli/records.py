@@ -296,37 +296,18 @@ def iter_line_results(stream: "IO[bytes] | LineReader", source: str = "-", mode:
         yield Line(number, record)
 
 
-def iter_lines(stream: "IO[bytes] | LineReader", source: str = "-", mode: str = "jsonl", skip_errors: "ErrorCounter | None" = None) -> Iterator[Line]:
+def iter_lines(stream: "IO[bytes] | LineReader", source: str = "-", mode: str = "jsonl") -> Iterator[Line]:
     """Records from a binary stream.
 
     mode "jsonl": every non-blank line is a JSON object. mode "lines": every line is `{"text": line}`.
     mode "auto": JSONL when the first non-blank line starts with "{", plain lines otherwise.
-    Records without `id` get their line number. Bad lines raise InputError, or are counted and
-    skipped when skip_errors is given.
+    Records without `id` get their line number. A bad line raises its InputError (the commands'
+    --skip-errors, which skips it instead, is cli/stage.py's BadLines, over iter_line_results).
     """
     for item in iter_line_results(stream, source, mode):
         if isinstance(item, InputError):
-            if skip_errors is None:
-                raise item
-            skip_errors.add(item)
-            continue
+            raise item
         yield item
-
-
-class ErrorCounter:
-    """Counts the lines that --skip-errors passed over, and says so on stderr."""
-
-    def __init__(self, report=None):
-        self.count = 0
-        self.first: InputError | None = None
-        self._report = report
-
-    def add(self, exc: InputError) -> None:
-        self.count += 1
-        if self.first is None:
-            self.first = exc
-        if self._report is not None:
-            self._report(f"skipped: {exc}")
 
 
 def require(record: dict, field: str, number: int | None = None, stage: str | None = None) -> Any:

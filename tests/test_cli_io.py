@@ -250,7 +250,7 @@ def test_generate_lone_surrogate_stops_at_its_line_after_every_record_before_it(
 def test_batched_stage_writes_every_record_before_an_unexpected_failure(tmp_path):
     """A transform that raises (a failure no check foresaw) in the middle of a batch: the records
     of every line before the failing one are written, then the exception propagates."""
-    from llmcli.cli import run_batched_stage
+    from llmcli.cli.stage import run_batched_stage
 
     source = tmp_path / "in.jsonl"
     source.write_text(jsonl(*({"n": i} for i in range(3000))))

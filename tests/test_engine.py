@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -35,7 +33,8 @@ def run(engine, reqs, batch_size):
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.95, seed=123)], ids=["greedy", "seeded"])
 def test_results_do_not_depend_on_batch_size(engine, params):
     ps = prompts()
-    make = lambda: [Request(id=i, prompt_ids=p, params=params, max_tokens=4 + (i % 5) * 3, ignore_eos=True) for i, p in enumerate(ps)]
+    def make():
+        return [Request(id=i, prompt_ids=p, params=params, max_tokens=4 + (i % 5) * 3, ignore_eos=True) for i, p in enumerate(ps)]
     one = run(engine, make(), 1)
     assert run(engine, make(), 4) == one
     assert run(engine, make(), 16) == one
@@ -142,7 +141,8 @@ def test_stop_ids_min_tokens_and_eos(engine):
 def test_n_samples_are_distinct_streams_and_reproducible(engine):
     p = prompts(1)[0]
     params = SamplingParams(temperature=1.0, seed=5)
-    reqs = lambda: [Request(id="a", prompt_ids=p, params=params, max_tokens=16, ignore_eos=True, sample_index=k) for k in range(3)]
+    def reqs():
+        return [Request(id="a", prompt_ids=p, params=params, max_tokens=16, ignore_eos=True, sample_index=k) for k in range(3)]
     first = run(engine, reqs(), 3)
     assert first == run(engine, reqs(), 1)
     assert len({tuple(ids) for ids, _ in first}) > 1

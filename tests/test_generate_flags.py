@@ -86,7 +86,7 @@ def test_progress_help_names_its_real_default(command):
 
 
 def test_no_progress_wins_on_a_terminal(monkeypatch):
-    from llmcli.cli import wants_progress
+    from llmcli.cli.options import wants_progress
 
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     assert wants_progress(None) is True and wants_progress(False) is False

@@ -25,7 +25,6 @@ from llmcli.core.quantize import dequantize_q8, quantize_q8
 from llmcli.errors import UsageError
 from tests.tiny import load_reference, make_tiny
 
-
 # The AVX-512 build, and on x86 also the portable C paths (what CPUs without AVX-512 run), built here with AVX-512 off.
 VARIANTS = [()] + ([("-mno-avx512f",)] if platform.machine() in ("x86_64", "AMD64") else [])
 

@@ -183,7 +183,8 @@ def test_a_long_prompt_grows_one_cache_row_and_gives_it_back(long_context):
 def test_results_do_not_change_when_the_cache_shrinks_under_running_sequences(long_context):
     engine = Engine(long_context)
     # the long prompt finishes first, while the short ones keep decoding in the shrunk cache
-    make = lambda: [Request(id=i, prompt_ids=_ids(700 if i == 0 else 15 + i, 10 + i), max_tokens=2 if i == 0 else 12, ignore_eos=True) for i in range(4)]
+    def make():
+        return [Request(id=i, prompt_ids=_ids(700 if i == 0 else 15 + i, 10 + i), max_tokens=2 if i == 0 else 12, ignore_eos=True) for i in range(4)]
     alone = [r.generated_ids for r in engine.iter_results(make(), batch_size=1)]
     batcher = engine.make_batcher(4)
     for request in make():

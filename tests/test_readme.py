@@ -83,11 +83,10 @@ def test_runnable_block(block, smollm2_gguf, minilm_dir, tmp_path):
 
 
 def test_every_command_has_help_with_example_and_is_in_readme():
+    import typer
     from typer.testing import CliRunner
 
     from llmcli.cli import app
-
-    import typer
 
     readme = README.read_text(encoding="utf-8")
     group = typer.main.get_command(app)

@@ -307,8 +307,9 @@ def test_hf_dir_bos_post_processor_and_chat_template_match_transformers(tmp_path
 
 
 def test_chat_template_file_and_template_features(tmp_path):
-    from tests.tiny import make_bpe_tokenizer
     import transformers
+
+    from tests.tiny import make_bpe_tokenizer
 
     make_bpe_tokenizer(tmp_path)
     # raise_exception, a {% generation %} block, tojson without HTML escaping, loop controls, bos_token

@@ -1,4 +1,7 @@
-"""The Typer app, the options every command shares, and the one place where errors become exit codes.
+"""The Typer app (the lazy command group), `main`, and the one place where errors become exit codes.
+
+The options every command shares are in cli/options.py; the loop that reads records, runs a
+stage and writes records (with the --skip-errors policy) is in cli/stage.py.
 
 Exit codes: 0 ok, 1 an LlmcliError (bad input, bad model), 2 bad usage, 130 Ctrl-C (after the line `interrupted`),
 141 the reader of stdout went away (`| head -n1`), quietly.
@@ -12,15 +15,33 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import stat
 import sys
-from pathlib import Path
-from typing import IO, Annotated, Any, Callable, Iterable, NamedTuple, NoReturn, Optional
+from typing import Annotated, Any, Iterable, NamedTuple, NoReturn
 
 import typer
 from typer.core import TyperGroup
 
-from llmcli.errors import InputError, LlmcliError, OutputClosed, UsageError
+# The options and the stage helpers lived here before cli/options.py and cli/stage.py; they are
+# still importable from llmcli.cli for code written against that layout (noqa F401: re-exported).
+# New code imports them from their own modules.
+from llmcli.cli.options import (  # noqa: F401
+    DEFAULT_ENCODER,
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    FloatsOpt,
+    InputArg,
+    ModelOpt,
+    OutputOpt,
+    ProgressOpt,
+    QuantizeOpt,
+    SkipErrorsOpt,
+    ThreadsOpt,
+    wants_progress,
+)
+from llmcli.cli.stage import BATCH_LINES, BadLines, check_output, open_input, open_output, run_batched_stage, run_stage, say  # noqa: F401
+from llmcli.cli.typer_speedup import speed_up, speed_up_params
+from llmcli.errors import LlmcliError, OutputClosed
 
 # Every command and the module of llmcli.cli that defines it, in the order `--help` lists them.
 COMMANDS = {
@@ -45,7 +66,8 @@ class LazyGroup(TyperGroup):
     build the options of every other command first; built anywhere else (CliRunner, a script
     calling typer.main.get_command), it holds every command from the start. Commands registered
     when the group is built are built with it; the others are built here, from what their module
-    registered on `app`."""
+    registered on `app`. Every command it holds, and its --help option, goes through
+    typer_speedup.speed_up (a no-op with a Typer that module was not checked against)."""
 
     lazy = False  # set by main() while it builds the group
 
@@ -54,6 +76,7 @@ class LazyGroup(TyperGroup):
         self._built = len(app.registered_commands)
         if not LazyGroup.lazy:
             self._load(COMMAND_MODULES)
+        speed_up(self)
 
     def _load(self, modules: Iterable[str]) -> None:
         for name in modules:
@@ -65,6 +88,7 @@ class LazyGroup(TyperGroup):
         for info in app.registered_commands[self._built :]:
             command = typer.main.get_command_from_info(info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=app.rich_markup_mode)
             if command.name and command.name not in self.commands:
+                speed_up(command)
                 self.add_command(command)
         self._built = len(app.registered_commands)
 
@@ -72,7 +96,16 @@ class LazyGroup(TyperGroup):
         if cmd_name not in self.commands:
             # an unknown name loads everything, so that "No such command" can suggest the right one
             self._load([COMMANDS[cmd_name]] if cmd_name in COMMANDS else COMMAND_MODULES)
-        return super().get_command(ctx, cmd_name)
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            speed_up(command, ctx)  # its --help option: a subcommand's context has the same option names
+        return command
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            speed_up_params([option])
+        return option
 
     def list_commands(self, ctx: Any) -> list[str]:
         self._load(COMMAND_MODULES)
@@ -86,7 +119,7 @@ app = typer.Typer(
     help="The transformer inference pipeline as Unix filters: tokenize | encode | attend | generate | decode, over JSONL.\n\n"
     'Example: echo "What is the capital of France?" | llmcli tokenize | llmcli generate | llmcli decode --text-only',
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -122,291 +155,11 @@ def _group(
     pass
 
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_ENCODER = "all-minilm-l6-v2"
-
-# ---------------------------------------------------------------- shared options
-
-InputArg = Annotated[str, typer.Argument(help="Input file of records (JSONL); '-' reads stdin.", show_default=True)]
-OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write records to FILE instead of stdout (never onto an input file: refused).")]
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", help=f"Catalogue name, HF-format directory or .gguf file. Default: {DEFAULT_MODEL}.", envvar="LLMCLI_MODEL"),
-]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16.")]
-ThreadsOpt = Annotated[
-    Optional[int],
-    typer.Option("--threads", "-t", help="CPU threads for the model math (torch and the native kernels). Default: the physical cores this process may use."),
-]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or mps (when present).")]
-QuantizeOpt = Annotated[
-    str,
-    typer.Option("--quantize", help="none, or int8: 8-bit weights in blocks of 32 (llama.cpp's Q8_0), float32 activations, on the CPU: 2-3x faster decoding at batch 1, perplexity within 1% on SmolLM2."),
-]
-SkipErrorsOpt = Annotated[bool, typer.Option("--skip-errors", help="Skip bad lines (counted on stderr) instead of stopping.")]
-FloatsOpt = Annotated[bool, typer.Option("--floats", help="Write tensors as nested lists of numbers instead of base64.")]
-# None (neither flag): a bar when stderr is a terminal; see wants_progress
-ProgressOpt = Annotated[
-    Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr (default: when stderr is a terminal).", show_default=False)
-]
-
-
-def wants_progress(progress: Optional[bool]) -> bool:
-    """--progress / --no-progress as given, else a bar when stderr is a terminal."""
-    return sys.stderr.isatty() if progress is None else progress
-
-
-# ---------------------------------------------------------------- stderr
-
-
-def say(message: str) -> None:
-    """One line for people on stderr (never stdout: stdout is data)."""
-    sys.stderr.write(message.rstrip("\n") + "\n")
-    sys.stderr.flush()
-
-
 def debug_enabled() -> bool:
     return os.environ.get("LLMCLI_DEBUG", "") not in ("", "0")
 
 
-# ---------------------------------------------------------------- input and output
-
-
-def open_input(path: str, kind: str = "JSONL file") -> tuple[IO[bytes], str]:
-    """A binary stream and the name to use for it in messages; `kind` is what the command reads, for the hints."""
-    if path == "-":
-        return sys.stdin.buffer, "-"
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"input file {path} does not exist", f"give a path to a {kind}, or '-' for stdin")
-    if p.is_dir():
-        raise UsageError(f"input {path} is a directory", f"give a {kind}, or '-' for stdin")
-    return open(p, "rb"), path
-
-
-def check_output(output: "str | os.PathLike | None", *inputs: "str | os.PathLike | None", flag: str = "--output") -> None:
-    """Refuse an output file that is one of the files the command reads, before anything opens it.
-
-    Opening the output truncates it, so `tokenize s.jsonl -o s.jsonl` would read an empty input
-    and destroy it. Files are compared by device and inode after following links, so a symlink
-    or a hard link to the input is caught, and '-' is compared when stdin is that file
-    (`< s.jsonl`). An output that does not exist yet, or is not a regular file (/dev/stdout, a
-    terminal), is never an input. Every command with -o calls this first, before loading a model.
-    """
-    if output is None or str(output) == "-":
-        return
-    try:
-        out = os.stat(output)
-    except OSError:
-        return
-    if not stat.S_ISREG(out.st_mode):
-        return
-    for path in inputs:
-        if path is None:
-            continue
-        try:
-            st = os.fstat(sys.stdin.fileno()) if str(path) == "-" else os.stat(path)
-        except (OSError, ValueError):  # no such file (open_input says so), or a stdin without a file descriptor
-            continue
-        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
-            what = "the file on stdin" if str(path) == "-" else f"the input file {path}"
-            raise UsageError(f"{flag} {output} is {what}; writing it would destroy the input", "write to another file and rename it afterwards")
-
-
-def open_output(path: Optional[str]) -> IO[str]:
-    """The stream for --output (stdout for None or '-'); call check_output(path, <inputs>) before."""
-    if path is None or path == "-":
-        return sys.stdout
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}", "choose a writable --output path") from None
-
-
-def run_stage(
-    input: str,
-    output: Optional[str],
-    transform: Callable[[dict, int], dict | Iterable[dict]],
-    *,
-    mode: str = "jsonl",
-    skip_errors: bool = False,
-) -> int:
-    """Read records, transform each one, write each result as soon as it is ready.
-
-    transform(record, line_number) returns a record (or several). An InputError from a line
-    stops the run (every earlier record is already written) unless skip_errors is set.
-    Returns the number of records written.
-    """
-    from llmcli.records import ErrorCounter, RecordWriter, iter_lines
-
-    check_output(output, input)
-    stream, source = open_input(input)
-    writer = RecordWriter(open_output(output))
-    counter = ErrorCounter(report=say) if skip_errors else None
-    for line in iter_lines(stream, source, mode=mode, skip_errors=counter):
-        try:
-            result = transform(line.record, line.number)
-        except InputError as exc:
-            if exc.line is None:
-                exc.line = line.number
-            if exc.source is None:
-                exc.source = source
-            if counter is None:
-                raise
-            counter.add(exc)
-            continue
-        for rec in [result] if isinstance(result, dict) else result:
-            writer.write(rec)
-    if counter is not None and counter.count:
-        say(f"skipped {counter.count} bad line(s) of {source}")
-    return writer.count
-
-
-# The most lines run_batched_stage hands to one call of its transform.
-BATCH_LINES = 1024
-
-
-def run_batched_stage(
-    input: str,
-    output: Optional[str],
-    transform: Callable[[list[tuple[dict, int]]], list["dict | list[dict] | InputError"]],
-    *,
-    mode: str = "jsonl",
-    skip_errors: bool = False,
-    max_batch: int = BATCH_LINES,
-    kind: str = "JSONL file",
-) -> int:
-    """run_stage for a transform that is faster over many records at once (a batched tokenizer).
-
-    transform(items) takes a list of (record, line_number) and returns one result per item, in
-    order: a record, a list of records, or the InputError of that line. It gets the lines that
-    have already arrived (up to max_batch), and never waits for more: a line that comes alone
-    (an interactive pipe) is transformed and written at once, alone. The results of a batch are
-    written in one write. Errors behave as in run_stage: a bad line stops the run after every
-    earlier record is written, or is counted and skipped with skip_errors. If transform raises
-    instead (a failure no check foresaw), the batch is redone one line at a time, so that every
-    record before the failing line is written before the exception propagates. `kind` is what
-    the input should be, for open_input's hints. Returns the number of records written.
-    """
-    from llmcli.records import ErrorCounter, Line, LineReader, RecordWriter, iter_line_results
-
-    check_output(output, input)
-    stream, source = open_input(input, kind)
-    writer = RecordWriter(open_output(output))
-    counter = ErrorCounter(report=say) if skip_errors else None
-    pending: list[Line] = []
-
-    def fail(exc: InputError, number: int | None) -> None:
-        if exc.line is None:
-            exc.line = number
-        if exc.source is None:
-            exc.source = source
-        if counter is None:
-            raise exc
-        counter.add(exc)
-
-    def write_results(lines: list[Line], results: list) -> None:
-        done: list[dict] = []
-        for line, result in zip(lines, results):
-            if isinstance(result, InputError):
-                writer.write_many(done)  # everything before the bad line, before it is reported
-                done = []
-                fail(result, line.number)
-            elif isinstance(result, dict):
-                done.append(result)
-            else:
-                done.extend(result)
-        writer.write_many(done)
-
-    def finish_pending() -> None:
-        if not pending:
-            return
-        lines = pending[:]
-        pending.clear()
-        try:
-            results = transform([(line.record, line.number) for line in lines])
-        except Exception:
-            if len(lines) == 1:
-                raise
-            # Something no check foresaw failed somewhere in the batch: redo it one line at a
-            # time, so that every record before the failing line is written before it propagates.
-            for line in lines:
-                try:
-                    results = transform([(line.record, line.number)])
-                except InputError as exc:  # bad input of this line: skipped with --skip-errors like any other
-                    fail(exc, line.number)
-                    continue
-                write_results([line], results)
-            return
-        write_results(lines, results)
-
-    # The reader finishes the pending lines before each read that could wait for input.
-    for item in iter_line_results(LineReader(stream, before_read=finish_pending), source, mode):
-        if isinstance(item, InputError):
-            finish_pending()
-            fail(item, item.line)
-            continue
-        pending.append(item)
-        if len(pending) >= max_batch:
-            finish_pending()
-    finish_pending()
-    if counter is not None and counter.count:
-        say(f"skipped {counter.count} bad line(s) of {source}")
-    return writer.count
-
-
 # ---------------------------------------------------------------- entry point
-
-
-def _skip_pydantic_for_plain_values() -> None:
-    """Let str options and bool flags through without Typer's pydantic check.
-
-    Typer 0.2x coerces every parameter value with a pydantic TypeAdapter, and importing pydantic
-    and building the adapters costs about 60 ms, a fifth of `llmcli tokenize`'s start. A str
-    option's value from the command line is already a str and a flag's is a bool; only those
-    skip the adapter, every other value (and type) still goes through Typer's own coercion, with
-    its own messages. With a Typer that works otherwise (click types), this does nothing.
-    """
-    try:
-        from typer import _coercion
-        from typer.core import _TyperParameter
-    except ImportError:
-        return
-    build = getattr(_coercion, "build_runtime_param", None)
-    original = getattr(_TyperParameter, "get_runtime_param", None)
-    if build is None or original is None or getattr(original, "_llmcli_plain", False):
-        return
-
-    class PlainValue:
-        def __init__(self, descriptor: Any):
-            self.descriptor = descriptor
-            self.full: Any = None
-
-        def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
-            if type(value) is self.descriptor.annotation or (value is None and not (param.multiple or param.nargs == -1)):
-                return value
-            if self.full is None:
-                self.full = build(self.descriptor)
-            return self.full.coerce(value, param=param, ctx=ctx)
-
-    def get_runtime_param(self: Any) -> Any:
-        if getattr(self, "_runtime_param", None) is None:
-            descriptor = getattr(self, "type_descriptor", None)
-            info = getattr(descriptor, "parameter_info", None)
-            if (
-                descriptor is not None
-                and descriptor.annotation in (str, bool)
-                and getattr(descriptor, "file_annotation", None) is None
-                and getattr(info, "parser", None) is None
-            ):
-                self._runtime_param = PlainValue(descriptor)
-        return original(self)
-
-    get_runtime_param._llmcli_plain = True  # type: ignore[attr-defined]
-    _TyperParameter.get_runtime_param = get_runtime_param
-
-
-_skip_pydantic_for_plain_values()
 
 
 def _quiet_broken_pipe() -> None:
@@ -491,6 +244,7 @@ def _main(argv: list[str] | None) -> None:
             command = typer.main.get_command(app)
         finally:
             LazyGroup.lazy = False
+        speed_up_params(command.params)  # --install-completion and --show-completion, added after the group was built
     except KeyboardInterrupt:
         _exit_interrupted()
     debug = debug_enabled()

@@ -8,22 +8,10 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import (
-    DeviceOpt,
-    DtypeOpt,
-    FloatsOpt,
-    InputArg,
-    ModelOpt,
-    OutputOpt,
-    ProgressOpt,
-    QuantizeOpt,
-    SkipErrorsOpt,
-    ThreadsOpt,
-    app,
-    check_output,
-    run_stage,
-)
+from llmcli.cli import app
 from llmcli.cli.encode import TruncateOpt, load_stage_model, read_embeddings, read_ids
+from llmcli.cli.options import DeviceOpt, DtypeOpt, FloatsOpt, InputArg, ModelOpt, OutputOpt, ProgressOpt, QuantizeOpt, SkipErrorsOpt, ThreadsOpt
+from llmcli.cli.stage import check_output, run_stage
 from llmcli.errors import InputError, UsageError
 
 

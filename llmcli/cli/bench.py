@@ -25,7 +25,9 @@ from typing import Callable
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, ThreadsOpt, app, say, wants_progress
+from llmcli.cli import app
+from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, ThreadsOpt, wants_progress
+from llmcli.cli.stage import say
 from llmcli.core.threads import apply_threads
 from llmcli.errors import UsageError
 

@@ -17,23 +17,9 @@ from typing import Callable, List, Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import (
-    DEFAULT_MODEL,
-    DeviceOpt,
-    DtypeOpt,
-    InputArg,
-    ModelOpt,
-    OutputOpt,
-    ProgressOpt,
-    QuantizeOpt,
-    SkipErrorsOpt,
-    ThreadsOpt,
-    app,
-    check_output,
-    open_input,
-    open_output,
-    say,
-)
+from llmcli.cli import app
+from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, InputArg, ModelOpt, OutputOpt, ProgressOpt, QuantizeOpt, SkipErrorsOpt, ThreadsOpt
+from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
 from llmcli.core.threads import apply_threads
 from llmcli.errors import ContextLengthError, InputError, UsageError
 
@@ -182,28 +168,23 @@ def chat(
 
 def _batch(engine, make_request, stream_in, source, output, system, max_tokens, show_prompt, skip_errors, parse_special, progress=None) -> None:
     from llmcli.cli.progress import make_progress
-    from llmcli.records import MESSAGES, REPLY, ErrorCounter, RecordWriter, check_messages, iter_lines, require
+    from llmcli.records import MESSAGES, REPLY, RecordWriter, check_messages, require
 
     tokenizer = engine.tokenizer
     context = engine.context_length
     reserve = reply_budget(max_tokens, context)
-    counter = ErrorCounter(report=say) if skip_errors else None
+    bad = BadLines(source, skip_errors)
     records: dict[int, dict] = {}
 
+    def prompt(line) -> tuple[str, list[int]]:
+        messages = check_messages(require(line.record, MESSAGES, line.number, stage="chat"), line.number)
+        if system is not None and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system})
+        _, text, ids = fit_messages(tokenizer, messages, context, reserve, lambda msg: say(f"line {line.number}: {msg}"), parse_special)
+        return text, ids
+
     def requests():
-        for line in iter_lines(stream_in, source, skip_errors=counter):
-            try:
-                messages = check_messages(require(line.record, MESSAGES, line.number, stage="chat"), line.number)
-                if system is not None and not any(m["role"] == "system" for m in messages):
-                    messages.insert(0, {"role": "system", "content": system})
-                _, text, ids = fit_messages(tokenizer, messages, context, reserve, lambda msg: say(f"line {line.number}: {msg}"), parse_special)
-            except InputError as exc:
-                exc.line = exc.line or line.number
-                exc.source = exc.source or source
-                if counter is None:
-                    raise
-                counter.add(exc)
-                continue
+        for line, (text, ids) in bad.results(stream_in, prompt):
             if show_prompt:
                 say(f"--- prompt for line {line.number}:\n{text}")
             req = make_request(line.record.get("id", line.number), ids)
@@ -217,8 +198,7 @@ def _batch(engine, make_request, stream_in, source, output, system, max_tokens, 
             out[REPLY] = result.text
             writer.write(out)
             bar.advance(records=1)
-    if counter is not None and counter.count:
-        say(f"skipped {counter.count} bad line(s) of {source}")
+    bad.report()
 
 
 # ---------------------------------------------------------------- the REPL

@@ -10,7 +10,9 @@ import json
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import InputArg, ModelOpt, OutputOpt, SkipErrorsOpt, app, check_output, open_output, run_stage
+from llmcli.cli import app
+from llmcli.cli.options import InputArg, ModelOpt, OutputOpt, SkipErrorsOpt
+from llmcli.cli.stage import check_output, open_output, run_stage
 from llmcli.cli.tokenize import load_cli_tokenizer
 from llmcli.errors import InputError
 

@@ -11,23 +11,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import (
-    DEFAULT_MODEL,
-    DeviceOpt,
-    DtypeOpt,
-    FloatsOpt,
-    InputArg,
-    ModelOpt,
-    OutputOpt,
-    ProgressOpt,
-    QuantizeOpt,
-    SkipErrorsOpt,
-    ThreadsOpt,
-    app,
-    check_output,
-    run_batched_stage,
-    say,
-)
+from llmcli.cli import app
+from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, FloatsOpt, InputArg, ModelOpt, OutputOpt, ProgressOpt, QuantizeOpt, SkipErrorsOpt, ThreadsOpt
+from llmcli.cli.stage import check_output, run_batched_stage, say
 from llmcli.core.threads import apply_threads
 from llmcli.errors import ContextLengthError, InputError, UsageError
 

@@ -8,23 +8,9 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import (
-    DEFAULT_MODEL,
-    DeviceOpt,
-    DtypeOpt,
-    InputArg,
-    ModelOpt,
-    QuantizeOpt,
-    OutputOpt,
-    ProgressOpt,
-    SkipErrorsOpt,
-    ThreadsOpt,
-    app,
-    check_output,
-    open_input,
-    open_output,
-    say,
-)
+from llmcli.cli import app
+from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, InputArg, ModelOpt, OutputOpt, ProgressOpt, QuantizeOpt, SkipErrorsOpt, ThreadsOpt
+from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
 from llmcli.core.threads import apply_threads
 from llmcli.errors import InputError, UsageError
 
@@ -87,8 +73,8 @@ def generate(
 
     Example: echo "The capital of France is" | llmcli tokenize | llmcli generate -n 8 | llmcli decode --text-only
     """
-    from llmcli.core.generate import Request
     from llmcli.cli.progress import make_progress
+    from llmcli.core.generate import Request
     from llmcli.core.sampling import SamplingParams, check_token_ids
     from llmcli.engine import Engine
     from llmcli.records import (
@@ -101,9 +87,7 @@ def generate(
         PROMPT_LOGPROBS,
         SAMPLE,
         TEXT,
-        ErrorCounter,
         RecordWriter,
-        iter_lines,
         require_ids,
     )
 
@@ -142,19 +126,13 @@ def generate(
         from llmcli.core.kvfile import load_prompt_cache
 
         prompt_cache = load_prompt_cache(cache, engine.loaded)
-    counter = ErrorCounter(report=say) if skip_errors else None
+    bad = BadLines(source, skip_errors)
     records: dict[int, tuple[int, dict]] = {}
 
     def requests():
-        for line in iter_lines(stream_in, source, skip_errors=counter):
-            try:
-                yield from make_requests(line.record, line.number)
-            except InputError as exc:
-                exc.line = exc.line or line.number
-                exc.source = exc.source or source
-                if counter is None:
-                    raise
-                counter.add(exc)
+        # all the requests of a line are made before the first is yielded, so a bad line yields none
+        for _, line_requests in bad.results(stream_in, lambda line: list(make_requests(line.record, line.number))):
+            yield from line_requests
 
     def make_requests(record: dict, number: int):
         if IDS in record:
@@ -232,8 +210,7 @@ def generate(
             if held:
                 writer.write_many(held.pop(next(iter(records), None), []))
             bar.advance(records=1)
-    if counter is not None and counter.count:
-        say(f"skipped {counter.count} bad line(s) of {source}")
+    bad.report()
 
 
 def _named(tokenizer, entry: dict) -> dict:

@@ -8,7 +8,9 @@ import sys
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, ThreadsOpt, app, open_input, say, wants_progress
+from llmcli.cli import app
+from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, ThreadsOpt, wants_progress
+from llmcli.cli.stage import open_input, say
 from llmcli.core.threads import apply_threads
 from llmcli.errors import InputError, UsageError
 
@@ -56,8 +58,8 @@ def perplexity(
     except UnicodeDecodeError as exc:
         raise InputError(f"{source} is not UTF-8 text (byte {exc.start})", "convert it, e.g. `iconv -f latin1 -t utf-8`", source=source) from None
 
-    from llmcli.engine.engine import load_model_ref
     from llmcli.core.perplexity import perplexity as compute
+    from llmcli.engine.engine import load_model_ref
 
     apply_threads(threads)
     loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=say, default_model=DEFAULT_MODEL)

@@ -45,6 +45,6 @@ class Progress:
 
 def make_progress(flag: Optional[bool], verb: str) -> Progress:
     """Progress shown when --progress asks for it, or by default when stderr is a terminal."""
-    from llmcli.cli import wants_progress
+    from llmcli.cli.options import wants_progress
 
     return Progress(verb, show=wants_progress(flag))

@@ -15,7 +15,8 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli import catalog
-from llmcli.cli import app, say
+from llmcli.cli import app
+from llmcli.cli.stage import say
 from llmcli.errors import UsageError
 
 

@@ -9,7 +9,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from llmcli.cli import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt, app, say
+from llmcli.cli import app
+from llmcli.cli.options import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
+from llmcli.cli.stage import say
 from llmcli.core.threads import apply_threads
 from llmcli.errors import UsageError
 

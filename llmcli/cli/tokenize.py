@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmcli.cli import BATCH_LINES, InputArg, ModelOpt, OutputOpt, SkipErrorsOpt, app, check_output, run_batched_stage, say
+from llmcli.cli import app
+from llmcli.cli.options import InputArg, ModelOpt, OutputOpt, SkipErrorsOpt
+from llmcli.cli.stage import BATCH_LINES, check_output, run_batched_stage, say
 from llmcli.errors import InputError, UsageError
 
 

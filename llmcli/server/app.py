@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmcli.engine.service import EngineService, Embedder, Handle, QueueFull, RequestKey, ServiceClosed
+from llmcli.engine.service import Embedder, EngineService, Handle, QueueFull, RequestKey, ServiceClosed
 from llmcli.errors import ContextLengthError, InputError, LlmcliError, UsageError
 from llmcli.server import metrics as prom
 from llmcli.server.schemas import (
