@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from llmcli.core.config import GGUF_ARCHITECTURES, ModelConfig, family_of
-from llmcli.core.gguf_meta import GGUFHeader, GGUFTensorInfo, read_gguf_header
+from llmcli.core.gguf_meta import GGUFTensorInfo, read_gguf_header
 from llmcli.errors import ModelError
 
 SUPPORTED_FORMATS = "safetensors (an HF-format directory or a .safetensors file) and GGUF"

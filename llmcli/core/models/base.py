@@ -24,8 +24,8 @@ Attention layers are 0-based block indices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from typing import Collection
 
 import torch
