@@ -21,6 +21,7 @@
 #define LLMCLI_BLOCKS_H
 
 #include <stdint.h>
+#include <stddef.h>
 #include <string.h>
 
 typedef uint16_t ggml_half; /* IEEE binary16 bits */
@@ -195,5 +196,27 @@ static inline float bf16_to_float(uint16_t b) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+
+/* ------------------------------------------------------------------ one weight type's kernels */
+
+typedef struct {
+    int type;            /* GGML_TYPE_* */
+    int block;           /* values per weight block: 1 (F32/F16/BF16), 32 or 256 */
+    int block_bytes;     /* bytes per weight block */
+    int act_block_bytes; /* bytes of the quantized activation for `block` values (4*block: float32 activations, F32/F16/BF16) */
+    void (*quantize_act)(const float *x, void *xq, int K);          /* one activation row -> activation blocks */
+    void (*vec_dot)(int K, float *s, const void *w, const void *xq); /* one weight row . one activation row */
+    void (*dequantize_row)(const void *w, float *y, int K);         /* one weight row -> K floats */
+    void (*quantize_row)(const float *x, void *w, int K);           /* K floats -> weight blocks; bytes identical to llama.cpp's quantize_row_<t>_ref */
+    /* optional (NULL if absent): nw (<= 4) weight rows x nx (<= 4) activation rows at once, every element bit-identical to vec_dot */
+    void (*tile)(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes, int nx, float *y, size_t ldy);
+} BlockType;
+
+/* the K-quants, defined in kquants.c */
+extern const BlockType block_type_q2_K __attribute__((weak));
+extern const BlockType block_type_q3_K __attribute__((weak));
+extern const BlockType block_type_q4_K __attribute__((weak));
+extern const BlockType block_type_q5_K __attribute__((weak));
+extern const BlockType block_type_q6_K __attribute__((weak));
 
 #endif
