@@ -18,8 +18,21 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
-from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, InputArg, ModelOpt, OutputOpt, ProgressOpt, QuantizeOpt, SkipErrorsOpt, ThreadsOpt
+from llmcli.cli.options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    InputArg,
+    ModelOpt,
+    OutputOpt,
+    ProgressOpt,
+    QuantizeOpt,
+    SkipErrorsOpt,
+    ThreadsOpt,
+    sampling_options,
+)
 from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
+from llmcli.core.sampling_params import SamplingParams
 from llmcli.core.threads import apply_threads
 from llmcli.errors import ContextLengthError, InputError, UsageError
 
@@ -87,17 +100,14 @@ def reply_budget(max_tokens: int, context: int) -> int:
 
 
 @app.command()
+@sampling_options
 def chat(
     input: InputArg = "-",
     output: OutputOpt = None,
     model: ModelOpt = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt (piped records that have their own keep theirs).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per reply.")] = 512,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
-    repetition_penalty: Annotated[float, typer.Option(help="HF repetition penalty (1 = off).")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling: a session (or a record) replays the same way.")] = None,
+    sampling: SamplingParams = None,  # one flag per knob (--temperature, --top-p, ..., --seed): see sampling_options
     stop: Annotated[Optional[List[str]], typer.Option(help="Stop string (repeatable); not included in the reply.")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end of the turn (for tests and benchmarks).")] = False,
     show_prompt: Annotated[bool, typer.Option(help="Print the rendered prompt the model receives to stderr before each reply.")] = False,
@@ -124,7 +134,6 @@ def chat(
     Example: echo '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}' | llmcli chat
     """
     from llmcli.core.generate import Request
-    from llmcli.core.sampling import SamplingParams
     from llmcli.engine import Engine
 
     if max_tokens < 1:
@@ -132,7 +141,7 @@ def chat(
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
     interactive = input == "-" and sys.stdin.isatty()
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+    params = sampling
     stream_in = source = None
     check_output(output, input)
     if not interactive:

@@ -2,53 +2,44 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
-from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, InputArg, ModelOpt, OutputOpt, ProgressOpt, QuantizeOpt, SkipErrorsOpt, ThreadsOpt
+from llmcli.cli.options import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    DtypeOpt,
+    InputArg,
+    ModelOpt,
+    OutputOpt,
+    ProgressOpt,
+    QuantizeOpt,
+    SkipErrorsOpt,
+    ThreadsOpt,
+    sampling_options,
+)
 from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
+from llmcli.core.sampling_params import SamplingParams
 from llmcli.core.threads import apply_threads
 from llmcli.errors import InputError, UsageError
 
 
-def parse_logit_bias(values: list[str]) -> dict[int, float]:
-    """`--logit-bias 123:-5` (repeatable) or a JSON object `{"123": -5}`."""
-    bias: dict[int, float] = {}
-    for value in values:
-        try:
-            if value.lstrip().startswith("{"):
-                bias.update({int(k): float(v) for k, v in json.loads(value).items()})
-            else:
-                token, _, amount = value.partition(":")
-                bias[int(token)] = float(amount)
-        except (ValueError, json.JSONDecodeError, AttributeError):
-            raise UsageError(f"bad --logit-bias {value!r}", 'write TOKEN_ID:BIAS (e.g. 42:-100) or a JSON object {"42": -100}') from None
-    return bias
-
-
 @app.command()
+@sampling_options
 def generate(
     input: InputArg = "-",
     output: OutputOpt = None,
     model: ModelOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most new tokens per record.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability (0 = off).")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(help="HF repetition penalty over prompt and output (1 = off).")] = 1.0,
-    presence_penalty: Annotated[float, typer.Option(help="OpenAI presence penalty over the output.")] = 0.0,
-    frequency_penalty: Annotated[float, typer.Option(help="OpenAI frequency penalty over the output.")] = 0.0,
-    logit_bias: Annotated[Optional[List[str]], typer.Option(help="TOKEN_ID:BIAS, repeatable, or a JSON object.")] = None,
+    sampling: SamplingParams = None,  # one flag per knob (--temperature, --top-p, ..., --seed): see sampling_options
     stop: Annotated[Optional[List[str]], typer.Option(help="Stop string (repeatable); not included in the output.")] = None,
     stop_id: Annotated[Optional[List[int]], typer.Option(help="Stop token id (repeatable).")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token.")] = False,
     min_tokens: Annotated[int, typer.Option(help="Generate at least this many tokens before stopping.")] = 0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed: each record samples from its own stream derived from seed and id.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Samples per record (one output record each, with `sample`; the API's `n`).")] = 1,
     # the flag's old name, one letter from -n (--max-tokens): still read, no longer shown
     n_alias: Annotated[Optional[int], typer.Option("--n", hidden=True)] = None,
@@ -75,7 +66,7 @@ def generate(
     """
     from llmcli.cli.progress import make_progress
     from llmcli.core.generate import Request
-    from llmcli.core.sampling import SamplingParams, check_token_ids
+    from llmcli.core.sampling import check_token_ids
     from llmcli.engine import Engine
     from llmcli.records import (
         DELTA,
@@ -101,18 +92,7 @@ def generate(
         raise UsageError("--max-tokens must be at least 1", "use -n 1 or more")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
-    params = SamplingParams(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        logit_bias=parse_logit_bias(logit_bias or []),
-        seed=seed,
-        logprobs=logprobs,
-    )
+    params = dataclasses.replace(sampling, logprobs=logprobs)  # checked there: at most MAX_LOGPROBS
     check_output(output, input, cache)
     stream_in, source = open_input(input)
     apply_threads(threads)

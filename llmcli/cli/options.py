@@ -6,10 +6,16 @@ parameters with these, so that one flag reads the same on every command.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
-from typing import Annotated, Optional
+import typing
+from typing import Annotated, Any, Callable, List, Optional
 
 import typer
+
+from llmcli.core.sampling_params import SamplingParams
+from llmcli.errors import UsageError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_ENCODER = "all-minilm-l6-v2"
@@ -41,3 +47,67 @@ ProgressOpt = Annotated[
 def wants_progress(progress: Optional[bool]) -> bool:
     """--progress / --no-progress as given, else a bar when stderr is a terminal."""
     return sys.stderr.isatty() if progress is None else progress
+
+
+# ---------------------------------------------------------------- sampling flags, from SamplingParams' knobs
+
+
+def parse_logit_bias(values: list[str]) -> dict[int, float]:
+    """`--logit-bias 123:-5` (repeatable) or a JSON object `{"123": -5}`."""
+    import json
+
+    bias: dict[int, float] = {}
+    for value in values:
+        try:
+            if value.lstrip().startswith("{"):
+                bias.update({int(k): float(v) for k, v in json.loads(value).items()})
+            else:
+                token, _, amount = value.partition(":")
+                bias[int(token)] = float(amount)
+        except (ValueError, json.JSONDecodeError, AttributeError):
+            raise UsageError(f"bad --logit-bias {value!r}", 'write TOKEN_ID:BIAS (e.g. 42:-100) or a JSON object {"42": -100}') from None
+    return bias
+
+
+def _knob_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter (a Typer option) per sampling knob, named and documented as SamplingParams declares it."""
+    hints = typing.get_type_hints(SamplingParams)
+    out = []
+    for f in SamplingParams.knobs():
+        kind, default = hints[f.name], SamplingParams.knob_default(f)
+        if f.metadata["cli"] == "list":  # written TOKEN:BIAS, repeatable
+            kind, default = Optional[List[str]], None
+        elif default is None:
+            kind = Optional[kind]
+        option = typer.Option(f"--{f.name.replace('_', '-')}", help=f.metadata["help"])
+        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]))
+    return out
+
+
+def sampling_options(command: Callable) -> Callable:
+    """Give a command one flag per sampling knob in place of its `sampling` parameter, which then
+    receives the SamplingParams those flags make. A knob added to SamplingParams is a flag of every
+    command decorated so, with no edit here or there."""
+    signature = inspect.signature(command, eval_str=True)
+    knobs = _knob_parameters()
+    names = [p.name for p in knobs]
+    params = []
+    for p in signature.parameters.values():
+        if p.name == "sampling":
+            params.extend(knobs)
+        else:
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD else p)
+    if len(params) == len(signature.parameters):
+        raise TypeError(f"{command.__name__} has no `sampling` parameter for sampling_options to fill")
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in names if name in kwargs}
+        if "logit_bias" in values:
+            values["logit_bias"] = parse_logit_bias(values["logit_bias"] or [])
+        kwargs["sampling"] = SamplingParams(**values)
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper

@@ -18,115 +18,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 
+# the parameters live in a torch-free module (the CLI builds its flags from them); re-exported here
+from llmcli.core.sampling_params import (  # noqa: F401
+    LOGIT_BIAS_LIMIT,
+    MAX_LOGPROBS,
+    MIN_LOGPROB,
+    PENALTY_LIMIT,
+    SamplingParams,
+    knob,
+)
 from llmcli.errors import UsageError
-
-# OpenAI's documented ranges; vLLM clamps logit_bias to the same +-100.
-LOGIT_BIAS_LIMIT = 100.0
-PENALTY_LIMIT = 2.0
-# JSON has no -Infinity; vLLM's OpenAI server reports a filtered-out token's logprob as this.
-MIN_LOGPROB = -9999.0
-# The most alternatives a logprobs entry lists: OpenAI's cap (top_logprobs <= 20), for the CLI and the server.
-MAX_LOGPROBS = 20
 
 PerRow = float | int | Sequence[float] | Sequence[int] | torch.Tensor
 IdsOrCounts = torch.Tensor | Sequence[Sequence[int]]
-
-
-# ---------------------------------------------------------------- parameters
-
-
-@dataclass
-class SamplingParams:
-    """One request's sampling settings; the defaults switch every filter off (greedy decoding).
-
-    repetition_penalty has HF semantics (over prompt and generated tokens, divides a positive
-    logit, multiplies a negative one); presence_penalty and frequency_penalty have OpenAI
-    semantics (subtracted, over generated tokens only). logit_bias maps token id -> added bias.
-    logprobs: None = not reported, k = the chosen token's logprob and k top alternatives.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    seed: int | None = None
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def validate(self) -> None:
-        """Raise UsageError (with the fix) for any out-of-range value; normalises logit_bias keys to int."""
-        _check_number("temperature", self.temperature, "use 0 for greedy decoding or a positive value such as 0.7")
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}", "use 0 for greedy decoding or a positive value such as 0.7")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise UsageError(f"top_k must be a whole number >= 0, got {self.top_k!r}", "use 0 to switch top-k off, or e.g. 40")
-        _check_number("top_p", self.top_p, "use a value in (0, 1], e.g. 0.9; 1 switches top-p off")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", "use a value in (0, 1], e.g. 0.9; 1 switches top-p off")
-        _check_number("min_p", self.min_p, "use a value in [0, 1], e.g. 0.05; 0 switches min-p off")
-        if not 0 <= self.min_p <= 1:
-            raise UsageError(f"min_p must be in [0, 1], got {self.min_p}", "use a value in [0, 1], e.g. 0.05; 0 switches min-p off")
-        _check_number("repetition_penalty", self.repetition_penalty, "use a positive value; 1 is off, 1.1-1.3 is typical")
-        if self.repetition_penalty <= 0:
-            raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "use a positive value; 1 is off, 1.1-1.3 is typical")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check_number(name, value, f"use a value in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}]; 0 is off")
-            if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:
-                raise UsageError(f"{name} must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], got {value}", "the OpenAI range; 0 is off")
-        self.logit_bias = _normalise_bias(self.logit_bias)
-        if self.seed is not None and not _is_int(self.seed):
-            raise UsageError(f"seed must be a whole number, got {self.seed!r}", "give an integer such as 42, or no seed")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise UsageError(
-                f"logprobs must be a whole number from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}",
-                f"use 0 for the chosen token only, or up to {MAX_LOGPROBS} alternatives (the server's and OpenAI's cap)",
-            )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_number(name: str, value: Any, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UsageError(f"{name} must be a finite number, got {value!r}", hint)
-
-
-def _normalise_bias(bias: Any) -> dict[int, float]:
-    # JSON objects (OpenAI's logit_bias) arrive with string keys: {"42": -100}
-    hint = 'give token ids and biases in [-100, 100], e.g. {"42": -100}'
-    if not isinstance(bias, Mapping):
-        raise UsageError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}", hint)
-    out: dict[int, float] = {}
-    for key, value in bias.items():
-        try:
-            token = int(key) if not isinstance(key, (bool, float)) else None
-        except (TypeError, ValueError):
-            token = None
-        if token is None or token < 0:
-            raise UsageError(f"logit_bias key {key!r} is not a token id", hint)
-        _check_number(f"logit_bias[{key}]", value, hint)
-        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
-            raise UsageError(f"logit_bias[{key}] = {value} is outside [-100, 100]", "-100 bans a token, +100 all but forces it")
-        out[token] = float(value)
-    return out
 
 
 # ---------------------------------------------------------------- helpers

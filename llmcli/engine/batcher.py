@@ -275,10 +275,4 @@ def _malloc_trim():
 
 def _plain_greedy(params: sampling.SamplingParams) -> bool:
     """Greedy with no bias or penalty: the chosen token is the argmax of the raw logits."""
-    return (
-        params.greedy
-        and not params.logit_bias
-        and params.repetition_penalty == 1.0
-        and params.presence_penalty == 0.0
-        and params.frequency_penalty == 0.0
-    )
+    return params.plain_greedy
