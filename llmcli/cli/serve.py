@@ -51,6 +51,9 @@ def serve(
     batch_size: Annotated[int, typer.Option(help="Requests decoded together (continuous batching).")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a batch row; more get HTTP 429.")] = 64,
     max_body: Annotated[str, typer.Option(help="Largest request body (1MB = 10^6 bytes, 1MiB = 2^20); larger gets HTTP 413.")] = "1MB",
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a generation request may run (queue wait included) before it is stopped: HTTP 504, or an error event in a stream. 0 = no limit.")
+    ] = 600.0,
     max_context: Annotated[Optional[int], typer.Option(help="Cap the context (tokens per sequence) below the model's; saves KV-cache memory.")] = None,
     embedding_model: Annotated[
         Optional[str], typer.Option(help=f"Encoder for /v1/embeddings when --model is a decoder. Default: {DEFAULT_ENCODER} (loaded on first use).")
@@ -64,7 +67,7 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API.
 
-    Routes: POST /v1/completions, /v1/chat/completions (both with "stream": true as server-sent
+    Routes: GET / (a chat page for the browser), POST /v1/completions, /v1/chat/completions (both with "stream": true as server-sent
     events), /v1/embeddings, /tokenize, /detokenize; GET /v1/models, /health (503 while the model
     loads), /metrics (Prometheus). SIGTERM stops taking requests, finishes those in flight, exits 0.
     Any OpenAI client works: base_url http://127.0.0.1:8000/v1, model smollm2-135m-instruct.
@@ -81,6 +84,8 @@ def serve(
         raise UsageError(f"--port {port} is not a TCP port", "use a number in 1..65535 (0 picks a free one)")
     if max_context is not None and max_context < 2:
         raise UsageError("--max-context must be at least 2", "leave it out to use the model's context")
+    if request_timeout < 0:
+        raise UsageError(f"--request-timeout {request_timeout:g} is negative", "give seconds, e.g. --request-timeout 600, or 0 for no limit")
     body_limit = parse_size(max_body)
     if log_level not in ("critical", "error", "warning", "info", "debug"):
         raise UsageError(f"unknown --log-level {log_level!r}", "use critical, error, warning, info or debug")
@@ -125,6 +130,7 @@ def serve(
         embedding_name=embed_name,
         # a model named on the command line loads at startup, so a bad one fails there; the default waits for first use
         preload_embedder=embedding_model is not None,
+        request_timeout=request_timeout or None,
     )
     rc = run_server(application, host, port, notify=say, log_level=log_level)
     if rc:

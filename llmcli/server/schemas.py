@@ -10,17 +10,24 @@ read special-token text inside a message as special tokens, off by default).
 Every string in a body must be valid Unicode: JSON lets a client send half of a surrogate pair
 (`"\\ud800"`), which no tokenizer can encode and no response can echo, so it is refused here,
 for every field at once, with a 400 naming the field.
+
+The sampling knobs (temperature, top_p, ..., seed) are not listed here: they are SamplingParams'
+knob fields, with the ranges declared there, and `to_sampling_params()` turns a request into the
+engine's settings.
 """
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
-from llmcli.core.sampling import MAX_LOGPROBS
+from llmcli.core.sampling_params import MAX_LOGPROBS, SamplingParams
+from llmcli.errors import UsageError
 from llmcli.records import find_lone_surrogate
+from llmcli.server.errors import ApiError, api_error_from
 
 
 class _Body(BaseModel):
@@ -47,29 +54,69 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
-    """What completions and chat completions share."""
+def _knob_fields() -> dict[str, Any]:
+    """One optional field per sampling knob, with the API's range, as SamplingParams declares them."""
+    hints = typing.get_type_hints(SamplingParams)
+    fields: dict[str, Any] = {}
+    for f in SamplingParams.knobs():
+        kind = hints[f.name]
+        if typing.get_origin(kind) is dict:
+            kind = dict[str, float]  # JSON object keys are strings: {"42": -100}
+        fields[f.name] = (Optional[kind], Field(None, **f.metadata["bounds"]))
+    return fields
+
+
+# temperature, top_p, top_k, min_p, penalties, logit_bias, seed: declared by SamplingParams (core/sampling_params.py)
+_Knobs = create_model("_Knobs", __base__=_Body, **_knob_fields())
+
+
+class _Sampling(_Knobs):
+    """What completions and chat completions share: the sampling knobs and the other per-request settings."""
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=64)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     # vLLM's extensions
-    top_k: Optional[int] = Field(None, ge=0)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
     return_tokens_as_token_ids: bool = False
+
+    def logprobs_k(self) -> int | None:
+        """Alternatives to report per token: None for no logprobs."""
+        raise NotImplementedError
+
+    def max_new_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def to_sampling_params(self, vocab: int) -> SamplingParams:
+        """The engine's SamplingParams: a field left out gets OpenAI's default (temperature 1), token ids are checked against the vocabulary."""
+        values = {}
+        for f in SamplingParams.knobs():
+            value = getattr(self, f.name)
+            if value is None:
+                value = f.metadata["api_default"] if f.metadata["api_default"] is not None else SamplingParams.knob_default(f)
+            values[f.name] = value
+        for key in values["logit_bias"]:
+            try:
+                token = int(key)
+            except ValueError:
+                raise ApiError(400, f"logit_bias key {key!r} is not a token id", "invalid_request_error", "logit_bias") from None
+            if not 0 <= token < vocab:
+                raise ApiError(400, f"logit_bias token id {token} is outside the vocabulary (0..{vocab - 1})", "invalid_request_error", "logit_bias")
+        for token in self.stop_token_ids or []:
+            if not 0 <= token < vocab:
+                raise ApiError(400, f"stop token id {token} is outside the vocabulary (0..{vocab - 1})", "invalid_request_error", "stop_token_ids")
+        try:
+            return SamplingParams(**values, logprobs=self.logprobs_k())
+        except UsageError as exc:
+            raise api_error_from(exc) from None
 
 
 class CompletionRequest(_Sampling):
@@ -79,6 +126,12 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
 
 
 class ContentPart(BaseModel):
@@ -106,6 +159,12 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Optional[Any] = None
     response_format: Optional[dict[str, Any]] = None
     parse_special: bool = False  # llmcli's: special-token text inside messages read as special tokens
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class EmbeddingRequest(_Body):
