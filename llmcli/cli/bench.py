@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import typer
+from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from llmcli.cli import app
@@ -320,8 +321,21 @@ class _Reporter:
 # ---------------------------------------------------------------- command
 
 
-@app.command()
+class BenchGroup(TyperGroup):
+    """`llmcli bench` measures the model in this process; `llmcli bench serve URL` (cli/bench_serve.py) measures a server."""
+
+    def __init__(self, **kwargs):
+        super().__init__(invoke_without_command=True, **kwargs)
+        from llmcli.cli.bench_serve import bench_serve
+
+        serve = typer.Typer(rich_markup_mode=app.rich_markup_mode, pretty_exceptions_enable=False)
+        serve.command("serve")(bench_serve)
+        self.add_command(typer.main.get_command(serve), "serve")
+
+
+@app.command(cls=BenchGroup)
 def bench(
+    ctx: typer.Context,
     model: ModelOpt = None,
     n_prompt: Annotated[str, typer.Option("--n-prompt", "-p", help="Prompt lengths to prefill, comma-separated (0 = no prompt test).")] = "512",
     n_gen: Annotated[str, typer.Option("--n-gen", "-n", help="Tokens to generate, comma-separated (0 = no generation test).")] = "128",
@@ -341,7 +355,11 @@ def bench(
     Every combination of -p, -n and -b runs -r times; mean ± sd and peak RSS go to stdout as a table.
 
     Example: llmcli bench -p 64,512 -n 128 -b 1,8 -r 3 --format md
+
+    `llmcli bench serve URL` load-tests a running server instead (see `llmcli bench serve --help`).
     """
+    if ctx.invoked_subcommand is not None:
+        return
     if format not in FORMATS:
         raise UsageError(f"unknown --format {format!r}", f"use one of {', '.join(FORMATS)}")
     prompts = parse_int_list(n_prompt, "-p", 0)
