@@ -59,3 +59,6 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_main_pipe(tmp_path, smoll
     pipe = 'echo "What is the capital of France?" | llmcli tokenize --chat | llmcli generate -n 8 | llmcli decode --text-only'
     answer = run("bash", "-o", "pipefail", "-c", pipe, env=env, cwd=cwd).stdout
     assert answer.startswith("The capital of France is"), answer
+    # package data: the serve chat page (llmcli/server/static/chat.html) is in the wheel
+    page = run(python, "-c", "from llmcli.server.routes.page import chat_page; print(chat_page())", env=env, cwd=cwd).stdout
+    assert "<title>llmcli chat</title>" in page and "/v1/chat/completions" in page
