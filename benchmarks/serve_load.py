@@ -10,6 +10,9 @@ and reports: did every request complete with a full answer (finish_reason "stop"
 ended its turn; "length" means it hit --max-tokens), total generated tokens/s and its ratio to
 the one-at-a-time figure (goal >= 4x), p50/p95 time to first token, and /health's answers.
 
+For TTFT/TPOT/ITL percentiles under other loads (a Poisson rate, a prompt file, another server
+such as llama-server), use `llmcli bench serve URL`, whose percentile this script shares.
+
 Example: python benchmarks/serve_load.py --model ~/.cache/llmcli/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 Prints a JSON summary on stdout and a readable one on stderr.
 """
@@ -28,6 +31,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from llmcli.cli.bench_serve import percentile  # `llmcli bench serve`'s (numpy's linear) percentile, q in 0..100
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -53,15 +58,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 async def chat_stream(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> dict:
@@ -158,8 +154,9 @@ async def concurrent(base: str, model: str, args) -> dict:
         "tokens": tokens,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 2),
-        "ttft_p50_s": round(percentile(ttfts, 0.5), 3),
-        "ttft_p95_s": round(percentile(ttfts, 0.95), 3),
+        "ttft_p50_s": round(percentile(ttfts, 50), 3),
+        "ttft_p95_s": round(percentile(ttfts, 95), 3),
+        "ttft_p99_s": round(percentile(ttfts, 99), 3),
         "health": {"polls": len(health), "ok": sum(s == 200 for s, _ in health), "max_latency_s": round(max((t for _, t in health), default=float("nan")), 3)},
         "sample_answers": {QUESTIONS[i]: results[i].get("answer", "") for i in range(min(3, len(results)))},
     }
@@ -240,7 +237,7 @@ def main() -> int:
         f"  one at a time (--batch-size 1): {lone['tokens_per_s']} tokens/s ({lone['tokens']} tokens in {lone['seconds']} s)\n"
         + (f"  one at a time (--batch-size {args.batch_size}): {same['tokens_per_s']} tokens/s\n" if same else "")
         + f"  {c['requests']} at once (--batch-size {args.batch_size}): {c['tokens_per_s']} tokens/s ({c['tokens']} tokens in {c['seconds']} s) -> {summary['speedup']}x\n"
-        f"  time to first token: p50 {c['ttft_p50_s']} s, p95 {c['ttft_p95_s']} s\n"
+        f"  time to first token: p50 {c['ttft_p50_s']} s, p95 {c['ttft_p95_s']} s, p99 {c['ttft_p99_s']} s\n"
         f"  /health during the load: {h['ok']}/{h['polls']} answered 200, slowest {h['max_latency_s']} s\n"
     )
     print(json.dumps(summary, ensure_ascii=False))
