@@ -6,6 +6,7 @@ declares reach the CLI's flags and the server's request fields."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -49,6 +50,14 @@ class Counted:
         self.service._batcher.step = counted_step
         self.live = LiveServer(make_app(self.service, model_name="tiny", **app_kw))
         self.base = self.live.base
+
+    @contextlib.contextmanager
+    def holding_the_row(self, client: httpx.Client):
+        """A long stream that holds the only row (for thousands of steps) while the block runs; yields its response."""
+        with client.stream("POST", self.base + "/v1/completions", json=LONG) as holder:
+            reader = Reader(holder)
+            assert reader.first_text()
+            yield holder
 
     def cancelled(self) -> int:
         return self.service.metrics.finished.get("cancelled", 0)
@@ -98,12 +107,25 @@ def test_a_disconnected_stream_frees_its_row_within_one_step(dirs):
         s.close()
 
 
+def test_a_client_that_gives_up_on_a_whole_reply_frees_its_row(dirs):
+    s = Counted(dirs["llama"])
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "ignore_eos": True}).encode()
+        host, port = s.base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as raw:  # a non-streamed request: nothing comes back until the end
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: s.service.running == 1 and s.steps >= 3)
+            at_close = s.steps
+        wait_for(lambda: s.service.running == 0)
+        assert s.steps - at_close <= 2 and s.cancelled() == 1
+    finally:
+        s.close()
+
+
 def test_a_queued_stream_that_disconnects_leaves_the_queue_at_once(dirs):
     s = Counted(dirs["llama"], max_queue=2)
     try:
-        with httpx.Client(timeout=60) as client, client.stream("POST", s.base + "/v1/completions", json=LONG) as holder:
-            reader = Reader(holder)
-            assert reader.first_text()  # holds the only row for thousands of steps
+        with httpx.Client(timeout=60) as client, s.holding_the_row(client):
             waiting = client.stream("POST", s.base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5})
             response = waiting.__enter__()
             assert response.status_code == 200
@@ -119,9 +141,7 @@ def test_a_queued_stream_that_disconnects_leaves_the_queue_at_once(dirs):
 def test_a_full_queue_gets_429_with_retry_after(dirs):
     s = Counted(dirs["llama"], max_queue=1)
     try:
-        with httpx.Client(timeout=60) as client, client.stream("POST", s.base + "/v1/completions", json=LONG) as holder:
-            reader = Reader(holder)
-            assert reader.first_text()
+        with httpx.Client(timeout=60) as client, s.holding_the_row(client) as holder:
             result: dict = {}
             t = threading.Thread(target=lambda: result.setdefault("r", client.post(s.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "ignore_eos": True})))
             t.start()

@@ -50,6 +50,18 @@ class _Body(BaseModel):
         return value
 
 
+TextsOrIds = Union[str, list[str], list[int], list[list[int]]]
+
+
+def as_items(value: TextsOrIds) -> list[Union[str, list[int]]]:
+    """OpenAI's `prompt` / `input`: one text, one list of token ids, or a list of either, as a list of items."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(x, int) for x in value):
+        return [value]  # type: ignore[list-item]
+    return list(value)  # type: ignore[arg-type]
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -120,7 +132,7 @@ class _Sampling(_Knobs):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: TextsOrIds
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -169,7 +181,7 @@ class ChatCompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Body):
     model: Optional[str] = None
-    input: Union[str, list[str], list[int], list[list[int]]]
+    input: TextsOrIds
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = None
     user: Optional[str] = None

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from llmcli.server.errors import ApiError
 from llmcli.server.openai_format import SSE_HEADERS, Frame, finish_reason, legacy_logprobs, new_tokens, sse_stream
 from llmcli.server.plan import Plan, make_plan
-from llmcli.server.schemas import CompletionRequest
+from llmcli.server.schemas import CompletionRequest, as_items
 from llmcli.server.state import State
 
 router = APIRouter()
@@ -25,13 +25,7 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         raise ApiError(400, "best_of is not supported (leave it unset or equal to n)", "invalid_request_error", "best_of")
     service = state.require_service()
     tokenizer = service.engine.tokenizer
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        raw: list = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        raw = [prompt]
-    else:
-        raw = list(prompt)
+    raw = as_items(body.prompt)
     if not raw:
         raise ApiError(400, "the prompt list is empty", "invalid_request_error", "prompt")
     prompts, texts = [], []

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from llmcli.errors import LlmcliError
 from llmcli.server.errors import ApiError, api_error_from
-from llmcli.server.schemas import EmbeddingRequest
+from llmcli.server.schemas import EmbeddingRequest, as_items
 from llmcli.server.state import State
 
 router = APIRouter()
@@ -21,13 +21,7 @@ router = APIRouter()
 async def embeddings(body: EmbeddingRequest, state: State):
     state.check_model(body.model, "embed")
     embedder = await state.get_embedder()
-    raw = body.input
-    if isinstance(raw, str):
-        items: list = [raw]
-    elif raw and all(isinstance(x, int) for x in raw):
-        items = [raw]
-    else:
-        items = list(raw)
+    items = as_items(body.input)
     if not items:
         raise ApiError(400, "input is empty", "invalid_request_error", "input")
     inputs = [embedder.tokenize(x) if isinstance(x, str) else list(x) for x in items]
