@@ -208,6 +208,21 @@ def test_the_embedder_loads_off_the_event_loop(dirs):
         live.stop()
 
 
+def test_the_chat_page_loads_without_the_api_key_but_the_api_needs_it():
+    from fastapi.testclient import TestClient
+
+    from llmcli.server import make_app
+
+    release = threading.Event()
+    with TestClient(make_app(lambda: release.wait(30), model_name="x", api_key="k")) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "<title>llmcli chat</title>" in page.text and "https://" not in page.text  # nothing from a CDN
+        assert client.get("/v1/models").status_code == 401
+        assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 401
+        release.set()
+
+
 def test_sigint_drains_then_exits_130_and_a_busy_port_is_one_line(dirs, tmp_path):
     s = Server(tmp_path, "--model", str(dirs["llama"]), "--batch-size", "1")
     s.proc.send_signal(signal.SIGINT)

@@ -46,7 +46,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind. The default answers only this machine; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
-        Optional[str], typer.Option("--api-key", envvar="LLMCLI_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health.")
+        Optional[str], typer.Option("--api-key", envvar="LLMCLI_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health and the chat page at /.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together (continuous batching).")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a batch row; more get HTTP 429.")] = 64,

@@ -12,10 +12,12 @@ from llmcli.server.state import ServerState
 
 # the routes that use a model: an error answer from any of them counts in llmcli_requests_failed_total
 MODEL_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"})
+# the routes that answer without the API key
+OPEN_ROUTES = frozenset({"/health", "/"})
 
 
 class Guard:
-    """Draining (503), API key (401), body size (413) and HTTP metrics, before any route runs."""
+    """Draining (503), API key (401; not for /health and the chat page), body size (413) and HTTP metrics, before any route runs."""
 
     def __init__(self, app, state: ServerState):
         self.app = app
@@ -53,7 +55,8 @@ class Guard:
             if path == "/health":
                 return await JSONResponse({"status": "draining"}, status_code=503)(scope, receive, send)
             return await shutting_down().response({"Connection": "close"})(scope, receive, send)
-        if state.api_key is not None and path != "/health":
+        # the chat page holds no data: it loads without the key, and sends the one typed into it
+        if state.api_key is not None and path not in OPEN_ROUTES:
             headers = dict(scope.get("headers") or [])
             given = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.partition(" ")
