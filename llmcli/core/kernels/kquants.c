@@ -97,24 +97,32 @@ static void quantize_row_q8_K(const float *x, void *vy, int K) {
 
 /* ================================================================== scale unpacking */
 
-/* Q4_K / Q5_K: 8 scales and 8 mins of 6 bits packed in 12 bytes (ggml's get_scale_min_k4) */
-static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
-    if (j < 4) {
-        *d = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4);
-    }
+/* Q4_K / Q5_K: all 8 scales (bytes 0..7) and 8 mins (bytes 8..15) at once, branch-free */
+static inline void scales_mins_k4(const uint8_t *q, uint8_t out[16]) {
+    uint32_t u[4];
+    memcpy(u, q, 12);
+    const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4); /* mins 4..7 */
+    const uint32_t mins03 = u[1] & m6;
+    u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4); /* scales 4..7 */
+    u[2] = mins03;
+    u[0] &= m6; /* scales 0..3 */
+    memcpy(out, u, 16);
 }
 
-/* Q3_K: 16 scales of 6 bits in 12 bytes, stored with +32; returns them signed */
-static inline void scales_q3_K(const uint8_t *s, int8_t *out) {
-    for (int j = 0; j < 16; j++) {
-        const int lo = j < 8 ? s[j] & 0xF : s[j - 8] >> 4;
-        const int hi = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
-        out[j] = (int8_t)((lo | (hi << 4)) - 32);
-    }
+/* Q3_K: 16 scales of 6 bits in 12 bytes (low 4 bits in bytes 0..7, high 2 bits in bytes 8..11),
+ * stored with +32; returns them signed */
+static inline void scales_q3_K(const uint8_t *s, int8_t out[16]) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t m4 = 0x0f0f0f0f, m2 = 0x03030303, hi = u[2];
+    u[2] = ((u[0] >> 4) & m4) | (((hi >> 4) & m2) << 4);
+    u[3] = ((u[1] >> 4) & m4) | (((hi >> 6) & m2) << 4);
+    u[0] = (u[0] & m4) | (((hi >> 0) & m2) << 4);
+    u[1] = (u[1] & m4) | (((hi >> 2) & m2) << 4);
+    uint8_t b[16];
+    memcpy(b, u, 16);
+    for (int j = 0; j < 16; j++) out[j] = (int8_t)(b[j] - 32);
 }
 
 /* ================================================================== dequantize */
@@ -163,12 +171,11 @@ static void dequantize_row_q4_K(const void *vx, float *y, int K) {
     for (int i = 0; i < K / QK_K; i++) {
         const float d = half_to_float(x[i].d), min = half_to_float(x[i].dmin);
         const uint8_t *q = x[i].qs;
+        uint8_t sm[16];
+        scales_mins_k4(x[i].scales, sm);
         for (int j = 0; j < 4; j++, q += 32) {
-            uint8_t sc, m;
-            scale_min_k4(2 * j, x[i].scales, &sc, &m);
-            const float d1 = d * sc, m1 = min * m;
-            scale_min_k4(2 * j + 1, x[i].scales, &sc, &m);
-            const float d2 = d * sc, m2 = min * m;
+            const float d1 = d * sm[2 * j], m1 = min * sm[8 + 2 * j];
+            const float d2 = d * sm[2 * j + 1], m2 = min * sm[9 + 2 * j];
             for (int l = 0; l < 32; l++) *y++ = d1 * (q[l] & 0xF) - m1;
             for (int l = 0; l < 32; l++) *y++ = d2 * (q[l] >> 4) - m2;
         }
@@ -180,12 +187,11 @@ static void dequantize_row_q5_K(const void *vx, float *y, int K) {
     for (int i = 0; i < K / QK_K; i++) {
         const float d = half_to_float(x[i].d), min = half_to_float(x[i].dmin);
         const uint8_t *ql = x[i].qs, *qh = x[i].qh;
+        uint8_t sm[16];
+        scales_mins_k4(x[i].scales, sm);
         for (int j = 0; j < 4; j++, ql += 32) {
-            uint8_t sc, m;
-            scale_min_k4(2 * j, x[i].scales, &sc, &m);
-            const float d1 = d * sc, m1 = min * m;
-            scale_min_k4(2 * j + 1, x[i].scales, &sc, &m);
-            const float d2 = d * sc, m2 = min * m;
+            const float d1 = d * sm[2 * j], m1 = min * sm[8 + 2 * j];
+            const float d2 = d * sm[2 * j + 1], m2 = min * sm[9 + 2 * j];
             const uint8_t u1 = (uint8_t)(1u << (2 * j)), u2 = (uint8_t)(2u << (2 * j));
             for (int l = 0; l < 32; l++) *y++ = d1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
             for (int l = 0; l < 32; l++) *y++ = d2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
@@ -526,12 +532,12 @@ static void quantize_scales_mins_k4(const float *x, int nmax, float rmin, int ns
     }
     *dd = float_to_half(max_scale / 63.f);
     *dmin = float_to_half(max_min / 63.f);
+    uint8_t sm[16];
+    scales_mins_k4(packed, sm);
     for (int j = 0; j < QK_K / 32; j++) {
-        uint8_t sc, m;
-        scale_min_k4(j, packed, &sc, &m);
-        const float d = half_to_float(*dd) * sc;
+        const float d = half_to_float(*dd) * sm[j];
         if (!d) continue;
-        const float dm = half_to_float(*dmin) * m;
+        const float dm = half_to_float(*dmin) * sm[8 + j];
         for (int l = 0; l < 32; l++) {
             const int q = nearest_int((x[32 * j + l] + dm) / d);
             L[32 * j + l] = (uint8_t)KQ_MAX(0, KQ_MIN(nmax, q));
@@ -666,11 +672,11 @@ static void unpack_q3_K(const void *vw, kq_unpacked *u) {
 
 static void unpack_q4_K(const void *vw, kq_unpacked *u) {
     const block_q4_K *w = (const block_q4_K *)vw;
+    uint8_t sm[16];
+    scales_mins_k4(w->scales, sm);
     for (int j = 0; j < 8; j++) {
-        uint8_t sc, m;
-        scale_min_k4(j, w->scales, &sc, &m);
-        u->sc[2 * j] = u->sc[2 * j + 1] = sc;
-        u->mn[2 * j] = u->mn[2 * j + 1] = m;
+        u->sc[2 * j] = u->sc[2 * j + 1] = sm[j];
+        u->mn[2 * j] = u->mn[2 * j + 1] = sm[8 + j];
     }
     for (int j = 0; j < 4; j++)
         for (int l = 0; l < 32; l++) {
@@ -681,11 +687,11 @@ static void unpack_q4_K(const void *vw, kq_unpacked *u) {
 
 static void unpack_q5_K(const void *vw, kq_unpacked *u) {
     const block_q5_K *w = (const block_q5_K *)vw;
+    uint8_t sm[16];
+    scales_mins_k4(w->scales, sm);
     for (int j = 0; j < 8; j++) {
-        uint8_t sc, m;
-        scale_min_k4(j, w->scales, &sc, &m);
-        u->sc[2 * j] = u->sc[2 * j + 1] = sc;
-        u->mn[2 * j] = u->mn[2 * j + 1] = m;
+        u->sc[2 * j] = u->sc[2 * j + 1] = sm[j];
+        u->mn[2 * j] = u->mn[2 * j + 1] = sm[8 + j];
     }
     for (int j = 0; j < 4; j++)
         for (int l = 0; l < 32; l++) {
@@ -783,10 +789,22 @@ KQ_INLINE __m256i scale_pair16(__m128i sc8, int r) {
     return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i *)kq_shuffle16[r])));
 }
 
-/* 4 int32x8 -> their 4 horizontal sums */
-KQ_INLINE __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
-    const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
-    return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+/* the horizontal sums of acc[0..NX) (int32x8) and m[0..NX) (int32x4): isum and msum, lane c for row c */
+KQ_INLINE void kq_reduce(const __m256i *acc, const __m128i *m, const int NX, __m128i *isum, __m128i *msum) {
+    if (NX == 1) {
+        const __m128i a = _mm_add_epi32(_mm256_castsi256_si128(acc[0]), _mm256_extracti128_si256(acc[0], 1));
+        const __m128i t = _mm_hadd_epi32(a, m[0]);   /* a01 a23 m01 m23 */
+        const __m128i u = _mm_hadd_epi32(t, t);      /* a m a m */
+        *isum = u;
+        *msum = _mm_shuffle_epi32(u, 0x55);
+        return;
+    }
+    const __m256i z = _mm256_setzero_si256();
+    const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]),
+                                        _mm256_hadd_epi32(NX > 2 ? acc[2] : z, NX > 3 ? acc[3] : z));
+    *isum = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    const __m128i zz = _mm_setzero_si128();
+    *msum = _mm_hadd_epi32(_mm_hadd_epi32(m[0], m[1]), _mm_hadd_epi32(NX > 2 ? m[2] : zz, NX > 3 ? m[3] : zz));
 }
 
 /* acc[c] += scales16 . maddubs(q, a_c) for the 32 activation bytes at offset off of each row */
@@ -796,63 +814,62 @@ KQ_INLINE __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
         acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16((s16), _mm256_maddubs_epi16((q), a_)));                 \
     }
 
-/* Each sb_<t> computes, for one weight super-block and NX activation blocks, isum (and msum) as
- * 4 int32 lanes, lane c for activation row c (lanes >= NX hold zeros). */
+#define KQ_ZERO4(v, z) v[4] = {z, z, z, z}
 
-KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
-    uint8_t sc[8], mn[8];
-    for (int j = 0; j < 8; j++) scale_min_k4(j, w->scales, &sc[j], &mn[j]);
-    const __m256i m4 = _mm256_set1_epi8(0xF);
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (int j = 0; j < 4; j++) {
-        const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
-        const __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-        const __m256i s1 = _mm256_set1_epi16(sc[2 * j]), s2 = _mm256_set1_epi16(sc[2 * j + 1]);
-        KQ_ACC(lo, s1, 64 * j)
-        KQ_ACC(hi, s2, 64 * j + 32)
-    }
-    *isum = hsum4_epi32(acc[0], acc[1], acc[2], acc[3]);
-    uint64_t mn64;
-    memcpy(&mn64, mn, 8);
-    const __m128i mins16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn64));
-    __m128i m[4] = {_mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128()};
+/* Each sb_<t> computes, for one weight super-block and NX activation blocks, isum (and msum) as
+ * 4 int32 lanes, lane c for activation row c. */
+
+/* Q4_K and Q5_K: the 8 scales as int16 in both 128-bit lanes, and m[c] = mins . (bsum pairs) */
+KQ_INLINE __m256i k4_scales(const uint8_t *packed, const block_q8_K *const *xs, const int NX, __m128i *m) {
+    uint8_t smb[16];
+    scales_mins_k4(packed, smb);
+    const __m128i sm = _mm_loadu_si128((const __m128i *)smb);
+    const __m128i mins16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
     for (int c = 0; c < NX; c++) {
         const __m128i b0 = _mm_loadu_si128((const __m128i *)xs[c]->bsums);
         const __m128i b1 = _mm_loadu_si128((const __m128i *)(xs[c]->bsums + 8));
         m[c] = _mm_madd_epi16(mins16, _mm_hadd_epi16(b0, b1));
     }
-    *msum = _mm_hadd_epi32(_mm_hadd_epi32(m[0], m[1]), _mm_hadd_epi32(m[2], m[3]));
+    return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
+}
+
+/* int16 element e of v in all 16 places */
+#define KQ_BCAST16(v, e) _mm256_shuffle_epi8((v), _mm256_set1_epi16((short)((2 * (e)) | ((2 * (e) + 1) << 8))))
+
+KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
+    __m128i KQ_ZERO4(m, _mm_setzero_si128());
+    const __m256i sc16 = k4_scales(w->scales, xs, NX, m);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
+    for (int j = 0; j < 4; j++) {
+        const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
+        const __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+        const __m256i s1 = KQ_BCAST16(sc16, 2 * j), s2 = KQ_BCAST16(sc16, 2 * j + 1);
+        KQ_ACC(lo, s1, 64 * j)
+        KQ_ACC(hi, s2, 64 * j + 32)
+    }
+    kq_reduce(acc, m, NX, isum, msum);
 }
 
 KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
-    uint8_t sc[8], mn[8];
-    for (int j = 0; j < 8; j++) scale_min_k4(j, w->scales, &sc[j], &mn[j]);
+    __m128i KQ_ZERO4(m, _mm_setzero_si128());
+    const __m256i sc16 = k4_scales(w->scales, xs, NX, m);
     const __m256i m4 = _mm256_set1_epi8(0xF), m1 = _mm256_set1_epi8(1);
     __m256i hb = _mm256_loadu_si256((const __m256i *)w->qh);
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
     for (int j = 0; j < 4; j++) {
         const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
-        /* hb has been shifted right by 2j in 16-bit lanes; bit 0 and bit 1 of each byte are still its own (2j + 1 <= 7) */
+        /* hb has been shifted right by 2j in 16-bit lanes; bits 0 and 1 of each byte are still its own (2j + 1 <= 7) */
         const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(hb, m1), 4);
         const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), m1), 4);
         hb = _mm256_srli_epi16(hb, 2);
         const __m256i lo = _mm256_or_si256(_mm256_and_si256(bits, m4), h1);
         const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h2);
-        const __m256i s1 = _mm256_set1_epi16(sc[2 * j]), s2 = _mm256_set1_epi16(sc[2 * j + 1]);
+        const __m256i s1 = KQ_BCAST16(sc16, 2 * j), s2 = KQ_BCAST16(sc16, 2 * j + 1);
         KQ_ACC(lo, s1, 64 * j)
         KQ_ACC(hi, s2, 64 * j + 32)
     }
-    *isum = hsum4_epi32(acc[0], acc[1], acc[2], acc[3]);
-    uint64_t mn64;
-    memcpy(&mn64, mn, 8);
-    const __m128i mins16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn64));
-    __m128i m[4] = {_mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128()};
-    for (int c = 0; c < NX; c++) {
-        const __m128i b0 = _mm_loadu_si128((const __m128i *)xs[c]->bsums);
-        const __m128i b1 = _mm_loadu_si128((const __m128i *)(xs[c]->bsums + 8));
-        m[c] = _mm_madd_epi16(mins16, _mm_hadd_epi16(b0, b1));
-    }
-    *msum = _mm_hadd_epi32(_mm_hadd_epi32(m[0], m[1]), _mm_hadd_epi32(m[2], m[3]));
+    kq_reduce(acc, m, NX, isum, msum);
 }
 
 /* the per-16-scale types: acc[c] -= off * sum_g sc[g] * bsums[g] (Q3_K: off 4, Q6_K: off 32) */
@@ -868,7 +885,7 @@ KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const i
 KQ_INLINE void sb_q6_K(const block_q6_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
     const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
     const __m128i sc8 = _mm_loadu_si128((const __m128i *)w->scales);
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
     for (int n = 0; n < 2; n++) {
         const __m256i b1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * n));
         const __m256i b2 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * n + 32));
@@ -886,8 +903,8 @@ KQ_INLINE void sb_q6_K(const block_q6_K *w, const block_q8_K *const *xs, const i
         KQ_ACC(q3, scale_pair16(sc8, 4 * n + 3), 128 * n + 96)
     }
     KQ_BSUM_CORRECTION(sc8, 5);
-    *isum = hsum4_epi32(acc[0], acc[1], acc[2], acc[3]);
-    *msum = _mm_setzero_si128();
+    const __m128i KQ_ZERO4(m, _mm_setzero_si128());
+    kq_reduce(acc, m, NX, isum, msum);
 }
 
 KQ_INLINE void sb_q3_K(const block_q3_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
@@ -896,7 +913,7 @@ KQ_INLINE void sb_q3_K(const block_q3_K *w, const block_q8_K *const *xs, const i
     const __m128i sc8 = _mm_loadu_si128((const __m128i *)scv);
     const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);
     const __m256i hm = _mm256_loadu_si256((const __m256i *)w->hmask);
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
     for (int n = 0; n < 2; n++) {
         const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * n));
         for (int s = 0; s < 4; s++) {
@@ -909,8 +926,8 @@ KQ_INLINE void sb_q3_K(const block_q3_K *w, const block_q8_K *const *xs, const i
         }
     }
     KQ_BSUM_CORRECTION(sc8, 2);
-    *isum = hsum4_epi32(acc[0], acc[1], acc[2], acc[3]);
-    *msum = _mm_setzero_si128();
+    const __m128i KQ_ZERO4(m, _mm_setzero_si128());
+    kq_reduce(acc, m, NX, isum, msum);
 }
 
 KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
@@ -919,7 +936,7 @@ KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const i
     const __m128i sc8 = _mm_and_si128(raw, m4);
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
     const __m256i m3 = _mm256_set1_epi8(3);
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
     for (int n = 0; n < 2; n++) {
         const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * n));
         for (int s = 0; s < 4; s++) {
@@ -927,10 +944,12 @@ KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const i
             KQ_ACC(q, scale_pair16(sc8, 4 * n + s), 128 * n + 32 * s)
         }
     }
-    *isum = hsum4_epi32(acc[0], acc[1], acc[2], acc[3]);
-    __m256i m[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (int c = 0; c < NX; c++) m[c] = _mm256_madd_epi16(mins16, _mm256_loadu_si256((const __m256i *)xs[c]->bsums));
-    *msum = hsum4_epi32(m[0], m[1], m[2], m[3]);
+    __m128i KQ_ZERO4(m, _mm_setzero_si128());
+    for (int c = 0; c < NX; c++) {
+        const __m256i p = _mm256_madd_epi16(mins16, _mm256_loadu_si256((const __m256i *)xs[c]->bsums));
+        m[c] = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+    }
+    kq_reduce(acc, m, NX, isum, msum);
 }
 
 /* The tile for NW weight rows and NX activation rows; per element the header's float order,
