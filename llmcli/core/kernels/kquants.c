@@ -958,30 +958,29 @@ KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const i
     KQ_INLINE void tile_##t##_n(int K, const void *w, size_t w_row_bytes, int nw, const void *xq,                   \
                                 size_t xq_row_bytes, const int NX, float *y, size_t ldy) {                          \
         const int nb = K / QK_K;                                                                                    \
-        __m128 acc[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};                   \
-        for (int i = 0; i < nb; i++) {                                                                              \
-            const block_q8_K *xs[4];                                                                                \
-            float dxs[4] = {0, 0, 0, 0};                                                                            \
-            for (int c = 0; c < NX; c++) {                                                                          \
-                xs[c] = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i;                              \
-                dxs[c] = xs[c]->d;                                                                                  \
-            }                                                                                                       \
-            const __m128 dx = _mm_loadu_ps(dxs);                                                                    \
-            for (int r = 0; r < nw; r++) {                                                                          \
-                const block_##t *bb = (const block_##t *)((const char *)w + r * w_row_bytes) + i;                   \
+        for (int r = 0; r < nw; r++) {                                                                              \
+            const block_##t *row = (const block_##t *)((const char *)w + r * w_row_bytes);                          \
+            __m128 acc = _mm_setzero_ps();                                                                          \
+            for (int i = 0; i < nb; i++) {                                                                          \
+                const block_q8_K *xs[4];                                                                            \
+                float dxs[4] = {0, 0, 0, 0};                                                                        \
+                for (int c = 0; c < NX; c++) {                                                                      \
+                    xs[c] = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i;                          \
+                    dxs[c] = xs[c]->d;                                                                              \
+                }                                                                                                   \
+                const __m128 dx = _mm_loadu_ps(dxs);                                                                \
+                const block_##t *bb = row + i;                                                                      \
                 __m128i isum, msum;                                                                                 \
                 sb_##t(bb, xs, NX, &isum, &msum);                                                                   \
                 const __m128 d = _mm_set1_ps(kq_half(bb->d));                                                       \
-                acc[r] = _mm_add_ps(acc[r], _mm_mul_ps(_mm_mul_ps(d, dx), _mm_cvtepi32_ps(isum)));                  \
+                acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(d, dx), _mm_cvtepi32_ps(isum)));                        \
                 if (has_min) {                                                                                      \
                     const __m128 dm = _mm_set1_ps(kq_half(DMIN));                                                   \
-                    acc[r] = _mm_sub_ps(acc[r], _mm_mul_ps(_mm_mul_ps(dm, dx), _mm_cvtepi32_ps(msum)));             \
+                    acc = _mm_sub_ps(acc, _mm_mul_ps(_mm_mul_ps(dm, dx), _mm_cvtepi32_ps(msum)));                   \
                 }                                                                                                   \
             }                                                                                                       \
-        }                                                                                                           \
-        for (int r = 0; r < nw; r++) {                                                                              \
             float out[4];                                                                                           \
-            _mm_storeu_ps(out, acc[r]);                                                                             \
+            _mm_storeu_ps(out, acc);                                                                                \
             for (int c = 0; c < NX; c++) y[c * ldy + r] = out[c];                                                   \
         }                                                                                                           \
     }                                                                                                               \
