@@ -777,16 +777,24 @@ KQ_GENERIC_DOT(q6_K, false, b->d)
 
 #else /* KQ_AVX2 */
 
-/* [scale 2r x8, scale 2r+1 x8] from 16 int8 scales, for the per-16-scale types */
-static const uint8_t kq_shuffle16[8][16] __attribute__((aligned(16))) = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
-    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
-    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13}, {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
-};
+/* The per-16-scale types: the 16 scales as int16, elements 0..7 in both 128-bit lanes (lo) and
+ * 8..15 in both (hi); scale_pair16 then gives [scale 2r x8 | scale 2r+1 x8] with one shuffle. */
+typedef struct {
+    __m256i lo, hi;
+} kq_scales16;
 
-KQ_INLINE __m256i scale_pair16(__m128i sc8, int r) {
-    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i *)kq_shuffle16[r])));
+KQ_INLINE kq_scales16 scales16(__m128i sc8) {
+    const __m256i s = _mm256_cvtepi8_epi16(sc8);
+    const kq_scales16 r = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(s)),
+                           _mm256_broadcastsi128_si256(_mm256_extracti128_si256(s, 1))};
+    return r;
+}
+
+KQ_INLINE __m256i scale_pair16(const kq_scales16 *s, int r) {
+    const int e = 4 * (r & 3); /* byte of int16 element 2(r mod 4) */
+    const __m256i idx = _mm256_set_m128i(_mm_set1_epi16((short)((e + 2) | ((e + 3) << 8))),
+                                         _mm_set1_epi16((short)(e | ((e + 1) << 8))));
+    return _mm256_shuffle_epi8(r < 4 ? s->lo : s->hi, idx);
 }
 
 /* the horizontal sums of acc[0..NX) (int32x8) and m[0..NX) (int32x4): isum and msum, lane c for row c */
@@ -885,22 +893,23 @@ KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const i
 KQ_INLINE void sb_q6_K(const block_q6_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
     const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
     const __m128i sc8 = _mm_loadu_si128((const __m128i *)w->scales);
+    const kq_scales16 s16 = scales16(sc8);
     __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
     for (int n = 0; n < 2; n++) {
         const __m256i b1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * n));
         const __m256i b2 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * n + 32));
         const __m256i h = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * n));
         const __m256i q0 = _mm256_or_si256(_mm256_and_si256(b1, m15), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
-        KQ_ACC(q0, scale_pair16(sc8, 4 * n + 0), 128 * n + 0)
+        KQ_ACC(q0, scale_pair16(&s16, 4 * n + 0), 128 * n + 0)
         const __m256i q1 = _mm256_or_si256(_mm256_and_si256(b2, m15),
                                            _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2));
-        KQ_ACC(q1, scale_pair16(sc8, 4 * n + 1), 128 * n + 32)
+        KQ_ACC(q1, scale_pair16(&s16, 4 * n + 1), 128 * n + 32)
         const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15),
                                            _mm256_and_si256(h, _mm256_set1_epi8(48)));
-        KQ_ACC(q2, scale_pair16(sc8, 4 * n + 2), 128 * n + 64)
+        KQ_ACC(q2, scale_pair16(&s16, 4 * n + 2), 128 * n + 64)
         const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15),
                                            _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
-        KQ_ACC(q3, scale_pair16(sc8, 4 * n + 3), 128 * n + 96)
+        KQ_ACC(q3, scale_pair16(&s16, 4 * n + 3), 128 * n + 96)
     }
     KQ_BSUM_CORRECTION(sc8, 5);
     const __m128i KQ_ZERO4(m, _mm_setzero_si128());
@@ -911,6 +920,7 @@ KQ_INLINE void sb_q3_K(const block_q3_K *w, const block_q8_K *const *xs, const i
     int8_t scv[16];
     scales_q3_K(w->scales, scv);
     const __m128i sc8 = _mm_loadu_si128((const __m128i *)scv);
+    const kq_scales16 s16 = scales16(sc8);
     const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);
     const __m256i hm = _mm256_loadu_si256((const __m256i *)w->hmask);
     __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
@@ -922,7 +932,7 @@ KQ_INLINE void sb_q3_K(const block_q3_K *w, const block_q8_K *const *xs, const i
             const __m256i hbit = _mm256_and_si256(_mm256_srl_epi16(hm, cnt), m1);
             const __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * s)), m3),
                                               _mm256_slli_epi16(hbit, 2));
-            KQ_ACC(q, scale_pair16(sc8, 4 * n + s), 128 * n + 32 * s)
+            KQ_ACC(q, scale_pair16(&s16, 4 * n + s), 128 * n + 32 * s)
         }
     }
     KQ_BSUM_CORRECTION(sc8, 2);
@@ -933,7 +943,7 @@ KQ_INLINE void sb_q3_K(const block_q3_K *w, const block_q8_K *const *xs, const i
 KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)w->scales);
     const __m128i m4 = _mm_set1_epi8(0xF);
-    const __m128i sc8 = _mm_and_si128(raw, m4);
+    const kq_scales16 s16 = scales16(_mm_and_si128(raw, m4));
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
     const __m256i m3 = _mm256_set1_epi8(3);
     __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
@@ -941,7 +951,7 @@ KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const i
         const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * n));
         for (int s = 0; s < 4; s++) {
             const __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * s)), m3);
-            KQ_ACC(q, scale_pair16(sc8, 4 * n + s), 128 * n + 32 * s)
+            KQ_ACC(q, scale_pair16(&s16, 4 * n + s), 128 * n + 32 * s)
         }
     }
     __m128i KQ_ZERO4(m, _mm_setzero_si128());
