@@ -54,7 +54,7 @@
 #endif
 
 #if defined(USE_AVX2)
-#include <immintrin.h>
+#include <immintrin.h> /* AVX-512 builds use the AVX2 code, with two blocks per register in the 32-value dot products */
 #elif defined(USE_NEON)
 #include <arm_neon.h>
 #endif
@@ -580,11 +580,39 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
     float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if defined(USE_AVX2)
     __m256 acc[4];
+    const int is_signed = !HAS_MIN(kind);
     for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
+    int b = 0;
+#if defined(USE_AVX512)
+    /* two blocks per 512-bit register for the integer work and the scaling; the two halves then
+     * go into the 8-lane accumulator one after the other, block b before block b+1, as above */
+    for (; b + 1 < nb; b += 2) {
+        float d0, d1, m0 = 0.0f, m1 = 0.0f;
+        const __m256i w0 = unpack_avx2(kind, w + (size_t)b * wb, &d0, &m0);
+        const __m256i w1 = unpack_avx2(kind, w + (size_t)(b + 1) * wb, &d1, &m1);
+        const __m512i qw = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+        const __m512i aw = is_signed ? _mm512_abs_epi8(qw) : qw;
+        const __mmask64 neg = is_signed ? _mm512_movepi8_mask(qw) : 0; /* where the weight is negative */
+        for (int c = 0; c < NX; c++) {
+            const block_q8a *a = &xa[c][b];
+            __m512i qa = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a[0].qs)),
+                                            _mm256_loadu_si256((const __m256i *)a[1].qs), 1);
+            if (is_signed) qa = _mm512_mask_sub_epi8(qa, neg, _mm512_setzero_si512(), qa); /* a with the weight's sign (|w| = 0 covers w = 0) */
+            const __m512i isum = _mm512_madd_epi16(_mm512_maddubs_epi16(aw, qa), _mm512_set1_epi16(1));
+            const __m512 p = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0 * a[0].d)), _mm256_set1_ps(d1 * a[1].d), 1);
+            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), p);
+            acc[c] = _mm256_add_ps(acc[c], _mm512_castps512_ps256(t));
+            acc[c] = _mm256_add_ps(acc[c], _mm512_extractf32x8_ps(t, 1));
+            if (HAS_MIN(kind)) {
+                msum[c] = msum[c] + m0 * a[0].s;
+                msum[c] = msum[c] + m1 * a[1].s;
+            }
+        }
+    }
+#endif
+    for (; b < nb; b++) {
         float d, m = 0.0f;
         const __m256i qw = unpack_avx2(kind, w + (size_t)b * wb, &d, &m);
-        const int is_signed = !HAS_MIN(kind);
         const __m256i aw = is_signed ? _mm256_sign_epi8(qw, qw) : qw;
         for (int c = 0; c < NX; c++) {
             const block_q8a *a = &xa[c][b];
