@@ -14,11 +14,14 @@
  * delta d = amax / 127, 32 int8 values round(x / d) (round half to even) and s = d * sum(q) for the
  * types with a min. Their dot product, on every ISA, is this one sequence of float operations:
  *
- *     for each block b in order:   p = dw * da                      (dw: the weight block's delta)
- *         for lane j = 0..7:       acc[j] = acc[j] + (float)isum_j * p
- *                                  (isum_j: the exact int32 sum of products of values 4j..4j+3)
- *         types with a min:        msum = msum + mw * sa
- *     result = hsum8(acc) + msum,  hsum8(a) = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))
+ *     for each block b in order, e = b mod 2 (two sets, so consecutive blocks do not wait on
+ *     each other's additions):
+ *         p = dw * da                                   (dw: the weight block's delta)
+ *         for lane j = 0..7:  acc[e][j] = acc[e][j] + (float)isum_j * p
+ *                             (isum_j: the exact int32 sum of products of values 4j..4j+3)
+ *         types with a min:   msum[e] = msum[e] + mw * sa
+ *     result = hsum8(acc[0] + acc[1]) + (msum[0] + msum[1]),
+ *     hsum8(a) = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))
  *
  * F32/F16/BF16 take float32 activations: 32 lanes, lane j summing w[32i+j]*x[32i+j] over i in
  * order (mul, then add; the last chunk zero-padded), then lanes l, l+8, l+16, l+24 combined as
@@ -54,7 +57,7 @@
 #endif
 
 #if defined(USE_AVX2)
-#include <immintrin.h> /* AVX-512 builds use the AVX2 code, with two blocks per register in the 32-value dot products */
+#include <immintrin.h> /* AVX-512 builds use the AVX2 code, with an even and an odd block per register in the 32-value dot products */
 #elif defined(USE_NEON)
 #include <arm_neon.h>
 #endif
@@ -573,19 +576,19 @@ static inline void unpack_neon(int kind, const uint8_t *blk, int8x16_t *lo, int8
 }
 #endif
 
-/* NX activation rows . one weight row of `nb` blocks of kind `kind` */
+/* NX activation rows . one weight row of `nb` blocks of kind `kind`: two accumulator sets (even
+ * and odd blocks), so that consecutive blocks do not wait for each other's additions */
 static inline __attribute__((always_inline)) void q_dot_rows(const int kind, const int NX, int nb, const uint8_t *w, const block_q8a *const *xa,
                                                              float *out, size_t ldo) {
     const size_t wb = q_block_bytes(kind);
-    float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float msum[4][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}};
 #if defined(USE_AVX2)
-    __m256 acc[4];
     const int is_signed = !HAS_MIN(kind);
-    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_ps();
     int b = 0;
 #if defined(USE_AVX512)
-    /* two blocks per 512-bit register for the integer work and the scaling; the two halves then
-     * go into the 8-lane accumulator one after the other, block b before block b+1, as above */
+    /* an even and an odd block per 512-bit register: lanes 0-7 are the even set, 8-15 the odd one */
+    __m512 acc[4];
+    for (int c = 0; c < NX; c++) acc[c] = _mm512_setzero_ps();
     for (; b + 1 < nb; b += 2) {
         float d0, d1, m0 = 0.0f, m1 = 0.0f;
         const __m256i w0 = unpack_avx2(kind, w + (size_t)b * wb, &d0, &m0);
@@ -600,15 +603,18 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
             if (is_signed) qa = _mm512_mask_sub_epi8(qa, neg, _mm512_setzero_si512(), qa); /* a with the weight's sign (|w| = 0 covers w = 0) */
             const __m512i isum = _mm512_madd_epi16(_mm512_maddubs_epi16(aw, qa), _mm512_set1_epi16(1));
             const __m512 p = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0 * a[0].d)), _mm256_set1_ps(d1 * a[1].d), 1);
-            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), p);
-            acc[c] = _mm256_add_ps(acc[c], _mm512_castps512_ps256(t));
-            acc[c] = _mm256_add_ps(acc[c], _mm512_extractf32x8_ps(t, 1));
+            acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), p));
             if (HAS_MIN(kind)) {
-                msum[c] = msum[c] + m0 * a[0].s;
-                msum[c] = msum[c] + m1 * a[1].s;
+                msum[c][0] = msum[c][0] + m0 * a[0].s;
+                msum[c][1] = msum[c][1] + m1 * a[1].s;
             }
         }
     }
+    __m256 even[4], odd[4];
+    for (int c = 0; c < NX; c++) even[c] = _mm512_castps512_ps256(acc[c]), odd[c] = _mm512_extractf32x8_ps(acc[c], 1);
+#else
+    __m256 even[4], odd[4];
+    for (int c = 0; c < NX; c++) even[c] = odd[c] = _mm256_setzero_ps();
 #endif
     for (; b < nb; b++) {
         float d, m = 0.0f;
@@ -618,45 +624,54 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
             const block_q8a *a = &xa[c][b];
             const __m256i qa = _mm256_loadu_si256((const __m256i *)a->qs);
             const __m256i isum = dot_us8(aw, is_signed ? _mm256_sign_epi8(qa, qw) : qa);
-            acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * a->d)));
-            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+            const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * a->d));
+            if (b & 1) odd[c] = _mm256_add_ps(odd[c], t);
+            else even[c] = _mm256_add_ps(even[c], t);
+            if (HAS_MIN(kind)) msum[c][b & 1] = msum[c][b & 1] + m * a->s;
         }
     }
-    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(acc[c]) + msum[c];
+    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(_mm256_add_ps(even[c], odd[c])) + (msum[c][0] + msum[c][1]);
 #elif defined(USE_NEON)
-    float32x4_t lo[4], hi[4];
-    for (int c = 0; c < NX; c++) lo[c] = hi[c] = vdupq_n_f32(0.0f);
+    float32x4_t lo[4][2], hi[4][2]; /* lanes 0-3 and 4-7 of the even and odd sets */
+    for (int c = 0; c < NX; c++) lo[c][0] = hi[c][0] = lo[c][1] = hi[c][1] = vdupq_n_f32(0.0f);
     for (int b = 0; b < nb; b++) {
         float d, m = 0.0f;
         int8x16_t wl, wh;
         unpack_neon(kind, w + (size_t)b * wb, &wl, &wh, &d, &m);
+        const int par = b & 1;
         for (int c = 0; c < NX; c++) {
             const block_q8a *a = &xa[c][b];
             const int32x4_t s0 = dot_s8x16(wl, vld1q_s8(a->qs)), s1 = dot_s8x16(wh, vld1q_s8(a->qs + 16));
             const float32x4_t p = vdupq_n_f32(d * a->d);
-            lo[c] = vaddq_f32(lo[c], vmulq_f32(vcvtq_f32_s32(s0), p));
-            hi[c] = vaddq_f32(hi[c], vmulq_f32(vcvtq_f32_s32(s1), p));
-            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+            lo[c][par] = vaddq_f32(lo[c][par], vmulq_f32(vcvtq_f32_s32(s0), p));
+            hi[c][par] = vaddq_f32(hi[c][par], vmulq_f32(vcvtq_f32_s32(s1), p));
+            if (HAS_MIN(kind)) msum[c][par] = msum[c][par] + m * a->s;
         }
     }
-    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_neon(lo[c], hi[c]) + msum[c];
+    for (int c = 0; c < NX; c++)
+        out[c * ldo] = hsum8_neon(vaddq_f32(lo[c][0], lo[c][1]), vaddq_f32(hi[c][0], hi[c][1])) + (msum[c][0] + msum[c][1]);
 #else
-    float acc[4][8] = {{0}};
+    float acc[4][2][8] = {{{0}}};
     for (int b = 0; b < nb; b++) {
         int q[32];
         float d, m = 0.0f;
         unpack_q(kind, w + (size_t)b * wb, q, &d, &m);
+        const int par = b & 1;
         for (int c = 0; c < NX; c++) {
             const block_q8a *a = &xa[c][b];
             const float p = d * a->d;
             for (int j = 0; j < 8; j++) {
                 const int s = q[4 * j] * a->qs[4 * j] + q[4 * j + 1] * a->qs[4 * j + 1] + q[4 * j + 2] * a->qs[4 * j + 2] + q[4 * j + 3] * a->qs[4 * j + 3];
-                acc[c][j] = acc[c][j] + (float)s * p;
+                acc[c][par][j] = acc[c][par][j] + (float)s * p;
             }
-            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+            if (HAS_MIN(kind)) msum[c][par] = msum[c][par] + m * a->s;
         }
     }
-    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_scalar(acc[c]) + msum[c];
+    for (int c = 0; c < NX; c++) {
+        float v[8];
+        for (int j = 0; j < 8; j++) v[j] = acc[c][0][j] + acc[c][1][j];
+        out[c * ldo] = hsum8_scalar(v) + (msum[c][0] + msum[c][1]);
+    }
 #endif
 }
 
