@@ -576,14 +576,57 @@ static inline void unpack_neon(int kind, const uint8_t *blk, int8x16_t *lo, int8
 }
 #endif
 
+#if defined(USE_AVX2)
+/* the min terms' products m * s of block b for NX activation rows, one lane per row (a vector
+ * keeps the 4 rows' sums in one register instead of 4: the 4x4 tile then needs no spills) */
+static inline __attribute__((always_inline)) __m128 min_terms(const int NX, float m, const block_q8a *const *xa, int b) {
+    if (NX == 1) return _mm_mul_ss(_mm_set_ss(m), _mm_set_ss(xa[0][b].s));
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c = 0; c < NX; c++) s[c] = xa[c][b].s;
+    return _mm_mul_ps(_mm_set1_ps(m), _mm_loadu_ps(s));
+}
+
+/* block b of one weight row into one accumulator set (acc, msum) of NX activation rows */
+static inline __attribute__((always_inline)) void q_block_avx2(const int kind, const int NX, const uint8_t *blk, const block_q8a *const *xa, int b,
+                                                               __m256 *acc, __m128 *msum) {
+    const int is_signed = !HAS_MIN(kind);
+    float d, m = 0.0f;
+    const __m256i qw = unpack_avx2(kind, blk, &d, &m);
+    const __m256i aw = is_signed ? _mm256_sign_epi8(qw, qw) : qw;
+    for (int c = 0; c < NX; c++) {
+        const block_q8a *a = &xa[c][b];
+        const __m256i qa = _mm256_loadu_si256((const __m256i *)a->qs);
+        const __m256i isum = dot_us8(aw, is_signed ? _mm256_sign_epi8(qa, qw) : qa);
+        acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * a->d)));
+    }
+    if (HAS_MIN(kind)) *msum = _mm_add_ps(*msum, min_terms(NX, m, xa, b));
+}
+#endif
+
+#if defined(USE_NEON)
+static inline __attribute__((always_inline)) void q_block_neon(const int kind, const int NX, const uint8_t *blk, const block_q8a *const *xa, int b,
+                                                               float32x4_t *lo, float32x4_t *hi, float *msum) {
+    float d, m = 0.0f;
+    int8x16_t wl, wh;
+    unpack_neon(kind, blk, &wl, &wh, &d, &m);
+    for (int c = 0; c < NX; c++) {
+        const block_q8a *a = &xa[c][b];
+        const int32x4_t s0 = dot_s8x16(wl, vld1q_s8(a->qs)), s1 = dot_s8x16(wh, vld1q_s8(a->qs + 16));
+        const float32x4_t p = vdupq_n_f32(d * a->d);
+        lo[c] = vaddq_f32(lo[c], vmulq_f32(vcvtq_f32_s32(s0), p));
+        hi[c] = vaddq_f32(hi[c], vmulq_f32(vcvtq_f32_s32(s1), p));
+        if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+    }
+}
+#endif
+
 /* NX activation rows . one weight row of `nb` blocks of kind `kind`: two accumulator sets (even
  * and odd blocks), so that consecutive blocks do not wait for each other's additions */
 static inline __attribute__((always_inline)) void q_dot_rows(const int kind, const int NX, int nb, const uint8_t *w, const block_q8a *const *xa,
                                                              float *out, size_t ldo) {
     const size_t wb = q_block_bytes(kind);
-    float msum[4][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}};
 #if defined(USE_AVX2)
-    const int is_signed = !HAS_MIN(kind);
+    __m128 msum_e = _mm_setzero_ps(), msum_o = _mm_setzero_ps(); /* lane c: activation row c */
     int b = 0;
 #if defined(USE_AVX512)
     /* an even and an odd block per 512-bit register: lanes 0-7 are the even set, 8-15 the odd one */
@@ -594,6 +637,7 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
         const __m256i w0 = unpack_avx2(kind, w + (size_t)b * wb, &d0, &m0);
         const __m256i w1 = unpack_avx2(kind, w + (size_t)(b + 1) * wb, &d1, &m1);
         const __m512i qw = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+        const int is_signed = !HAS_MIN(kind);
         const __m512i aw = is_signed ? _mm512_abs_epi8(qw) : qw;
         const __mmask64 neg = is_signed ? _mm512_movepi8_mask(qw) : 0; /* where the weight is negative */
         for (int c = 0; c < NX; c++) {
@@ -604,10 +648,10 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
             const __m512i isum = _mm512_madd_epi16(_mm512_maddubs_epi16(aw, qa), _mm512_set1_epi16(1));
             const __m512 p = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0 * a[0].d)), _mm256_set1_ps(d1 * a[1].d), 1);
             acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), p));
-            if (HAS_MIN(kind)) {
-                msum[c][0] = msum[c][0] + m0 * a[0].s;
-                msum[c][1] = msum[c][1] + m1 * a[1].s;
-            }
+        }
+        if (HAS_MIN(kind)) {
+            msum_e = _mm_add_ps(msum_e, min_terms(NX, m0, xa, b));
+            msum_o = _mm_add_ps(msum_o, min_terms(NX, m1, xa, b + 1));
         }
     }
     __m256 even[4], odd[4];
@@ -616,42 +660,28 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
     __m256 even[4], odd[4];
     for (int c = 0; c < NX; c++) even[c] = odd[c] = _mm256_setzero_ps();
 #endif
-    for (; b < nb; b++) {
-        float d, m = 0.0f;
-        const __m256i qw = unpack_avx2(kind, w + (size_t)b * wb, &d, &m);
-        const __m256i aw = is_signed ? _mm256_sign_epi8(qw, qw) : qw;
-        for (int c = 0; c < NX; c++) {
-            const block_q8a *a = &xa[c][b];
-            const __m256i qa = _mm256_loadu_si256((const __m256i *)a->qs);
-            const __m256i isum = dot_us8(aw, is_signed ? _mm256_sign_epi8(qa, qw) : qa);
-            const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * a->d));
-            if (b & 1) odd[c] = _mm256_add_ps(odd[c], t);
-            else even[c] = _mm256_add_ps(even[c], t);
-            if (HAS_MIN(kind)) msum[c][b & 1] = msum[c][b & 1] + m * a->s;
-        }
+    for (; b + 1 < nb; b += 2) { /* unrolled by two: the sets are registers, not indexed memory */
+        q_block_avx2(kind, NX, w + (size_t)b * wb, xa, b, even, &msum_e);
+        q_block_avx2(kind, NX, w + (size_t)(b + 1) * wb, xa, b + 1, odd, &msum_o);
     }
-    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(_mm256_add_ps(even[c], odd[c])) + (msum[c][0] + msum[c][1]);
+    if (b < nb) q_block_avx2(kind, NX, w + (size_t)b * wb, xa, b, even, &msum_e);
+    float ms[4];
+    _mm_storeu_ps(ms, _mm_add_ps(msum_e, msum_o));
+    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(_mm256_add_ps(even[c], odd[c])) + ms[c];
 #elif defined(USE_NEON)
-    float32x4_t lo[4][2], hi[4][2]; /* lanes 0-3 and 4-7 of the even and odd sets */
-    for (int c = 0; c < NX; c++) lo[c][0] = hi[c][0] = lo[c][1] = hi[c][1] = vdupq_n_f32(0.0f);
-    for (int b = 0; b < nb; b++) {
-        float d, m = 0.0f;
-        int8x16_t wl, wh;
-        unpack_neon(kind, w + (size_t)b * wb, &wl, &wh, &d, &m);
-        const int par = b & 1;
-        for (int c = 0; c < NX; c++) {
-            const block_q8a *a = &xa[c][b];
-            const int32x4_t s0 = dot_s8x16(wl, vld1q_s8(a->qs)), s1 = dot_s8x16(wh, vld1q_s8(a->qs + 16));
-            const float32x4_t p = vdupq_n_f32(d * a->d);
-            lo[c][par] = vaddq_f32(lo[c][par], vmulq_f32(vcvtq_f32_s32(s0), p));
-            hi[c][par] = vaddq_f32(hi[c][par], vmulq_f32(vcvtq_f32_s32(s1), p));
-            if (HAS_MIN(kind)) msum[c][par] = msum[c][par] + m * a->s;
-        }
+    float msum_e[4] = {0.0f, 0.0f, 0.0f, 0.0f}, msum_o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float32x4_t lo_e[4], hi_e[4], lo_o[4], hi_o[4]; /* lanes 0-3 and 4-7 of the even and odd sets */
+    for (int c = 0; c < NX; c++) lo_e[c] = hi_e[c] = lo_o[c] = hi_o[c] = vdupq_n_f32(0.0f);
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        q_block_neon(kind, NX, w + (size_t)b * wb, xa, b, lo_e, hi_e, msum_e);
+        q_block_neon(kind, NX, w + (size_t)(b + 1) * wb, xa, b + 1, lo_o, hi_o, msum_o);
     }
+    if (b < nb) q_block_neon(kind, NX, w + (size_t)b * wb, xa, b, lo_e, hi_e, msum_e);
     for (int c = 0; c < NX; c++)
-        out[c * ldo] = hsum8_neon(vaddq_f32(lo[c][0], lo[c][1]), vaddq_f32(hi[c][0], hi[c][1])) + (msum[c][0] + msum[c][1]);
+        out[c * ldo] = hsum8_neon(vaddq_f32(lo_e[c], lo_o[c]), vaddq_f32(hi_e[c], hi_o[c])) + (msum_e[c] + msum_o[c]);
 #else
-    float acc[4][2][8] = {{{0}}};
+    float acc[4][2][8] = {{{0}}}, msum[4][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}};
     for (int b = 0; b < nb; b++) {
         int q[32];
         float d, m = 0.0f;
