@@ -901,7 +901,8 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
     }
     const int threads = block_threads();
     const int qtasks = nfmt * M;
-#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
+    /* a few rows (decode) are quantized faster than a parallel region starts */
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)qtasks * K >= 32768)
     for (int t = 0; t < qtasks; t++) {
         const int f = t / M, m = t % M, p = fmt_part[f];
         bt[p]->quantize_act(x + (size_t)m * K, xq[f] + (size_t)m * xrow[p], K);
