@@ -330,14 +330,17 @@ static float signed_absmax(const float *x) {
     return max;
 }
 
-static void min_max(const float *x, float *lo, float *hi) {
+/* the block's min, and the delta (max - min) / levels with its inverse (0 for a constant block) */
+static float min_delta(const float *x, int levels, float *min, float *inv) {
     float mn = FLT_MAX, mx = -FLT_MAX;
     for (int j = 0; j < 32; j++) {
         if (x[j] < mn) mn = x[j];
         if (x[j] > mx) mx = x[j];
     }
-    *lo = mn;
-    *hi = mx;
+    const float d = (mx - mn) / (float)levels;
+    *min = mn;
+    *inv = d ? 1.0f / d : 0.0f;
+    return d;
 }
 
 static void quantize_row_q4_0(const float *x, void *vw, int K) {
@@ -355,9 +358,8 @@ static void quantize_row_q4_0(const float *x, void *vw, int K) {
 static void quantize_row_q4_1(const float *x, void *vw, int K) {
     block_q4_1 *w = (block_q4_1 *)vw;
     for (int b = 0; b < K / 32; b++, x += 32) {
-        float mn, mx;
-        min_max(x, &mn, &mx);
-        const float d = (mx - mn) / 15, id = d ? 1.0f / d : 0.0f;
+        float mn, id;
+        const float d = min_delta(x, 15, &mn, &id);
         w[b].d = float_to_half(d);
         w[b].m = float_to_half(mn);
         for (int j = 0; j < 16; j++) {
@@ -394,9 +396,8 @@ static void quantize_row_q5_0(const float *x, void *vw, int K) {
 static void quantize_row_q5_1(const float *x, void *vw, int K) {
     block_q5_1 *w = (block_q5_1 *)vw;
     for (int b = 0; b < K / 32; b++, x += 32) {
-        float mn, mx;
-        min_max(x, &mn, &mx);
-        const float d = (mx - mn) / 31, id = d ? 1.0f / d : 0.0f;
+        float mn, id;
+        const float d = min_delta(x, 31, &mn, &id);
         w[b].d = float_to_half(d);
         w[b].m = float_to_half(mn);
         int q[32];
