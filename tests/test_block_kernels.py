@@ -315,3 +315,61 @@ def test_neon_under_qemu_equals_portable(tmp_path):
         assert len(arm) == len(native)
         for mine, theirs in zip(arm[1:], native[1:]):
             assert mine == theirs, f"{march}: {mine[:60]} differs from the portable build"
+
+
+def test_decode_step_runs_kinds_2_and_3(kernels):
+    """decode_blocks_f32 on a layer of GGML-block projections (fused qkv and gate_up as kind 3 of
+    parts of different types, o and down as kind 2) is the composition of its separately tested
+    parts: rms_norm_f32, block_matmul per part, attn_decode_f32, silu_mul_f32, residual adds."""
+    from llmcli.core.kernels import BlockDesc
+
+    B, d, nq, nk, D, inter, cap, eps = 2, 64, 4, 2, 16, 96, 10, 1e-5
+    rng = np.random.default_rng(30)
+
+    def f32(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    specs = {"q": (T.Q8_0, nq * D, d), "k": (T.Q4_0, nk * D, d), "v": (T.Q5_1, nk * D, d), "o": (T.Q4_1, d, nq * D),
+             "gate": (T.Q5_0, inter, d), "up": (T.F16, inter, d), "down": (T.Q8_0, d, inter)}  # fmt: skip
+    w = {name: make_weights(t, n, k, seed=40 + i) for i, (name, (t, n, k)) in enumerate(specs.items())}
+    desc = {name: blocks_desc(t, w[name], n, k) for name, (t, n, k) in specs.items()}
+    qkv_parts = (LinearDesc * 3)(desc["q"], desc["k"], desc["v"])
+    gu_parts = (LinearDesc * 2)(desc["gate"], desc["up"])
+    norms = f32(d), f32(d)
+    layer = BlockDesc(
+        ptr(norms[0]), ptr(norms[1]),
+        LinearDesc(kind=3, n=(nq + 2 * nk) * D, k=d, parts=qkv_parts, nparts=3), desc["o"],
+        LinearDesc(kind=3, n=2 * inter, k=d, parts=gu_parts, nparts=2), desc["down"],
+    )  # fmt: skip
+    x0 = f32(B, d)
+    pos = np.array([3, 7], dtype=np.int64)
+    cos, sin = f32(B, D), f32(B, D)
+    caches = [f32(B, nk, cap, D) for _ in range(4)]  # k, v for the step; k, v for the reference
+    caches[2][:], caches[3][:] = caches[0], caches[1]
+    sb, sh, ss = (s // 4 for s in caches[0].strides[:3])
+    x = x0.copy()
+    status = kernels.decode_blocks_f32(
+        (BlockDesc * 1)(layer), 1, ptr(x), B, d, eps, nq, nk, D, 0, ptr(cos), ptr(sin), ptr(pos),
+        (ctypes.c_void_p * 1)(ptr(caches[0])), (ctypes.c_void_p * 1)(ptr(caches[1])), sb, sh, ss,
+    )  # fmt: skip
+    assert status == 0
+
+    def norm(v, weight):
+        out = np.empty_like(v)
+        kernels.rms_norm_f32(ptr(v), ptr(weight), ptr(out), B, d, eps)
+        return out
+
+    def proj(v, *names):
+        return np.concatenate([matmul(kernels, specs[n][0], v, w[n], None) for n in names], axis=1)
+
+    ref = x0.copy()
+    qkv = proj(norm(ref, norms[0]), "q", "k", "v")
+    att = np.empty((B, nq * D), dtype=np.float32)
+    assert kernels.attn_decode_f32(ptr(qkv), ptr(cos), ptr(sin), ptr(pos), ptr(caches[2]), ptr(caches[3]), sb, sh, ss, B, nq, nk, D, 0, ptr(att)) == 0
+    ref = ref + proj(att, "o")
+    gu = proj(norm(ref, norms[1]), "gate", "up")
+    h = np.empty((B, inter), dtype=np.float32)
+    kernels.silu_mul_f32(ptr(gu), ptr(h), B, inter)
+    ref = ref + proj(h, "down")
+    assert np.array_equal(bits(x), bits(ref))
+    assert np.array_equal(caches[0], caches[2]) and np.array_equal(caches[1], caches[3])
