@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 from llmcli.core import kernels as kmod
-from llmcli.core.kernels import LinearDesc, available_isas, load_kernels
+from llmcli.core.kernels import BlockDesc, LinearDesc, available_isas, load_kernels
 from llmcli.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,8 +321,6 @@ def test_decode_step_runs_kinds_2_and_3(kernels):
     """decode_blocks_f32 on a layer of GGML-block projections (fused qkv and gate_up as kind 3 of
     parts of different types, o and down as kind 2) is the composition of its separately tested
     parts: rms_norm_f32, block_matmul per part, attn_decode_f32, silu_mul_f32, residual adds."""
-    from llmcli.core.kernels import BlockDesc
-
     B, d, nq, nk, D, inter, cap, eps = 2, 64, 4, 2, 16, 96, 10, 1e-5
     rng = np.random.default_rng(30)
 
@@ -373,3 +371,16 @@ def test_decode_step_runs_kinds_2_and_3(kernels):
     ref = ref + proj(h, "down")
     assert np.array_equal(bits(x), bits(ref))
     assert np.array_equal(caches[0], caches[2]) and np.array_equal(caches[1], caches[3])
+
+
+def test_failed_allocations_are_reported(kernels):
+    """Scratch larger than any machine (terabytes): the kernels return -1 before touching their
+    inputs, which the Python side raises as MemoryError."""
+    x = np.zeros(2048, dtype=np.float32)
+    w = np.zeros(64 * 18, dtype=np.uint8)
+    y = np.zeros(1, dtype=np.float32)
+    assert kernels.block_matmul(int(T.Q4_0), ptr(x), ptr(w), None, ptr(y), 1 << 30, 1, 2048) == -1  # 2.7 TB of activation blocks
+    big = 1 << 28  # rows of a decode step: 64 GiB per scratch buffer
+    layer = (BlockDesc * 1)(BlockDesc(None, None, LinearDesc(n=64, k=64), LinearDesc(), LinearDesc(n=1 << 12), LinearDesc()))
+    status = kernels.decode_blocks_f32(layer, 1, None, big, 64, 1e-5, 1, 1, 64, 0, None, None, None, None, None, 0, 0, 0)
+    assert status == -1

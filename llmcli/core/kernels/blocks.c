@@ -964,7 +964,8 @@ int block_matmul(int type, const float *x, const void *w, const float *bias, flo
     return block_matmul_parts(&part, 1, x, y, M, N, K);
 }
 
-/* out[i] = row rows[i] of w, dequantized (an embedding lookup). 0, -2 (type), -3 (K). */
+/* out[i] = row rows[i] of w, dequantized (an embedding lookup; the caller checks that every row
+ * index is inside the matrix). 0, -2 (type), -3 (K). */
 int block_dequantize_rows(int type, const void *w, const int64_t *rows, int nrows, int K, float *out) {
     const BlockType *bt = block_type_get(type);
     if (bt == NULL) return -2;
