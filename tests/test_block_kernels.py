@@ -384,3 +384,25 @@ def test_failed_allocations_are_reported(kernels):
     layer = (BlockDesc * 1)(BlockDesc(None, None, LinearDesc(n=64, k=64), LinearDesc(), LinearDesc(n=1 << 12), LinearDesc()))
     status = kernels.decode_blocks_f32(layer, 1, None, big, 64, 1e-5, 1, 1, 64, 0, None, None, None, None, None, 0, 0, 0)
     assert status == -1
+
+
+def test_concatenation_with_a_float32_panel_part(kernels):
+    """A kind-3 part may also be matvec.c's float32 panels (kind 0): its columns equal
+    matmul_panels_f32's, the block part's equal block_matmul's."""
+    import torch
+
+    from llmcli.core.kernels.linear import pack_panels
+
+    K, M, n0, n1 = 64, 3, 40, 12
+    rng = np.random.default_rng(50)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    dense = rng.standard_normal((n0, K)).astype(np.float32)
+    panels = pack_panels(torch.from_numpy(dense)).numpy()
+    blocks = make_weights(T.Q4_0, n1, K)
+    parts = (LinearDesc * 2)(LinearDesc(kind=0, weight=ptr(panels), n=n0, k=K), blocks_desc(T.Q4_0, blocks, n1, K))
+    y = np.zeros((M, n0 + n1), dtype=np.float32)
+    assert kernels.linear_forward(ctypes.byref(LinearDesc(kind=3, n=n0 + n1, k=K, parts=parts, nparts=2)), ptr(x), ptr(y), M) == 0
+    want0 = np.zeros((M, n0), dtype=np.float32)
+    assert kernels.matmul_panels_f32(ptr(x), ptr(panels), None, ptr(want0), M, n0, K) == 0
+    assert np.array_equal(bits(y[:, :n0]), bits(want0))
+    assert np.array_equal(bits(y[:, n0:]), bits(matmul(kernels, T.Q4_0, x, blocks, None)))
