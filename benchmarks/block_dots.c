@@ -24,8 +24,6 @@
 
 #include "blocks.h"
 
-const BlockType *block_type_get(int type);
-
 typedef void (*ggml_dot_fn)(int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy, size_t by, int nrc);
 
 typedef struct { /* blocks.c's activation block (block_q8a) */

@@ -11,7 +11,6 @@
 
 #include "../../llmcli/core/kernels/blocks.h"
 
-const BlockType *block_type_get(int type);
 const char *block_isa(void);
 int block_matmul(int type, const float *x, const void *w, const float *bias, float *y, int M, int N, int K);
 

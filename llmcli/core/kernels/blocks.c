@@ -821,7 +821,6 @@ static const BlockType block_type_q4_1 = Q32_TYPE(GGML_TYPE_Q4_1, q4_1, block_q4
 static const BlockType block_type_q5_0 = Q32_TYPE(GGML_TYPE_Q5_0, q5_0, block_q5_0);
 static const BlockType block_type_q5_1 = Q32_TYPE(GGML_TYPE_Q5_1, q5_1, block_q5_1);
 
-/* this build's kernels for a ggml type, or NULL (the K-quants when kquants.c is not linked in) */
 const BlockType *block_type_get(int type) {
     switch (type) {
     case GGML_TYPE_F32: return &block_type_f32;
@@ -856,18 +855,7 @@ static size_t row_bytes(const BlockType *bt, int K) {
 #define ROWS_PER_TASK 64       /* activation rows per task when there are many (prefill) */
 #define L2_BYTES (256 * 1024)  /* weight bytes a task keeps hot while its activation rows stream past */
 
-/* One part of a product: N weight rows of one type, their outputs at column `col` of y. */
-typedef struct {
-    int type;
-    const void *w;
-    const float *bias; /* NULL for none */
-    int n;
-    int col;
-} BlockPart;
-
-/* y[:, part.col + n] = x W_part^T + bias for every part, all in one parallel region.
- * Parts sharing an activation format share one quantized copy of x. Returns 0, -1 (no memory),
- * -2 (a type this build lacks), -3 (K not a whole number of a part's blocks). */
+/* block_matmul_parts (blocks.h): parts sharing an activation format share one quantized copy of x */
 int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K) {
     enum { MAXP = 16 };
     if (nparts <= 0 || M <= 0) return 0;

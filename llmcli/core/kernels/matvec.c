@@ -25,6 +25,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <omp.h>
+
+#include "blocks.h" /* block_matmul_parts: Linear kinds 2 and 3 */
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -422,16 +424,6 @@ typedef struct {
     const float *input_norm, *post_norm; /* RMSNorm weights [d] */
     Linear qkv, o, gate_up, down;
 } Block;
-
-/* blocks.c */
-typedef struct {
-    int type;
-    const void *w;
-    const float *bias;
-    int n;
-    int col;
-} BlockPart;
-int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K);
 
 #define MAX_PARTS 16
 
