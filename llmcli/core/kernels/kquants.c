@@ -63,6 +63,20 @@ static inline float kq_half(ggml_half h) {
 
 /* ================================================================== q8_K activations */
 
+/* the first value of largest magnitude (0 when all are 0) */
+static inline float max_by_magnitude(int n, const float *x) {
+    float max = 0, amax = 0;
+    for (int i = 0; i < n; i++) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    return max;
+}
+
+
 /* ggml's quantize_row_q8_K_ref: d from the signed value of largest magnitude (the first one),
  * q = nearest(-127/max * x), bsums per 16. Scalar on every ISA, so the rounding is one. An
  * all-zero block gets zero bsums too (ggml leaves them unset; they multiply nothing there). */
@@ -70,15 +84,8 @@ static void quantize_row_q8_K(const float *x, void *vy, int K) {
     block_q8_K *y = (block_q8_K *)vy;
     const int nb = K / QK_K;
     for (int i = 0; i < nb; i++, x += QK_K) {
-        float max = 0, amax = 0;
-        for (int j = 0; j < QK_K; j++) {
-            const float ax = fabsf(x[j]);
-            if (ax > amax) {
-                amax = ax;
-                max = x[j];
-            }
-        }
-        if (!amax) {
+        const float max = max_by_magnitude(QK_K, x);
+        if (!max) {
             memset(&y[i], 0, sizeof y[i]);
             continue;
         }
@@ -297,49 +304,40 @@ static float fit_scale_min(int n, int nmax, const float *x, const float *weights
     return scale;
 }
 
-/* symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2, trying 18 scales around nmax/max
- * (ggml's make_qx_quants with rmse_type 1 and no importance) */
-static float fit_scale_sym(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; i++) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
-    if (amax < KQ_GROUP_MAX_EPS) {
-        for (int i = 0; i < n; i++) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
+/* levels l = clamp(nearest(iscale x), -nmax, nmax - 1), stored as l + store_off, and the
+ * x^2-weighted sums of l x and l^2 */
+static void sym_levels(int n, int nmax, float iscale, const float *x, int8_t *L, int store_off, float *sumlx, float *suml2) {
+    float slx = 0, sl2 = 0;
     for (int i = 0; i < n; i++) {
         int l = nearest_int(iscale * x[i]);
         l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-        L[i] = (int8_t)(l + nmax);
+        L[i] = (int8_t)(l + store_off);
         const float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
+        slx += w * x[i] * l;
+        sl2 += w * l * l;
     }
+    *sumlx = slx;
+    *suml2 = sl2;
+}
+
+/* symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2, trying 18 scales around nmax/max
+ * (ggml's make_qx_quants with rmse_type 1 and no importance) */
+static float fit_scale_sym(int n, int nmax, const float *x, int8_t *L) {
+    const float max = max_by_magnitude(n, x);
+    if (fabsf(max) < KQ_GROUP_MAX_EPS) {
+        for (int i = 0; i < n; i++) L[i] = 0;
+        return 0.f;
+    }
+    float sumlx, suml2;
+    sym_levels(n, nmax, -nmax / max, x, L, nmax, &sumlx, &suml2);
     float scale = suml2 ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
+    int8_t Laux[QK_K];
     for (int is = -9; is <= 9; is++) {
         if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; i++) {
-            int l = nearest_int(iscale * x[i]);
-            l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-            const float w = x[i] * x[i];
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
-        }
+        sym_levels(n, nmax, -(nmax + 0.1f * is) / max, x, Laux, nmax, &sumlx, &suml2);
         if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; i++) {
-                const int l = nearest_int(iscale * x[i]);
-                L[i] = (int8_t)(nmax + KQ_MAX(-nmax, KQ_MIN(nmax - 1, l)));
-            }
+            memcpy(L, Laux, (size_t)n);
             scale = sumlx / suml2;
             best = scale * sumlx;
         }
@@ -350,28 +348,13 @@ static float fit_scale_sym(int n, int nmax, const float *x, int8_t *L) {
 /* Q3_K's symmetric fit: L in [-nmax, nmax), then up to 5 passes moving single values when that
  * improves the weighted fit (ggml's make_q3_quants with do_rmse); returns L + nmax */
 static float fit_scale_q3(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; i++) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
-    if (amax < KQ_GROUP_MAX_EPS) {
+    const float max = max_by_magnitude(n, x);
+    if (fabsf(max) < KQ_GROUP_MAX_EPS) {
         for (int i = 0; i < n; i++) L[i] = 0;
         return 0.f;
     }
-    const float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = nearest_int(iscale * x[i]);
-        l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-        L[i] = (int8_t)l;
-        const float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
+    float sumlx, suml2;
+    sym_levels(n, nmax, -nmax / max, x, L, 0, &sumlx, &suml2);
     for (int itry = 0; itry < 5; itry++) {
         int n_changed = 0;
         for (int i = 0; i < n; i++) {
