@@ -124,24 +124,33 @@ def _compile_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess]
     return results
 
 
-def _has_avx2() -> bool:
+def _cpu_has(*flags: str) -> bool:
     try:
-        return " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+        words = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
+    return set(flags) <= words
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """kquants.c built for the portable path and (on an AVX2 CPU) the AVX2 path, and compiled for
-    AVX-512, which this machine may not run: ({name: Kernels}, the AVX-512 compiler's result)."""
+    """kquants.c built for the portable path and, where the CPU runs them, the AVX2 and AVX-512
+    paths; the AVX-512 path is compiled everywhere, and run everywhere with its intrinsics emulated
+    ("avx512-emulated"): ({name: Kernels}, the AVX-512 compiler's result)."""
     tmp = tmp_path_factory.mktemp("kquants")
-    libs = {"portable": []} | ({"avx2": AVX2_FLAGS} if _has_avx2() else {})
+    libs = {"portable": []} | ({"avx2": AVX2_FLAGS} if _cpu_has("avx2", "fma", "f16c") else {})
+    run512 = _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq")
     commands = [[*GCC, *flags, "-shared", str(SOURCE), "-o", str(tmp / f"libkq_{name}.so")] for name, flags in libs.items()]
-    commands.append([*GCC, *AVX512_FLAGS, "-c", str(SOURCE), "-o", str(tmp / "kq_avx512.o")])
+    if "avx2" in libs:  # the AVX-512 path with its intrinsics emulated in C (tests/kquants_avx512_emul.h)
+        emulated = ["-DKQ_AVX512_EMULATED", "-include", str(Path(__file__).with_name("kquants_avx512_emul.h"))]
+        libs["avx512-emulated"] = [*AVX2_FLAGS, *emulated]
+        commands.append([*GCC, *AVX2_FLAGS, *emulated, "-shared", str(SOURCE), "-o", str(tmp / "libkq_avx512-emulated.so")])
+    commands.append([*GCC, *AVX512_FLAGS, "-shared" if run512 else "-c", str(SOURCE), "-o", str(tmp / "libkq_avx512.so")])
     results = _compile_all(commands)
     for result in results[:-1]:
         assert result.returncode == 0, result.stderr
+    if run512 and results[-1].returncode == 0:
+        libs["avx512"] = AVX512_FLAGS
     return {name: Kernels(tmp / f"libkq_{name}.so") for name in libs}, results[-1]
 
 
@@ -278,9 +287,10 @@ def test_vec_dot_within_bound_of_float64(builds, t):
 
 
 @pytest.mark.parametrize("t", TYPES)
-def test_avx2_bits_equal_portable_bits(builds, t):
-    if "avx2" not in builds:
-        pytest.skip("this CPU has no AVX2")
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512-emulated"])
+def test_simd_bits_equal_portable_bits(builds, t, isa):
+    if isa not in builds:
+        pytest.skip(f"this CPU does not run the {isa} path")
     k = 16 * QK_K
     rng = np.random.default_rng(6)
     # random bytes reach every quant and scale value, including the extremes the bounds allow
@@ -294,10 +304,10 @@ def test_avx2_bits_equal_portable_bits(builds, t):
     x = _weights(6, k, seed=8)
     x[5] = np.where(np.arange(k) % 2, 1e3, -1e3)  # activations at +-127
     xq = builds["portable"].quantize_act(x)
-    a = builds["avx2"].vec_dot(t, w, xq, k)
+    a = builds[isa].vec_dot(t, w, xq, k)
     p = builds["portable"].vec_dot(t, w, xq, k)
     assert np.array_equal(a.view(np.uint32), p.view(np.uint32))
-    assert np.array_equal(builds["avx2"].tile(t, w[:4], xq[:4], k, 4).view(np.uint32), p[:4, :4].view(np.uint32))
+    assert np.array_equal(builds[isa].tile(t, w[:4], xq[:4], k, 4).view(np.uint32), p[:4, :4].view(np.uint32))
 
 
 @pytest.mark.parametrize("t", TYPES)
