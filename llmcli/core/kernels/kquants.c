@@ -803,11 +803,16 @@ KQ_INLINE __m256i scale_pair16(const kq_scales16 *s, int r) {
     return _mm256_shuffle_epi8(r < 4 ? s->lo : s->hi, idx);
 }
 
+/* Keeps v in a register here: GCC otherwise reassociates the exact integer sums of a tile into
+ * all products first, which spills them to the stack (the 4x4 tile ran at half speed). */
+#define KQ_PIN(v) __asm__("" : "+x"(v))
+
 /* acc[c] += scales16 . maddubs(q, a_c) for the 32 activation bytes at offset off of each row */
 #define KQ_ACC(q, s16, off)                                                                                         \
     for (int c = 0; c < NX; c++) {                                                                                  \
         const __m256i a_ = _mm256_loadu_si256((const __m256i *)(xs[c]->qs + (off)));                                \
         acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16((s16), _mm256_maddubs_epi16((q), a_)));                 \
+        KQ_PIN(acc[c]);                                                                                             \
     }
 
 /* Each sb_<t> sets, for one weight super-block and NX activation blocks, acc[c] (the 8 isum
