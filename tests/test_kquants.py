@@ -172,8 +172,8 @@ def ggml():
 
 def _weights(rows: int, k: int, seed: int) -> np.ndarray:
     """Rows that reach every branch of the quantizers: gaussian at several magnitudes, heavy
-    tails, one-signed rows (min > 0 and max < 0), an all-zero and a constant super-block, tiny
-    values, and groups with a single outlier."""
+    tails, one-signed rows (min > 0 and max < 0), an all-zero and a constant super-block, a
+    negative constant group, tiny values, and groups with a single outlier."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((max(rows, 8), k)).astype(np.float32)
     x *= np.float32(10.0) ** rng.integers(-3, 2, size=(len(x), 1)).astype(np.float32)
@@ -185,6 +185,7 @@ def _weights(rows: int, k: int, seed: int) -> np.ndarray:
     x[5] *= np.float32(1e-6)
     x[6, ::16] *= 40.0
     x[7, :QK_K:32] = 0.0
+    x[7, QK_K : QK_K + 32] = -0.25  # a negative constant group: min == max, ggml's early return
     return x[:rows].astype(np.float32)
 
 

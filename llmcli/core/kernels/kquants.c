@@ -236,99 +236,99 @@ static void dequantize_row_q6_K(const void *vx, float *y, int K) {
  * the bytes are the same: that file is compiled without FMA contraction on x86-64 too. */
 
 /* Fit x ~ scale * L + min with L in [0, nmax] and min <= 0, weighted (ggml's make_qkx2_quants),
- * for KQ_LANES groups of n values at once: group g is x[g n ..], weights[g n ..], L[g n ..]; its
+ * for KQ_LANES groups of n (<= 32) values at once: group g is x[g n ..], weights[g n ..], L[g n ..]; its
  * scale goes to scale[g] and -min to the_min[g]. Each group runs ggml's sequence of float
- * operations unchanged, in its own lane: the groups are independent, and the lanes turn the
- * latency-bound chains of one group into work GCC vectorizes (5-8x faster than one group at a
- * time); the bytes are the same. */
-#define KQ_LANES 8
+ * operations unchanged, in its own lane of GCC vector types (element-wise IEEE operations, so the
+ * bytes are ggml's on every ISA): the groups are independent, and the lanes turn the latency-bound
+ * chains of one group into SIMD work (Q4_K about 6-10x faster than one group at a time on AVX2). */
+#if defined(__AVX2__)
+#define KQ_LANES 8 /* one ymm */
+#else
+#define KQ_LANES 4 /* one xmm / NEON register: wider GCC vectors are lowered badly there */
+#endif
+typedef float kq_vf __attribute__((vector_size(4 * KQ_LANES)));
+typedef int32_t kq_vi __attribute__((vector_size(4 * KQ_LANES)));
+
+/* macros rather than functions: a function passing these vectors by value draws GCC's x86-64
+ * ABI note (-Wpsabi) on the baseline build */
+#if KQ_LANES == 8
+#define VF_SPLAT(v) ((kq_vf){(v), (v), (v), (v), (v), (v), (v), (v)})
+#define VI_SPLAT(v) ((kq_vi){(v), (v), (v), (v), (v), (v), (v), (v)})
+#else
+#define VF_SPLAT(v) ((kq_vf){(v), (v), (v), (v)})
+#define VI_SPLAT(v) ((kq_vi){(v), (v), (v), (v)})
+#endif
+/* m ? a : b per lane, m lanes all ones or zero */
+#define VF_SEL(m, a, b) ((kq_vf)(((kq_vi)(a) & (m)) | ((kq_vi)(b) & ~(m))))
+#define VI_SEL(m, a, b) (((a) & (m)) | ((b) & ~(m)))
+/* out = nearest_int(f) per lane, clamped to [0, nmax] */
+#define VL_LEVEL(out, f, nmax)                                                                                      \
+    do {                                                                                                            \
+        const kq_vi i_ = (kq_vi)((f) + VF_SPLAT(12582912.f));                                                    \
+        kq_vi l_ = (i_ & 0x007fffff) - 0x00400000;                                                                 \
+        l_ = VI_SEL(l_ > (nmax), VI_SPLAT(nmax), l_);                                                             \
+        (out) = VI_SEL(l_ < 0, VI_SPLAT(0), l_);                                                                  \
+    } while (0)
+#define VL_ERR(diff, use_mad) ((use_mad) ? (kq_vf)((kq_vi)(diff) & 0x7fffffff) : (diff) * (diff))
+
 static void fit_scale_min_lanes(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *scale,
                                 float *the_min, float rmin, float rdelta, int nstep, bool use_mad) {
-    enum { G = KQ_LANES };
-    float xt[32][G], wt[32][G];
-    int Lt[32][G], La[32][G];
-    float min[G], max[G], sum_w[G], sum_x[G], sc[G], best[G];
+    kq_vf xt[32], wt[32];
+    kq_vi Lt[32], La[32];
     for (int i = 0; i < n; i++)
-        for (int g = 0; g < G; g++) {
+        for (int g = 0; g < KQ_LANES; g++) {
             xt[i][g] = x[g * n + i];
             wt[i][g] = weights[g * n + i];
         }
-    for (int g = 0; g < G; g++) {
-        min[g] = max[g] = xt[0][g];
-        sum_w[g] = wt[0][g];
-        sum_x[g] = sum_w[g] * xt[0][g];
+    kq_vf min = xt[0], max = xt[0], sum_w = wt[0], sum_x = wt[0] * xt[0];
+    for (int i = 1; i < n; i++) {
+        min = VF_SEL(xt[i] < min, xt[i], min);
+        max = VF_SEL(xt[i] > max, xt[i], max);
+        sum_w += wt[i];
+        sum_x += wt[i] * xt[i];
     }
-    for (int i = 1; i < n; i++)
-        for (int g = 0; g < G; g++) {
-            min[g] = xt[i][g] < min[g] ? xt[i][g] : min[g];
-            max[g] = xt[i][g] > max[g] ? xt[i][g] : max[g];
-            sum_w[g] += wt[i][g];
-            sum_x[g] += wt[i][g] * xt[i][g];
-        }
-    float iscale[G];
-    for (int g = 0; g < G; g++) {
-        if (min[g] > 0) min[g] = 0;
-        iscale[g] = nmax / (max[g] - min[g]);
-        sc[g] = 1 / iscale[g];
-        best[g] = 0;
+    min = VF_SEL(min > 0, VF_SPLAT(0), min);
+    const kq_vi flat = max == min; /* ggml returns at once there: all zero, scale 0, -min */
+    const kq_vf min0 = min;
+    const float fnmax = (float)nmax;
+    kq_vf iscale = VF_SPLAT(fnmax) / (max - min);
+    kq_vf sc = VF_SPLAT(1) / iscale, best = VF_SPLAT(0);
+    for (int i = 0; i < n; i++) {
+        VL_LEVEL(Lt[i], iscale * (xt[i] - min), nmax);
+        const kq_vf diff = sc * __builtin_convertvector(Lt[i], kq_vf) + min - xt[i];
+        best += wt[i] * VL_ERR(diff, use_mad);
     }
-    for (int i = 0; i < n; i++)
-        for (int g = 0; g < G; g++) {
-            const int l = nearest_int(iscale[g] * (xt[i][g] - min[g]));
-            Lt[i][g] = KQ_MAX(0, KQ_MIN(nmax, l));
-            float diff = sc[g] * Lt[i][g] + min[g] - xt[i][g];
-            diff = use_mad ? fabsf(diff) : diff * diff;
-            best[g] += wt[i][g] * diff;
-        }
     for (int is = 0; is <= nstep; is++) {
-        float sum_l[G], sum_l2[G], sum_xl[G], this_scale[G], this_min[G], err[G];
-        int take[G];
-        for (int g = 0; g < G; g++) {
-            sum_l[g] = sum_l2[g] = sum_xl[g] = err[g] = 0;
-            iscale[g] = (rmin + rdelta * is + nmax) / (max[g] - min[g]);
+        const float num = rmin + rdelta * is + nmax;
+        iscale = VF_SPLAT(num) / (max - min);
+        kq_vf sum_l = VF_SPLAT(0), sum_l2 = VF_SPLAT(0), sum_xl = VF_SPLAT(0), err = VF_SPLAT(0);
+        for (int i = 0; i < n; i++) {
+            VL_LEVEL(La[i], iscale * (xt[i] - min), nmax);
+            const kq_vf l = __builtin_convertvector(La[i], kq_vf), w = wt[i];
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * xt[i];
         }
-        for (int i = 0; i < n; i++)
-            for (int g = 0; g < G; g++) {
-                int l = nearest_int(iscale[g] * (xt[i][g] - min[g]));
-                l = KQ_MAX(0, KQ_MIN(nmax, l));
-                La[i][g] = l;
-                const float w = wt[i][g];
-                sum_l[g] += w * l;
-                sum_l2[g] += w * l * l;
-                sum_xl[g] += w * l * xt[i][g];
-            }
-        for (int g = 0; g < G; g++) {
-            const float D = sum_w[g] * sum_l2[g] - sum_l[g] * sum_l[g];
-            take[g] = D > 0;
-            this_scale[g] = (sum_w[g] * sum_xl[g] - sum_x[g] * sum_l[g]) / D;
-            this_min[g] = (sum_l2[g] * sum_x[g] - sum_l[g] * sum_xl[g]) / D;
-            if (this_min[g] > 0) {
-                this_min[g] = 0;
-                this_scale[g] = sum_xl[g] / sum_l2[g];
-            }
+        const kq_vf D = sum_w * sum_l2 - sum_l * sum_l;
+        kq_vf this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        kq_vf this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        const kq_vi pos = this_min > 0;
+        this_min = VF_SEL(pos, VF_SPLAT(0), this_min);
+        this_scale = VF_SEL(pos, sum_xl / sum_l2, this_scale);
+        for (int i = 0; i < n; i++) {
+            const kq_vf diff = this_scale * __builtin_convertvector(La[i], kq_vf) + this_min - xt[i];
+            err += wt[i] * VL_ERR(diff, use_mad);
         }
-        for (int i = 0; i < n; i++)
-            for (int g = 0; g < G; g++) {
-                float diff = this_scale[g] * La[i][g] + this_min[g] - xt[i][g];
-                diff = use_mad ? fabsf(diff) : diff * diff;
-                err[g] += wt[i][g] * diff;
-            }
-        for (int g = 0; g < G; g++) {
-            take[g] = take[g] && err[g] < best[g];
-            if (take[g]) {
-                best[g] = err[g];
-                sc[g] = this_scale[g];
-                min[g] = this_min[g];
-            }
-        }
-        for (int i = 0; i < n; i++)
-            for (int g = 0; g < G; g++) Lt[i][g] = take[g] ? La[i][g] : Lt[i][g];
+        const kq_vi take = (D > 0) & (err < best);
+        best = VF_SEL(take, err, best);
+        sc = VF_SEL(take, this_scale, sc);
+        min = VF_SEL(take, this_min, min);
+        for (int i = 0; i < n; i++) Lt[i] = VI_SEL(take, La[i], Lt[i]);
     }
-    for (int g = 0; g < G; g++) {
-        const bool flat = max[g] == min[g]; /* ggml returns at once: all zero, scale 0 */
-        for (int i = 0; i < n; i++) L[g * n + i] = flat ? 0 : (uint8_t)Lt[i][g];
-        scale[g] = flat ? 0.f : sc[g];
-        the_min[g] = -min[g];
+    for (int g = 0; g < KQ_LANES; g++) {
+        for (int i = 0; i < n; i++) L[g * n + i] = flat[g] ? 0 : (uint8_t)Lt[i][g];
+        scale[g] = flat[g] ? 0.f : sc[g];
+        the_min[g] = -(flat[g] ? min0[g] : min[g]);
     }
 }
 
@@ -523,7 +523,8 @@ static void quantize_scales_mins_k4(const float *x, int nmax, float rmin, int ns
         const float av_x = sqrtf(sum_x2 / 32);
         for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(x[32 * j + l]);
     }
-    fit_scale_min_lanes(32, nmax, x, weights, L, scales, mins, rmin, 0.1f, nstep, false);
+    for (int j = 0; j < QK_K / 32; j += KQ_LANES)
+        fit_scale_min_lanes(32, nmax, x + 32 * j, weights + 32 * j, L + 32 * j, scales + j, mins + j, rmin, 0.1f, nstep, false);
     for (int j = 0; j < QK_K / 32; j++) {
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
