@@ -348,29 +348,64 @@ static void sym_levels(int n, int nmax, float iscale, const float *x, int8_t *L,
     *suml2 = sl2;
 }
 
-/* symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2, trying 18 scales around nmax/max
- * (ggml's make_qx_quants with rmse_type 1 and no importance) */
-static float fit_scale_sym(int n, int nmax, const float *x, int8_t *L) {
-    const float max = max_by_magnitude(n, x);
-    if (fabsf(max) < KQ_GROUP_MAX_EPS) {
-        for (int i = 0; i < n; i++) L[i] = 0;
-        return 0.f;
+/* symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2, trying 18 scales around
+ * nmax/max (ggml's make_qx_quants with rmse_type 1 and no importance), for KQ_LANES groups of
+ * n (<= 16) values at once, as fit_scale_min_lanes: group g is x[g n ..] and L[g n ..], its scale
+ * goes to scale[g], each group ggml's float operations in its own lane */
+static void fit_scale_sym_lanes(int n, int nmax, const float *x, int8_t *L, float *scale) {
+    kq_vf xt[16];
+    kq_vi Lt[16];
+    for (int i = 0; i < n; i++) {
+        kq_vf v = VF_SPLAT(0.f);
+        for (int g = 0; g < KQ_LANES; g++) v[g] = x[g * n + i];
+        xt[i] = v;
     }
-    float sumlx, suml2;
-    sym_levels(n, nmax, -nmax / max, x, L, nmax, &sumlx, &suml2);
-    float scale = suml2 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
-    int8_t Laux[QK_K];
+    /* the first value of largest magnitude */
+    kq_vf max = VF_SPLAT(0.f), amax = VF_SPLAT(0.f);
+    for (int i = 0; i < n; i++) {
+        const kq_vf ax = (kq_vf)((kq_vi)xt[i] & 0x7fffffff);
+        const kq_vi m = ax > amax;
+        amax = VF_SEL(m, ax, amax);
+        max = VF_SEL(m, xt[i], max);
+    }
+    const kq_vi zero = amax < KQ_GROUP_MAX_EPS;
+    const float fnmax = (float)nmax, fnmaxm = (float)-nmax;
+    const kq_vi hi = VI_SPLAT(nmax - 1), lo = VI_SPLAT(-nmax);
+    /* levels for iscale; lx = sum x^2 x l, l2 = sum x^2 l^2 (ggml's order) */
+#define KQ_SYM_LEVELS(Lv, iscale, lx, l2)                                                                           \
+    do {                                                                                                            \
+        lx = l2 = VF_SPLAT(0.f);                                                                                    \
+        for (int i = 0; i < n; i++) {                                                                               \
+            const kq_vi i_ = (kq_vi)((iscale) * xt[i] + VF_SPLAT(12582912.f));                                      \
+            kq_vi l_ = (i_ & 0x007fffff) - 0x00400000;                                                              \
+            l_ = VI_SEL(l_ > hi, hi, l_);                                                                           \
+            l_ = VI_SEL(l_ < lo, lo, l_);                                                                           \
+            Lv[i] = l_;                                                                                             \
+            const kq_vf w = xt[i] * xt[i], lf = __builtin_convertvector(l_, kq_vf);                                 \
+            lx += w * xt[i] * lf;                                                                                   \
+            l2 += w * lf * lf;                                                                                      \
+        }                                                                                                           \
+    } while (0)
+    kq_vf sumlx, suml2;
+    KQ_SYM_LEVELS(Lt, VF_SPLAT(fnmaxm) / max, sumlx, suml2);
+    kq_vf sc = VF_SEL(suml2 != 0, sumlx / suml2, VF_SPLAT(0.f));
+    kq_vf best = sc * sumlx;
     for (int is = -9; is <= 9; is++) {
         if (is == 0) continue;
-        sym_levels(n, nmax, -(nmax + 0.1f * is) / max, x, Laux, nmax, &sumlx, &suml2);
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            memcpy(L, Laux, (size_t)n);
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
+        kq_vi La[16];
+        const float num = -(fnmax + 0.1f * is);
+        KQ_SYM_LEVELS(La, VF_SPLAT(num) / max, sumlx, suml2);
+        const kq_vi take = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+        const kq_vf new_sc = sumlx / suml2;
+        sc = VF_SEL(take, new_sc, sc);
+        best = VF_SEL(take, new_sc * sumlx, best);
+        for (int i = 0; i < n; i++) Lt[i] = VI_SEL(take, La[i], Lt[i]);
     }
-    return scale;
+#undef KQ_SYM_LEVELS
+    for (int g = 0; g < KQ_LANES; g++) {
+        for (int i = 0; i < n; i++) L[g * n + i] = zero[g] ? 0 : (int8_t)(Lt[i][g] + nmax);
+        scale[g] = zero[g] ? 0.f : sc[g];
+    }
 }
 
 /* Q3_K's symmetric fit: L in [-nmax, nmax), then up to 5 passes moving single values when that
@@ -599,9 +634,9 @@ static void quantize_row_q6_K(const float *x, void *vy, int K) {
     float scales[QK_K / 16];
     for (int i = 0; i < K / QK_K; i++, x += QK_K) {
         float max_scale = 0, max_abs_scale = 0;
+        for (int ib = 0; ib < QK_K / 16; ib += KQ_LANES) fit_scale_sym_lanes(16, 32, x + 16 * ib, L + 16 * ib, scales + ib);
         for (int ib = 0; ib < QK_K / 16; ib++) {
-            const float scale = fit_scale_sym(16, 32, x + 16 * ib, L + 16 * ib);
-            scales[ib] = scale;
+            const float scale = scales[ib];
             const float abs_scale = fabsf(scale);
             if (abs_scale > max_abs_scale) {
                 max_abs_scale = abs_scale;
