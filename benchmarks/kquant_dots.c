@@ -23,14 +23,7 @@
 #include <time.h>
 
 #include "blocks.h"
-
-typedef void (*ggml_dot_fn)(int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy, size_t by, int nrc);
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
+#include "ggml_bench.h"
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 static uint32_t rnd(void) {
@@ -43,18 +36,8 @@ static uint32_t rnd(void) {
 enum { N = 2048, K = 8192, M = 4 };
 
 int main(int argc, char **argv) {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s PATH/libggml-cpu.so [repeat]\n", argv[0]);
-        return 2;
-    }
-    void *ggml = dlopen(argv[1], RTLD_NOW);
-    if (!ggml) {
-        fprintf(stderr, "error: %s\n", dlerror());
-        return 1;
-    }
-    void (*cpu_init)(void) = (void (*)(void))dlsym(ggml, "ggml_cpu_init");
-    if (cpu_init) cpu_init(); /* ggml's half -> float table */
-    const int repeat = argc > 2 ? atoi(argv[2]) : 5;
+    int repeat;
+    void *ggml = open_ggml_cpu(argc, argv, &repeat);
     const struct {
         const char *name;
         const BlockType *bt;
