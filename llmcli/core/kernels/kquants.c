@@ -3,7 +3,9 @@
  *
  * Per type: dequantize_row (bit-identical to ggml / gguf-py), quantize_row (byte-identical to
  * llama.cpp's quantize_row_<t>_ref, what llama_model_quantize writes without an importance
- * matrix), vec_dot and tile. quantize_act is one shared quantize_row_q8_K.
+ * matrix), vec_dot and tile. quantize_act is one shared quantize_row_q8_K. The quantizers do
+ * ggml's float operations group by group, with 4 or 8 groups side by side in vector lanes
+ * (fit_scale_min_lanes, fit_scale_sym_lanes), which is where their speed comes from.
  *
  * How a dot product is summed, on every ISA (blocks.h's contract). Every K-quant super-block is
  * 16 groups of 16 values; value v of group g is  d * sc[g] * q[v]  -  dmin * mn[g]  with small
