@@ -334,117 +334,117 @@ static void fit_scale_min_lanes(int n, int nmax, const float *x, const float *we
     }
 }
 
-/* levels l = clamp(nearest(iscale x), -nmax, nmax - 1), stored as l + store_off, and the
- * x^2-weighted sums of l x and l^2 */
-static void sym_levels(int n, int nmax, float iscale, const float *x, int8_t *L, int store_off, float *sumlx, float *suml2) {
-    float slx = 0, sl2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = nearest_int(iscale * x[i]);
-        l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-        L[i] = (int8_t)(l + store_off);
-        const float w = x[i] * x[i];
-        slx += w * x[i] * l;
-        sl2 += w * l * l;
-    }
-    *sumlx = slx;
-    *suml2 = sl2;
-}
+/* The symmetric fits (Q3_K, Q6_K) for KQ_LANES groups of n (<= 16) values at once, as
+ * fit_scale_min_lanes: group g is x[g n ..] and L[g n ..]. sym_start transposes the groups, finds
+ * each one's first value of largest magnitude and whether it is all (near) zero. */
+typedef struct {
+    kq_vf xt[16], max;
+    kq_vi zero;
+} kq_sym;
 
-/* symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2, trying 18 scales around
- * nmax/max (ggml's make_qx_quants with rmse_type 1 and no importance), for KQ_LANES groups of
- * n (<= 16) values at once, as fit_scale_min_lanes: group g is x[g n ..] and L[g n ..], its scale
- * goes to scale[g], each group ggml's float operations in its own lane */
-static void fit_scale_sym_lanes(int n, int nmax, const float *x, int8_t *L, float *scale) {
-    kq_vf xt[16];
-    kq_vi Lt[16];
+static void sym_start(int n, const float *x, kq_sym *s) {
     for (int i = 0; i < n; i++) {
         kq_vf v = VF_SPLAT(0.f);
         for (int g = 0; g < KQ_LANES; g++) v[g] = x[g * n + i];
-        xt[i] = v;
+        s->xt[i] = v;
     }
-    /* the first value of largest magnitude */
     kq_vf max = VF_SPLAT(0.f), amax = VF_SPLAT(0.f);
     for (int i = 0; i < n; i++) {
-        const kq_vf ax = (kq_vf)((kq_vi)xt[i] & 0x7fffffff);
+        const kq_vf ax = (kq_vf)((kq_vi)s->xt[i] & 0x7fffffff);
         const kq_vi m = ax > amax;
         amax = VF_SEL(m, ax, amax);
-        max = VF_SEL(m, xt[i], max);
+        max = VF_SEL(m, s->xt[i], max);
     }
-    const kq_vi zero = amax < KQ_GROUP_MAX_EPS;
-    const float fnmax = (float)nmax, fnmaxm = (float)-nmax;
-    const kq_vi hi = VI_SPLAT(nmax - 1), lo = VI_SPLAT(-nmax);
-    /* levels for iscale; lx = sum x^2 x l, l2 = sum x^2 l^2 (ggml's order) */
-#define KQ_SYM_LEVELS(Lv, iscale, lx, l2)                                                                           \
+    s->max = max;
+    s->zero = amax < KQ_GROUP_MAX_EPS;
+}
+
+/* Lv[i] = clamp(nearest(iscale x), -nmax, nmax - 1); lx = sum x^2 x l, l2 = sum x^2 l^2 (ggml's order) */
+#define KQ_SYM_LEVELS(s, n, nmax, Lv, iscale, lx, l2)                                                               \
     do {                                                                                                            \
+        const kq_vi hi_ = VI_SPLAT((nmax) - 1), lo_ = VI_SPLAT(-(nmax));                                            \
         lx = l2 = VF_SPLAT(0.f);                                                                                    \
-        for (int i = 0; i < n; i++) {                                                                               \
-            const kq_vi i_ = (kq_vi)((iscale) * xt[i] + VF_SPLAT(12582912.f));                                      \
+        for (int i = 0; i < (n); i++) {                                                                             \
+            const kq_vf x_ = (s)->xt[i];                                                                            \
+            const kq_vi i_ = (kq_vi)((iscale) * x_ + VF_SPLAT(12582912.f));                                         \
             kq_vi l_ = (i_ & 0x007fffff) - 0x00400000;                                                              \
-            l_ = VI_SEL(l_ > hi, hi, l_);                                                                           \
-            l_ = VI_SEL(l_ < lo, lo, l_);                                                                           \
+            l_ = VI_SEL(l_ > hi_, hi_, l_);                                                                         \
+            l_ = VI_SEL(l_ < lo_, lo_, l_);                                                                         \
             Lv[i] = l_;                                                                                             \
-            const kq_vf w = xt[i] * xt[i], lf = __builtin_convertvector(l_, kq_vf);                                 \
-            lx += w * xt[i] * lf;                                                                                   \
-            l2 += w * lf * lf;                                                                                      \
+            const kq_vf w_ = x_ * x_, lf_ = __builtin_convertvector(l_, kq_vf);                                     \
+            lx += w_ * x_ * lf_;                                                                                    \
+            l2 += w_ * lf_ * lf_;                                                                                   \
         }                                                                                                           \
     } while (0)
+
+/* symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2, trying 18 scales around
+ * nmax/max (ggml's make_qx_quants with rmse_type 1 and no importance); scale[g] per group */
+static void fit_scale_sym_lanes(int n, int nmax, const float *x, int8_t *L, float *scale) {
+    kq_sym s;
+    sym_start(n, x, &s);
+    const float fnmax = (float)nmax, fnmaxm = (float)-nmax;
+    kq_vi Lt[16], La[16];
     kq_vf sumlx, suml2;
-    KQ_SYM_LEVELS(Lt, VF_SPLAT(fnmaxm) / max, sumlx, suml2);
+    KQ_SYM_LEVELS(&s, n, nmax, Lt, VF_SPLAT(fnmaxm) / s.max, sumlx, suml2);
     kq_vf sc = VF_SEL(suml2 != 0, sumlx / suml2, VF_SPLAT(0.f));
     kq_vf best = sc * sumlx;
     for (int is = -9; is <= 9; is++) {
         if (is == 0) continue;
-        kq_vi La[16];
         const float num = -(fnmax + 0.1f * is);
-        KQ_SYM_LEVELS(La, VF_SPLAT(num) / max, sumlx, suml2);
+        KQ_SYM_LEVELS(&s, n, nmax, La, VF_SPLAT(num) / s.max, sumlx, suml2);
         const kq_vi take = (suml2 > 0) & (sumlx * sumlx > best * suml2);
         const kq_vf new_sc = sumlx / suml2;
         sc = VF_SEL(take, new_sc, sc);
         best = VF_SEL(take, new_sc * sumlx, best);
         for (int i = 0; i < n; i++) Lt[i] = VI_SEL(take, La[i], Lt[i]);
     }
-#undef KQ_SYM_LEVELS
     for (int g = 0; g < KQ_LANES; g++) {
-        for (int i = 0; i < n; i++) L[g * n + i] = zero[g] ? 0 : (int8_t)(Lt[i][g] + nmax);
-        scale[g] = zero[g] ? 0.f : sc[g];
+        for (int i = 0; i < n; i++) L[g * n + i] = s.zero[g] ? 0 : (int8_t)(Lt[i][g] + nmax);
+        scale[g] = s.zero[g] ? 0.f : sc[g];
     }
 }
 
 /* Q3_K's symmetric fit: L in [-nmax, nmax), then up to 5 passes moving single values when that
- * improves the weighted fit (ggml's make_q3_quants with do_rmse); returns L + nmax */
-static float fit_scale_q3(int n, int nmax, const float *x, int8_t *L) {
-    const float max = max_by_magnitude(n, x);
-    if (fabsf(max) < KQ_GROUP_MAX_EPS) {
-        for (int i = 0; i < n; i++) L[i] = 0;
-        return 0.f;
-    }
-    float sumlx, suml2;
-    sym_levels(n, nmax, -nmax / max, x, L, 0, &sumlx, &suml2);
+ * improves the weighted fit (ggml's make_q3_quants with do_rmse); L + nmax and scale[g] per group.
+ * A lane whose pass changed nothing is unchanged by further passes, so running them all while any
+ * lane still changes gives each group ggml's result. */
+static void fit_scale_q3_lanes(int n, int nmax, const float *x, int8_t *L, float *scale) {
+    kq_sym s;
+    sym_start(n, x, &s);
+    const float fnmaxm = (float)-nmax;
+    const kq_vi hi = VI_SPLAT(nmax - 1), lo = VI_SPLAT(-nmax);
+    kq_vi Lt[16];
+    kq_vf sumlx, suml2;
+    KQ_SYM_LEVELS(&s, n, nmax, Lt, VF_SPLAT(fnmaxm) / s.max, sumlx, suml2);
     for (int itry = 0; itry < 5; itry++) {
-        int n_changed = 0;
+        kq_vi changed = VI_SPLAT(0);
         for (int i = 0; i < n; i++) {
-            const float w = x[i] * x[i];
-            float slx = sumlx - w * x[i] * L[i];
-            if (slx > 0) {
-                float sl2 = suml2 - w * L[i] * L[i];
-                int new_l = nearest_int(x[i] * sl2 / slx);
-                new_l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, new_l));
-                if (new_l != L[i]) {
-                    slx += w * x[i] * new_l;
-                    sl2 += w * new_l * new_l;
-                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (int8_t)new_l;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        n_changed++;
-                    }
-                }
-            }
+            const kq_vf xi = s.xt[i], w = xi * xi, li = __builtin_convertvector(Lt[i], kq_vf);
+            kq_vf slx = sumlx - w * xi * li;
+            const kq_vi pos = slx > 0;
+            kq_vf sl2 = suml2 - w * li * li;
+            const kq_vi r_ = (kq_vi)(xi * sl2 / slx + VF_SPLAT(12582912.f));
+            kq_vi nl = (r_ & 0x007fffff) - 0x00400000;
+            nl = VI_SEL(nl > hi, hi, nl);
+            nl = VI_SEL(nl < lo, lo, nl);
+            const kq_vf nlf = __builtin_convertvector(nl, kq_vf);
+            slx += w * xi * nlf;
+            sl2 += w * nlf * nlf;
+            const kq_vi take = pos & (nl != Lt[i]) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2);
+            Lt[i] = VI_SEL(take, nl, Lt[i]);
+            sumlx = VF_SEL(take, slx, sumlx);
+            suml2 = VF_SEL(take, sl2, suml2);
+            changed |= take;
         }
-        if (!n_changed) break;
+        int any = 0;
+        for (int g = 0; g < KQ_LANES; g++) any |= changed[g];
+        if (!any) break;
     }
-    for (int i = 0; i < n; i++) L[i] = (int8_t)(L[i] + nmax);
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+    const kq_vf sc = VF_SEL(suml2 > 0, sumlx / suml2, VF_SPLAT(0.f));
+    for (int g = 0; g < KQ_LANES; g++) {
+        for (int i = 0; i < n; i++) L[g * n + i] = s.zero[g] ? 0 : (int8_t)(Lt[i][g] + nmax);
+        scale[g] = s.zero[g] ? 0.f : sc[g];
+    }
 }
 
 /* 2-bit values L[0..255] into qs as Q2_K/Q3_K store them: byte l of each 32 holds values l, l+32, l+64, l+96 */
@@ -502,8 +502,8 @@ static void quantize_row_q3_K(const float *x, void *vy, int K) {
     float scales[QK_K / 16];
     for (int i = 0; i < K / QK_K; i++, x += QK_K) {
         float max_scale = 0, amax = 0;
+        for (int j = 0; j < QK_K / 16; j += KQ_LANES) fit_scale_q3_lanes(16, 4, x + 16 * j, L + 16 * j, scales + j);
         for (int j = 0; j < QK_K / 16; j++) {
-            scales[j] = fit_scale_q3(16, 4, x + 16 * j, L + 16 * j);
             const float scale = fabsf(scales[j]);
             if (scale > amax) {
                 amax = scale;
