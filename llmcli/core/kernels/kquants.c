@@ -58,7 +58,7 @@ static inline int nearest_int(float f) {
 }
 
 static inline float kq_half(ggml_half h) {
-#if defined(__F16C__)
+#if defined(__F16C__) && defined(KQ_AVX2)
     return _cvtsh_ss(h); /* exact, like half_to_float */
 #else
     return half_to_float(h);
