@@ -23,8 +23,9 @@
 #include <time.h>
 
 #include "blocks.h"
+#include "ggml_bench.h"
 
-typedef void (*ggml_dot_fn)(int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy, size_t by, int nrc);
+const BlockType *block_type_get(int type);
 
 typedef struct { /* blocks.c's activation block (block_q8a) */
     float d, s;
@@ -35,12 +36,6 @@ typedef struct { /* ggml's block_q8_1 (block_q8_0 is its d and qs: the first 2 a
     ggml_half d, s;
     int8_t qs[32];
 } ggml_q8_1;
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
 
 static uint32_t rng_state = 2463534242u;
 static float rnd(void) {
@@ -53,18 +48,8 @@ static float rnd(void) {
 enum { N = 2048, K = 8192, M = 4 };
 
 int main(int argc, char **argv) {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s PATH/libggml-cpu.so [repeat]\n", argv[0]);
-        return 2;
-    }
-    void *ggml = dlopen(argv[1], RTLD_NOW);
-    if (!ggml) {
-        fprintf(stderr, "error: %s\n", dlerror());
-        return 1;
-    }
-    void (*cpu_init)(void) = (void (*)(void))dlsym(ggml, "ggml_cpu_init");
-    if (cpu_init) cpu_init(); /* ggml's half -> float table */
-    const int repeat = argc > 2 ? atoi(argv[2]) : 5;
+    int repeat;
+    void *ggml = open_ggml_cpu(argc, argv, &repeat);
     const struct {
         const char *name, *act;
         int type;

@@ -9,7 +9,9 @@
  *   ours tile 4x1  N x 1 products with the tile on 4 weight rows (how blocks.c runs decode)
  *   ours tile 4x4  N x 4 products with the 4x4 tile (prefill), per activation row
  * and checks that ours and ggml agree within 1e-4 relative to the row's scale (they sum in
- * different orders, so bits differ).
+ * different orders, so bits differ). Then quantize_row (64 rows of 4096 floats) against
+ * llama.cpp's quantize_row_<t>_ref from libggml-base.so beside libggml-cpu.so, in ns a value,
+ * with the bytes compared (they must be equal).
  *
  * usage: kquant_dots PATH/libggml-cpu.so [repeat]
  */
@@ -21,14 +23,7 @@
 #include <time.h>
 
 #include "blocks.h"
-
-typedef void (*ggml_dot_fn)(int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy, size_t by, int nrc);
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
+#include "ggml_bench.h"
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 static uint32_t rnd(void) {
@@ -41,18 +36,8 @@ static uint32_t rnd(void) {
 enum { N = 2048, K = 8192, M = 4 };
 
 int main(int argc, char **argv) {
-    if (argc < 2) {
-        fprintf(stderr, "usage: %s PATH/libggml-cpu.so [repeat]\n", argv[0]);
-        return 2;
-    }
-    void *ggml = dlopen(argv[1], RTLD_NOW);
-    if (!ggml) {
-        fprintf(stderr, "error: %s\n", dlerror());
-        return 1;
-    }
-    void (*cpu_init)(void) = (void (*)(void))dlsym(ggml, "ggml_cpu_init");
-    if (cpu_init) cpu_init(); /* ggml's half -> float table */
-    const int repeat = argc > 2 ? atoi(argv[2]) : 5;
+    int repeat;
+    void *ggml = open_ggml_cpu(argc, argv, &repeat);
     const struct {
         const char *name;
         const BlockType *bt;
@@ -129,6 +114,44 @@ int main(int argc, char **argv) {
                1e3 * best[4], 1e3 * best[1], 1e3 * best[2], 1e3 * best[3], best[1] / decode, decode / best[3]);
         free(w);
         free(xq);
+    }
+
+    char base[4096];
+    snprintf(base, sizeof base, "%s", argv[1]);
+    char *slash = strrchr(base, '/');
+    snprintf(slash ? slash + 1 : base, sizeof base - (size_t)(slash ? slash + 1 - base : 0), "libggml-base.so");
+    void *gbase = dlopen(base, RTLD_NOW);
+    if (!gbase) return 0;
+    enum { QN = 64, QK = 4096 };
+    float *xf = malloc(sizeof(float) * QN * QK);
+    for (int i = 0; i < QN * QK; i++) xf[i] = (float)((int)(rnd() % 20001) - 10000) / 10000.f;
+    printf("\n%-5s %16s %16s %10s\n", "type", "ours quantize", "ggml quantize", "ggml/ours");
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+        const BlockType *bt = types[t].bt;
+        char name[64];
+        snprintf(name, sizeof name, "quantize_row_%s_ref", types[t].name);
+        void (*gq)(const float *, void *, int64_t) = (void (*)(const float *, void *, int64_t))dlsym(gbase, name);
+        const size_t row = (size_t)QK / QK_K * bt->block_bytes;
+        uint8_t *ours = malloc(row * QN), *theirs = malloc(row * QN);
+        double best[2] = {1e30, 1e30};
+        for (int r = 0; r < 3; r++) {
+            double t0 = now();
+            for (int n = 0; n < QN; n++) bt->quantize_row(xf + (size_t)n * QK, ours + n * row, QK);
+            double t1 = now();
+            if (t1 - t0 < best[0]) best[0] = t1 - t0;
+            t0 = now();
+            if (gq) gq(xf, theirs, (int64_t)QN * QK);
+            t1 = now();
+            if (t1 - t0 < best[1]) best[1] = t1 - t0;
+        }
+        if (gq && memcmp(ours, theirs, row * QN)) {
+            fprintf(stderr, "error: %s quantize_row bytes differ from llama.cpp's\n", types[t].name);
+            return 1;
+        }
+        printf("%-5s %11.1f ns/v %11.1f ns/v %9.2fx\n", types[t].name, 1e9 * best[0] / (QN * QK), 1e9 * best[1] / (QN * QK),
+               best[1] / best[0]);
+        free(ours);
+        free(theirs);
     }
     return 0;
 }

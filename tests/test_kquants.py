@@ -109,26 +109,54 @@ class Kernels:
         return y
 
 
-def _build(out: Path, flags: list[str], compiler: str = "gcc") -> Path:
-    cmd = [compiler, "-std=c11", "-O2", "-Wall", "-Werror", "-ffp-contract=off", "-fPIC", *flags, "-I", str(KERNELS)]
-    subprocess.run([*cmd, "-shared", str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
-    return out
+GCC = ["gcc", "-std=c11", "-O2", "-Wall", "-Werror", "-ffp-contract=off", "-fPIC", "-I", str(KERNELS)]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", *AVX2_FLAGS]
 
 
-def _has_avx2() -> bool:
+def _compile_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Run the compilers side by side (this is most of the file's time); their results in order."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in commands]
+    results = []
+    for cmd, proc in zip(commands, procs):
+        out, err = proc.communicate()
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return results
+
+
+def _cpu_has(*flags: str) -> bool:
     try:
-        return " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+        words = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
+    return set(flags) <= words
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def compiled(tmp_path_factory):
+    """kquants.c built for the portable path and, where the CPU runs them, the AVX2 and AVX-512
+    paths; the AVX-512 path is compiled everywhere, and run everywhere with its intrinsics emulated
+    ("avx512-emulated"): ({name: Kernels}, the AVX-512 compiler's result)."""
     tmp = tmp_path_factory.mktemp("kquants")
-    out = {"portable": Kernels(_build(tmp / "libkq_portable.so", []))}
-    if _has_avx2():
-        out["avx2"] = Kernels(_build(tmp / "libkq_avx2.so", ["-mavx2", "-mfma", "-mf16c"]))
-    return out
+    libs = {"portable": []} | ({"avx2": AVX2_FLAGS} if _cpu_has("avx2", "fma", "f16c") else {})
+    run512 = _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq")
+    commands = [[*GCC, *flags, "-shared", str(SOURCE), "-o", str(tmp / f"libkq_{name}.so")] for name, flags in libs.items()]
+    if "avx2" in libs:  # the AVX-512 path with its intrinsics emulated in C (tests/kquants_avx512_emul.h)
+        emulated = ["-DKQ_AVX512_EMULATED", "-include", str(Path(__file__).with_name("kquants_avx512_emul.h"))]
+        libs["avx512-emulated"] = [*AVX2_FLAGS, *emulated]
+        commands.append([*GCC, *AVX2_FLAGS, *emulated, "-shared", str(SOURCE), "-o", str(tmp / "libkq_avx512-emulated.so")])
+    commands.append([*GCC, *AVX512_FLAGS, "-shared" if run512 else "-c", str(SOURCE), "-o", str(tmp / "libkq_avx512.so")])
+    results = _compile_all(commands)
+    for result in results[:-1]:
+        assert result.returncode == 0, result.stderr
+    if run512 and results[-1].returncode == 0:
+        libs["avx512"] = AVX512_FLAGS
+    return {name: Kernels(tmp / f"libkq_{name}.so") for name in libs}, results[-1]
+
+
+@pytest.fixture(scope="module")
+def builds(compiled):
+    return compiled[0]
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +172,8 @@ def ggml():
 
 def _weights(rows: int, k: int, seed: int) -> np.ndarray:
     """Rows that reach every branch of the quantizers: gaussian at several magnitudes, heavy
-    tails, one-signed rows (min > 0 and max < 0), an all-zero and a constant super-block, tiny
-    values, and groups with a single outlier."""
+    tails, one-signed rows (min > 0 and max < 0), an all-zero and a constant super-block, a
+    negative constant group, tiny values, and groups with a single outlier."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((max(rows, 8), k)).astype(np.float32)
     x *= np.float32(10.0) ** rng.integers(-3, 2, size=(len(x), 1)).astype(np.float32)
@@ -157,6 +185,7 @@ def _weights(rows: int, k: int, seed: int) -> np.ndarray:
     x[5] *= np.float32(1e-6)
     x[6, ::16] *= 40.0
     x[7, :QK_K:32] = 0.0
+    x[7, QK_K : QK_K + 32] = -0.25  # a negative constant group: min == max, ggml's early return
     return x[:rows].astype(np.float32)
 
 
@@ -259,9 +288,10 @@ def test_vec_dot_within_bound_of_float64(builds, t):
 
 
 @pytest.mark.parametrize("t", TYPES)
-def test_avx2_bits_equal_portable_bits(builds, t):
-    if "avx2" not in builds:
-        pytest.skip("this CPU has no AVX2")
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "avx512-emulated"])
+def test_simd_bits_equal_portable_bits(builds, t, isa):
+    if isa not in builds:
+        pytest.skip(f"this CPU does not run the {isa} path")
     k = 16 * QK_K
     rng = np.random.default_rng(6)
     # random bytes reach every quant and scale value, including the extremes the bounds allow
@@ -275,10 +305,10 @@ def test_avx2_bits_equal_portable_bits(builds, t):
     x = _weights(6, k, seed=8)
     x[5] = np.where(np.arange(k) % 2, 1e3, -1e3)  # activations at +-127
     xq = builds["portable"].quantize_act(x)
-    a = builds["avx2"].vec_dot(t, w, xq, k)
+    a = builds[isa].vec_dot(t, w, xq, k)
     p = builds["portable"].vec_dot(t, w, xq, k)
     assert np.array_equal(a.view(np.uint32), p.view(np.uint32))
-    assert np.array_equal(builds["avx2"].tile(t, w[:4], xq[:4], k, 4).view(np.uint32), p[:4, :4].view(np.uint32))
+    assert np.array_equal(builds[isa].tile(t, w[:4], xq[:4], k, 4).view(np.uint32), p[:4, :4].view(np.uint32))
 
 
 @pytest.mark.parametrize("t", TYPES)
@@ -297,10 +327,9 @@ def test_tile_elements_equal_vec_dot(builds, t):
                 assert np.all(np.isnan(y[:, nw:]))
 
 
-def test_avx512_build_compiles(tmp_path):
-    flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
-    cmd = ["gcc", "-std=c11", "-O2", "-Wall", "-Werror", "-ffp-contract=off", *flags, "-I", str(KERNELS)]
-    subprocess.run([*cmd, "-c", str(SOURCE), "-o", str(tmp_path / "kq512.o")], check=True)
+def test_avx512_build_compiles(compiled):
+    result = compiled[1]
+    assert result.returncode == 0, result.stderr
 
 
 def test_llama_model_quantize_writes_our_bytes(builds, tmp_path):
@@ -379,26 +408,12 @@ def test_neon_bits_equal_portable_bits(builds, tmp_path):
         inputs[t] = w
         (tmp_path / f"{t}.bin").write_bytes(w.tobytes())
     (tmp_path / "x.bin").write_bytes(x.tobytes())
-    for march in ("armv8-a", "armv8.2-a+dotprod"):
-        exe = tmp_path / f"neon_{march.replace('+', '_')}"
-        subprocess.run(
-            [
-                "aarch64-linux-gnu-gcc",
-                "-std=c11",
-                "-O2",
-                f"-march={march}",
-                "-ffp-contract=off",
-                "-static",
-                "-I",
-                str(KERNELS),
-                str(main),
-                str(SOURCE),
-                "-o",
-                str(exe),
-                "-lm",
-            ],
-            check=True,
-        )
+    marches = ("armv8-a", "armv8.2-a+dotprod")
+    exes = [tmp_path / f"neon_{march.replace('+', '_')}" for march in marches]
+    cross = ["aarch64-linux-gnu-gcc", "-std=c11", "-O2", "-ffp-contract=off", "-static", "-I", str(KERNELS)]
+    for result in _compile_all([[*cross, f"-march={m}", str(main), str(SOURCE), "-o", str(exe), "-lm"] for m, exe in zip(marches, exes)]):
+        assert result.returncode == 0, result.stderr
+    for march, exe in zip(marches, exes):
         for t, w in inputs.items():
             out = subprocess.run(
                 ["qemu-aarch64", str(exe), t, str(tmp_path / f"{t}.bin"), str(tmp_path / "x.bin"), str(k), "4", "2"], check=True, capture_output=True
@@ -449,17 +464,15 @@ int main(int argc, char **argv) {
 """
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2"])
-def test_driver_runs_kquants_with_the_same_bits(builds, ggml, isa):
+def test_driver_runs_kquants_with_the_same_bits(builds, ggml):
     """Through blocks.c's exported API (the library llmcli builds): the K-quants are supported, quantize
     to llama.cpp's bytes, dequantize to gguf-py's floats, and block_matmul gives vec_dot's bits for every
-    row whatever the number of rows (1 or 7) and the ISA level."""
+    row whatever the number of rows (1 or 7). On the ISA level this run selects (LLMCLI_ISA, else the
+    best one), in the library the other kernel tests share."""
     from llmcli.core import kernels
 
-    if isa not in kernels.available_isas():
-        pytest.skip(f"this CPU has no {isa}")
-    lib = kernels.load_kernels(isa=isa)
-    assert lib is not None and lib.isa == isa
+    lib = kernels.load_kernels()
+    assert lib is not None and lib.isa == kernels.select_isa()
     n, k, m = 9, 2 * QK_K, 7
     x = _weights(m, k, seed=15)
     for t, (type_id, nbytes, _) in TYPES.items():

@@ -3,7 +3,9 @@
  *
  * Per type: dequantize_row (bit-identical to ggml / gguf-py), quantize_row (byte-identical to
  * llama.cpp's quantize_row_<t>_ref, what llama_model_quantize writes without an importance
- * matrix), vec_dot and tile. quantize_act is one shared quantize_row_q8_K.
+ * matrix), vec_dot and tile. quantize_act is one shared quantize_row_q8_K. The quantizers do
+ * ggml's float operations group by group, with 4 or 8 groups side by side in vector lanes
+ * (fit_scale_min_lanes, fit_scale_sym_lanes), which is where their speed comes from.
  *
  * How a dot product is summed, on every ISA (blocks.h's contract). Every K-quant super-block is
  * 16 groups of 16 values; value v of group g is  d * sc[g] * q[v]  -  dmin * mn[g]  with small
@@ -20,9 +22,11 @@
  * operations are lane-wise the same and compiled with -ffp-contract=off, so the portable, AVX2,
  * AVX-512 and NEON paths give the same bits, and a tile element equals vec_dot of its row pair.
  *
- * Paths: AVX2 (also used by AVX-512 builds: the per-super-block work is 256-bit shaped),
- * NEON (vdotq_s32 with __ARM_FEATURE_DOTPROD, widening multiplies otherwise) on the unpacked
- * super-block, portable C otherwise.
+ * Paths: AVX2; AVX-512 (Q4_K, Q5_K, Q6_K two chunks of 32 values per 512-bit register, folded
+ * into the same 8 integer lanes; Q2_K and Q3_K run the AVX2 code); NEON (vdotq_s32 with
+ * __ARM_FEATURE_DOTPROD, widening multiplies otherwise) on the unpacked super-block; portable C
+ * otherwise. KQ_AVX512_EMULATED (tests only) runs the AVX-512 code on AVX2 with its intrinsics
+ * written in C (tests/kquants_avx512_emul.h).
  */
 #include "blocks.h"
 
@@ -54,7 +58,7 @@ static inline int nearest_int(float f) {
 }
 
 static inline float kq_half(ggml_half h) {
-#if defined(__F16C__)
+#if defined(__F16C__) && defined(KQ_AVX2)
     return _cvtsh_ss(h); /* exact, like half_to_float */
 #else
     return half_to_float(h);
@@ -63,6 +67,20 @@ static inline float kq_half(ggml_half h) {
 
 /* ================================================================== q8_K activations */
 
+/* the first value of largest magnitude (0 when all are 0) */
+static inline float max_by_magnitude(int n, const float *x) {
+    float max = 0, amax = 0;
+    for (int i = 0; i < n; i++) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) {
+            amax = ax;
+            max = x[i];
+        }
+    }
+    return max;
+}
+
+
 /* ggml's quantize_row_q8_K_ref: d from the signed value of largest magnitude (the first one),
  * q = nearest(-127/max * x), bsums per 16. Scalar on every ISA, so the rounding is one. An
  * all-zero block gets zero bsums too (ggml leaves them unset; they multiply nothing there). */
@@ -70,15 +88,8 @@ static void quantize_row_q8_K(const float *x, void *vy, int K) {
     block_q8_K *y = (block_q8_K *)vy;
     const int nb = K / QK_K;
     for (int i = 0; i < nb; i++, x += QK_K) {
-        float max = 0, amax = 0;
-        for (int j = 0; j < QK_K; j++) {
-            const float ax = fabsf(x[j]);
-            if (ax > amax) {
-                amax = ax;
-                max = x[j];
-            }
-        }
-        if (!amax) {
+        const float max = max_by_magnitude(QK_K, x);
+        if (!max) {
             memset(&y[i], 0, sizeof y[i]);
             continue;
         }
@@ -226,177 +237,214 @@ static void dequantize_row_q6_K(const void *vx, float *y, int K) {
 /* Same arithmetic, in the same order, as llama.cpp's quantize_row_<t>_ref (ggml-quants.c), so
  * the bytes are the same: that file is compiled without FMA contraction on x86-64 too. */
 
-/* fit x ~ scale * L + min with L in [0, nmax] and min <= 0, weighted; returns scale, -min in *the_min */
-static float fit_scale_min(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
-                           uint8_t *Laux, float rmin, float rdelta, int nstep, bool use_mad) {
-    float min = x[0], max = x[0];
-    float sum_w = weights[0];
-    float sum_x = sum_w * x[0];
+/* Fit x ~ scale * L + min with L in [0, nmax] and min <= 0, weighted (ggml's make_qkx2_quants),
+ * for KQ_LANES groups of n (<= 32) values at once: group g is x[g n ..], weights[g n ..], L[g n ..]; its
+ * scale goes to scale[g] and -min to the_min[g]. Each group runs ggml's sequence of float
+ * operations unchanged, in its own lane of GCC vector types (element-wise IEEE operations, so the
+ * bytes are ggml's on every ISA): the groups are independent, and the lanes turn the latency-bound
+ * chains of one group into SIMD work (Q4_K about 6-10x faster than one group at a time on AVX2). */
+#if defined(__AVX2__)
+#define KQ_LANES 8 /* one ymm */
+#else
+#define KQ_LANES 4 /* one xmm / NEON register: wider GCC vectors are lowered badly there */
+#endif
+typedef float kq_vf __attribute__((vector_size(4 * KQ_LANES)));
+typedef int32_t kq_vi __attribute__((vector_size(4 * KQ_LANES)));
+
+/* macros rather than functions: a function passing these vectors by value draws GCC's x86-64
+ * ABI note (-Wpsabi) on the baseline build */
+#if KQ_LANES == 8
+#define VF_SPLAT(v) ((kq_vf){(v), (v), (v), (v), (v), (v), (v), (v)})
+#define VI_SPLAT(v) ((kq_vi){(v), (v), (v), (v), (v), (v), (v), (v)})
+#else
+#define VF_SPLAT(v) ((kq_vf){(v), (v), (v), (v)})
+#define VI_SPLAT(v) ((kq_vi){(v), (v), (v), (v)})
+#endif
+/* m ? a : b per lane, m lanes all ones or zero */
+#define VF_SEL(m, a, b) ((kq_vf)(((kq_vi)(a) & (m)) | ((kq_vi)(b) & ~(m))))
+#define VI_SEL(m, a, b) (((a) & (m)) | ((b) & ~(m)))
+/* out = nearest_int(f) per lane, clamped to [0, nmax] */
+#define VL_LEVEL(out, f, nmax)                                                                                      \
+    do {                                                                                                            \
+        const kq_vi i_ = (kq_vi)((f) + VF_SPLAT(12582912.f));                                                    \
+        kq_vi l_ = (i_ & 0x007fffff) - 0x00400000;                                                                 \
+        l_ = VI_SEL(l_ > (nmax), VI_SPLAT(nmax), l_);                                                             \
+        (out) = VI_SEL(l_ < 0, VI_SPLAT(0), l_);                                                                  \
+    } while (0)
+#define VL_ERR(diff, use_mad) ((use_mad) ? (kq_vf)((kq_vi)(diff) & 0x7fffffff) : (diff) * (diff))
+
+static void fit_scale_min_lanes(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *scale,
+                                float *the_min, float rmin, float rdelta, int nstep, bool use_mad) {
+    kq_vf xt[32], wt[32];
+    kq_vi Lt[32], La[32];
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < KQ_LANES; g++) {
+            xt[i][g] = x[g * n + i];
+            wt[i][g] = weights[g * n + i];
+        }
+    kq_vf min = xt[0], max = xt[0], sum_w = wt[0], sum_x = wt[0] * xt[0];
     for (int i = 1; i < n; i++) {
-        if (x[i] < min) min = x[i];
-        if (x[i] > max) max = x[i];
-        const float w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
+        min = VF_SEL(xt[i] < min, xt[i], min);
+        max = VF_SEL(xt[i] > max, xt[i], max);
+        sum_w += wt[i];
+        sum_x += wt[i] * xt[i];
     }
-    if (min > 0) min = 0;
-    if (max == min) {
-        for (int i = 0; i < n; i++) L[i] = 0;
-        *the_min = -min;
-        return 0.f;
-    }
-    float iscale = nmax / (max - min);
-    float scale = 1 / iscale;
-    float best_error = 0;
+    min = VF_SEL(min > 0, VF_SPLAT(0), min);
+    const kq_vi flat = max == min; /* ggml returns at once there: all zero, scale 0, -min */
+    const kq_vf min0 = min;
+    const float fnmax = (float)nmax;
+    kq_vf iscale = VF_SPLAT(fnmax) / (max - min);
+    kq_vf sc = VF_SPLAT(1) / iscale, best = VF_SPLAT(0);
     for (int i = 0; i < n; i++) {
-        const int l = nearest_int(iscale * (x[i] - min));
-        L[i] = (uint8_t)KQ_MAX(0, KQ_MIN(nmax, l));
-        float diff = scale * L[i] + min - x[i];
-        diff = use_mad ? fabsf(diff) : diff * diff;
-        best_error += weights[i] * diff;
-    }
-    if (nstep < 1) {
-        *the_min = -min;
-        return scale;
+        VL_LEVEL(Lt[i], iscale * (xt[i] - min), nmax);
+        const kq_vf diff = sc * __builtin_convertvector(Lt[i], kq_vf) + min - xt[i];
+        best += wt[i] * VL_ERR(diff, use_mad);
     }
     for (int is = 0; is <= nstep; is++) {
-        iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        const float num = rmin + rdelta * is + nmax;
+        iscale = VF_SPLAT(num) / (max - min);
+        kq_vf sum_l = VF_SPLAT(0), sum_l2 = VF_SPLAT(0), sum_xl = VF_SPLAT(0), err = VF_SPLAT(0);
         for (int i = 0; i < n; i++) {
-            int l = nearest_int(iscale * (x[i] - min));
-            l = KQ_MAX(0, KQ_MIN(nmax, l));
-            Laux[i] = (uint8_t)l;
-            const float w = weights[i];
+            VL_LEVEL(La[i], iscale * (xt[i] - min), nmax);
+            const kq_vf l = __builtin_convertvector(La[i], kq_vf), w = wt[i];
             sum_l += w * l;
             sum_l2 += w * l * l;
-            sum_xl += w * l * x[i];
+            sum_xl += w * l * xt[i];
         }
-        const float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0) {
-                this_min = 0;
-                this_scale = sum_xl / sum_l2;
-            }
-            float cur_error = 0;
-            for (int i = 0; i < n; i++) {
-                float diff = this_scale * Laux[i] + this_min - x[i];
-                diff = use_mad ? fabsf(diff) : diff * diff;
-                cur_error += weights[i] * diff;
-            }
-            if (cur_error < best_error) {
-                memcpy(L, Laux, (size_t)n);
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
-            }
+        const kq_vf D = sum_w * sum_l2 - sum_l * sum_l;
+        kq_vf this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        kq_vf this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        const kq_vi pos = this_min > 0;
+        this_min = VF_SEL(pos, VF_SPLAT(0), this_min);
+        this_scale = VF_SEL(pos, sum_xl / sum_l2, this_scale);
+        for (int i = 0; i < n; i++) {
+            const kq_vf diff = this_scale * __builtin_convertvector(La[i], kq_vf) + this_min - xt[i];
+            err += wt[i] * VL_ERR(diff, use_mad);
         }
+        const kq_vi take = (D > 0) & (err < best);
+        best = VF_SEL(take, err, best);
+        sc = VF_SEL(take, this_scale, sc);
+        min = VF_SEL(take, this_min, min);
+        for (int i = 0; i < n; i++) Lt[i] = VI_SEL(take, La[i], Lt[i]);
     }
-    *the_min = -min;
-    return scale;
+    for (int g = 0; g < KQ_LANES; g++) {
+        for (int i = 0; i < n; i++) L[g * n + i] = flat[g] ? 0 : (uint8_t)Lt[i][g];
+        scale[g] = flat[g] ? 0.f : sc[g];
+        the_min[g] = -(flat[g] ? min0[g] : min[g]);
+    }
 }
 
-/* symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2, trying 18 scales around nmax/max
- * (ggml's make_qx_quants with rmse_type 1 and no importance) */
-static float fit_scale_sym(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
+/* The symmetric fits (Q3_K, Q6_K) for KQ_LANES groups of n (<= 16) values at once, as
+ * fit_scale_min_lanes: group g is x[g n ..] and L[g n ..]. sym_start transposes the groups, finds
+ * each one's first value of largest magnitude and whether it is all (near) zero. */
+typedef struct {
+    kq_vf xt[16], max;
+    kq_vi zero;
+} kq_sym;
+
+static void sym_start(int n, const float *x, kq_sym *s) {
     for (int i = 0; i < n; i++) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
+        kq_vf v = VF_SPLAT(0.f);
+        for (int g = 0; g < KQ_LANES; g++) v[g] = x[g * n + i];
+        s->xt[i] = v;
     }
-    if (amax < KQ_GROUP_MAX_EPS) {
-        for (int i = 0; i < n; i++) L[i] = 0;
-        return 0.f;
-    }
-    float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
+    kq_vf max = VF_SPLAT(0.f), amax = VF_SPLAT(0.f);
     for (int i = 0; i < n; i++) {
-        int l = nearest_int(iscale * x[i]);
-        l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-        L[i] = (int8_t)(l + nmax);
-        const float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
+        const kq_vf ax = (kq_vf)((kq_vi)s->xt[i] & 0x7fffffff);
+        const kq_vi m = ax > amax;
+        amax = VF_SEL(m, ax, amax);
+        max = VF_SEL(m, s->xt[i], max);
     }
-    float scale = suml2 ? sumlx / suml2 : 0.0f;
-    float best = scale * sumlx;
+    s->max = max;
+    s->zero = amax < KQ_GROUP_MAX_EPS;
+}
+
+/* Lv[i] = clamp(nearest(iscale x), -nmax, nmax - 1); lx = sum x^2 x l, l2 = sum x^2 l^2 (ggml's order) */
+#define KQ_SYM_LEVELS(s, n, nmax, Lv, iscale, lx, l2)                                                               \
+    do {                                                                                                            \
+        const kq_vi hi_ = VI_SPLAT((nmax) - 1), lo_ = VI_SPLAT(-(nmax));                                            \
+        lx = l2 = VF_SPLAT(0.f);                                                                                    \
+        for (int i = 0; i < (n); i++) {                                                                             \
+            const kq_vf x_ = (s)->xt[i];                                                                            \
+            const kq_vi i_ = (kq_vi)((iscale) * x_ + VF_SPLAT(12582912.f));                                         \
+            kq_vi l_ = (i_ & 0x007fffff) - 0x00400000;                                                              \
+            l_ = VI_SEL(l_ > hi_, hi_, l_);                                                                         \
+            l_ = VI_SEL(l_ < lo_, lo_, l_);                                                                         \
+            Lv[i] = l_;                                                                                             \
+            const kq_vf w_ = x_ * x_, lf_ = __builtin_convertvector(l_, kq_vf);                                     \
+            lx += w_ * x_ * lf_;                                                                                    \
+            l2 += w_ * lf_ * lf_;                                                                                   \
+        }                                                                                                           \
+    } while (0)
+
+/* symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), weights x^2, trying 18 scales around
+ * nmax/max (ggml's make_qx_quants with rmse_type 1 and no importance); scale[g] per group */
+static void fit_scale_sym_lanes(int n, int nmax, const float *x, int8_t *L, float *scale) {
+    kq_sym s;
+    sym_start(n, x, &s);
+    const float fnmax = (float)nmax, fnmaxm = (float)-nmax;
+    kq_vi Lt[16], La[16];
+    kq_vf sumlx, suml2;
+    KQ_SYM_LEVELS(&s, n, nmax, Lt, VF_SPLAT(fnmaxm) / s.max, sumlx, suml2);
+    kq_vf sc = VF_SEL(suml2 != 0, sumlx / suml2, VF_SPLAT(0.f));
+    kq_vf best = sc * sumlx;
     for (int is = -9; is <= 9; is++) {
         if (is == 0) continue;
-        iscale = -(nmax + 0.1f * is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; i++) {
-            int l = nearest_int(iscale * x[i]);
-            l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-            const float w = x[i] * x[i];
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; i++) {
-                const int l = nearest_int(iscale * x[i]);
-                L[i] = (int8_t)(nmax + KQ_MAX(-nmax, KQ_MIN(nmax - 1, l)));
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
+        const float num = -(fnmax + 0.1f * is);
+        KQ_SYM_LEVELS(&s, n, nmax, La, VF_SPLAT(num) / s.max, sumlx, suml2);
+        const kq_vi take = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+        const kq_vf new_sc = sumlx / suml2;
+        sc = VF_SEL(take, new_sc, sc);
+        best = VF_SEL(take, new_sc * sumlx, best);
+        for (int i = 0; i < n; i++) Lt[i] = VI_SEL(take, La[i], Lt[i]);
     }
-    return scale;
+    for (int g = 0; g < KQ_LANES; g++) {
+        for (int i = 0; i < n; i++) L[g * n + i] = s.zero[g] ? 0 : (int8_t)(Lt[i][g] + nmax);
+        scale[g] = s.zero[g] ? 0.f : sc[g];
+    }
 }
 
 /* Q3_K's symmetric fit: L in [-nmax, nmax), then up to 5 passes moving single values when that
- * improves the weighted fit (ggml's make_q3_quants with do_rmse); returns L + nmax */
-static float fit_scale_q3(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; i++) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) {
-            amax = ax;
-            max = x[i];
-        }
-    }
-    if (amax < KQ_GROUP_MAX_EPS) {
-        for (int i = 0; i < n; i++) L[i] = 0;
-        return 0.f;
-    }
-    const float iscale = -nmax / max;
-    float sumlx = 0, suml2 = 0;
-    for (int i = 0; i < n; i++) {
-        int l = nearest_int(iscale * x[i]);
-        l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-        L[i] = (int8_t)l;
-        const float w = x[i] * x[i];
-        sumlx += w * x[i] * l;
-        suml2 += w * l * l;
-    }
+ * improves the weighted fit (ggml's make_q3_quants with do_rmse); L + nmax and scale[g] per group.
+ * A lane whose pass changed nothing is unchanged by further passes, so running them all while any
+ * lane still changes gives each group ggml's result. */
+static void fit_scale_q3_lanes(int n, int nmax, const float *x, int8_t *L, float *scale) {
+    kq_sym s;
+    sym_start(n, x, &s);
+    const float fnmaxm = (float)-nmax;
+    const kq_vi hi = VI_SPLAT(nmax - 1), lo = VI_SPLAT(-nmax);
+    kq_vi Lt[16];
+    kq_vf sumlx, suml2;
+    KQ_SYM_LEVELS(&s, n, nmax, Lt, VF_SPLAT(fnmaxm) / s.max, sumlx, suml2);
     for (int itry = 0; itry < 5; itry++) {
-        int n_changed = 0;
+        kq_vi changed = VI_SPLAT(0);
         for (int i = 0; i < n; i++) {
-            const float w = x[i] * x[i];
-            float slx = sumlx - w * x[i] * L[i];
-            if (slx > 0) {
-                float sl2 = suml2 - w * L[i] * L[i];
-                int new_l = nearest_int(x[i] * sl2 / slx);
-                new_l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, new_l));
-                if (new_l != L[i]) {
-                    slx += w * x[i] * new_l;
-                    sl2 += w * new_l * new_l;
-                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
-                        L[i] = (int8_t)new_l;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        n_changed++;
-                    }
-                }
-            }
+            const kq_vf xi = s.xt[i], w = xi * xi, li = __builtin_convertvector(Lt[i], kq_vf);
+            kq_vf slx = sumlx - w * xi * li;
+            const kq_vi pos = slx > 0;
+            kq_vf sl2 = suml2 - w * li * li;
+            const kq_vi r_ = (kq_vi)(xi * sl2 / slx + VF_SPLAT(12582912.f));
+            kq_vi nl = (r_ & 0x007fffff) - 0x00400000;
+            nl = VI_SEL(nl > hi, hi, nl);
+            nl = VI_SEL(nl < lo, lo, nl);
+            const kq_vf nlf = __builtin_convertvector(nl, kq_vf);
+            slx += w * xi * nlf;
+            sl2 += w * nlf * nlf;
+            const kq_vi take = pos & (nl != Lt[i]) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2);
+            Lt[i] = VI_SEL(take, nl, Lt[i]);
+            sumlx = VF_SEL(take, slx, sumlx);
+            suml2 = VF_SEL(take, sl2, suml2);
+            changed |= take;
         }
-        if (!n_changed) break;
+        int any = 0;
+        for (int g = 0; g < KQ_LANES; g++) any |= changed[g];
+        if (!any) break;
     }
-    for (int i = 0; i < n; i++) L[i] = (int8_t)(L[i] + nmax);
-    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+    const kq_vf sc = VF_SEL(suml2 > 0, sumlx / suml2, VF_SPLAT(0.f));
+    for (int g = 0; g < KQ_LANES; g++) {
+        for (int i = 0; i < n; i++) L[g * n + i] = s.zero[g] ? 0 : (int8_t)(Lt[i][g] + nmax);
+        scale[g] = s.zero[g] ? 0.f : sc[g];
+    }
 }
 
 /* 2-bit values L[0..255] into qs as Q2_K/Q3_K store them: byte l of each 32 holds values l, l+32, l+64, l+96 */
@@ -408,14 +456,15 @@ static void pack_2bit(const uint8_t *L, uint8_t *qs) {
 
 static void quantize_row_q2_K(const float *x, void *vy, int K) {
     block_q2_K *y = (block_q2_K *)vy;
-    uint8_t L[QK_K], Laux[16];
-    float weights[16], mins[QK_K / 16], scales[QK_K / 16];
+    uint8_t L[QK_K];
+    float weights[QK_K], mins[QK_K / 16], scales[QK_K / 16];
     const float q4scale = 15.f;
     for (int i = 0; i < K / QK_K; i++, x += QK_K) {
         float max_scale = 0, max_min = 0;
+        for (int l = 0; l < QK_K; l++) weights[l] = fabsf(x[l]);
+        for (int j = 0; j < QK_K / 16; j += KQ_LANES)
+            fit_scale_min_lanes(16, 3, x + 16 * j, weights + 16 * j, L + 16 * j, scales + j, mins + j, -0.5f, 0.1f, 15, true);
         for (int j = 0; j < QK_K / 16; j++) {
-            for (int l = 0; l < 16; l++) weights[l] = fabsf(x[16 * j + l]);
-            scales[j] = fit_scale_min(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, true);
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -453,8 +502,8 @@ static void quantize_row_q3_K(const float *x, void *vy, int K) {
     float scales[QK_K / 16];
     for (int i = 0; i < K / QK_K; i++, x += QK_K) {
         float max_scale = 0, amax = 0;
+        for (int j = 0; j < QK_K / 16; j += KQ_LANES) fit_scale_q3_lanes(16, 4, x + 16 * j, L + 16 * j, scales + j);
         for (int j = 0; j < QK_K / 16; j++) {
-            scales[j] = fit_scale_q3(16, 4, x + 16 * j, L + 16 * j);
             const float scale = fabsf(scales[j]);
             if (scale > amax) {
                 amax = scale;
@@ -503,15 +552,17 @@ static void quantize_row_q3_K(const float *x, void *vy, int K) {
 /* Q4_K and Q5_K share everything but the number of levels and the packing */
 static void quantize_scales_mins_k4(const float *x, int nmax, float rmin, int nstep, uint8_t *L, ggml_half *dd,
                                     ggml_half *dmin, uint8_t *packed) {
-    uint8_t Laux[32];
-    float weights[32], mins[QK_K / 32], scales[QK_K / 32];
+    float weights[QK_K], mins[QK_K / 32], scales[QK_K / 32];
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < QK_K / 32; j++) {
         float sum_x2 = 0;
         for (int l = 0; l < 32; l++) sum_x2 += x[32 * j + l] * x[32 * j + l];
         const float av_x = sqrtf(sum_x2 / 32);
-        for (int l = 0; l < 32; l++) weights[l] = av_x + fabsf(x[32 * j + l]);
-        scales[j] = fit_scale_min(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f, nstep, false);
+        for (int l = 0; l < 32; l++) weights[32 * j + l] = av_x + fabsf(x[32 * j + l]);
+    }
+    for (int j = 0; j < QK_K / 32; j += KQ_LANES)
+        fit_scale_min_lanes(32, nmax, x + 32 * j, weights + 32 * j, L + 32 * j, scales + j, mins + j, rmin, 0.1f, nstep, false);
+    for (int j = 0; j < QK_K / 32; j++) {
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -585,9 +636,9 @@ static void quantize_row_q6_K(const float *x, void *vy, int K) {
     float scales[QK_K / 16];
     for (int i = 0; i < K / QK_K; i++, x += QK_K) {
         float max_scale = 0, max_abs_scale = 0;
+        for (int ib = 0; ib < QK_K / 16; ib += KQ_LANES) fit_scale_sym_lanes(16, 32, x + 16 * ib, L + 16 * ib, scales + ib);
         for (int ib = 0; ib < QK_K / 16; ib++) {
-            const float scale = fit_scale_sym(16, 32, x + 16 * ib, L + 16 * ib);
-            scales[ib] = scale;
+            const float scale = scales[ib];
             const float abs_scale = fabsf(scale);
             if (abs_scale > max_abs_scale) {
                 max_abs_scale = abs_scale;
@@ -818,11 +869,16 @@ KQ_INLINE __m256i scale_pair16(const kq_scales16 *s, int r) {
     return _mm256_shuffle_epi8(r < 4 ? s->lo : s->hi, idx);
 }
 
+/* Keeps v in a register here: GCC otherwise reassociates the exact integer sums of a tile into
+ * all products first, which spills them to the stack (the 4x4 tile ran at half speed). */
+#define KQ_PIN(v) __asm__("" : "+x"(v))
+
 /* acc[c] += scales16 . maddubs(q, a_c) for the 32 activation bytes at offset off of each row */
 #define KQ_ACC(q, s16, off)                                                                                         \
     for (int c = 0; c < NX; c++) {                                                                                  \
         const __m256i a_ = _mm256_loadu_si256((const __m256i *)(xs[c]->qs + (off)));                                \
         acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16((s16), _mm256_maddubs_epi16((q), a_)));                 \
+        KQ_PIN(acc[c]);                                                                                             \
     }
 
 /* Each sb_<t> sets, for one weight super-block and NX activation blocks, acc[c] (the 8 isum
@@ -844,6 +900,67 @@ KQ_INLINE __m256i k4_scales(const uint8_t *packed, const block_q8_K *const *xs, 
 
 /* int16 element e of v in all 16 places */
 #define KQ_BCAST16(v, e) _mm256_shuffle_epi8((v), _mm256_set1_epi16((short)((2 * (e)) | ((2 * (e) + 1) << 8))))
+
+#if defined(__AVX512BW__) || defined(KQ_AVX512_EMULATED)
+
+/* AVX-512: two chunks of 32 values per 512-bit register; the 16 int32 lanes fold into the 8 of
+ * the header comment (lane l + lane l + 8: the same bytes 4l..4l+3 of each chunk), exactly. */
+static const int16_t kq_idx_k4[4][32] __attribute__((aligned(64))) = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
+    {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
+    {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7},
+};
+
+/* int16 a in the low 256 bits, b in the high 256 */
+KQ_INLINE __m512i kq_halves16(short a, short b) {
+    return _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1);
+}
+
+#define KQ_ACC512(q, s, off)                                                                                        \
+    for (int c = 0; c < NX; c++) {                                                                                  \
+        const __m512i a_ = _mm512_loadu_si512((const void *)(xs[c]->qs + (off)));                                   \
+        acc5[c] = _mm512_add_epi32(acc5[c], _mm512_madd_epi16((s), _mm512_maddubs_epi16((q), a_)));                 \
+    }
+
+#define KQ_FOLD512()                                                                                                \
+    for (int c = 0; c < NX; c++)                                                                                    \
+        acc[c] = _mm256_add_epi32(_mm512_castsi512_si256(acc5[c]), _mm512_extracti64x4_epi64(acc5[c], 1))
+
+KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
+    const __m512i sc = _mm512_castsi256_si512(k4_scales(w->scales, xs, NX, m));
+    const __m512i m4 = _mm512_set1_epi8(0xF), shift = kq_halves16(0, 4);
+    __m512i acc5[4];
+    for (int c = 0; c < NX; c++) acc5[c] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        /* low nibbles (values 64j..64j+31) in the low half, high nibbles (64j+32..) in the high half */
+        const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w->qs + 32 * j)));
+        const __m512i q = _mm512_and_si512(_mm512_srlv_epi16(bits, shift), m4);
+        const __m512i s = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx_k4[j]), sc);
+        KQ_ACC512(q, s, 64 * j)
+    }
+    KQ_FOLD512();
+}
+
+KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
+    const __m512i sc = _mm512_castsi256_si512(k4_scales(w->scales, xs, NX, m));
+    const __m512i m4 = _mm512_set1_epi8(0xF), m1 = _mm512_set1_epi8(1), shift = kq_halves16(0, 4);
+    const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w->qh));
+    __m512i acc5[4];
+    for (int c = 0; c < NX; c++) acc5[c] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; j++) {
+        const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w->qs + 32 * j)));
+        /* the 5th bit: bit 2j of qh for the low half, bit 2j + 1 for the high half (16-bit shifts by
+         * at most 7 keep bit 0 of each byte its own) */
+        const __m512i h = _mm512_and_si512(_mm512_srlv_epi16(hb, kq_halves16((short)(2 * j), (short)(2 * j + 1))), m1);
+        const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi16(bits, shift), m4), _mm512_slli_epi16(h, 4));
+        const __m512i s = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx_k4[j]), sc);
+        KQ_ACC512(q, s, 64 * j)
+    }
+    KQ_FOLD512();
+}
+
+#else
 
 KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
     const __m256i sc16 = k4_scales(w->scales, xs, NX, m);
@@ -877,6 +994,8 @@ KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const i
     }
 }
 
+#endif
+
 /* the per-16-scale types: acc[c] -= off * (sc[2l] bsums[2l] + sc[2l+1] bsums[2l+1]) (Q3_K: off 4, Q6_K: off 32) */
 #define KQ_BSUM_CORRECTION(sc8, shift)                                                                              \
     do {                                                                                                            \
@@ -886,6 +1005,43 @@ KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const i
             acc[c] = _mm256_sub_epi32(acc[c], _mm256_slli_epi32(_mm256_madd_epi16(s16_, b_), (shift)));             \
         }                                                                                                           \
     } while (0)
+
+#if defined(__AVX512BW__) || defined(KQ_AVX512_EMULATED)
+
+/* [scale 4p x8, 4p+1 x8, 4p+2 x8, 4p+3 x8] from the 16 int16 scales */
+static const int16_t kq_idx_q6[4][32] __attribute__((aligned(64))) = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9, 10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13, 14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
+};
+
+KQ_INLINE void sb_q6_K(const block_q6_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
+    (void)m;
+    const __m512i m15 = _mm512_set1_epi8(15);
+    const __m128i sc8 = _mm_loadu_si128((const __m128i *)w->scales);
+    const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc8));
+    /* values 128n + 0..63: low nibbles of ql[64n..64n+63], high bits (qh >> 0) & 3 then (qh >> 2) & 3;
+     * values 128n + 64..127: high nibbles, high bits (qh >> 4) & 3 then (qh >> 6) & 3 */
+    const __m512i mask01 = _mm512_inserti64x4(_mm512_set1_epi8(3), _mm256_set1_epi8(12), 1);
+    const __m512i mask23 = _mm512_inserti64x4(_mm512_set1_epi8(48), _mm256_set1_epi8((char)0xC0), 1);
+    const __m512i shl01 = kq_halves16(4, 2), shr23 = kq_halves16(0, 2);
+    __m512i acc5[4];
+    for (int c = 0; c < NX; c++) acc5[c] = _mm512_setzero_si512();
+    for (int n = 0; n < 2; n++) {
+        const __m512i b = _mm512_loadu_si512((const void *)(w->ql + 64 * n));
+        const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w->qh + 32 * n)));
+        const __m512i q01 = _mm512_or_si512(_mm512_and_si512(b, m15), _mm512_sllv_epi16(_mm512_and_si512(h, mask01), shl01));
+        KQ_ACC512(q01, _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx_q6[2 * n]), sc), 128 * n)
+        const __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(b, 4), m15),
+                                            _mm512_srlv_epi16(_mm512_and_si512(h, mask23), shr23));
+        KQ_ACC512(q23, _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx_q6[2 * n + 1]), sc), 128 * n + 64)
+    }
+    KQ_FOLD512();
+    KQ_BSUM_CORRECTION(sc8, 5);
+}
+
+#else
 
 KQ_INLINE void sb_q6_K(const block_q6_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
     (void)m;
@@ -911,6 +1067,8 @@ KQ_INLINE void sb_q6_K(const block_q6_K *w, const block_q8_K *const *xs, const i
     }
     KQ_BSUM_CORRECTION(sc8, 5);
 }
+
+#endif
 
 /* 2-bit field s (0..3) of each byte of v: shifts by immediates, so each is one instruction */
 KQ_INLINE __m256i kq_field2(__m256i v, int s) {
@@ -1003,10 +1161,38 @@ KQ_INLINE float kq_hsum8_avx(__m256 v) {
             for (int c = 0; c < NX; c++) y[c * ldy + r] = kq_hsum8_avx(accf[c]);                                    \
         }                                                                                                           \
     }                                                                                                               \
+    /* decode (one activation row): two weight rows per pass, two independent chains the CPU overlaps;     \
+     * each row's operations are vec_dot's */                                                                       \
+    KQ_INLINE void tile_##t##_pair(int K, const void *w, size_t w_row_bytes, const void *xq, float *y) {           \
+        const int nb = K / QK_K;                                                                                    \
+        const block_##t *row0 = (const block_##t *)w, *row1 = (const block_##t *)((const char *)w + w_row_bytes);   \
+        const block_q8_K *x = (const block_q8_K *)xq;                                                               \
+        __m256 accf0 = _mm256_setzero_ps(), accf1 = _mm256_setzero_ps();                                            \
+        for (int i = 0; i < nb; i++) {                                                                              \
+            const block_q8_K *xs[1] = {x + i};                                                                      \
+            __m256i acc0[1], m0[1], acc1[1], m1[1];                                                                 \
+            sb_##t(row0 + i, xs, 1, acc0, m0);                                                                      \
+            sb_##t(row1 + i, xs, 1, acc1, m1);                                                                      \
+            const float dx = x[i].d;                                                                                \
+            const block_##t *bb = row0 + i;                                                                         \
+            accf0 = _mm256_add_ps(accf0, _mm256_mul_ps(_mm256_set1_ps(kq_half(bb->d) * dx), _mm256_cvtepi32_ps(acc0[0]))); \
+            if (has_min) accf0 = _mm256_sub_ps(accf0, _mm256_mul_ps(_mm256_set1_ps(kq_half(DMIN) * dx), _mm256_cvtepi32_ps(m0[0]))); \
+            bb = row1 + i;                                                                                          \
+            accf1 = _mm256_add_ps(accf1, _mm256_mul_ps(_mm256_set1_ps(kq_half(bb->d) * dx), _mm256_cvtepi32_ps(acc1[0]))); \
+            if (has_min) accf1 = _mm256_sub_ps(accf1, _mm256_mul_ps(_mm256_set1_ps(kq_half(DMIN) * dx), _mm256_cvtepi32_ps(m1[0]))); \
+        }                                                                                                           \
+        y[0] = kq_hsum8_avx(accf0);                                                                                 \
+        y[1] = kq_hsum8_avx(accf1);                                                                                 \
+    }                                                                                                               \
     static void tile_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes,     \
                          int nx, float *y, size_t ldy) {                                                            \
         switch (nx) {                                                                                               \
-        case 1: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 1, y, ldy); break;                            \
+        case 1: {                                                                                                   \
+            int r = 0;                                                                                              \
+            for (; r + 2 <= nw; r += 2) tile_##t##_pair(K, (const char *)w + r * w_row_bytes, w_row_bytes, xq, y + r); \
+            if (r < nw) tile_##t##_n(K, (const char *)w + r * w_row_bytes, w_row_bytes, 1, xq, xq_row_bytes, 1, y + r, ldy); \
+            break;                                                                                                  \
+        }                                                                                                           \
         case 2: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 2, y, ldy); break;                            \
         case 3: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 3, y, ldy); break;                            \
         default: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 4, y, ldy); break;                           \
