@@ -173,7 +173,7 @@ def test_a_request_that_runs_past_the_timeout_is_stopped(dirs):
             events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "request_timeout"
-        assert len(events) > 3  # it streamed until the timeout
+        assert json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"  # the stream had started: 200, then the error event
         wait_for(lambda: s.service.running == 0)
         assert s.cancelled() == 2
     finally:
