@@ -63,6 +63,7 @@ def test_chat_page_streams_stops_and_keeps_the_conversation(slow_server, chromiu
         browser = p.chromium.launch(executable_path=chromium_path, args=["--no-sandbox"])
         try:
             page = browser.new_page()
+            page.set_default_timeout(120_000)  # a busy CI machine: the tiny model's steps may crawl
             page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/v1/chat/completions") else None)
             page.goto(slow_server.base + "/")
             page.wait_for_function("document.getElementById('model').textContent === 'model: tiny-chat'")

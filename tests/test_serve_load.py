@@ -158,7 +158,7 @@ def test_requests_start_on_the_poisson_schedule(live):
     results, _ = asyncio.run(run_load(live.base, prompts, endpoint="/v1/completions", request_rate=20.0, seed=5, extra={"ignore_eos": True}))
     offsets = arrival_offsets(4, 20.0, seed=5)
     assert all(r.ok for r in results)
-    assert all(r.start >= offset for r, offset in zip(results, offsets))
+    assert all(r.start >= offset - 1e-3 for r, offset in zip(results, offsets))  # asyncio may wake a clock tick early
 
 
 def test_an_unreachable_server_is_all_errors_and_bad_flags_exit_2(capsys):

@@ -17,7 +17,8 @@ from llmcli.errors import ContextLengthError, InputError, LlmcliError, UsageErro
 
 # set in the ASGI scope when the engine has already counted a request's failure
 FAILURE_COUNTED = "llmcli.failure_counted"
-# what a 429 tells a client to wait, in seconds: about one engine step under load frees a row or queue place
+# what a 429 tells a client to wait, in seconds: the queue moves as requests finish, and OpenAI's
+# clients back off further on their own when the next try is refused again
 RETRY_AFTER_S = 1
 
 

@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from llmcli.errors import LlmcliError
 from llmcli.server.errors import ApiError, api_error_from
@@ -130,7 +130,7 @@ class Frame:
         return out
 
 
-async def sse_stream(frame: Frame, chunks: AsyncIterator[list[dict]], usage, release) -> AsyncIterator[str]:
+async def sse_stream(frame: Frame, chunks: AsyncIterator[list[dict]], usage: Callable[[], dict], release: Callable[[], None]) -> AsyncIterator[str]:
     """The events of a streamed call: one chunk per list of choices, the usage chunk when asked for,
     then [DONE]; an error after the headers went out is an error event, then [DONE].
 
