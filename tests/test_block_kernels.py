@@ -73,18 +73,40 @@ def make_weights(t: T, N: int, K: int, seed: int = 0) -> np.ndarray:
     return blocks
 
 
-def act_reference(t: T, x: np.ndarray) -> np.ndarray:
-    """The activation values the kernels multiply, in float64: float32 as they are for the float
-    types, else blocks of 32 with a float32 delta amax / 127 and round(x / delta) half to even."""
-    if t in FLOAT_TYPES:
-        return x.astype(np.float64)
+def act_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's 8-bit activation blocks of 32 (block_q8_0 / block_q8_1): values round(x / delta) half
+    to even with delta = amax / 127 in float32, then the delta and s = delta * sum(q) kept as
+    binary16. Returns q (M, K/32, 32), the binary16 delta and s (M, K/32), as float64."""
     M, K = x.shape
     xb = x.reshape(M, K // 32, 32)
     d = (np.abs(xb).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
     q = np.rint(xb * inv)
-    return (q.astype(np.float64) * d.astype(np.float64)).reshape(M, K)
+    isum = q.sum(-1).astype(np.float32)
+    s = (d[..., 0] * isum).astype(np.float16).astype(np.float64)
+    return q.astype(np.float64), d[..., 0].astype(np.float16).astype(np.float64), s
+
+
+def act_reference(t: T, x: np.ndarray) -> np.ndarray:
+    """The activation values the kernels multiply, in float64: float32 as they are for the float
+    types, else act_blocks' values times their binary16 delta."""
+    if t in FLOAT_TYPES:
+        return x.astype(np.float64)
+    q, d, _ = act_blocks(x)
+    return (q * d[..., None]).reshape(x.shape)
+
+
+def min_term_correction(t: T, x: np.ndarray, blocks: np.ndarray, K: int) -> np.ndarray:
+    """(M, N): what the min term adds beyond act_reference for Q4_1/Q5_1, whose kernels multiply a
+    block's min by the activation's binary16 s instead of delta * sum(q) (as ggml does)."""
+    M, N = x.shape[0], blocks.shape[0]
+    if t not in WITH_MIN:
+        return np.zeros((M, N))
+    q, d, s = act_blocks(x)
+    size = quants.GGML_QUANT_SIZES[t][1]
+    m = blocks.reshape(N, K // 32, size)[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    return (s - d * q.sum(-1)) @ m.T
 
 
 def block_mins(t: T, blocks: np.ndarray, K: int) -> np.ndarray:
@@ -178,7 +200,7 @@ def test_matmul_within_float32_bound_of_float64_reference(kernels, t):
     bias = rng.standard_normal(N).astype(np.float32)
     w = quants.dequantize(blocks, t).reshape(N, K).astype(np.float64)
     a = act_reference(t, x)
-    want = a @ w.T + bias
+    want = a @ w.T + bias + min_term_correction(t, x, blocks, K)
     got = matmul(kernels, t, x, blocks, bias).astype(np.float64)
     bound = error_bound(t, a, w, block_mins(t, blocks, K), bias, K)
     assert np.all(np.abs(got - want) <= bound), f"worst excess {np.max(np.abs(got - want) - bound)}"

@@ -160,8 +160,8 @@ static inline int32x4_t dot_s8x16(int8x16_t a, int8x16_t b) {
 /* ------------------------------------------------------------------ 8-bit activation blocks */
 
 typedef struct {
-    float d;           /* delta */
-    float s;           /* d * sum(qs): the min term of Q4_1 / Q5_1 */
+    float d;           /* delta, a binary16 value as ggml keeps it (the values are rounded with the exact one) */
+    float s;           /* d * sum(qs), a binary16 value: the min term of Q4_1 / Q5_1 */
     int8_t qs[32];
 } block_q8a;           /* 40 bytes */
 
@@ -221,8 +221,10 @@ static void quantize_act_q8a(const float *x, void *vy, int K) {
             isum += q;
         }
 #endif
-        y[b].d = d;
-        y[b].s = d * (float)isum;
+        /* ggml keeps these two in binary16 (block_q8_0.d, block_q8_1.d and .s): rounded the same
+         * way, the products with the weights equal llama.cpp's up to summation order */
+        y[b].d = half_to_float(float_to_half(d));
+        y[b].s = half_to_float(float_to_half(d * (float)isum));
     }
 }
 
