@@ -125,25 +125,28 @@ class Decoder(nn.Module):
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos, sin (B, T, rot) for each rope the layers use, looked up in tables grown on demand."""
-        need = int(positions.max()) + 1
+        span = int(positions.max()) + 1
         tables = self.__dict__.setdefault("_rope_tables", {})
         out = {}
         for name in {s.rope for s in self.specs if s.rope is not None}:
-            inv_freq = getattr(self, name)
+            inv_freq, scaling = self.rope_frequencies(name, span)
             table = tables.get(name)
-            if table is None or table[0].shape[0] < need or table[0].dtype != dtype or table[0].device != positions.device or table[2] is not inv_freq:
-                size = max(need, 256 if table is None else 2 * table[0].shape[0])
+            if table is None or table[0].shape[0] < span or table[0].dtype != dtype or table[0].device != positions.device or table[2] is not inv_freq:
+                size = max(span, 256 if table is None else 2 * table[0].shape[0])
                 pos = torch.arange(size, device=positions.device)
                 freqs = pos[:, None].float() * inv_freq.float()  # (S, rot/2)
                 emb = torch.cat((freqs, freqs), dim=-1)  # (S, rot)
-                scaling = self.rope_attention_scaling(name)
-                table = tables[name] = ((emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype), inv_freq)
+                cos, sin = emb.cos(), emb.sin()
+                if scaling != 1.0:
+                    cos, sin = cos * scaling, sin * scaling
+                table = tables[name] = (cos.to(dtype), sin.to(dtype), inv_freq)
             out[name] = (table[0][positions], table[1][positions])
         return out
 
-    def rope_attention_scaling(self, name: str) -> float:
-        """The factor on cos and sin (LongRoPE's attention factor); 1 for plain rope."""
-        return 1.0
+    def rope_frequencies(self, name: str, span: int) -> tuple[torch.Tensor, float]:
+        """The inverse frequencies (rot/2,) of rope `name` for a sequence of `span` positions, and the
+        factor on cos and sin (LongRoPE's attention factor; 1 for plain rope). The buffer itself here."""
+        return getattr(self, name), 1.0
 
     # ------------------------------------------------------------ forward
 
