@@ -345,13 +345,14 @@ def gguf_config(data: dict[str, Any], get: MetadataGetter, shapes: dict[str, tup
     """
     rope_dimensions(get, data["head_dim"], source, get.arch)
     window = get("attention.sliding_window")
+    qkv_bias, o_bias = "blk.0.attn_q.bias" in shapes, "blk.0.attn_output.bias" in shapes
     data.update(
         intermediate_size=int(get("feed_forward_length", required=True)),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rope_scaling=gguf_rope_scaling(get),
-        attention_bias="blk.0.attn_q.bias" in shapes,
-        o_proj_bias="blk.0.attn_output.bias" in shapes,
+        attention_bias=qkv_bias,
+        o_proj_bias=None if o_bias == qkv_bias else o_bias,
         mlp_bias="blk.0.ffn_up.bias" in shapes,
         hidden_act="silu",
         sliding_window=int(window) if window else None,

@@ -75,11 +75,15 @@ class Block(llama.Block):
 
 
 class Factors(nn.Module):
-    """A holder whose `weight` buffer carries LongRoPE factors under the GGUF tensor's name."""
+    """A holder whose `weight` buffer carries LongRoPE factors under the GGUF tensor's name.
 
-    def __init__(self, values: torch.Tensor):
+    Persistent, so they load like weights: from the GGUF's tensors, or from config.json through
+    `sanitize`, and travel with the state dict (the weights cache).
+    """
+
+    def __init__(self, n: int):
         super().__init__()
-        self.register_buffer("weight", values, persistent=False)
+        self.register_buffer("weight", torch.ones(n))
 
 
 def rotary_dim(config: ModelConfig) -> int:
@@ -98,9 +102,8 @@ class Model(llama.Model):
         # matvec.c's fused block rotates whole heads
         self.native_decode = rotary_dim(config) == config.head_dim
         if is_longrope(config):
-            factors = longrope_factors(config)
-            self.rope_factors_short = Factors(factors["rope_factors_short.weight"])
-            self.rope_factors_long = Factors(factors["rope_factors_long.weight"])
+            self.rope_factors_short = Factors(rotary_dim(config) // 2)
+            self.rope_factors_long = Factors(rotary_dim(config) // 2)
         self._longrope: dict[str, torch.Tensor] = {}
 
     @classmethod
@@ -131,22 +134,8 @@ def attention_factor(config: ModelConfig) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
-def longrope_factors(config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The short and long factors from the config (HF); a GGUF's come with its tensors instead (ones until loaded)."""
-    scaling = config.rope_scaling
-    half = rotary_dim(config) // 2
-    out = {}
-    for kind in ("short", "long"):
-        values = scaling.get(f"{kind}_factor")
-        out[f"rope_factors_{kind}.weight"] = torch.tensor(values, dtype=torch.float32, device="cpu") if values is not None else torch.ones(half, device="cpu")
-    return out
-
-
 def build_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:
-    buffers = Model.rope_buffers(config)
-    if is_longrope(config):
-        buffers.update(longrope_factors(config))
-    return buffers
+    return Model.rope_buffers(config)
 
 
 def prepare_config(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -197,4 +186,9 @@ def gguf_config(data: dict[str, Any], get: MetadataGetter, shapes: dict[str, tup
 
 
 def sanitize(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    return llama.sanitize(tensors, config)
+    """HF Phi-3 keys are ours; LongRoPE's factors come from config.json as the tensors a GGUF has."""
+    out = llama.sanitize(tensors, config)
+    if is_longrope(config):
+        for kind in ("short", "long"):
+            out[f"rope_factors_{kind}.weight"] = torch.tensor(config.rope_scaling[f"{kind}_factor"], dtype=torch.float32)
+    return out
