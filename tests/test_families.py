@@ -287,3 +287,18 @@ def test_unsupported_gguf_values_are_one_line_errors(references, tmp_path):
         config_from_gguf({**llama, "llama.rope.dimension_count": 8}, {"token_embd.weight": (10, 64)})
     with pytest.raises(ModelError, match=r"architecture 'mamba'"):
         config_from_gguf({"general.architecture": "mamba"})
+
+
+@torch.inference_mode()
+def test_phi3_with_whole_head_rotary_decodes_natively_like_transformers(tmp_path):
+    """Phi-3 rotating whole heads is llama's block: matvec.c's fused step runs it (LongRoPE's scaled cos/sin, the window)."""
+    path = make_tiny("phi3", tmp_path / "phi3-full")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_parameters"].update(partial_rotary_factor=1.0, short_factor=[1.0 + 0.1 * i for i in range(8)], long_factor=[1.5 + 0.5 * i for i in range(8)])
+    (path / "config.json").write_text(json.dumps(cfg))
+    ref, ours = load_reference(path), load_model(path)
+    assert ours.module.native_decode and ours.module._native_blocks() is not None
+    ids = prompt(40, seed=2)
+    cache = KVCache.for_model(ours.config, 1, 96)
+    logits = ours.module(ids, cache=cache).logits[0, -1]
+    assert greedy(ours, ids, cache, logits) == expected_greedy(ref, ids)

@@ -103,3 +103,23 @@ def test_qwen2_q8_0_kept_quantized_keeps_hf_rows(references, tmp_path):
         assert name in kept.quantized and name not in kept.tensors
         assert torch.equal(kept.quantized[name].dequantize(), plain.tensors[name])
         assert (plain.tensors[name] - ref.state_dict()[name]).abs().max() < 0.05  # Q8_0 error, not a row permutation
+
+
+def test_attend_attention_maps_equal_transformers(pair, tmp_path):
+    """`attend --attention` on Qwen2 / Qwen3 (HF and GGUF) gives transformers' probabilities."""
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+    from llmcli.records import decode_tensor
+
+    ours, ref = pair
+    ids = prompt(19, seed=6)[0].tolist()
+    with torch.inference_mode():
+        expected = torch.stack([a[0] for a in ref(torch.tensor([ids]), output_attentions=True).attentions]).numpy()
+    result = CliRunner().invoke(app, ["attend", "-m", str(ours.path), "--attention"], input=json.dumps({"ids": ids}) + "\n")
+    assert result.exit_code == 0, (result.exception, result.output)
+    got = decode_tensor(json.loads(result.stdout.splitlines()[0])["attention"])
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
