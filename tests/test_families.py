@@ -29,7 +29,7 @@ from llmcli.core.loader import load_model
 from llmcli.core.models.base import KVCache
 from llmcli.core.weights import read_gguf
 from llmcli.records import decode_tensor
-from tests.test_llama import prompt
+from tests.test_llama import greedy_with_cache, prompt
 from tests.test_weights import llama_cpp_permute
 from tests.tiny import load_reference, make_tiny
 
@@ -172,15 +172,6 @@ def case(request, references, gguf_files):
     return kind, path, load_model(path), ref
 
 
-def greedy(ours, ids: torch.Tensor, cache: KVCache, logits: torch.Tensor, n: int = 32) -> list[int]:
-    got = []
-    for _ in range(n):
-        token = int(torch.argmax(logits))
-        got.append(token)
-        logits = ours.module(torch.tensor([[token]]), cache=cache).logits[0, -1]
-    return got
-
-
 def expected_greedy(ref, ids: torch.Tensor) -> list[int]:
     out = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     return out[0, ids.shape[1] :].tolist()
@@ -200,9 +191,7 @@ def test_logits_over_64_positions_match_transformers(case):
 def test_greedy_32_tokens_with_the_cache_equal_transformers(case):
     kind, _, ours, ref = case
     ids = prompt(GREEDY_PROMPT.get(kind, 12), seed=2)
-    cache = KVCache.for_model(ours.config, 1, 96)
-    logits = ours.module(ids, cache=cache).logits[0, -1]
-    assert greedy(ours, ids, cache, logits) == expected_greedy(ref, ids)
+    assert greedy_with_cache(ours, ids) == expected_greedy(ref, ids)
 
 
 @torch.inference_mode()
@@ -217,10 +206,8 @@ def test_greedy_from_an_attend_cache_saved_and_loaded(case, tmp_path):
     assert cached_ids == ids[0].tolist()
     cache = KVCache.for_model(ours.config, 1, 96)
     cache.load_row(0, k, v)
-    # the last prompt token again is what the engine does with a whole cached prompt: its logits
-    cache.lengths[0] -= 1
-    logits = ours.module(ids[:, -1:], cache=cache).logits[0, -1]
-    assert greedy(ours, ids, cache, logits) == expected_greedy(ref, ids)
+    cache.lengths[0] -= 1  # the last prompt token runs again for its logits, as the engine does with a whole cached prompt
+    assert greedy_with_cache(ours, ids, cache=cache) == expected_greedy(ref, ids)
 
 
 def test_attend_attention_maps_equal_transformers(case):
@@ -299,6 +286,4 @@ def test_phi3_with_whole_head_rotary_decodes_natively_like_transformers(tmp_path
     ref, ours = load_reference(path), load_model(path)
     assert ours.module.native_decode and ours.module._native_blocks() is not None
     ids = prompt(40, seed=2)
-    cache = KVCache.for_model(ours.config, 1, 96)
-    logits = ours.module(ids, cache=cache).logits[0, -1]
-    assert greedy(ours, ids, cache, logits) == expected_greedy(ref, ids)
+    assert greedy_with_cache(ours, ids) == expected_greedy(ref, ids)

@@ -140,7 +140,8 @@ def build_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:
 
 def prepare_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     """Phi3Config fields: partial rotary and LongRoPE (under rope_parameters or rope_scaling), refusing other scalings."""
-    params = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+    # an older config's rope_scaling wins over rope_parameters, as in transformers
+    params = {**(data.get("rope_parameters") or {}), **(data.get("rope_scaling") or {})}
     if "partial_rotary_factor" in params:
         data.setdefault("partial_rotary_factor", params["partial_rotary_factor"])
     kind = params.get("rope_type", params.get("type", "default"))
