@@ -33,10 +33,17 @@ def test_logits_match_transformers(pair):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
-def greedy_with_cache(ours, ids: torch.Tensor, n: int = 32) -> list[int]:
-    """n greedy tokens after ids, one forward per token with the KV cache reused across steps."""
-    cache = KVCache.for_model(ours.config, 1, 64)
-    logits = ours.module(ids, cache=cache).logits[0, -1]
+def greedy_with_cache(ours, ids: torch.Tensor, n: int = 32, cache: KVCache | None = None) -> list[int]:
+    """n greedy tokens after ids, one forward per token with the KV cache reused across steps.
+
+    cache: one that already holds all of ids but the last token (e.g. loaded from a saved file);
+    the last prompt token is run through it, as the engine does with a cached prompt.
+    """
+    if cache is None:
+        cache = KVCache.for_model(ours.config, 1, ids.shape[1] + n)
+        logits = ours.module(ids, cache=cache).logits[0, -1]
+    else:
+        logits = ours.module(ids[:, -1:], cache=cache).logits[0, -1]
     got = []
     for _ in range(n):
         token = int(torch.argmax(logits))

@@ -73,6 +73,10 @@ CASES = {
     ),
     "mixed layer types": (edit_config(layer_types=["full_attention", "sliding_attention"]), ["config.json", "layer_types", "sliding_attention"]),
     "unknown rope scaling": (edit_config(rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["config.json", "rope_scaling", "'yarn'"]),
+    "phi3 rope scaling": (edit_config(model_type="phi3", rope_scaling={"rope_type": "yarn", "factor": 4.0}), ["config.json", "rope_scaling type 'yarn'", "longrope"]),
+    "gemma3 attention soft-capping": (edit_config(model_type="gemma3_text", attn_logit_softcapping=50.0), ["config.json", "attn_logit_softcapping=50.0"]),
+    "gemma3 layer types": (edit_config(model_type="gemma3_text", layer_types=["full_attention", "chunked_attention"]), ["config.json", "layer_types", "chunked_attention"]),
+    "multimodal gemma3": (edit_config(model_type="gemma3"), ["unknown architecture 'gemma3'", "gemma3_text"]),
 }
 
 

@@ -2,8 +2,10 @@
 
 Tiny random checkpoints shaped like the real configs but scaled down (tests/tiny.py): Qwen2 with
 q/k/v biases and untied embeddings, Qwen3 with per-head q/k RMSNorm, head_dim 20 != 48/3, GQA and
-tied embeddings. Each is loaded as it is saved and as an F32 GGUF: over 64 positions the logits
-are within 1e-4 of transformers', and 32 greedy tokens decoded with the KV cache are identical.
+tied embeddings. Each is loaded as it is saved and as an F32 GGUF and runs test_families' shared
+tests: over 64 positions the logits are within 1e-4 of transformers', 32 greedy tokens decoded
+with the KV cache (also from an `attend --save-cache` file) are identical, and `attend
+--attention` gives transformers' maps.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from gguf import GGMLQuantizationType as Q
 
 from llmcli.core.loader import load_model
 from llmcli.core.weights import read_gguf
-from tests.test_llama import greedy_with_cache, prompt
+from tests.test_families import (  # noqa: F401  (collected here too, on this module's `case`: Qwen2 and Qwen3)
+    test_attend_attention_maps_equal_transformers,
+    test_greedy_32_tokens_with_the_cache_equal_transformers,
+    test_greedy_from_an_attend_cache_saved_and_loaded,
+    test_logits_over_64_positions_match_transformers,
+)
+from tests.test_llama import prompt
 from tests.test_weights import write_gguf
 from tests.tiny import load_reference, make_tiny
 
@@ -39,22 +47,11 @@ def pair(request, references, tmp_path_factory):
     return load_model(path), ref
 
 
-@torch.inference_mode()
-def test_logits_over_64_positions_match_transformers(pair):
+@pytest.fixture(scope="module")
+def case(pair):
+    """test_families' view of a case: (kind, path, loaded, reference), for the shared tests imported above."""
     ours, ref = pair
-    ids = prompt(64)
-    expected = ref(ids).logits
-    got = ours.module(ids).logits
-    assert got.shape == expected.shape
-    assert (got - expected).abs().max() <= 1e-4
-
-
-@torch.inference_mode()
-def test_greedy_32_tokens_with_the_cache_equal_transformers(pair):
-    ours, ref = pair
-    ids = prompt(12, seed=2)
-    expected = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)[0, 12:].tolist()
-    assert greedy_with_cache(ours, ids) == expected
+    return ours.config.model_type, ours.path, ours, ref
 
 
 def test_gguf_config_and_names(references, tmp_path):
@@ -103,3 +100,4 @@ def test_qwen2_q8_0_kept_quantized_keeps_hf_rows(references, tmp_path):
         assert name in kept.quantized and name not in kept.tensors
         assert torch.equal(kept.quantized[name].dequantize(), plain.tensors[name])
         assert (plain.tensors[name] - ref.state_dict()[name]).abs().max() < 0.05  # Q8_0 error, not a row permutation
+

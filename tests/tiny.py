@@ -58,7 +58,7 @@ CHATML = (
 
 
 def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
-    """kind: llama, llama3, mistral, qwen2, qwen3, gpt2, bert. Returns the HF directory."""
+    """kind: llama, llama3, mistral, mistral-window, qwen2, qwen3, gemma3, phi3, gpt2, bert. Returns the HF directory."""
     import torch
     import transformers
 
@@ -79,6 +79,31 @@ def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
     elif kind == "mistral":
         cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, bos_token_id=0, eos_token_id=2, **common)
         model = transformers.MistralForCausalLM(cfg)
+    elif kind == "mistral-window":
+        # a sliding window shorter than the tests' sequences, untied, GQA 4:2
+        cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=7, bos_token_id=0, eos_token_id=2, **common)
+        model = transformers.MistralForCausalLM(cfg)
+    elif kind == "gemma3":
+        # Gemma3-270m scaled down: head_dim 20 != 48 / 3 (query_pre_attn_scalar = head_dim, as the real
+        # models and llama.cpp's GGUF reading), GQA 3:1, 7 layers = five local, one global, one local
+        # (window 6 < the tests' sequences), a final logit cap, tied embeddings
+        shape = dict(hidden_size=48, intermediate_size=72, num_attention_heads=3, num_key_value_heads=1, head_dim=20, num_hidden_layers=7)
+        cfg = transformers.Gemma3TextConfig(
+            **{**common, **shape}, sliding_window=6, query_pre_attn_scalar=20, final_logit_softcapping=30.0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        )
+        model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "phi3":
+        # Phi-3.5-mini scaled down: fused qkv and gate_up, LongRoPE short/long factors (original context 32 < the
+        # 64-position test, so a whole 64-token forward takes the long factors), partial rotary 0.75
+        # (Phi-4-mini's), GQA 4:2, untied, a window shorter than the tests' sequences
+        rot = int(16 * 0.75) // 2
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75, "original_max_position_embeddings": 32,
+                "short_factor": [1.0 + 0.1 * i for i in range(rot)], "long_factor": [1.5 + 0.5 * i for i in range(rot)]}
+        cfg = transformers.Phi3Config(num_key_value_heads=2, sliding_window=20, rope_parameters=rope, tie_word_embeddings=False,
+                                      original_max_position_embeddings=32, bos_token_id=0, eos_token_id=2, pad_token_id=1, **{**common, "max_position_embeddings": 128})
+        model = transformers.Phi3ForCausalLM(cfg)
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
@@ -101,7 +126,7 @@ def make_tiny(kind: str, path: Path, seed: int = 0) -> Path:
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.3 if kind != "bert" else 0.1)
-            elif kind in ("qwen2", "qwen3"):
+            elif kind in ("qwen2", "qwen3", "gemma3", "phi3"):
                 # norm weights and qkv biases that are not all ones / zeros, so their mapping is tested too
                 p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.3)
     model.save_pretrained(str(path), safe_serialization=True)

@@ -1,7 +1,9 @@
 """ModelConfig: one architecture-independent description of a checkpoint, in HF field names.
 
 Built from an HF config.json (unknown keys ignored, aliases mapped, like mlx-lm's
-ModelArgs.from_dict) or from GGUF metadata (see weights.config_from_gguf).
+ModelArgs.from_dict) or from GGUF metadata (models/registry.config_from_gguf). The fields here are
+the ones every family reads; a family's own fields (Gemma 3's query_pre_attn_scalar, ...) are
+declared by its file (`ARGS`, HF names and defaults) and kept in `args`.
 """
 
 from __future__ import annotations
@@ -9,25 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from llmcli.core.models.registry import FAMILIES, GGUF_ARCHITECTURES, family_name, family_of  # noqa: E402,F401  (the registry's tables, importable from here too)
 from llmcli.errors import ModelError
-
-# model_type -> the architecture family file in core/models that runs it.
-FAMILIES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "qwen3",
-    "smollm2": "llama",
-    "gpt2": "gpt2",
-    "bert": "bert",
-}
-
-# GGUF general.architecture (llama.cpp's names) -> the model_type it stands for.
-GGUF_ARCHITECTURES = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-}
 
 # GPT-2 style names for the same fields.
 _ALIASES = {
@@ -65,7 +50,9 @@ class ModelConfig:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     sliding_window: int | None = None
+    layer_types: list[str] | None = None  # per layer: "full_attention" or "sliding_attention" (HF's field)
     architectures: list[str] = field(default_factory=list)
+    args: dict[str, Any] = field(default_factory=dict)  # the family's own fields (its ARGS), HF names
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -85,7 +72,7 @@ class ModelConfig:
 
     @property
     def is_encoder(self) -> bool:
-        return self.family == "bert"
+        return not family_of(self.model_type).CAUSAL
 
     @property
     def is_causal(self) -> bool:
@@ -107,12 +94,19 @@ class ModelConfig:
         if "model_type" not in data:
             raise ModelError(f"{source} has no model_type", "use a config.json saved by transformers")
         # the family reads its own fields: defaults its config leaves unsaid, variants it refuses
-        data = family_of(data["model_type"]).prepare_config(data, source)
-        known = {f.name for f in fields(cls)}
+        family = family_of(data["model_type"])
+        data = family.prepare_config(data, source)
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in data]
         if missing:
             raise ModelError(f"{source} lacks {', '.join(missing)}", "use a config.json saved by transformers")
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls.build(data, family)
+
+    @classmethod
+    def build(cls, data: dict[str, Any], family) -> "ModelConfig":
+        """The config from HF-named fields: the shared ones, and the family's ARGS (with their defaults) in `args`."""
+        known = {f.name for f in fields(cls)} - {"args"}
+        args = {key: data.get(key, default) for key, default in family.ARGS.items()}
+        return cls(**{k: v for k, v in data.items() if k in known}, args=args)
 
 
 def refuse_unsupported(data: dict[str, Any], supported: dict[str, Any], source: str) -> None:
@@ -120,17 +114,3 @@ def refuse_unsupported(data: dict[str, Any], supported: dict[str, Any], source: 
     for key, expected in supported.items():
         if key in data and data[key] != expected:
             raise ModelError(f"{source}: {key}={data[key]!r} is not supported", f"llmcli implements {key}={expected!r}")
-
-
-def family_name(model_type: str) -> str:
-    """The family file in core/models that runs model_type; unknown ones fail with the supported list."""
-    if model_type not in FAMILIES:
-        raise ModelError(f"unknown architecture {model_type!r}", f"supported model types: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
-
-
-def family_of(model_type: str):
-    """The family module (core/models/<family>.py) that runs model_type."""
-    import importlib
-
-    return importlib.import_module(f"llmcli.core.models.{family_name(model_type)}")

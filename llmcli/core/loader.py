@@ -124,8 +124,8 @@ def load_model(
     if fused:
         with _skip_init():  # outside the device context: meta tensors take torch's plain meta kernels
             module.fuse()
-    if not fused:
-        tensors = family.sanitize(tensors, config)
+    if not fused and not is_gguf:
+        tensors = family.sanitize(tensors, config)  # HF names -> ours; a GGUF's are ours already (its family's GGUF_NAMES)
     weights.load_state(module, tensors, str(cached if fused else path), torch_dtype)
     del tensors  # the module holds the only references now, so fusing does not keep two copies
     _rebuild_meta_buffers(module, family, config)

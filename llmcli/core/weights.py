@@ -3,9 +3,10 @@
 The only two formats are safetensors and GGUF: pickled checkpoints (.bin/.pt/.pth/.ckpt) are refused,
 never unpickled. safetensors tensors are views into a private memory map, so nothing is read
 until a tensor is touched and a tensor that already has the wanted dtype is never copied.
-GGUF tensors are renamed to HF names (llama's map plus the family's GGUF_BLOCK_NAMES), dequantized
+GGUF tensors are renamed to the model's parameter names (the family's GGUF_NAMES), dequantized
 to float32 (gguf's own numpy kernels), and for the architectures whose Q and K rows llama.cpp
 permuted (the family's GGUF_PERMUTED_QK) the permutation is undone, so they equal the HF checkpoint's.
+The config comes from models/registry.config_from_gguf.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcli.core.config import GGUF_ARCHITECTURES, ModelConfig, family_of
+from llmcli.core.config import ModelConfig
 from llmcli.core.gguf_meta import GGUFTensorInfo, read_gguf_header
+from llmcli.core.models.registry import config_from_gguf, family_of
 from llmcli.errors import ModelError
 
 SUPPORTED_FORMATS = "safetensors (an HF-format directory or a .safetensors file) and GGUF"
@@ -268,39 +270,6 @@ class GGUFCheckpoint:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-# llama.cpp tensor names -> HF llama names ({i} is the block index)
-_GGUF_GLOBAL = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_GGUF_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_EXTRA = ("rope_freqs.weight",)
-
-
-def hf_name(gguf_name: str, block_names: dict[str, str] = _GGUF_BLOCK) -> str | None:
-    """The HF name of a llama.cpp tensor name, or None when it has none; block_names: a family's map."""
-    stem, _, kind = gguf_name.rpartition(".")
-    if kind not in ("weight", "bias"):
-        return None
-    if stem in _GGUF_GLOBAL:
-        return f"{_GGUF_GLOBAL[stem]}.{kind}"
-    parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block_names:
-        return f"model.layers.{parts[1]}.{block_names[parts[2]]}.{kind}"
-    return None
-
-
 def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.LlamaModel.permute).
 
@@ -311,81 +280,8 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def config_from_gguf(metadata: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]] | None = None, source: str = "GGUF") -> ModelConfig:
-    """ModelConfig (HF field names) from GGUF metadata; tensor_shapes are GGUF names -> torch-order shapes."""
-    arch = metadata.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ModelError(
-            f"{source} has architecture {arch!r}, which llmcli cannot run from GGUF",
-            f"supported GGUF architectures: {', '.join(GGUF_ARCHITECTURES)}",
-        )
-    shapes = tensor_shapes or {}
-
-    def get(key: str, default: Any = None, required: bool = False) -> Any:
-        value = metadata.get(f"{arch}.{key}", default)
-        if required and value is None:
-            raise ModelError(f"{source} lacks the metadata key {arch}.{key}", "convert the model again with llama.cpp's convert_hf_to_gguf.py")
-        return value
-
-    hidden = int(get("embedding_length", required=True))
-    heads = int(get("attention.head_count", required=True))
-    kv_heads = get("attention.head_count_kv", heads)
-    if isinstance(kv_heads, list):
-        raise ModelError(f"{source} has a different number of KV heads per layer", "llmcli supports one KV head count for all layers")
-    head_dim = int(get("attention.key_length", hidden // heads))
-    rope_dim = get("rope.dimension_count")
-    if rope_dim is not None and int(rope_dim) != head_dim:
-        raise ModelError(f"{source} rotates {rope_dim} of {head_dim} head dimensions (partial RoPE)", "llmcli's llama family rotates whole heads")
-
-    if "token_embd.weight" in shapes:
-        vocab = shapes["token_embd.weight"][0]
-    elif "tokenizer.ggml.tokens" in metadata:
-        vocab = len(metadata["tokenizer.ggml.tokens"])
-    else:
-        vocab = get("vocab_size", required=True)
-
-    rope_scaling = None
-    scaling_type = get("rope.scaling.type")
-    factor = get("rope.scaling.factor", get("rope.scale_linear"))
-    if scaling_type is None and factor is not None and get("rope.scale_linear") is not None:
-        scaling_type = "linear"
-    if scaling_type not in (None, "none") and factor is not None:
-        rope_scaling = {"rope_type": scaling_type, "factor": float(factor)}
-        original = get("rope.scaling.original_context_length")
-        if original is not None:
-            rope_scaling["original_max_position_embeddings"] = int(original)
-
-    eos = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
-        if metadata.get(key) is not None and int(metadata[key]) not in eos:
-            eos.append(int(metadata[key]))
-    bos = metadata.get("tokenizer.ggml.bos_token_id")
-    pad = metadata.get("tokenizer.ggml.padding_token_id")
-    return ModelConfig(
-        model_type=GGUF_ARCHITECTURES[arch],
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        num_hidden_layers=int(get("block_count", required=True)),
-        num_attention_heads=heads,
-        num_key_value_heads=int(kv_heads),
-        head_dim=head_dim,
-        intermediate_size=int(get("feed_forward_length", required=True)),
-        max_position_embeddings=int(get("context_length", 2048)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        tie_word_embeddings="output.weight" not in shapes if shapes else False,
-        attention_bias="blk.0.attn_q.bias" in shapes,
-        mlp_bias="blk.0.ffn_up.bias" in shapes,
-        hidden_act="silu",
-        bos_token_id=None if bos is None else int(bos),
-        eos_token_id=eos,
-        pad_token_id=None if pad is None else int(pad),
-    )
-
-
 def read_gguf(path: Path | str, keep_quantized: bool = False) -> GGUFCheckpoint:
-    """A GGUF file -> config, float32 tensors under HF llama names, metadata.
+    """A GGUF file -> config, float32 tensors under the model's parameter names, metadata.
 
     keep_quantized=True keeps Q8_0 matrices as Q8Weight (int8 + per-block scales) in
     `checkpoint.quantized` instead of dequantizing them into `checkpoint.tensors`; every other
@@ -401,7 +297,7 @@ def read_gguf(path: Path | str, keep_quantized: bool = False) -> GGUFCheckpoint:
     shapes = {t.name: t.shape for t in header.tensors}
     config = config_from_gguf(header.metadata, shapes, source)
     family = family_of(config.model_type)
-    block_names = {**_GGUF_BLOCK, **family.GGUF_BLOCK_NAMES}
+    names = family.GGUF_NAMES
     permuted = header.metadata["general.architecture"] in family.GGUF_PERMUTED_QK
 
     mm = np.memmap(path, dtype=np.uint8, mode="c")
@@ -409,8 +305,8 @@ def read_gguf(path: Path | str, keep_quantized: bool = False) -> GGUFCheckpoint:
     quantized: dict[str, Q8Weight] = {}
     extra: dict[str, torch.Tensor] = {}
     for info in header.tensors:
-        name = hf_name(info.name, block_names)
-        if name is None and info.name not in _GGUF_EXTRA:
+        name = names.hf_name(info.name)
+        if name is None and info.name not in names.extra:
             raise ModelError(
                 f"{source} holds tensor {info.name!r}, which has no place in llmcli's {config.model_type} model",
                 f"this GGUF variant (e.g. mixture-of-experts or a vision tower) is not supported; use a plain {config.model_type} GGUF",

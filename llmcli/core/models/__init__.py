@@ -1,11 +1,11 @@
-"""One file per architecture family; `family_module` picks the one a config needs."""
+"""One file per architecture family; `family_module` picks the one a config needs (models/registry.py)."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from llmcli.core.config import ModelConfig, family_of
 
+def family_module(config) -> ModuleType:
+    from llmcli.core.models.registry import family_of
 
-def family_module(config: ModelConfig) -> ModuleType:
     return family_of(config.model_type)

@@ -10,8 +10,9 @@ Contract for a family module (core/models/<family>.py):
     loading is a loop with a shape check (nanoGPT). `sanitize(tensors, config)` is the only place
     that renames or transposes checkpoint tensors into those names (mlx-lm).
   - `Model.forward(input_ids, ...) -> ForwardOutput`, keyword arguments as below.
-  - `prepare_config(data, source)`, `build_buffers(config)`, and for GGUF families
-    `GGUF_BLOCK_NAMES` and `GGUF_PERMUTED_QK`: see docs/architectures.md.
+  - the rest of the family protocol (`ARGS`, `CAUSAL`, `prepare_config`, `gguf_config`,
+    `GGUF_NAMES`, `GGUF_PERMUTED_QK`, `build_buffers`): see docs/architectures.md. Causal families
+    share one forward (models/decoder.py).
 
 Padding is on the right everywhere: a row's real tokens come first. For causal models that
 makes the causal mask sufficient for the real positions (pads sit after every real query), and
@@ -26,12 +27,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Collection
+from typing import Callable, Collection
 
 import torch
 import torch.nn.functional as F
 
-from llmcli.errors import ContextLengthError
+from llmcli.errors import ContextLengthError, ModelError
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """HF `hidden_act` / `activation_function` name -> the function (every family's MLP)."""
+    table: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "gelu": F.gelu,  # exact erf form
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+        "silu": F.silu,
+        "swish": F.silu,
+    }
+    try:
+        return table[name]
+    except KeyError:
+        raise ModelError(f"unsupported activation {name!r}", f"supported: {', '.join(sorted(table))}") from None
 
 
 @dataclass
@@ -203,37 +221,41 @@ def causal_mask(positions: torch.Tensor, S: int, window: int | None = None) -> t
     return mask
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None = None, enable_gqa: bool = False) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None = None, enable_gqa: bool = False, scale: float | None = None
+) -> torch.Tensor:
     """Causal (and sliding-window) SDPA for queries at any absolute positions, e.g. after a cached prefix.
 
     q (B, H, T, hd) at `positions` (B, T); k, v (B, Hkv, S, hd) for positions 0..S-1. The mask is
     built per block of ATTENTION_BLOCK query rows, against the keys that block may see, so no
     (T, S) mask (nor the float copy SDPA makes of it) exists at once. Every query row is computed
     on its own, with keys from position 0, so a row's result does not depend on the blocking.
+    scale: the query scale (SDPA's default 1/sqrt(hd) when None).
     """
     T = q.shape[2]
     block = ATTENTION_BLOCK
     if T <= block:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(positions, k.shape[2], window), enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(positions, k.shape[2], window), enable_gqa=enable_gqa, scale=scale)
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))  # (B, H, T, hd)
     for start in range(0, T, block):
         pos = positions[:, start : start + block]  # (B, t)
         S = min(int(pos.max()) + 1, k.shape[2])  # later keys are masked for every row of the block
         mask = causal_mask(pos, S, window)  # (B, 1, t, S)
-        out[:, :, start : start + block] = F.scaled_dot_product_attention(q[:, :, start : start + block], k[:, :, :S], v[:, :, :S], attn_mask=mask, enable_gqa=enable_gqa)
+        out[:, :, start : start + block] = F.scaled_dot_product_attention(q[:, :, start : start + block], k[:, :, :S], v[:, :, :S], attn_mask=mask, enable_gqa=enable_gqa, scale=scale)
     return out
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The slow path that also returns the probabilities (B, H, T, S), float32: explicit scores and softmax.
 
     It builds (B, H, T, S) scores, so only `attend --attention`, which asks for the maps, runs it.
-    k, v may have fewer (GQA) heads than q; mask is boolean, broadcastable to (B, H, T, S).
+    k, v may have fewer (GQA) heads than q; mask is boolean, broadcastable to (B, H, T, S);
+    scale: the query scale (1/sqrt(hd) when None).
     """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = (q @ k.transpose(-2, -1)).float() * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)  # (B, H, T, S)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     return probs.to(v.dtype) @ v, probs
 

@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.core.config import ModelConfig, refuse_unsupported
-from llmcli.core.models.base import ForwardOutput, KVCache, padding_mask
-from llmcli.core.models.gpt2 import activation
+from llmcli.core.models.base import ForwardOutput, KVCache, activation, padding_mask
+from llmcli.core.models.registry import GGUFNames, MetadataGetter
 from llmcli.errors import ContextLengthError, ModelError, UsageError
+
+ARGS: dict[str, Any] = {}
+CAUSAL = False  # an encoder: no KV cache, no logits
 
 # Checkpoint tensors an encoder forward never reads: task heads, the NSP pooler, cached position ids.
 _UNUSED_PREFIXES = ("cls.", "pooler.", "qa_outputs.", "classifier.")
@@ -185,6 +188,44 @@ class Model(nn.Module):
 def prepare_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     """config.json fields (HF names) -> those ModelConfig takes: BERT variants it refuses."""
     refuse_unsupported(data, {"position_embedding_type": "absolute"}, source)
+    return data
+
+
+# llama.cpp's BERT tensor names (convert_hf_to_gguf.py's BertModel: no `bert.` prefix, no pooler or heads)
+GGUF_NAMES = GGUFNames(
+    {
+        "token_embd": "embeddings.word_embeddings",
+        "position_embd": "embeddings.position_embeddings",
+        "token_types": "embeddings.token_type_embeddings",
+        "token_embd_norm": "embeddings.LayerNorm",
+    },
+    {
+        "attn_q": "attention.self.query",
+        "attn_k": "attention.self.key",
+        "attn_v": "attention.self.value",
+        "attn_output": "attention.output.dense",
+        "attn_output_norm": "attention.output.LayerNorm",
+        "ffn_up": "intermediate.dense",
+        "ffn_down": "output.dense",
+        "layer_output_norm": "output.LayerNorm",
+    },
+    block_prefix="encoder.layer",
+)
+GGUF_PERMUTED_QK: tuple[str, ...] = ()
+
+
+def gguf_config(data: dict[str, Any], get: MetadataGetter, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    """GGUF metadata BERT reads beyond the shared keys: MLP width, LayerNorm epsilon, token types."""
+    if get("attention.causal", False):
+        raise ModelError(f"{source}: bert.attention.causal=true is not supported", "llmcli runs BERT as the bidirectional encoder it is")
+    types = shapes.get("token_types.weight")
+    data.update(
+        intermediate_size=int(get("feed_forward_length", required=True)),
+        layer_norm_eps=float(get("attention.layer_norm_epsilon", 1e-12)),
+        type_vocab_size=int(types[0]) if types else 2,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
     return data
 
 

@@ -1,5 +1,5 @@
-"""The Llama family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, Mistral, Qwen2 (qkv bias),
-and the shared decoder that llama-shaped families (qwen3.py) subclass.
+"""The Llama family: Llama 2/3 (incl. llama3 rope scaling), SmolLM2, Mistral (sliding window), Qwen2
+(qkv bias), and the llama-shaped blocks that qwen3.py, gemma3.py and phi3.py subclass.
 
 Parameter names equal the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`, ...), so
 loading is a loop with a shape check. GQA through SDPA's enable_gqa; a slow eager attention
@@ -10,23 +10,36 @@ are asked for.
 from __future__ import annotations
 
 import math
-from typing import Any, Collection
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmcli.core.config import ModelConfig
-from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention
+from llmcli.core.models.base import KVCache, activation
+from llmcli.core.models.decoder import AttentionSpec, Decoder, Step, apply_rope, attend, layer_specs
+from llmcli.core.models.registry import LLAMA_NAMES, MetadataGetter, gguf_rope_scaling, rope_dimensions
 from llmcli.errors import ModelError
 
+# The family's own config fields (HF names where HF has one) and their defaults; ModelConfig.args.
+ARGS: dict[str, Any] = {
+    "o_proj_bias": None,  # llmcli's: whether o_proj has a bias when it differs from attention_bias (Qwen2: False)
+}
+CAUSAL = True
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (D/2,), with HF's rope_scaling types default, linear and llama3."""
-    dim = config.head_dim
+
+def rope_inv_freq(config: ModelConfig, theta: float | None = None, scaling: dict | None = None, dim: int | None = None) -> torch.Tensor:
+    """Inverse frequencies (dim/2,), with HF's rope_scaling types default, linear and llama3.
+
+    theta, scaling, dim default to the config's rope_theta, rope_scaling and head_dim; a family
+    with another rope per layer (Gemma 3's local layers) or partial rotary passes its own.
+    """
+    dim = dim or config.head_dim
+    theta = config.rope_theta if theta is None else theta
     # explicitly on the CPU: models are built on the meta device, where this would be a placeholder
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    scaling = config.rope_scaling or {}
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = (config.rope_scaling if scaling is None else scaling) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
         return inv_freq
@@ -46,11 +59,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled)
     raise ModelError(f"unsupported rope_scaling type {kind!r}", f"supported: {', '.join(ROPE_TYPES)}")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -75,15 +83,17 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig, layer: int, spec: AttentionSpec):
         super().__init__()
         self.layer = layer
+        self.spec = spec
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.window = config.sliding_window
+        self.scale: float | None = None  # the query scale; None: 1/sqrt(head_dim)
         qkv_bias = config.attention_bias
-        o_bias = config.attention_bias and config.model_type != "qwen2"
+        o_bias = config.args.get("o_proj_bias")
+        o_bias = qkv_bias if o_bias is None else o_bias
         self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
@@ -99,19 +109,10 @@ class Attention(nn.Module):
         """A family's per-head normalisation of (B, T, nq + nkv, hd) queries and keys before rope; none in llama."""
         return qk
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        plain: bool,
-        cache: KVCache | None,
-        want_probs: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """plain: every row's queries start at key 0 with no window, so SDPA's own causal flag is the mask."""
+    def forward(self, x: torch.Tensor, step: Step, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
+        cos, sin = step.rope[self.spec.rope]
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, rot)
         nq, nk = self.n_heads, self.n_kv
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(B, T, nq + 2 * nk, self.head_dim)
@@ -121,21 +122,12 @@ class Attention(nn.Module):
             k = self.k_proj(x).view(B, T, nk, self.head_dim)
             qk = torch.cat((q, k), dim=2)
             v = self.v_proj(x).view(B, T, nk, self.head_dim)
-        qk = self.norm_qk(qk)
-        qk = qk * cos + rotate_half(qk) * sin  # rope on q and k heads in one go
+        qk = apply_rope(self.norm_qk(qk), cos, sin)  # rope on q and k heads in one go
         q, k = qk[:, :, :nq], qk[:, :, nq:]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v, positions)  # (B, Hkv, S, hd)
-        probs = None
-        gqa = self.n_kv != self.n_heads
-        if want_probs:
-            out, probs = reference_attention(q, k, v, causal_mask(positions, k.shape[2], self.window))
-        elif plain:
-            # SDPA's causal path on the CPU works in tiles: no (T, T) scores for a long prompt
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        else:
-            out = masked_attention(q, k, v, positions, self.window, gqa)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v, step.positions)  # (B, Hkv, S, hd)
+        out, probs = attend(q, k, v, step, self.spec.window, want_probs, self.scale)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.o_proj(out), probs
 
@@ -148,7 +140,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
-        self.kernels = None  # set by Model.use_kernels
+        self.act = activation(config.hidden_act)
+        self.kernels = None  # set by Model.use_kernels (silu only: the native kernel is silu(gate) * up)
 
     def fuse(self) -> None:
         self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
@@ -165,7 +158,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -187,15 +180,20 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, attention: type[Attention] = Attention):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    attention_cls: type[Attention] = Attention
+    mlp_cls: type[nn.Module] = MLP
+
+    def __init__(self, config: ModelConfig, layer: int, spec: AttentionSpec):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = attention(config, layer)
+        self.self_attn = self.attention_cls(config, layer, spec)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = self.mlp_cls(config)
 
-    def forward(self, x, cos, sin, positions, plain, cache, want_probs):
-        a, probs = self.self_attn(self.input_layernorm(x), cos, sin, positions, plain, cache, want_probs)
+    def forward(self, x: torch.Tensor, step: Step, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, probs = self.self_attn(self.input_layernorm(x), step, want_probs)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, probs
@@ -204,30 +202,60 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """HF's `model.` prefix: embeddings, blocks, final norm."""
 
-    def __init__(self, config: ModelConfig, attention: type[Attention] = Attention):
+    def __init__(self, config: ModelConfig, block: type[Block], specs: list[AttentionSpec]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i, attention) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(block(config, i, spec) for i, spec in enumerate(specs))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Model(nn.Module):
-    """The decoder every llama-shaped family runs; a family subclass swaps the attention and says
-    whether matvec.c's fused decode block (which knows llama's block exactly) may run it."""
+class Model(Decoder):
+    """The decoder every llama-shaped family runs; a family subclass swaps the block (or its
+    attention) and says whether matvec.c's fused decode block (which knows llama's block exactly:
+    RMSNorm, rope on whole heads, SiLU gate, one window for every layer) may run it."""
 
-    attention: type[Attention] = Attention
+    block: type[Block] = Block
     native_decode = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Backbone(config, self.attention)
+        self.specs = self.attention_specs(config)
+        self.model = Backbone(config, self.block, self.specs)
         # tied checkpoints have no lm_head tensor: logits reuse the embedding matrix
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        for name, buf in self.rope_buffers(config).items():
+            self.register_buffer(name, buf, persistent=False)
         self._kernels = None
         self._blocks_desc = None  # matvec.c's view of the blocks (pointers into the weights), built on first use
+
+    @classmethod
+    def attention_specs(cls, config: ModelConfig) -> list[AttentionSpec]:
+        """Per layer: its window (Mistral: every layer; none in Llama) and its rope."""
+        return layer_specs(config)
+
+    @classmethod
+    def rope_buffers(cls, config: ModelConfig) -> dict[str, torch.Tensor]:
+        """The rope inverse frequencies each AttentionSpec.rope names, computed (never in checkpoints)."""
+        return {"inv_freq": rope_inv_freq(config)}
+
+    # ------------------------------------------------------------ decoder hooks
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
+    def decode_natively(self, x: torch.Tensor, step: Step) -> torch.Tensor | None:
+        blocks = self._native_blocks()
+        if blocks is None:
+            return None
+        cos, sin = step.rope["inv_freq"]
+        return self._decode_blocks(blocks, x, cos, sin, step.positions, step.cache)
 
     # ------------------------------------------------------------ helpers
 
@@ -250,7 +278,7 @@ class Model(nn.Module):
 
     def _native_blocks(self):
         """Every block described for matvec.c's decode_blocks_f32, or None when some part is not native."""
-        if self._kernels is None or not self.native_decode:
+        if self._kernels is None or not self.native_decode or len(set(self.specs)) != 1 or self.specs[0].rope != "inv_freq":
             return None
         if self._blocks_desc is None:
             from llmcli.core.kernels import BlockDesc
@@ -283,7 +311,7 @@ class Model(nn.Module):
         c = self.config
         status = self._kernels.decode_blocks_f32(
             blocks, L, x.data_ptr(), B, d, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-            c.sliding_window or 0, cos1.data_ptr(), sin1.data_ptr(), pos.data_ptr(), kcs, vcs, sb, sh, ss,
+            self.specs[0].window or 0, cos1.data_ptr(), sin1.data_ptr(), pos.data_ptr(), kcs, vcs, sb, sh, ss,
         )
         if status == -1:  # as torch does when an allocation fails
             raise MemoryError(f"not enough memory for a native decode step of {B} rows")
@@ -298,75 +326,9 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no random init
             self.lm_head.weight = weight
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, T, hd) for absolute positions, looked up in a table grown on demand."""
-        need = int(positions.max()) + 1
-        table = self._rope_table
-        if table is None or table[0].shape[0] < need or table[0].dtype != dtype or table[0].device != positions.device:
-            size = max(need, 256 if table is None else 2 * table[0].shape[0])
-            pos = torch.arange(size, device=positions.device)
-            freqs = pos[:, None].float() * self.inv_freq.float()  # (S, hd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
-            table = self._rope_table = (emb.cos().to(dtype), emb.sin().to(dtype))
-        return table[0][positions], table[1][positions]
 
-    # ------------------------------------------------------------ forward
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        output_hidden: Collection[int] = (),
-        output_attentions: Collection[int] = (),
-        logits_index: torch.Tensor | None = None,
-        compute_logits: bool = True,
-    ) -> ForwardOutput:
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
-        B, T, _ = x.shape
-        L = self.config.num_hidden_layers
-        one_step = T == 1 and cache is not None and not output_hidden and not output_attentions and x.dtype == torch.float32
-        blocks = self._native_blocks() if one_step else None  # a whole decode step in one native call
-        window = self.config.sliding_window
-        if cache is not None:
-            positions = cache.positions(T)  # (B, T)
-            # equal rows need no explicit mask: a fresh prefill is plain causal, a single step sees every key
-            # (and the native step takes the positions themselves)
-            plain = blocks is not None or (not window and (T == 1 or int(cache.lengths[0]) == 0) and bool((cache.lengths == cache.lengths[0]).all()))
-        else:
-            positions = torch.arange(T, device=x.device)[None, :].expand(B, T)
-            plain = not (window and T > window)
-        cos, sin = self.rope(positions, x.dtype)
-        hidden: dict[int, torch.Tensor] = {}
-        attentions: dict[int, torch.Tensor] = {}
-        if 0 in output_hidden:
-            hidden[0] = x
-        if blocks is not None:
-            x = self._decode_blocks(blocks, x, cos, sin, positions, cache)
-        else:
-            for i, block in enumerate(self.model.layers):
-                want = i in output_attentions
-                x, probs = block(x, cos, sin, positions, plain, cache, want)
-                if want:
-                    attentions[i] = probs
-                if i + 1 in output_hidden and i + 1 != L:
-                    hidden[i + 1] = x
-        x = self.model.norm(x)
-        if L in output_hidden:
-            hidden[L] = x
-        if cache is not None:
-            cache.advance(attention_mask.sum(1) if attention_mask is not None else T)
-        logits = None
-        if compute_logits:
-            h = x if logits_index is None else x[torch.arange(B, device=x.device), logits_index]  # (B, T, d) or (B, d)
-            logits = F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
-        return ForwardOutput(last_hidden=x, logits=logits, hidden_states=hidden, attentions=attentions)
-
-
-# llama.cpp tensor names of a block this family adds to weights' shared map (none: the shared map is llama's)
-GGUF_BLOCK_NAMES: dict[str, str] = {}
+# llama.cpp tensor names -> this family's parameter names
+GGUF_NAMES = LLAMA_NAMES
 # GGUF architectures whose Q/K rows convert_hf_to_gguf.py permuted for llama.cpp's NORM rope
 # (adjacent pairs); the others (qwen2) use NEOX rope, HF's halves, and are stored as they are
 GGUF_PERMUTED_QK = ("llama",)
@@ -375,8 +337,31 @@ GGUF_PERMUTED_QK = ("llama",)
 def prepare_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     """config.json fields (HF names) -> those ModelConfig takes, for the llama-shaped families."""
     if data["model_type"] == "qwen2":
-        data["attention_bias"] = True  # Qwen2 always has q/k/v biases; its config does not say so
+        data["attention_bias"] = True  # Qwen2 always has q/k/v biases (and none on o_proj); its config does not say so
+        data["o_proj_bias"] = False
     return uniform_window(known_rope(data, source), source)
+
+
+def gguf_config(data: dict[str, Any], get: MetadataGetter, shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    """GGUF metadata a llama-shaped family reads beyond the shared keys (models/registry.config_from_gguf).
+
+    A Mistral converted as arch llama carries its window in llama.attention.sliding_window.
+    """
+    rope_dimensions(get, data["head_dim"], source, get.arch)
+    window = get("attention.sliding_window")
+    qkv_bias, o_bias = "blk.0.attn_q.bias" in shapes, "blk.0.attn_output.bias" in shapes
+    data.update(
+        intermediate_size=int(get("feed_forward_length", required=True)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=gguf_rope_scaling(get),
+        attention_bias=qkv_bias,
+        o_proj_bias=None if o_bias == qkv_bias else o_bias,
+        mlp_bias="blk.0.ffn_up.bias" in shapes,
+        hidden_act="silu",
+        sliding_window=int(window) if window else None,
+    )
+    return data
 
 
 ROPE_TYPES = ("default", "linear", "llama3")  # the rope_scaling types rope_inv_freq computes
@@ -417,7 +402,9 @@ def uniform_window(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 def build_buffers(config: ModelConfig) -> dict[str, torch.Tensor]:
     """The non-checkpoint buffers, for a model built on the meta device."""
-    return {"inv_freq": rope_inv_freq(config)}
+    from llmcli.core.models.registry import family_of
+
+    return family_of(config.model_type).Model.rope_buffers(config)
 
 
 def sanitize(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -14,17 +14,21 @@ import torch
 
 from llmcli.core.config import ModelConfig
 from llmcli.core.models import llama
-from llmcli.core.models.llama import build_buffers, known_rope, sanitize, uniform_window
+from llmcli.core.models.decoder import AttentionSpec
+from llmcli.core.models.llama import build_buffers, gguf_config, known_rope, sanitize, uniform_window
+from llmcli.core.models.registry import LLAMA_BLOCK_NAMES, LLAMA_GLOBAL_NAMES, GGUFNames
 
-__all__ = ["GGUF_BLOCK_NAMES", "GGUF_PERMUTED_QK", "Model", "build_buffers", "prepare_config", "sanitize"]
+__all__ = ["ARGS", "CAUSAL", "GGUF_NAMES", "GGUF_PERMUTED_QK", "Model", "build_buffers", "gguf_config", "prepare_config", "sanitize"]
 
-GGUF_BLOCK_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+ARGS: dict[str, Any] = {}
+CAUSAL = True
+GGUF_NAMES = GGUFNames(LLAMA_GLOBAL_NAMES, {**LLAMA_BLOCK_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"})
 GGUF_PERMUTED_QK: tuple[str, ...] = ()
 
 
 class Attention(llama.Attention):
-    def __init__(self, config: ModelConfig, layer: int):
-        super().__init__(config, layer)
+    def __init__(self, config: ModelConfig, layer: int, spec: AttentionSpec):
+        super().__init__(config, layer, spec)
         self.q_norm = llama.RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = llama.RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -33,8 +37,12 @@ class Attention(llama.Attention):
         return torch.cat((self.q_norm(qk[:, :, :nq]), self.k_norm(qk[:, :, nq:])), dim=2)  # (B, T, nq + nkv, hd)
 
 
+class Block(llama.Block):
+    attention_cls = Attention
+
+
 class Model(llama.Model):
-    attention = Attention
+    block = Block
     native_decode = False
 
 
