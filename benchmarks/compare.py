@@ -59,7 +59,7 @@ FILES = {
     "smollm2-q8_0": "SmolLM2 requantized to Q8_0 by llama.cpp",
     "smollm2-q4_k_m": "SmolLM2 requantized to Q4_K_M by llama.cpp",
     "random-1b-q4_k_m": "benchmarks/make_random_gguf.py --shape 1b (Llama-3.2-1B shape, random weights)",
-}
+}  # and random-<shape>-<type> for any other file make_random_gguf.py writes
 LABELS = {"llmcli": "llmcli (float32)", "llmcli-int8": "llmcli int8 (Q8_0-style)", "transformers": "transformers (float32)", "llamacpp-q4_1": "llama.cpp Q4_1", "llamacpp-q8_0": "llama.cpp Q8_0", "llmcli-file": "llmcli", "llamacpp-file": "llama.cpp"}
 BATCHED = {"llmcli", "llmcli-int8", "transformers", "llmcli-file"}
 OURS = ("llmcli", "llmcli-int8")
@@ -104,10 +104,11 @@ def resolve_file(key: str, threads: int) -> Path:
         return smollm2_gguf()
     if key in ("smollm2-q8_0", "smollm2-q4_k_m"):
         return requantized(smollm2_gguf(), key.split("-", 1)[1].upper(), threads)
-    if key == "random-1b-q4_k_m":
-        path = OUT / "random-1b-Q4_K_M.gguf"
+    if key.startswith("random-") and key.count("-") == 2:
+        _, shape, preset = key.split("-")
+        path = OUT / f"random-{shape}-{preset.upper()}.gguf"
         if not path.is_file():
-            raise SystemExit(f"{path} is missing: run `python benchmarks/make_random_gguf.py --shape 1b` first (about 0.8 GB, a few minutes)")
+            raise SystemExit(f"{path} is missing: run `python benchmarks/make_random_gguf.py --shape {shape} --type {preset.upper()}` first")
         return path
     if key.endswith(".gguf") and Path(key).is_file():
         return Path(key)
