@@ -68,13 +68,18 @@ OURS = ("llmcli", "llmcli-int8")
 # ---------------------------------------------------------------- helpers shared by parent and workers
 
 
-def peak_rss() -> int:
-    """This process's peak RSS: VmHWM, since ru_maxrss keeps the parent's peak across exec (Linux only)."""
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM, ...) in bytes (Linux only)."""
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise SystemExit("no VmHWM in /proc/self/status: these benchmarks measure memory on Linux only")
+    raise SystemExit(f"no {field} in /proc/self/status: these benchmarks measure memory on Linux only")
+
+
+def peak_rss() -> int:
+    """This process's peak RSS: VmHWM, since ru_maxrss keeps the parent's peak across exec."""
+    return status_bytes("VmHWM")
 
 
 def random_ids(seed: int, vocab: int, shape: tuple[int, ...]) -> list:

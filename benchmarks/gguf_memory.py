@@ -25,17 +25,9 @@ import subprocess
 import sys
 import time
 
-from compare import OUT, kv_bytes_per_token, peak_rss, random_ids, resolve_file, warm_page_cache
+from compare import OUT, kv_bytes_per_token, peak_rss, random_ids, resolve_file, status_bytes, warm_page_cache
 
 LOADERS = ("llmcli", "llamacpp")
-
-
-def vm_rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise SystemExit("no VmRSS in /proc/self/status: this benchmark runs on Linux only")
 
 
 def worker(loader: str, path: str, prompt: int, gen: int, threads: int) -> dict:
@@ -47,7 +39,7 @@ def worker(loader: str, path: str, prompt: int, gen: int, threads: int) -> dict:
         from llmcli.engine import Engine
 
         torch.set_num_threads(threads)
-        baseline = vm_rss()
+        baseline = status_bytes("VmRSS")
         start = time.perf_counter()
         engine = Engine(path, dtype="float32", batch_size=1, max_context=prompt + gen + 8)
         seconds = time.perf_counter() - start
@@ -59,7 +51,7 @@ def worker(loader: str, path: str, prompt: int, gen: int, threads: int) -> dict:
         import llama_cpp
         import numpy as np
 
-        baseline = vm_rss()
+        baseline = status_bytes("VmRSS")
         start = time.perf_counter()
         llm = llama_cpp.Llama(model_path=path, n_ctx=prompt + gen + 8, n_batch=prompt, n_threads=threads, n_threads_batch=threads, verbose=False)
         seconds = time.perf_counter() - start
@@ -68,7 +60,7 @@ def worker(loader: str, path: str, prompt: int, gen: int, threads: int) -> dict:
         for _ in range(gen):
             token = int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).argmax())
             llm.eval([token])
-    return {"loader": loader, "baseline": baseline, "load_seconds": seconds, "peak": peak_rss(), "after": vm_rss()}
+    return {"loader": loader, "baseline": baseline, "load_seconds": seconds, "peak": peak_rss(), "after": status_bytes("VmRSS")}
 
 
 def main() -> None:
