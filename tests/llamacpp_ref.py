@@ -26,11 +26,12 @@ def _file_key(path: Path) -> tuple:
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def llamacpp_logits(path: Path | str, ids: list[int], threads: int | None = None) -> np.ndarray:
+def llamacpp_logits(path: Path | str, ids: list[int], threads: int | None = None, f32_kv: bool = False) -> np.ndarray:
     """(len(ids), vocab) float32 logits of llama.cpp on the file, one forward of the whole sequence.
 
     threads: llama.cpp's n_threads (default: torch's thread count, the one llmcli runs with).
-    The context is the sequence's length (rounded up to 256), K/V in llama.cpp's default F16.
+    The context is the sequence's length (rounded up to 256), K/V in llama.cpp's default F16, or
+    with f32_kv in float32 with flash attention off (llmcli's own attention arithmetic).
     """
     import llama_cpp
 
@@ -39,12 +40,13 @@ def llamacpp_logits(path: Path | str, ids: list[int], threads: int | None = None
 
         threads = torch.get_num_threads()
     path = Path(path)
-    key = (*_file_key(path), tuple(ids), threads)
+    key = (*_file_key(path), tuple(ids), threads, f32_kv)
     if key not in _LOGITS:
         n_ctx = max(256, -(-len(ids) // 256) * 256)
         llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
             n_threads=threads, n_threads_batch=threads, verbose=False,
+            **({"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32, "flash_attn": False} if f32_kv else {}),
         )  # fmt: skip
         try:
             llm.eval(list(ids))
