@@ -33,7 +33,9 @@ _threads = 0  # set_threads: 0 = OpenMP's own count for the calling thread
 
 
 class LinearDesc(ctypes.Structure):
-    """matvec.c's `Linear`: one projection's weights, float32 or Q8_0."""
+    """matvec.c's `Linear`: one projection's weights: float32 panels (kind 0), GGML blocks (kind 2:
+    `type` is the ggml type, `weight` the first block) or parts side by side (kind 3: `parts`,
+    `nparts`), built by llmcli.core.formats.describe."""
 
     _fields_ = [
         ("kind", ctypes.c_int),
@@ -42,6 +44,9 @@ class LinearDesc(ctypes.Structure):
         ("bias", ctypes.c_void_p),
         ("n", ctypes.c_int),
         ("k", ctypes.c_int),
+        ("type", ctypes.c_int),
+        ("parts", ctypes.c_void_p),
+        ("nparts", ctypes.c_int),
     ]
 
 
@@ -93,6 +98,39 @@ class Kernels:
         self.threads.argtypes = []
         self.threads.restype = i
         self.set_threads(_threads)
+        self._bind_blocks(lib)
+
+    def _bind_blocks(self, lib: ctypes.CDLL) -> None:
+        """blocks.c's API (GGML block formats), when this build has it."""
+        vp, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        self.has_blocks = hasattr(lib, "block_matmul")
+        self.block_decode = False  # decode_blocks_f32 runs LinearDesc kinds 2 and 3
+        self._supported: dict[int, bool] = {}
+        if not self.has_blocks:
+            return
+        self._block_type_supported = lib.block_type_supported
+        self._block_type_supported.argtypes = [i]
+        self._block_type_supported.restype = i
+        self.block_matmul = lib.block_matmul
+        self.block_matmul.argtypes = [i, vp, vp, vp, vp, i, i, i]
+        self.block_matmul.restype = i  # 0, -1 (no memory), -2 (type unsupported)
+        self.block_dequantize_rows = lib.block_dequantize_rows
+        self.block_dequantize_rows.argtypes = [i, vp, vp, i, i, vp]
+        self.block_dequantize_rows.restype = i
+        self.block_quantize_rows = lib.block_quantize_rows
+        self.block_quantize_rows.argtypes = [i, vp, vp, i64, i]
+        self.block_quantize_rows.restype = i
+        self.block_isa = lib.block_isa
+        self.block_isa.argtypes = []
+        self.block_isa.restype = ctypes.c_char_p
+
+    def supports_block(self, type_id: int) -> bool:
+        """Whether block_matmul and friends run this ggml type in this build."""
+        if not self.has_blocks:
+            return False
+        if type_id not in self._supported:
+            self._supported[type_id] = bool(self._block_type_supported(type_id))
+        return self._supported[type_id]
 
 
 def set_threads(n: int) -> None:
