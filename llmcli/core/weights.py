@@ -417,7 +417,7 @@ def map_gguf(path: Path | str) -> GGUFBlocks:
     (llama.cpp's gguf.c rule: tensors lie one after the other, each at the previous one's end
     rounded up to the alignment, so a type that misdeclares its size shows as a wrong offset).
     """
-    from llmcli.core.formats import ggml_type
+    from llmcli.core.formats import BY_ID, ggml_type
 
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
@@ -434,6 +434,7 @@ def map_gguf(path: Path | str) -> GGUFBlocks:
 
     spans: list[tuple[GGUFTensorInfo, Any, int, int]] = []
     expected = header.data_offset
+    previous = None
     for info in header.tensors:
         gtype = ggml_type(info.type_id, info.name, source)
         if any(d < 0 or d >= 2**40 for d in info.shape):
@@ -446,9 +447,11 @@ def map_gguf(path: Path | str) -> GGUFBlocks:
             n_rows *= d
         nbytes = n_rows * gtype.row_bytes(row_len)  # Python integers: no overflow
         if info.offset != expected:
+            after = "" if previous is None else f"{previous.name} ({BY_ID[previous.type_id].name}, shape {previous.shape}) before it ends at byte {expected}"
             raise ModelError(
                 f"{source} is corrupt: tensor {info.name} ({gtype.name}, shape {info.shape}) starts at byte {info.offset}, "
-                f"but the tensors before it end at byte {expected} (a misdeclared type or shape, or a damaged offset)",
+                + (f"but the data starts at byte {expected}" if previous is None else f"but tensor {after}")
+                + " (a type or shape that misdeclares a tensor's size, or a damaged offset)",
                 redownload,
             )
         end = info.offset + nbytes
@@ -459,6 +462,7 @@ def map_gguf(path: Path | str) -> GGUFBlocks:
             )
         spans.append((info, gtype, n_rows, nbytes))
         expected = -(-end // alignment) * alignment
+        previous = info
 
     mm = np.memmap(path, dtype=np.uint8, mode="c") if header.file_size > header.data_offset else np.zeros(0, np.uint8)
     tensors: dict[str, MappedTensor] = {}

@@ -44,9 +44,7 @@ class LinearDesc(ctypes.Structure):
         ("bias", ctypes.c_void_p),
         ("n", ctypes.c_int),
         ("k", ctypes.c_int),
-        ("type", ctypes.c_int),
-        ("parts", ctypes.c_void_p),
-        ("nparts", ctypes.c_int),
+        # kinds 2 and 3 (type, parts, nparts) arrive with blocks.c's decode (branch q-legacy)
     ]
 
 
