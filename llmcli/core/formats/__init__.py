@@ -53,9 +53,20 @@ class ConcatLinear(nn.Module):
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
         self.bias = None  # each part carries its own
+        self._desc = None  # the native description (kind 3), built on first use; False when some part is not native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
+        if self._desc is None:
+            self._desc = describe(self) or False
+        if not self._desc or not (x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad):
+            return torch.cat([p(x) for p in self.parts], dim=-1)
+        kernels = next(p.kernels for p in self.parts if getattr(p, "kernels", None) is not None)
+        flat = x.reshape(-1, self.in_features).contiguous()  # (M, in)
+        y = torch.empty((flat.shape[0], self.out_features), dtype=torch.float32)
+        status = kernels.linear_forward(ctypes.byref(self._desc), flat.data_ptr(), y.data_ptr(), flat.shape[0])
+        if status != 0:
+            raise MemoryError(f"the native product of {len(self.parts)} fused parts failed with status {status} for {flat.shape[0]} rows")
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def fuse_linears(parts: list[nn.Module]) -> nn.Module:
@@ -89,16 +100,16 @@ def describe(linear: nn.Module):
     if isinstance(linear, KernelLinear):
         return LinearDesc(kind=0, weight=linear.weight_panels.data_ptr(), bias=bias, n=linear.out_features, k=linear.in_features)
     kernels = getattr(linear, "kernels", None)
-    if isinstance(linear, BlockLinear) and kernels is not None and kernels.block_decode and kernels.supports_block(linear.gtype.id):
+    if isinstance(linear, BlockLinear) and kernels is not None and kernels.supports_block(linear.gtype.id):
         return LinearDesc(kind=2, weight=linear.blocks.data_ptr(), bias=bias, n=linear.out_features, k=linear.in_features, type=linear.gtype.id)
     if isinstance(linear, ConcatLinear):
         parts = [describe(p) for p in linear.parts]
         first = next((p for p in linear.parts if getattr(p, "kernels", None) is not None), None)
-        if first is None or any(p is None for p in parts) or not first.kernels.block_decode:
+        if first is None or any(p is None for p in parts):
             return None
         array = (LinearDesc * len(parts))(*parts)
         desc = LinearDesc(kind=3, n=linear.out_features, k=linear.in_features, nparts=len(parts))
-        desc.parts = ctypes.cast(array, ctypes.c_void_p)
+        desc.parts = ctypes.cast(array, ctypes.POINTER(LinearDesc))
         linear.described_parts = array  # the C array lives as long as the module, not the (copied) description
         return desc
     return None

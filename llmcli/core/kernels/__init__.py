@@ -3,9 +3,15 @@
 Why native code: decoding one token per sequence is bound by reading the weights, and torch's
 sgemm for one or a few rows reaches well under half of the memory bandwidth on the CPUs we
 measured (benchmarks/README.md). `matvec.c` streams each weight once for all rows of the batch,
-and its float32 product on panel-packed weights also runs ahead of sgemm for prompts. It is compiled with `cc -O3 -march=native -fopenmp` into the llmcli cache the first time
-(about a second), keyed by the source, the compiler and the CPU, and loaded with ctypes: no
-build step at install time and no torch headers. Without a compiler, or with LLMCLI_KERNELS=0,
+and its float32 product on panel-packed weights also runs ahead of sgemm for prompts. `blocks.c`
+(and `kquants.c`) compute products on GGML's block formats as the GGUF file stores them.
+
+The library is compiled on first use (a few seconds) into one shared object, keyed by the sources,
+the compiler, the CPU, the ISA level and the flags, and loaded with ctypes: no build step at
+install time and no torch headers. matvec.c gets `-O3 -march=native`; the block sources get the
+flags of one ISA level, "avx512", "avx2", "neon" or "portable" (no SIMD intrinsics), and
+`-ffp-contract=off`, so that every level gives the same bits (blocks.h). The level is the best one
+/proc/cpuinfo shows, or the one LLMCLI_ISA names. Without a compiler, or with LLMCLI_KERNELS=0,
 everything still runs, on torch's own matmuls.
 """
 
@@ -23,9 +29,22 @@ from pathlib import Path
 
 import torch  # noqa: F401 - loaded first: the kernels then share torch's OpenMP runtime and thread pool
 
+from llmcli.errors import UsageError
 from llmcli.tempfiles import owned_tmp
 
-SOURCE = Path(__file__).with_name("matvec.c")
+HERE = Path(__file__).parent
+SOURCE = HERE / "matvec.c"
+BLOCK_SOURCES = ("blocks.c", "kquants.c")  # the block kernels; kquants.c when present
+HEADERS = ("blocks.h",)
+
+# the compiler flags of each ISA level for the block sources (x86-64 levels build on the baseline)
+ISA_FLAGS = {
+    "avx512": ("-march=x86-64", "-mtune=native", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"),
+    "avx2": ("-march=x86-64", "-mtune=native", "-mavx2", "-mfma", "-mf16c"),
+    "neon": ("-march=native",),
+    "portable": ("-DLLMCLI_PORTABLE",),
+}
+_X86_PORTABLE = ("-march=x86-64", "-mtune=native")
 
 _lock = threading.Lock()
 _loaded: dict[str, "Kernels | None"] = {}
@@ -33,19 +52,26 @@ _threads = 0  # set_threads: 0 = OpenMP's own count for the calling thread
 
 
 class LinearDesc(ctypes.Structure):
-    """matvec.c's `Linear`: one projection's weights: float32 panels (kind 0), GGML blocks (kind 2:
-    `type` is the ggml type, `weight` the first block) or parts side by side (kind 3: `parts`,
-    `nparts`), built by llmcli.core.formats.describe."""
+    """matvec.c's `Linear`: one projection's weights.
 
-    _fields_ = [
-        ("kind", ctypes.c_int),
-        ("weight", ctypes.c_void_p),
-        ("scales", ctypes.c_void_p),
-        ("bias", ctypes.c_void_p),
-        ("n", ctypes.c_int),
-        ("k", ctypes.c_int),
-        # kinds 2 and 3 (type, parts, nparts) arrive with blocks.c's decode (branch q-legacy)
-    ]
+    kind 0: float32 panels (`weight`); 1: Q8_0 panels (`weight`, `scales`); 2: GGML blocks (`type`
+    = the ggml type id, `weight` = the first block of row 0, rows as the GGUF file stores them);
+    3: a concatenation (`parts` = a LinearDesc array of `nparts`, outputs side by side, `n` = the
+    sum of theirs, each part with its own bias). `n` outputs, `k` inputs.
+    """
+
+
+LinearDesc._fields_ = [
+    ("kind", ctypes.c_int),
+    ("weight", ctypes.c_void_p),
+    ("scales", ctypes.c_void_p),
+    ("bias", ctypes.c_void_p),
+    ("n", ctypes.c_int),
+    ("k", ctypes.c_int),
+    ("type", ctypes.c_int),
+    ("parts", ctypes.POINTER(LinearDesc)),
+    ("nparts", ctypes.c_int),
+]
 
 
 class BlockDesc(ctypes.Structure):
@@ -82,12 +108,30 @@ class Kernels:
         i64 = ctypes.c_int64
         self.attn_decode_f32 = lib.attn_decode_f32
         self.attn_decode_f32.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, vp]
-        self.attn_decode_f32.restype = None
         self.decode_blocks_f32 = lib.decode_blocks_f32
         self.decode_blocks_f32.argtypes = [
             ctypes.POINTER(BlockDesc), i, vp, i, i, ctypes.c_float, i, i, i, i, vp, vp, vp, vp, vp, i64, i64, i64
         ]
-        self.decode_blocks_f32.restype = None
+        self.decode_blocks_f32.restype = i  # 0, -1 no memory, -2 a kind or type this build lacks, -3 K not whole blocks
+        self.attn_decode_f32.restype = i  # 0, or -1: no memory for a thread's scratch
+        self.linear_forward = lib.linear_forward
+        self.linear_forward.argtypes = [ctypes.POINTER(LinearDesc), vp, vp, i]
+        self.linear_forward.restype = i
+        # the block kernels (blocks.c): statuses 0, -1 no memory, -2 type unsupported, -3 K not a whole number of blocks
+        self.block_type_supported = lib.block_type_supported
+        self.block_type_supported.argtypes = [i]
+        self.block_type_supported.restype = i
+        self.block_matmul = lib.block_matmul
+        self.block_matmul.argtypes = [i, vp, vp, vp, vp, i, i, i]
+        self.block_matmul.restype = i
+        self.block_dequantize_rows = lib.block_dequantize_rows
+        self.block_dequantize_rows.argtypes = [i, vp, vp, i, i, vp]
+        self.block_dequantize_rows.restype = i
+        self.block_quantize_rows = lib.block_quantize_rows
+        self.block_quantize_rows.argtypes = [i, vp, vp, i64, i]
+        self.block_quantize_rows.restype = i
+        lib.block_isa.restype = ctypes.c_char_p
+        self.isa = lib.block_isa().decode()
         self.simd_width = int(lib.matvec_simd_width())
         self.set_threads = lib.matvec_set_threads
         self.set_threads.argtypes = [i]
@@ -96,38 +140,12 @@ class Kernels:
         self.threads.argtypes = []
         self.threads.restype = i
         self.set_threads(_threads)
-        self._bind_blocks(lib)
-
-    def _bind_blocks(self, lib: ctypes.CDLL) -> None:
-        """blocks.c's API (GGML block formats), when this build has it."""
-        vp, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        self.has_blocks = hasattr(lib, "block_matmul")
-        self.block_decode = False  # decode_blocks_f32 runs LinearDesc kinds 2 and 3
         self._supported: dict[int, bool] = {}
-        if not self.has_blocks:
-            return
-        self._block_type_supported = lib.block_type_supported
-        self._block_type_supported.argtypes = [i]
-        self._block_type_supported.restype = i
-        self.block_matmul = lib.block_matmul
-        self.block_matmul.argtypes = [i, vp, vp, vp, vp, i, i, i]
-        self.block_matmul.restype = i  # 0, -1 (no memory), -2 (type unsupported)
-        self.block_dequantize_rows = lib.block_dequantize_rows
-        self.block_dequantize_rows.argtypes = [i, vp, vp, i, i, vp]
-        self.block_dequantize_rows.restype = i
-        self.block_quantize_rows = lib.block_quantize_rows
-        self.block_quantize_rows.argtypes = [i, vp, vp, i64, i]
-        self.block_quantize_rows.restype = i
-        self.block_isa = lib.block_isa
-        self.block_isa.argtypes = []
-        self.block_isa.restype = ctypes.c_char_p
 
     def supports_block(self, type_id: int) -> bool:
-        """Whether block_matmul and friends run this ggml type in this build."""
-        if not self.has_blocks:
-            return False
+        """Whether block_matmul and friends (and LinearDesc kind 2) run this ggml type in this build."""
         if type_id not in self._supported:
-            self._supported[type_id] = bool(self._block_type_supported(type_id))
+            self._supported[type_id] = bool(self.block_type_supported(type_id))
         return self._supported[type_id]
 
 
@@ -145,22 +163,60 @@ def enabled() -> bool:
     return os.environ.get("LLMCLI_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def load_kernels(build_dir: Path | str | None = None, extra_flags: tuple[str, ...] = ()) -> Kernels | None:
+def load_kernels(build_dir: Path | str | None = None, extra_flags: tuple[str, ...] = (), isa: str | None = None) -> Kernels | None:
     """The kernels, compiled into build_dir (default: a folder in the temp dir) if not there yet.
 
-    None when disabled (LLMCLI_KERNELS=0), off Linux, or when no C compiler can build them:
-    callers fall back to torch. extra_flags go to the compiler (tests build the portable paths
-    with -mno-avx512f). Safe to call from several processes at once (the
-    library is written under a temporary name and renamed into place).
+    isa: the block kernels' level ("avx512", "avx2", "neon", "portable"); default LLMCLI_ISA, else
+    the best this CPU has. A level the CPU lacks is a UsageError. None when disabled
+    (LLMCLI_KERNELS=0), off Linux, or when no C compiler can build them: callers fall back to torch.
+    extra_flags go to the compiler for every source (tests build matvec.c's portable paths with
+    -mno-avx512f). Safe to call from several processes at once (the library is written under a
+    temporary name and renamed into place).
     """
     if not enabled():
         return None
+    level = select_isa(isa)
     folder = Path(build_dir) if build_dir is not None else Path(tempfile.gettempdir()) / f"llmcli-kernels-{os.getuid()}"
-    key = str(folder.resolve()) + " ".join(extra_flags)
+    key = f"{folder.resolve()} {level} " + " ".join(extra_flags)
     with _lock:
         if key not in _loaded:
-            _loaded[key] = _build_and_load(folder, extra_flags)
+            _loaded[key] = _build_and_load(folder, extra_flags, level)
         return _loaded[key]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        line = ""
+    return set(line.partition(":")[2].split())
+
+
+def available_isas() -> list[str]:
+    """The ISA levels this CPU runs, best first; "portable" always."""
+    flags, machine = _cpu_flags(), platform.machine().lower()
+    levels = []
+    if machine in ("x86_64", "amd64"):
+        if {"avx2", "fma", "f16c"} <= flags:
+            if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+                levels.append("avx512")
+            levels.append("avx2")
+    elif machine in ("aarch64", "arm64"):
+        levels.append("neon")  # Advanced SIMD is part of every AArch64 CPU
+    return levels + ["portable"]
+
+
+def select_isa(isa: str | None = None) -> str:
+    """The block kernels' ISA level: `isa`, else LLMCLI_ISA, else the best one available."""
+    wanted = (isa or os.environ.get("LLMCLI_ISA", "")).strip().lower()
+    levels = available_isas()
+    if not wanted:
+        return levels[0]
+    if wanted not in levels:
+        known = "an ISA level llmcli knows" if wanted not in ISA_FLAGS else "available on this CPU"
+        raise UsageError(f"LLMCLI_ISA={wanted} is not {known}", f"unset LLMCLI_ISA or set it to one of: {', '.join(levels)}")
+    return wanted
 
 
 def _compiler() -> str | None:
@@ -172,15 +228,26 @@ def _compiler() -> str | None:
 
 def _cpu_signature() -> str:
     """What -march=native depends on: a library built for one CPU may not run on another."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
+    return platform.machine() + " ".join(sorted(_cpu_flags()))
 
 
-def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = ()) -> Kernels | None:
+def _sources() -> list[Path]:
+    return [SOURCE] + [HERE / name for name in BLOCK_SOURCES if (HERE / name).is_file()]
+
+
+def _compile_commands(cc: str, level: str, extra_flags: tuple[str, ...], objdir: Path) -> list[list[str]]:
+    """One command per source: matvec.c for this machine, the block sources for `level`, without contraction."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    matvec_flags = ["-O3", "-march=native"] + (["-mno-avx512f"] if x86 and level != "avx512" else [])
+    block_flags = ["-O3", *(_X86_PORTABLE if x86 and level == "portable" else ()), *ISA_FLAGS[level], "-ffp-contract=off"]
+    cmds = []
+    for src in _sources():
+        flags = matvec_flags if src == SOURCE else block_flags
+        cmds.append([cc, *flags, *extra_flags, "-fopenmp", "-fPIC", "-c", str(src), "-o", str(objdir / (src.stem + ".o"))])
+    return cmds
+
+
+def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = (), level: str = "portable") -> Kernels | None:
     cc = _compiler()
     if cc is None or platform.system() != "Linux":
         return None
@@ -190,15 +257,21 @@ def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = ()) -> Kernels 
         stamp = os.stat(compiler)
     except OSError:
         return None
-    identity = f"{compiler} {stamp.st_size} {stamp.st_mtime_ns} {_cpu_signature()} {' '.join(extra_flags)}"
-    digest = hashlib.sha256(SOURCE.read_bytes() + identity.encode()).hexdigest()[:20]
+    identity = f"{compiler} {stamp.st_size} {stamp.st_mtime_ns} {_cpu_signature()} {level} {' '.join(extra_flags)}"
+    code = b"".join(path.name.encode() + path.read_bytes() for path in [*_sources(), *(HERE / h for h in HEADERS)])
+    digest = hashlib.sha256(code + identity.encode()).hexdigest()[:20]
     target = folder / f"matvec-{digest}.so"
     if not target.is_file():
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp = owned_tmp(target)  # a build killed half-way is removed by the next load (llmcli.tempfiles)
-            cmd = [cc, "-O3", "-march=native", *extra_flags, "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".objs-") as objdir:
+                cmds = _compile_commands(cc, level, extra_flags, Path(objdir))
+                jobs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for cmd in cmds]  # in parallel
+                if any(job.wait(timeout=180) != 0 for job in jobs):
+                    return None
+                objs = [cmd[-1] for cmd in cmds]
+                done = subprocess.run([cc, "-shared", "-fopenmp", *objs, "-o", str(tmp), "-lm"], capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 tmp.unlink(missing_ok=True)
                 return None

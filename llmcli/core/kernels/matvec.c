@@ -348,9 +348,10 @@ static void rope_head(const float *x, const float *cos, const float *sin, int D,
  *   window: sliding window (keys pos - window + 1 .. pos), 0 for none
  *   out (B, nq * D)
  * Writes the new key (roped) and value into the cache at pos, then attends over keys lo..pos.
+ * Returns 0, or -1 when a thread's scratch could not be allocated (some rows of out are then unset).
  */
-void attn_decode_f32(const float *qkv, const float *cos, const float *sin, const int64_t *pos, float *kc, float *vc,
-                     int64_t sb, int64_t sh, int64_t ss, int B, int nq, int nk, int D, int window, float *out) {
+int attn_decode_f32(const float *qkv, const float *cos, const float *sin, const int64_t *pos, float *kc, float *vc,
+                    int64_t sb, int64_t sh, int64_t ss, int B, int nq, int nk, int D, int window, float *out) {
     int heads = nq + 2 * nk;
     for (int b = 0; b < B; b++) {
         const float *row = qkv + (size_t)b * heads * D;
@@ -364,14 +365,17 @@ void attn_decode_f32(const float *qkv, const float *cos, const float *sin, const
     int64_t longest = 0;
     for (int b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     float scale = 1.0f / sqrtf((float)D);
-    int group = nq / nk;
-#pragma omp parallel num_threads(THREADS)
+    int group = nq / nk, failed = 0;
+#pragma omp parallel num_threads(THREADS) reduction(| : failed)
     {
         float *scores = (float *)malloc(sizeof(float) * (size_t)longest);
         float *q = (float *)malloc(sizeof(float) * (size_t)D);
         float *acc = (float *)malloc(sizeof(float) * (size_t)D);
+        const int mine = !(scores && q && acc); /* every thread runs the loop below: no thread may skip the worksharing */
+        failed |= mine;
 #pragma omp for schedule(static)
         for (int bh = 0; bh < B * nq; bh++) {
+            if (mine) continue;
             int b = bh / nq, h = bh % nq, g = h / group;
             int64_t hi = pos[b] + 1, lo = (window > 0 && hi > window) ? hi - window : 0;
             rope_head(qkv + ((size_t)b * heads + h) * D, cos + (size_t)b * D, sin + (size_t)b * D, D, q);
@@ -388,6 +392,7 @@ void attn_decode_f32(const float *qkv, const float *cos, const float *sin, const
         }
         free(scores); free(q); free(acc);
     }
+    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------ a whole decode step
@@ -396,12 +401,18 @@ void attn_decode_f32(const float *qkv, const float *cos, const float *sin, const
  * (SmolLM2 in 8 bits reads its weights in about 5 ms per token).
  */
 
-typedef struct {
-    int kind;             /* 0: float32 weight in panels; 1: Q8_0 int8 values and scales in panels (see above) */
+/* One projection's weights. Field order is the ABI shared with kernels.LinearDesc. */
+typedef struct Linear {
+    int kind;             /* 0: float32 weight in panels; 1: Q8_0 int8 values and scales in panels (see above);
+                           * 2: GGML blocks (`type`, rows from `weight`, as the GGUF file stores them, blocks.c);
+                           * 3: a concatenation: `nparts` Linears whose outputs lie side by side (n = the sum of theirs) */
     const void *weight;
     const float *scales;
-    const float *bias;    /* NULL for none */
+    const float *bias;    /* NULL for none (kind 3: each part has its own) */
     int n, k;
+    int type;             /* kind 2: GGML_TYPE_* */
+    const struct Linear *parts; /* kind 3 */
+    int nparts;
 } Linear;
 
 typedef struct {
@@ -409,18 +420,70 @@ typedef struct {
     Linear qkv, o, gate_up, down;
 } Block;
 
-static void linear_apply(const Linear *lin, const float *x, float *y, int M) {
-    if (lin->kind == 1)
-        matmul_panels_q8(x, (const int8_t *)lin->weight, lin->scales, lin->bias, y, M, lin->n, lin->k);
-    else
-        matmul_panels_f32(x, (const float *)lin->weight, lin->bias, y, M, lin->n, lin->k);
+/* blocks.c */
+typedef struct {
+    int type;
+    const void *w;
+    const float *bias;
+    int n;
+    int col;
+} BlockPart;
+int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K);
+
+#define MAX_PARTS 16
+
+/* y (M, lin->n) = x (M, lin->k) W^T + bias. Returns 0, -1 (no memory), -2 (a type or kind this build
+ * cannot run), -3 (K not a whole number of blocks). */
+static int linear_apply(const Linear *lin, const float *x, float *y, int M) {
+    switch (lin->kind) {
+    case 0: return matmul_panels_f32(x, (const float *)lin->weight, lin->bias, y, M, lin->n, lin->k);
+    case 1: return matmul_panels_q8(x, (const int8_t *)lin->weight, lin->scales, lin->bias, y, M, lin->n, lin->k);
+    case 2: {
+        const BlockPart part = {lin->type, lin->weight, lin->bias, lin->n, 0};
+        return block_matmul_parts(&part, 1, x, y, M, lin->n, lin->k);
+    }
+    case 3: {
+        /* block parts run together (one quantized activation, one parallel region); panel parts,
+         * which write whole rows, go through a buffer */
+        BlockPart bp[MAX_PARTS];
+        int nb = 0, col = 0, status = 0;
+        if (lin->nparts > MAX_PARTS) return -2;
+        for (int i = 0; i < lin->nparts; i++) {
+            const Linear *p = &lin->parts[i];
+            if (p->k != lin->k || p->kind == 3) return -2;
+            if (p->kind == 2) bp[nb++] = (BlockPart){p->type, p->weight, p->bias, p->n, col};
+            col += p->n;
+        }
+        if (col != lin->n) return -2;
+        status = block_matmul_parts(bp, nb, x, y, M, lin->n, lin->k);
+        col = 0;
+        for (int i = 0; i < lin->nparts && status == 0; i++) {
+            const Linear *p = &lin->parts[i];
+            if (p->kind != 2) {
+                float *tmp = (float *)malloc(sizeof(float) * (size_t)M * p->n);
+                if (tmp == NULL) return -1;
+                status = linear_apply(p, x, tmp, M);
+                for (int m = 0; m < M && status == 0; m++)
+                    for (int j = 0; j < p->n; j++) y[(size_t)m * lin->n + col + j] = tmp[(size_t)m * p->n + j];
+                free(tmp);
+            }
+            col += p->n;
+        }
+        return status;
+    }
+    default: return -2;
+    }
 }
 
+/* the Linear API for Python (kernels.LinearDesc): tests and one-off projections */
+int linear_forward(const Linear *lin, const float *x, float *y, int M) { return linear_apply(lin, x, y, M); }
+
 /* x (B, d): the residual stream, updated in place through every block.
- * kcs[l], vcs[l]: layer l's cache rows (B, nk, cap, D) with strides sb, sh, ss. */
-void decode_blocks_f32(const Block *blocks, int L, float *x, int B, int d, float eps, int nq, int nk, int D, int window,
-                       const float *cos, const float *sin, const int64_t *pos, float *const *kcs, float *const *vcs,
-                       int64_t sb, int64_t sh, int64_t ss) {
+ * kcs[l], vcs[l]: layer l's cache rows (B, nk, cap, D) with strides sb, sh, ss.
+ * Returns 0, or linear_apply's / attn_decode_f32's error (x is then partly updated: discard it). */
+int decode_blocks_f32(const Block *blocks, int L, float *x, int B, int d, float eps, int nq, int nk, int D, int window,
+                      const float *cos, const float *sin, const int64_t *pos, float *const *kcs, float *const *vcs,
+                      int64_t sb, int64_t sh, int64_t ss) {
     int inter = blocks[0].gate_up.n / 2;
     int qkv_n = (nq + 2 * nk) * D;
     float *normed = (float *)malloc(sizeof(float) * (size_t)B * d);
@@ -429,18 +492,20 @@ void decode_blocks_f32(const Block *blocks, int L, float *x, int B, int d, float
     float *gate_up = (float *)malloc(sizeof(float) * (size_t)B * 2 * inter);
     float *h = (float *)malloc(sizeof(float) * (size_t)B * inter);
     float *delta = (float *)malloc(sizeof(float) * (size_t)B * d);
-    for (int l = 0; l < L; l++) {
+    int status = normed && qkv && att && gate_up && h && delta ? 0 : -1;
+    for (int l = 0; l < L && status == 0; l++) {
         const Block *blk = &blocks[l];
         rms_norm_f32(x, blk->input_norm, normed, B, d, eps);
-        linear_apply(&blk->qkv, normed, qkv, B);
-        attn_decode_f32(qkv, cos, sin, pos, kcs[l], vcs[l], sb, sh, ss, B, nq, nk, D, window, att);
-        linear_apply(&blk->o, att, delta, B);
+        if ((status = linear_apply(&blk->qkv, normed, qkv, B)) != 0) break;
+        if ((status = attn_decode_f32(qkv, cos, sin, pos, kcs[l], vcs[l], sb, sh, ss, B, nq, nk, D, window, att)) != 0) break;
+        if ((status = linear_apply(&blk->o, att, delta, B)) != 0) break;
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += delta[i];
         rms_norm_f32(x, blk->post_norm, normed, B, d, eps);
-        linear_apply(&blk->gate_up, normed, gate_up, B);
+        if ((status = linear_apply(&blk->gate_up, normed, gate_up, B)) != 0) break;
         silu_mul_f32(gate_up, h, B, inter);
-        linear_apply(&blk->down, h, delta, B);
+        if ((status = linear_apply(&blk->down, h, delta, B)) != 0) break;
         for (size_t i = 0; i < (size_t)B * d; i++) x[i] += delta[i];
     }
     free(normed); free(qkv); free(att); free(gate_up); free(h); free(delta);
+    return status;
 }

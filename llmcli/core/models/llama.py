@@ -264,10 +264,14 @@ class Model(nn.Module):
         vcs = (ctypes.c_void_p * L)(*[v.data_ptr() for v in cache.v])
         sb, sh, ss, _ = cache.k[0].stride()
         c = self.config
-        self._kernels.decode_blocks_f32(
+        status = self._kernels.decode_blocks_f32(
             blocks, L, x.data_ptr(), B, d, c.rms_norm_eps, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             c.sliding_window or 0, cos1.data_ptr(), sin1.data_ptr(), pos.data_ptr(), kcs, vcs, sb, sh, ss,
         )
+        if status == -1:  # as torch does when an allocation fails
+            raise MemoryError(f"not enough memory for a native decode step of {B} rows")
+        if status != 0:
+            raise RuntimeError(f"native decode step failed with status {status} (a weight kind or type this build cannot run)")
         return x.view(B, 1, d)
 
     def untie_output(self) -> None:

@@ -1,0 +1,912 @@
+/* The block-kernel framework: y = x W^T + bias with W in GGML's block formats, read as the GGUF
+ * file stores it (blocks.h), plus dequantization (embedding lookups) and quantization (llmcli
+ * quantize, --quantize) of whole rows.
+ *
+ * Driver (block_matmul, block_matmul_parts): each activation row is quantized once into a buffer
+ * shared by all threads (8-bit blocks for the quantized types, float32 as it is for F32/F16/BF16),
+ * then threads take tasks of (a chunk of weight rows x a chunk of activation rows). A chunk of
+ * weight rows is sized to stay in L2 while the activation rows of its task stream past it; for one
+ * activation row (decode) the threads split the weight rows and each row is read once. Inside a
+ * task a type's `tile` computes up to 4 weight rows x 4 activation rows, unpacking each weight
+ * block once for all of them.
+ *
+ * The 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) take the activation as block_q8a: a float32
+ * delta d = amax / 127, 32 int8 values round(x / d) (round half to even) and s = d * sum(q) for the
+ * types with a min. Their dot product, on every ISA, is this one sequence of float operations:
+ *
+ *     for each block b in order:   p = dw * da                      (dw: the weight block's delta)
+ *         for lane j = 0..7:       acc[j] = acc[j] + (float)isum_j * p
+ *                                  (isum_j: the exact int32 sum of products of values 4j..4j+3)
+ *         types with a min:        msum = msum + mw * sa
+ *     result = hsum8(acc) + msum,  hsum8(a) = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))
+ *
+ * F32/F16/BF16 take float32 activations: 32 lanes, lane j summing w[32i+j]*x[32i+j] over i in
+ * order (mul, then add; the last chunk zero-padded), then lanes l, l+8, l+16, l+24 combined as
+ * (a_l + a_{l+8}) + (a_{l+16} + a_{l+24}) and hsum8 of those 8.
+ *
+ * No fused multiply-add anywhere (this file is compiled with -ffp-contract=off), so the portable C,
+ * AVX2, AVX-512 and NEON paths give the same bits, and an output element never depends on the
+ * number of rows, the tile or the thread (blocks.h's contract).
+ */
+#include "blocks.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(LLMCLI_PORTABLE)
+#define ISA_NAME "portable"
+#elif defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define USE_AVX2 1
+#define USE_AVX512 1
+#define ISA_NAME "avx512"
+#elif defined(__AVX2__) && defined(__F16C__)
+#define USE_AVX2 1
+#define ISA_NAME "avx2"
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define USE_NEON 1
+#define ISA_NAME "neon"
+#else
+#define ISA_NAME "portable"
+#endif
+
+#if defined(USE_AVX2)
+#include <immintrin.h>
+#elif defined(USE_NEON)
+#include <arm_neon.h>
+#endif
+
+/* ------------------------------------------------------------------ threads
+ * matvec.c's thread count (kernels.set_threads) when it is linked in; a standalone build (the C
+ * test harness) runs on OpenMP's own count, or on one thread without OpenMP. */
+int matvec_threads(void) __attribute__((weak));
+
+static int block_threads(void) {
+    if (matvec_threads) return matvec_threads();
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------ shared pieces */
+
+#if defined(USE_AVX2)
+#define H2F(h) _cvtsh_ss(h) /* F16C: exact, as half_to_float */
+#elif defined(USE_NEON)
+static inline float h2f_neon(ggml_half h) {
+    __fp16 v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v; /* exact */
+}
+#define H2F(h) h2f_neon(h)
+#else
+#define H2F(h) half_to_float(h)
+#endif
+
+/* the fixed horizontal sum of 8 lanes */
+static inline float hsum8_scalar(const float *a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+/* round to nearest, ties to even, for |v| < 2^22 (what nearbyintf and the SIMD rounding give) */
+static inline float round_even(float v) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (v + magic) - magic; /* not simplified: no -ffast-math */
+}
+
+#if defined(USE_AVX2)
+static inline float hsum8_avx(__m256 a) {
+    __m128 v4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)); /* a_i + a_{i+4} */
+    __m128 v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));                            /* (a0+a4)+(a2+a6), (a1+a5)+(a3+a7) */
+    return _mm_cvtss_f32(_mm_add_ss(v2, _mm_movehdup_ps(v2)));
+}
+
+/* 32 nibbles -> 32 bytes: low nibbles (values 0..15) then high nibbles (values 16..31) */
+static inline __m256i nibbles32(const uint8_t *q) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)q);
+    const __m256i b = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+}
+
+/* 32 bits -> 32 bytes, 0xFF where the bit is set */
+static inline __m256i bits32(const uint8_t *qh) {
+    uint32_t v;
+    memcpy(&v, qh, sizeof v);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);
+    b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL));
+    return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+
+/* unsigned bytes a . signed bytes b: 8 int32 lanes, lane j = the sum over bytes 4j..4j+3 (exact: pairs stay below 2^15) */
+static inline __m256i dot_us8(__m256i a, __m256i b) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+}
+
+/* signed . signed through the sign trick (|a| as unsigned, b with a's sign) */
+static inline __m256i dot_s8(__m256i a, __m256i b) {
+    return dot_us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+#endif
+
+#if defined(USE_NEON)
+static inline float hsum8_neon(float32x4_t lo, float32x4_t hi) {
+    float32x4_t v4 = vaddq_f32(lo, hi);
+    float32x2_t v2 = vadd_f32(vget_low_f32(v4), vget_high_f32(v4));
+    return vget_lane_f32(v2, 0) + vget_lane_f32(v2, 1);
+}
+
+/* 16 signed bytes . 16 signed bytes: 4 int32 lanes, lane j = bytes 4j..4j+3 */
+static inline int32x4_t dot_s8x16(int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(vdupq_n_s32(0), a, b);
+#else
+    int16x8_t p0 = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+    int16x8_t p1 = vmull_s8(vget_high_s8(a), vget_high_s8(b));
+    int32x4_t s0 = vpaddlq_s16(p0), s1 = vpaddlq_s16(p1); /* pairs */
+    return vpaddq_s32(s0, s1);                            /* fours, in order */
+#endif
+}
+#endif
+
+/* ------------------------------------------------------------------ 8-bit activation blocks */
+
+typedef struct {
+    float d;           /* delta */
+    float s;           /* d * sum(qs): the min term of Q4_1 / Q5_1 */
+    int8_t qs[32];
+} block_q8a;           /* 40 bytes */
+
+static void quantize_act_q8a(const float *x, void *vy, int K) {
+    block_q8a *y = (block_q8a *)vy;
+    for (int b = 0; b < K / 32; b++, x += 32) {
+#if defined(USE_AVX2)
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m256 idv = _mm256_set1_ps(id);
+        __m256i q[4], sum = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            sum = _mm256_add_epi32(sum, q[i]);
+        }
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        const int isum = _mm_cvtsi128_si32(s4);
+        /* packs work per 128-bit lane: put the values back in order */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)y[b].qs, p);
+#elif defined(USE_NEON)
+        float32x4_t v[8], mx = vdupq_n_f32(0.0f);
+        for (int i = 0; i < 8; i++) {
+            v[i] = vld1q_f32(x + 4 * i);
+            mx = vmaxq_f32(mx, vabsq_f32(v[i]));
+        }
+        const float amax = vmaxvq_f32(mx);
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int isum = 0;
+        for (int i = 0; i < 8; i++) {
+            int32x4_t qi = vcvtq_s32_f32(vrndnq_f32(vmulq_n_f32(v[i], id)));
+            isum += vaddvq_s32(qi);
+            int16x4_t q16 = vmovn_s32(qi);
+            int8x8_t q8 = vmovn_s16(vcombine_s16(q16, q16));
+            vst1_lane_s32((int32_t *)(void *)(y[b].qs + 4 * i), vreinterpret_s32_s8(q8), 0);
+        }
+#else
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int isum = 0;
+        for (int j = 0; j < 32; j++) {
+            const int q = (int)round_even(x[j] * id);
+            y[b].qs[j] = (int8_t)q;
+            isum += q;
+        }
+#endif
+        y[b].d = d;
+        y[b].s = d * (float)isum;
+    }
+}
+
+/* float32 activations, as they are */
+static void quantize_act_f32(const float *x, void *y, int K) { memcpy(y, x, sizeof(float) * (size_t)K); }
+
+/* ------------------------------------------------------------------ weight rows -> floats */
+
+static void dequantize_row_q8_0(const void *vw, float *y, int K) {
+    const block_q8_0 *w = (const block_q8_0 *)vw;
+    for (int b = 0; b < K / 32; b++) {
+        const float d = H2F(w[b].d);
+        for (int j = 0; j < 32; j++) y[32 * b + j] = (float)w[b].qs[j] * d;
+    }
+}
+
+static void dequantize_row_q4_0(const void *vw, float *y, int K) {
+    const block_q4_0 *w = (const block_q4_0 *)vw;
+    for (int b = 0; b < K / 32; b++) {
+        const float d = H2F(w[b].d);
+        for (int j = 0; j < 16; j++) {
+            y[32 * b + j] = (float)((w[b].qs[j] & 0x0F) - 8) * d;
+            y[32 * b + j + 16] = (float)((w[b].qs[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+static void dequantize_row_q4_1(const void *vw, float *y, int K) {
+    const block_q4_1 *w = (const block_q4_1 *)vw;
+    for (int b = 0; b < K / 32; b++) {
+        const float d = H2F(w[b].d), m = H2F(w[b].m);
+        for (int j = 0; j < 16; j++) {
+            y[32 * b + j] = (float)(w[b].qs[j] & 0x0F) * d + m;
+            y[32 * b + j + 16] = (float)(w[b].qs[j] >> 4) * d + m;
+        }
+    }
+}
+
+static inline uint32_t load_qh(const uint8_t *qh) {
+    return (uint32_t)qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
+}
+
+static void dequantize_row_q5_0(const void *vw, float *y, int K) {
+    const block_q5_0 *w = (const block_q5_0 *)vw;
+    for (int b = 0; b < K / 32; b++) {
+        const float d = H2F(w[b].d);
+        const uint32_t qh = load_qh(w[b].qh);
+        for (int j = 0; j < 16; j++) {
+            const int lo = (w[b].qs[j] & 0x0F) | (int)((qh >> j) & 1) << 4;
+            const int hi = (w[b].qs[j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+            y[32 * b + j] = (float)(lo - 16) * d;
+            y[32 * b + j + 16] = (float)(hi - 16) * d;
+        }
+    }
+}
+
+static void dequantize_row_q5_1(const void *vw, float *y, int K) {
+    const block_q5_1 *w = (const block_q5_1 *)vw;
+    for (int b = 0; b < K / 32; b++) {
+        const float d = H2F(w[b].d), m = H2F(w[b].m);
+        const uint32_t qh = load_qh(w[b].qh);
+        for (int j = 0; j < 16; j++) {
+            const int lo = (w[b].qs[j] & 0x0F) | (int)((qh >> j) & 1) << 4;
+            const int hi = (w[b].qs[j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+            y[32 * b + j] = (float)lo * d + m;
+            y[32 * b + j + 16] = (float)hi * d + m;
+        }
+    }
+}
+
+static void dequantize_row_f32(const void *w, float *y, int K) { memcpy(y, w, sizeof(float) * (size_t)K); }
+
+static void dequantize_row_f16(const void *vw, float *y, int K) {
+    const ggml_half *w = (const ggml_half *)vw;
+    for (int k = 0; k < K; k++) y[k] = half_to_float(w[k]);
+}
+
+static void dequantize_row_bf16(const void *vw, float *y, int K) {
+    const uint16_t *w = (const uint16_t *)vw;
+    for (int k = 0; k < K; k++) y[k] = bf16_to_float(w[k]);
+}
+
+/* ------------------------------------------------------------------ floats -> weight rows
+ * Byte for byte llama.cpp's quantize_row_<t>_ref (ggml-quants.c), including its truncating casts. */
+
+static void quantize_row_q8_0(const float *x, void *vw, int K) {
+    block_q8_0 *w = (block_q8_0 *)vw;
+    for (int b = 0; b < K / 32; b++, x += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, id = d ? 1.0f / d : 0.0f;
+        w[b].d = float_to_half(d);
+        for (int j = 0; j < 32; j++) w[b].qs[j] = (int8_t)roundf(x[j] * id);
+    }
+}
+
+/* the value of largest magnitude (the first one on ties), as llama.cpp picks it */
+static float signed_absmax(const float *x) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++)
+        if (amax < fabsf(x[j])) {
+            amax = fabsf(x[j]);
+            max = x[j];
+        }
+    return max;
+}
+
+static void min_max(const float *x, float *lo, float *hi) {
+    float mn = FLT_MAX, mx = -FLT_MAX;
+    for (int j = 0; j < 32; j++) {
+        if (x[j] < mn) mn = x[j];
+        if (x[j] > mx) mx = x[j];
+    }
+    *lo = mn;
+    *hi = mx;
+}
+
+static void quantize_row_q4_0(const float *x, void *vw, int K) {
+    block_q4_0 *w = (block_q4_0 *)vw;
+    for (int b = 0; b < K / 32; b++, x += 32) {
+        const float d = signed_absmax(x) / -8, id = d ? 1.0f / d : 0.0f;
+        w[b].d = float_to_half(d);
+        for (int j = 0; j < 16; j++) {
+            const int8_t a = (int8_t)(x[j] * id + 8.5f), c = (int8_t)(x[j + 16] * id + 8.5f);
+            w[b].qs[j] = (uint8_t)((a < 15 ? a : 15) | (c < 15 ? c : 15) << 4);
+        }
+    }
+}
+
+static void quantize_row_q4_1(const float *x, void *vw, int K) {
+    block_q4_1 *w = (block_q4_1 *)vw;
+    for (int b = 0; b < K / 32; b++, x += 32) {
+        float mn, mx;
+        min_max(x, &mn, &mx);
+        const float d = (mx - mn) / 15, id = d ? 1.0f / d : 0.0f;
+        w[b].d = float_to_half(d);
+        w[b].m = float_to_half(mn);
+        for (int j = 0; j < 16; j++) {
+            const int8_t a = (int8_t)((x[j] - mn) * id + 0.5f), c = (int8_t)((x[j + 16] - mn) * id + 0.5f);
+            w[b].qs[j] = (uint8_t)((a < 15 ? a : 15) | (c < 15 ? c : 15) << 4);
+        }
+    }
+}
+
+static void store_q5(const int *q, uint8_t *qs, uint8_t *qh_bytes) {
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; j++) {
+        qs[j] = (uint8_t)((q[j] & 0x0F) | (q[j + 16] & 0x0F) << 4);
+        qh |= (uint32_t)((q[j] & 0x10) >> 4) << j;
+        qh |= (uint32_t)((q[j + 16] & 0x10) >> 4) << (j + 16);
+    }
+    memcpy(qh_bytes, &qh, 4); /* little-endian, as ggml's memcpy on the machines it runs on */
+}
+
+static void quantize_row_q5_0(const float *x, void *vw, int K) {
+    block_q5_0 *w = (block_q5_0 *)vw;
+    for (int b = 0; b < K / 32; b++, x += 32) {
+        const float d = signed_absmax(x) / -16, id = d ? 1.0f / d : 0.0f;
+        w[b].d = float_to_half(d);
+        int q[32];
+        for (int j = 0; j < 32; j++) {
+            const int8_t v = (int8_t)(x[j] * id + 16.5f);
+            q[j] = v < 31 ? v : 31;
+        }
+        store_q5(q, w[b].qs, w[b].qh);
+    }
+}
+
+static void quantize_row_q5_1(const float *x, void *vw, int K) {
+    block_q5_1 *w = (block_q5_1 *)vw;
+    for (int b = 0; b < K / 32; b++, x += 32) {
+        float mn, mx;
+        min_max(x, &mn, &mx);
+        const float d = (mx - mn) / 31, id = d ? 1.0f / d : 0.0f;
+        w[b].d = float_to_half(d);
+        w[b].m = float_to_half(mn);
+        int q[32];
+        for (int j = 0; j < 32; j++) q[j] = (uint8_t)((x[j] - mn) * id + 0.5f);
+        store_q5(q, w[b].qs, w[b].qh);
+    }
+}
+
+static void quantize_row_f32(const float *x, void *w, int K) { memcpy(w, x, sizeof(float) * (size_t)K); }
+
+static void quantize_row_f16(const float *x, void *vw, int K) {
+    ggml_half *w = (ggml_half *)vw;
+    for (int k = 0; k < K; k++) w[k] = float_to_half(x[k]);
+}
+
+/* float -> bf16 as ggml_compute_fp32_to_bf16: nan stays a quiet nan, else round to nearest even */
+static void quantize_row_bf16(const float *x, void *vw, int K) {
+    uint16_t *w = (uint16_t *)vw;
+    for (int k = 0; k < K; k++) {
+        uint32_t u;
+        memcpy(&u, &x[k], sizeof u);
+        if ((u & 0x7fffffffu) > 0x7f800000u)
+            w[k] = (uint16_t)((u >> 16) | 64);
+        else
+            w[k] = (uint16_t)((u + (0x7fff + ((u >> 16) & 1))) >> 16);
+    }
+}
+
+/* ------------------------------------------------------------------ 32-value dot products
+ * One kernel per type: NW weight rows x NX activation rows (compile-time constants at each call),
+ * every weight block unpacked once for the NX rows. Each (weight row, activation row) pair follows
+ * the sequence in the header comment, so a tile's element equals vec_dot's. */
+
+enum { KIND_Q8_0, KIND_Q4_0, KIND_Q4_1, KIND_Q5_0, KIND_Q5_1 };
+
+#define HAS_MIN(kind) ((kind) == KIND_Q4_1 || (kind) == KIND_Q5_1)
+
+/* weight block bytes and the offsets of its fields, per kind */
+static inline size_t q_block_bytes(int kind) {
+    return kind == KIND_Q8_0 ? sizeof(block_q8_0) : kind == KIND_Q4_0 ? sizeof(block_q4_0) : kind == KIND_Q4_1 ? sizeof(block_q4_1)
+         : kind == KIND_Q5_0 ? sizeof(block_q5_0) : sizeof(block_q5_1);
+}
+
+#if !defined(USE_AVX2) && !defined(USE_NEON)
+/* the 32 integer values of a weight block, as used in the dot (Q4_0/Q5_0/Q8_0 signed, Q4_1/Q5_1 unsigned) */
+static inline void unpack_q(int kind, const uint8_t *blk, int *q, float *d, float *m) {
+    switch (kind) {
+    case KIND_Q8_0: {
+        const block_q8_0 *w = (const block_q8_0 *)blk;
+        *d = H2F(w->d);
+        for (int j = 0; j < 32; j++) q[j] = w->qs[j];
+        break;
+    }
+    case KIND_Q4_0: {
+        const block_q4_0 *w = (const block_q4_0 *)blk;
+        *d = H2F(w->d);
+        for (int j = 0; j < 16; j++) q[j] = (w->qs[j] & 0x0F) - 8, q[j + 16] = (w->qs[j] >> 4) - 8;
+        break;
+    }
+    case KIND_Q4_1: {
+        const block_q4_1 *w = (const block_q4_1 *)blk;
+        *d = H2F(w->d), *m = H2F(w->m);
+        for (int j = 0; j < 16; j++) q[j] = w->qs[j] & 0x0F, q[j + 16] = w->qs[j] >> 4;
+        break;
+    }
+    case KIND_Q5_0: {
+        const block_q5_0 *w = (const block_q5_0 *)blk;
+        const uint32_t qh = load_qh(w->qh);
+        *d = H2F(w->d);
+        for (int j = 0; j < 16; j++) {
+            q[j] = ((w->qs[j] & 0x0F) | (int)((qh >> j) & 1) << 4) - 16;
+            q[j + 16] = ((w->qs[j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4) - 16;
+        }
+        break;
+    }
+    default: {
+        const block_q5_1 *w = (const block_q5_1 *)blk;
+        const uint32_t qh = load_qh(w->qh);
+        *d = H2F(w->d), *m = H2F(w->m);
+        for (int j = 0; j < 16; j++) {
+            q[j] = (w->qs[j] & 0x0F) | (int)((qh >> j) & 1) << 4;
+            q[j + 16] = (w->qs[j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+        }
+        break;
+    }
+    }
+}
+#endif
+
+#if defined(USE_AVX2)
+/* the weight block as 32 bytes in value order: signed for Q8_0/Q4_0/Q5_0, unsigned for Q4_1/Q5_1 */
+static inline __m256i unpack_avx2(int kind, const uint8_t *blk, float *d, float *m) {
+    switch (kind) {
+    case KIND_Q8_0: {
+        const block_q8_0 *w = (const block_q8_0 *)blk;
+        *d = H2F(w->d);
+        return _mm256_loadu_si256((const __m256i *)w->qs);
+    }
+    case KIND_Q4_0: {
+        const block_q4_0 *w = (const block_q4_0 *)blk;
+        *d = H2F(w->d);
+        return _mm256_sub_epi8(nibbles32(w->qs), _mm256_set1_epi8(8));
+    }
+    case KIND_Q4_1: {
+        const block_q4_1 *w = (const block_q4_1 *)blk;
+        *d = H2F(w->d), *m = H2F(w->m);
+        return nibbles32(w->qs);
+    }
+    case KIND_Q5_0: {
+        const block_q5_0 *w = (const block_q5_0 *)blk;
+        *d = H2F(w->d);
+        /* bit clear: the value is nibble - 16, i.e. the byte nibble | 0xF0 */
+        return _mm256_or_si256(nibbles32(w->qs), _mm256_andnot_si256(bits32(w->qh), _mm256_set1_epi8((char)0xF0)));
+    }
+    default: {
+        const block_q5_1 *w = (const block_q5_1 *)blk;
+        *d = H2F(w->d), *m = H2F(w->m);
+        return _mm256_or_si256(nibbles32(w->qs), _mm256_and_si256(bits32(w->qh), _mm256_set1_epi8(0x10)));
+    }
+    }
+}
+#endif
+
+#if defined(USE_NEON)
+/* the weight block as two 16-byte halves in value order (signed for every kind: the unsigned
+ * values of Q4_1 / Q5_1 are below 32) */
+static inline void unpack_neon(int kind, const uint8_t *blk, int8x16_t *lo, int8x16_t *hi, float *d, float *m) {
+    const uint8x16_t m4 = vdupq_n_u8(0x0F);
+    switch (kind) {
+    case KIND_Q8_0: {
+        const block_q8_0 *w = (const block_q8_0 *)blk;
+        *d = H2F(w->d);
+        *lo = vld1q_s8(w->qs), *hi = vld1q_s8(w->qs + 16);
+        return;
+    }
+    case KIND_Q4_0:
+    case KIND_Q4_1: {
+        const uint8_t *qs = kind == KIND_Q4_0 ? ((const block_q4_0 *)blk)->qs : ((const block_q4_1 *)blk)->qs;
+        const uint8x16_t v = vld1q_u8(qs);
+        int8x16_t l = vreinterpretq_s8_u8(vandq_u8(v, m4)), h = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+        if (kind == KIND_Q4_0) {
+            const block_q4_0 *w = (const block_q4_0 *)blk;
+            *d = H2F(w->d);
+            l = vsubq_s8(l, vdupq_n_s8(8)), h = vsubq_s8(h, vdupq_n_s8(8));
+        } else {
+            const block_q4_1 *w = (const block_q4_1 *)blk;
+            *d = H2F(w->d), *m = H2F(w->m);
+        }
+        *lo = l, *hi = h;
+        return;
+    }
+    default: {
+        const uint8_t *qs, *qhp;
+        if (kind == KIND_Q5_0) {
+            const block_q5_0 *w = (const block_q5_0 *)blk;
+            qs = w->qs, qhp = w->qh, *d = H2F(w->d);
+        } else {
+            const block_q5_1 *w = (const block_q5_1 *)blk;
+            qs = w->qs, qhp = w->qh, *d = H2F(w->d), *m = H2F(w->m);
+        }
+        const uint32_t qh = load_qh(qhp);
+        /* the 5th bits as bytes 0x10: byte j takes bit j of qh */
+        static const uint8_t bit_of_byte[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+        const uint8x16_t sel = vld1q_u8(bit_of_byte);
+        const uint8x8_t b0 = vdup_n_u8((uint8_t)qh), b1 = vdup_n_u8((uint8_t)(qh >> 8));
+        const uint8x8_t b2 = vdup_n_u8((uint8_t)(qh >> 16)), b3 = vdup_n_u8((uint8_t)(qh >> 24));
+        const uint8x16_t hb_lo = vandq_u8(vtstq_u8(vcombine_u8(b0, b1), sel), vdupq_n_u8(0x10));
+        const uint8x16_t hb_hi = vandq_u8(vtstq_u8(vcombine_u8(b2, b3), sel), vdupq_n_u8(0x10));
+        const uint8x16_t v = vld1q_u8(qs);
+        int8x16_t l = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(v, m4), hb_lo));
+        int8x16_t h = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(v, 4), hb_hi));
+        if (kind == KIND_Q5_0) l = vsubq_s8(l, vdupq_n_s8(16)), h = vsubq_s8(h, vdupq_n_s8(16));
+        *lo = l, *hi = h;
+        return;
+    }
+    }
+}
+#endif
+
+/* NX activation rows . one weight row of `nb` blocks of kind `kind` */
+static inline __attribute__((always_inline)) void q_dot_rows(const int kind, const int NX, int nb, const uint8_t *w, const block_q8a *const *xa,
+                                                             float *out, size_t ldo) {
+    const size_t wb = q_block_bytes(kind);
+    float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if defined(USE_AVX2)
+    __m256 acc[4];
+    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        float d, m = 0.0f;
+        const __m256i qw = unpack_avx2(kind, w + (size_t)b * wb, &d, &m);
+        const int is_signed = !HAS_MIN(kind);
+        const __m256i aw = is_signed ? _mm256_sign_epi8(qw, qw) : qw;
+        for (int c = 0; c < NX; c++) {
+            const block_q8a *a = &xa[c][b];
+            const __m256i qa = _mm256_loadu_si256((const __m256i *)a->qs);
+            const __m256i isum = dot_us8(aw, is_signed ? _mm256_sign_epi8(qa, qw) : qa);
+            acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * a->d)));
+            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+        }
+    }
+    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(acc[c]) + msum[c];
+#elif defined(USE_NEON)
+    float32x4_t lo[4], hi[4];
+    for (int c = 0; c < NX; c++) lo[c] = hi[c] = vdupq_n_f32(0.0f);
+    for (int b = 0; b < nb; b++) {
+        float d, m = 0.0f;
+        int8x16_t wl, wh;
+        unpack_neon(kind, w + (size_t)b * wb, &wl, &wh, &d, &m);
+        for (int c = 0; c < NX; c++) {
+            const block_q8a *a = &xa[c][b];
+            const int32x4_t s0 = dot_s8x16(wl, vld1q_s8(a->qs)), s1 = dot_s8x16(wh, vld1q_s8(a->qs + 16));
+            const float32x4_t p = vdupq_n_f32(d * a->d);
+            lo[c] = vaddq_f32(lo[c], vmulq_f32(vcvtq_f32_s32(s0), p));
+            hi[c] = vaddq_f32(hi[c], vmulq_f32(vcvtq_f32_s32(s1), p));
+            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+        }
+    }
+    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_neon(lo[c], hi[c]) + msum[c];
+#else
+    float acc[4][8] = {{0}};
+    for (int b = 0; b < nb; b++) {
+        int q[32];
+        float d, m = 0.0f;
+        unpack_q(kind, w + (size_t)b * wb, q, &d, &m);
+        for (int c = 0; c < NX; c++) {
+            const block_q8a *a = &xa[c][b];
+            const float p = d * a->d;
+            for (int j = 0; j < 8; j++) {
+                const int s = q[4 * j] * a->qs[4 * j] + q[4 * j + 1] * a->qs[4 * j + 1] + q[4 * j + 2] * a->qs[4 * j + 2] + q[4 * j + 3] * a->qs[4 * j + 3];
+                acc[c][j] = acc[c][j] + (float)s * p;
+            }
+            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+        }
+    }
+    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_scalar(acc[c]) + msum[c];
+#endif
+}
+
+/* nw weight rows x nx activation rows: each weight row's blocks unpacked once for the nx rows */
+static inline __attribute__((always_inline)) void q_tile(const int kind, int K, const void *w, size_t w_row_bytes, int nw, const void *xq,
+                                                         size_t xq_row_bytes, int nx, float *y, size_t ldy) {
+    const int nb = K / 32;
+    const block_q8a *xa[4];
+    for (int c = 0; c < nx; c++) xa[c] = (const block_q8a *)((const char *)xq + (size_t)c * xq_row_bytes);
+    for (int r = 0; r < nw; r++) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * w_row_bytes;
+        switch (nx) { /* constant row counts: the accumulators stay in registers */
+        case 4: q_dot_rows(kind, 4, nb, wr, xa, y + r, ldy); break;
+        case 3: q_dot_rows(kind, 3, nb, wr, xa, y + r, ldy); break;
+        case 2: q_dot_rows(kind, 2, nb, wr, xa, y + r, ldy); break;
+        default: q_dot_rows(kind, 1, nb, wr, xa, y + r, ldy); break;
+        }
+    }
+}
+
+#define Q_KERNELS(name, kind)                                                                                                    \
+    static void vec_dot_##name(int K, float *s, const void *w, const void *xq) {                                                 \
+        const block_q8a *xa[1] = {(const block_q8a *)xq};                                                                        \
+        q_dot_rows(kind, 1, K / 32, (const uint8_t *)w, xa, s, 1);                                                               \
+    }                                                                                                                            \
+    static void tile_##name(int K, const void *w, size_t wrb, int nw, const void *xq, size_t xrb, int nx, float *y, size_t ldy) { \
+        q_tile(kind, K, w, wrb, nw, xq, xrb, nx, y, ldy);                                                                        \
+    }
+
+Q_KERNELS(q8_0, KIND_Q8_0)
+Q_KERNELS(q4_0, KIND_Q4_0)
+Q_KERNELS(q4_1, KIND_Q4_1)
+Q_KERNELS(q5_0, KIND_Q5_0)
+Q_KERNELS(q5_1, KIND_Q5_1)
+
+/* ------------------------------------------------------------------ float weights . float32 activations
+ * 32 lanes (see the header comment): lane j sums w[32i+j]*x[32i+j], the last chunk zero-padded. */
+
+enum { FLT_F32, FLT_F16, FLT_BF16 };
+
+#if defined(USE_AVX2)
+/* 8 weights from k (n of them valid, the rest zero) as floats */
+static inline __m256 load_w8(const int ft, const void *w, int k, int n) {
+    if (n < 8) {
+        float buf[8] = {0};
+        if (ft == FLT_F32) memcpy(buf, (const float *)w + k, sizeof(float) * (size_t)n);
+        else if (ft == FLT_F16)
+            for (int i = 0; i < n; i++) buf[i] = H2F(((const ggml_half *)w)[k + i]);
+        else
+            for (int i = 0; i < n; i++) buf[i] = bf16_to_float(((const uint16_t *)w)[k + i]);
+        return _mm256_loadu_ps(buf);
+    }
+    if (ft == FLT_F32) return _mm256_loadu_ps((const float *)w + k);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
+    if (ft == FLT_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline __m256 load_x8(const float *x, int k, int n) {
+    if (n < 8) {
+        float buf[8] = {0};
+        memcpy(buf, x + k, sizeof(float) * (size_t)n);
+        return _mm256_loadu_ps(buf);
+    }
+    return _mm256_loadu_ps(x + k);
+}
+#endif
+
+static inline __attribute__((always_inline)) float float_dot(const int ft, int K, const void *w, const float *x) {
+#if defined(USE_AVX2)
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int k = 0;
+    for (; k + 32 <= K; k += 32)
+        for (int q = 0; q < 4; q++) a[q] = _mm256_add_ps(a[q], _mm256_mul_ps(load_w8(ft, w, k + 8 * q, 8), _mm256_loadu_ps(x + k + 8 * q)));
+    if (k < K)
+        for (int q = 0; q < 4; q++) {
+            const int n = K - k - 8 * q < 0 ? 0 : K - k - 8 * q < 8 ? K - k - 8 * q : 8;
+            a[q] = _mm256_add_ps(a[q], _mm256_mul_ps(load_w8(ft, w, k + 8 * q, n), load_x8(x, k + 8 * q, n)));
+        }
+    return hsum8_avx(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+#else
+    float a[32] = {0};
+    for (int k0 = 0; k0 < K; k0 += 32)
+        for (int j = 0; j < 32; j++) {
+            const int k = k0 + j;
+            float wv = 0.0f, xv = 0.0f;
+            if (k < K) {
+                xv = x[k];
+                wv = ft == FLT_F32 ? ((const float *)w)[k] : ft == FLT_F16 ? H2F(((const ggml_half *)w)[k]) : bf16_to_float(((const uint16_t *)w)[k]);
+            }
+            a[j] = a[j] + wv * xv;
+        }
+    float v[8];
+    for (int l = 0; l < 8; l++) v[l] = (a[l] + a[l + 8]) + (a[l + 16] + a[l + 24]);
+    return hsum8_scalar(v);
+#endif
+}
+
+static void vec_dot_f32(int K, float *s, const void *w, const void *x) { *s = float_dot(FLT_F32, K, w, (const float *)x); }
+static void vec_dot_f16(int K, float *s, const void *w, const void *x) { *s = float_dot(FLT_F16, K, w, (const float *)x); }
+static void vec_dot_bf16(int K, float *s, const void *w, const void *x) { *s = float_dot(FLT_BF16, K, w, (const float *)x); }
+
+/* ------------------------------------------------------------------ the type table */
+
+#define FLOAT_TYPE(t, name, bytes) \
+    {t, 1, bytes, 4, quantize_act_f32, vec_dot_##name, dequantize_row_##name, quantize_row_##name, NULL}
+#define Q32_TYPE(t, name, blk) \
+    {t, 32, (int)sizeof(blk), (int)sizeof(block_q8a), quantize_act_q8a, vec_dot_##name, dequantize_row_##name, quantize_row_##name, tile_##name}
+
+static const BlockType block_type_f32 = FLOAT_TYPE(GGML_TYPE_F32, f32, 4);
+static const BlockType block_type_f16 = FLOAT_TYPE(GGML_TYPE_F16, f16, 2);
+static const BlockType block_type_bf16 = FLOAT_TYPE(GGML_TYPE_BF16, bf16, 2);
+static const BlockType block_type_q8_0 = Q32_TYPE(GGML_TYPE_Q8_0, q8_0, block_q8_0);
+static const BlockType block_type_q4_0 = Q32_TYPE(GGML_TYPE_Q4_0, q4_0, block_q4_0);
+static const BlockType block_type_q4_1 = Q32_TYPE(GGML_TYPE_Q4_1, q4_1, block_q4_1);
+static const BlockType block_type_q5_0 = Q32_TYPE(GGML_TYPE_Q5_0, q5_0, block_q5_0);
+static const BlockType block_type_q5_1 = Q32_TYPE(GGML_TYPE_Q5_1, q5_1, block_q5_1);
+
+/* this build's kernels for a ggml type, or NULL (the K-quants when kquants.c is not linked in) */
+const BlockType *block_type_get(int type) {
+    switch (type) {
+    case GGML_TYPE_F32: return &block_type_f32;
+    case GGML_TYPE_F16: return &block_type_f16;
+    case GGML_TYPE_BF16: return &block_type_bf16;
+    case GGML_TYPE_Q8_0: return &block_type_q8_0;
+    case GGML_TYPE_Q4_0: return &block_type_q4_0;
+    case GGML_TYPE_Q4_1: return &block_type_q4_1;
+    case GGML_TYPE_Q5_0: return &block_type_q5_0;
+    case GGML_TYPE_Q5_1: return &block_type_q5_1;
+    case GGML_TYPE_Q2_K: return &block_type_q2_K;
+    case GGML_TYPE_Q3_K: return &block_type_q3_K;
+    case GGML_TYPE_Q4_K: return &block_type_q4_K;
+    case GGML_TYPE_Q5_K: return &block_type_q5_K;
+    case GGML_TYPE_Q6_K: return &block_type_q6_K;
+    default: return NULL;
+    }
+}
+
+int block_type_supported(int type) { return block_type_get(type) != NULL; }
+
+const char *block_isa(void) { return ISA_NAME; }
+
+/* bytes of one weight row of K values, or 0 when K is not a whole number of blocks */
+static size_t row_bytes(const BlockType *bt, int K) {
+    return K > 0 && K % bt->block == 0 ? (size_t)(K / bt->block) * (size_t)bt->block_bytes : 0;
+}
+
+/* ------------------------------------------------------------------ the driver */
+
+#define TILE 4                 /* weight rows and activation rows per tile */
+#define ROWS_PER_TASK 64       /* activation rows per task when there are many (prefill) */
+#define L2_BYTES (256 * 1024)  /* weight bytes a task keeps hot while its activation rows stream past */
+
+/* One part of a product: N weight rows of one type, their outputs at column `col` of y. */
+typedef struct {
+    int type;
+    const void *w;
+    const float *bias; /* NULL for none */
+    int n;
+    int col;
+} BlockPart;
+
+/* y[:, part.col + n] = x W_part^T + bias for every part, all in one parallel region.
+ * Parts sharing an activation format share one quantized copy of x. Returns 0, -1 (no memory),
+ * -2 (a type this build lacks), -3 (K not a whole number of a part's blocks). */
+int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K) {
+    enum { MAXP = 16 };
+    if (nparts <= 0 || M <= 0) return 0;
+    if (nparts > MAXP) return -2;
+    const BlockType *bt[MAXP];
+    int fmt[MAXP];       /* which activation buffer each part reads */
+    size_t xrow[MAXP];   /* bytes per activation row in that buffer */
+    int nfmt = 0, fmt_part[MAXP];
+    for (int p = 0; p < nparts; p++) {
+        bt[p] = block_type_get(parts[p].type);
+        if (bt[p] == NULL) return -2;
+        if (row_bytes(bt[p], K) == 0) return -3;
+        fmt[p] = -1;
+        for (int f = 0; f < nfmt; f++) {
+            const BlockType *o = bt[fmt_part[f]];
+            if (o->quantize_act == bt[p]->quantize_act && o->block == bt[p]->block && o->act_block_bytes == bt[p]->act_block_bytes) fmt[p] = f;
+        }
+        if (fmt[p] < 0) {
+            fmt_part[nfmt] = p;
+            fmt[p] = nfmt++;
+        }
+        xrow[p] = (size_t)(K / bt[p]->block) * (size_t)bt[p]->act_block_bytes;
+    }
+    /* the quantized activations, one buffer per format */
+    char *xq[MAXP];
+    for (int f = 0; f < nfmt; f++) {
+        xq[f] = (char *)malloc(xrow[fmt_part[f]] * (size_t)M);
+        if (xq[f] == NULL) {
+            while (f-- > 0) free(xq[f]);
+            return -1;
+        }
+    }
+    const int threads = block_threads();
+    const int qtasks = nfmt * M;
+#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
+    for (int t = 0; t < qtasks; t++) {
+        const int f = t / M, m = t % M, p = fmt_part[f];
+        bt[p]->quantize_act(x + (size_t)m * K, xq[f] + (size_t)m * xrow[p], K);
+    }
+
+    /* the task grid: (chunk of a part's weight rows) x (chunk of activation rows) */
+    const int mrows = M > ROWS_PER_TASK ? ROWS_PER_TASK : M;
+    const int mchunks = (M + mrows - 1) / mrows;
+    int ntotal = 0;
+    for (int p = 0; p < nparts; p++) ntotal += parts[p].n;
+    /* about 4 tasks per thread, each at most what fits L2, each a multiple of TILE weight rows */
+    long want = ((long)ntotal * mchunks + 4L * threads - 1) / (4L * threads);
+    int chunk[MAXP], first[MAXP + 1];
+    first[0] = 0;
+    for (int p = 0; p < nparts; p++) {
+        long l2 = (long)(L2_BYTES / row_bytes(bt[p], K)) / TILE * TILE;
+        long c = want < l2 ? want : l2;
+        c = (c + TILE - 1) / TILE * TILE;
+        chunk[p] = (int)(c < TILE ? TILE : c);
+        first[p + 1] = first[p] + (parts[p].n + chunk[p] - 1) / chunk[p];
+    }
+    const int tasks = first[nparts] * mchunks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (tasks > 1)
+    for (int t = 0; t < tasks; t++) {
+        /* consecutive tasks share a weight chunk: a thread keeps it in cache across activation chunks */
+        const int nc = t / mchunks, mc = t % mchunks;
+        int p = 0;
+        while (first[p + 1] <= nc) p++;
+        const BlockType *b = bt[p];
+        const size_t wrb = row_bytes(b, K);
+        const int n0 = (nc - first[p]) * chunk[p], n1 = n0 + chunk[p] < parts[p].n ? n0 + chunk[p] : parts[p].n;
+        const int m0 = mc * mrows, m1 = m0 + mrows < M ? m0 + mrows : M;
+        const char *xb = xq[fmt[p]];
+        for (int n = n0; n < n1; n += TILE) {
+            const int nw = n1 - n < TILE ? n1 - n : TILE;
+            const char *wn = (const char *)parts[p].w + (size_t)n * wrb;
+            for (int m = m0; m < m1; m += TILE) {
+                const int nx = m1 - m < TILE ? m1 - m : TILE;
+                float *yt = y + (size_t)m * N_ld + parts[p].col + n;
+                if (b->tile) {
+                    b->tile(K, wn, wrb, nw, xb + (size_t)m * xrow[p], xrow[p], nx, yt, (size_t)N_ld);
+                } else {
+                    for (int c = 0; c < nx; c++)
+                        for (int r = 0; r < nw; r++) b->vec_dot(K, yt + (size_t)c * N_ld + r, wn + (size_t)r * wrb, xb + (size_t)(m + c) * xrow[p]);
+                }
+                if (parts[p].bias)
+                    for (int c = 0; c < nx; c++)
+                        for (int r = 0; r < nw; r++) yt[(size_t)c * N_ld + r] = yt[(size_t)c * N_ld + r] + parts[p].bias[n + r];
+            }
+        }
+    }
+    for (int f = 0; f < nfmt; f++) free(xq[f]);
+    return 0;
+}
+
+int block_matmul(int type, const float *x, const void *w, const float *bias, float *y, int M, int N, int K) {
+    const BlockPart part = {type, w, bias, N, 0};
+    return block_matmul_parts(&part, 1, x, y, M, N, K);
+}
+
+/* out[i] = row rows[i] of w, dequantized (an embedding lookup). 0, -2 (type), -3 (K). */
+int block_dequantize_rows(int type, const void *w, const int64_t *rows, int nrows, int K, float *out) {
+    const BlockType *bt = block_type_get(type);
+    if (bt == NULL) return -2;
+    const size_t rb = row_bytes(bt, K);
+    if (rb == 0) return -3;
+#pragma omp parallel for schedule(static) num_threads(block_threads()) if (nrows > 16)
+    for (int i = 0; i < nrows; i++) bt->dequantize_row((const char *)w + (size_t)rows[i] * rb, out + (size_t)i * K, K);
+    return 0;
+}
+
+/* nrows rows of K floats -> weight blocks, llama.cpp's reference quantizers. 0, -2 (type), -3 (K). */
+int block_quantize_rows(int type, const float *x, void *w, int64_t nrows, int K) {
+    const BlockType *bt = block_type_get(type);
+    if (bt == NULL) return -2;
+    const size_t rb = row_bytes(bt, K);
+    if (rb == 0) return -3;
+#pragma omp parallel for schedule(static) num_threads(block_threads()) if (nrows > 16)
+    for (int64_t i = 0; i < nrows; i++) bt->quantize_row(x + (size_t)i * K, (char *)w + (size_t)i * rb, K);
+    return 0;
+}
