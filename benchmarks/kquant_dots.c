@@ -1,0 +1,128 @@
+/* K-quant dot products, one thread: llmcli's kquants.c against llama.cpp's ggml-cpu on the same
+ * blocks. See benchmarks/README.md ("K-quant kernels") for the command line.
+ *
+ * For each type, a matrix of N = 2048 weight rows by K = 8192 (random quants, small finite scales)
+ * and M activation rows quantized to q8_K; times, best of REPEAT runs:
+ *   ours vec_dot   N x 1 products (batch-1 decode)
+ *   ggml vec_dot   the same with ggml_vec_dot_<t>_q8_K (llama.cpp's SIMD path for this CPU)
+ *   ggml generic   ggml_vec_dot_<t>_q8_K_generic (llama.cpp's scalar loop)
+ *   ours tile      N x 4 products with the 4x4 tile (prefill), per activation row
+ * and checks that ours and ggml agree within 1e-4 relative to the row's scale (they sum in
+ * different orders, so bits differ).
+ *
+ * usage: kquant_dots PATH/libggml-cpu.so [repeat]
+ */
+#define _POSIX_C_SOURCE 199309L
+#include <dlfcn.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "blocks.h"
+
+typedef void (*ggml_dot_fn)(int n, float *s, size_t bs, const void *vx, size_t bx, const void *vy, size_t by, int nrc);
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 16);
+}
+
+enum { N = 2048, K = 8192, M = 4 };
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s PATH/libggml-cpu.so [repeat]\n", argv[0]);
+        return 2;
+    }
+    void *ggml = dlopen(argv[1], RTLD_NOW);
+    if (!ggml) {
+        fprintf(stderr, "error: %s\n", dlerror());
+        return 1;
+    }
+    void (*cpu_init)(void) = (void (*)(void))dlsym(ggml, "ggml_cpu_init");
+    if (cpu_init) cpu_init(); /* ggml's half -> float table */
+    const int repeat = argc > 2 ? atoi(argv[2]) : 5;
+    const struct {
+        const char *name;
+        const BlockType *bt;
+        int half_off, n_half; /* where the block's half-precision scales are */
+    } types[] = {
+        {"q2_K", &block_type_q2_K, 80, 2}, {"q3_K", &block_type_q3_K, 108, 1}, {"q4_K", &block_type_q4_K, 0, 2},
+        {"q5_K", &block_type_q5_K, 0, 2},  {"q6_K", &block_type_q6_K, 208, 1},
+    };
+    float *x = malloc(sizeof(float) * M * K);
+    for (int i = 0; i < M * K; i++) x[i] = (float)((int)(rnd() % 2001) - 1000) / 1000.f;
+    float *y = malloc(sizeof(float) * N * M), *yg = malloc(sizeof(float) * N);
+    printf("%-5s %14s %14s %14s %14s %9s %9s\n", "type", "ours vec_dot", "ggml vec_dot", "ggml generic", "ours tile/row",
+           "ggml/ours", "tile gain");
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+        const BlockType *bt = types[t].bt;
+        char name[64];
+        snprintf(name, sizeof name, "ggml_vec_dot_%s_q8_K", types[t].name);
+        ggml_dot_fn gdot = (ggml_dot_fn)dlsym(ggml, name);
+        snprintf(name, sizeof name, "ggml_vec_dot_%s_q8_K_generic", types[t].name);
+        ggml_dot_fn ggen = (ggml_dot_fn)dlsym(ggml, name);
+        const size_t row = (size_t)K / QK_K * bt->block_bytes, xrow = (size_t)K / QK_K * bt->act_block_bytes;
+        uint8_t *w = malloc(row * N);
+        for (size_t i = 0; i < row * N; i++) w[i] = (uint8_t)rnd();
+        for (size_t b = 0; b < (size_t)N * K / QK_K; b++)
+            for (int h = 0; h < types[t].n_half; h++) {
+                const ggml_half v = float_to_half((float)(rnd() % 1000 + 1) * 1e-6f);
+                memcpy(w + b * bt->block_bytes + types[t].half_off + 2 * h, &v, 2);
+            }
+        uint8_t *xq = malloc(xrow * M);
+        for (int m = 0; m < M; m++) bt->quantize_act(x + (size_t)m * K, xq + m * xrow, K);
+
+        double best[4] = {1e30, 1e30, 1e30, 1e30};
+        for (int r = 0; r < repeat; r++) {
+            double t0 = now();
+            for (int n = 0; n < N; n++) bt->vec_dot(K, &y[n], w + n * row, xq);
+            double t1 = now();
+            if (t1 - t0 < best[0]) best[0] = t1 - t0;
+            if (gdot) {
+                t0 = now();
+                for (int n = 0; n < N; n++) gdot(K, &yg[n], 0, w + n * row, 0, xq, 0, 1);
+                t1 = now();
+                if (t1 - t0 < best[1]) best[1] = t1 - t0;
+            }
+            if (ggen && r == 0) {
+                t0 = now();
+                for (int n = 0; n < N; n++) ggen(K, &yg[n], 0, w + n * row, 0, xq, 0, 1);
+                t1 = now();
+                best[2] = t1 - t0;
+            }
+            t0 = now();
+            for (int n = 0; n < N; n += 4) bt->tile(K, w + n * row, row, 4, xq, xrow, M, y + n, N);
+            t1 = now();
+            if ((t1 - t0) / M < best[3]) best[3] = (t1 - t0) / M;
+        }
+        /* agreement with ggml on row 0 of the activations */
+        if (gdot) {
+            for (int n = 0; n < N; n++) gdot(K, &yg[n], 0, w + n * row, 0, xq, 0, 1);
+            double scale = 0, maxdiff = 0;
+            for (int n = 0; n < N; n++) {
+                if (fabs(yg[n]) > scale) scale = fabs(yg[n]);
+                if (fabs(yg[n] - y[n]) > maxdiff) maxdiff = fabs(yg[n] - y[n]);
+            }
+            if (maxdiff > 1e-4 * scale) {
+                fprintf(stderr, "error: %s differs from ggml by %g (scale %g)\n", types[t].name, maxdiff, scale);
+                return 1;
+            }
+        }
+        printf("%-5s %11.3f ms %11.3f ms %11.3f ms %11.3f ms %8.2fx %8.2fx\n", types[t].name, 1e3 * best[0],
+               1e3 * best[1], 1e3 * best[2], 1e3 * best[3], best[1] / best[0], best[0] / best[3]);
+        free(w);
+        free(xq);
+    }
+    return 0;
+}

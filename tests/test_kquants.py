@@ -1,0 +1,449 @@
+"""The K-quant kernels (llmcli/core/kernels/kquants.c) against llama.cpp and gguf-py.
+
+kquants.c is built here on its own into two small libraries, the AVX2 path
+(-mavx2 -mfma -mf16c) and the portable path (no -m flags), and read through its
+`block_type_q*_K` BlockType symbols with ctypes. Per type: dequantize equals gguf-py bit for
+bit; quantize_row writes llama.cpp's bytes (quantize_row_<t>_ref from llama-cpp-python's
+libggml-base, and llama_model_quantize on a GGUF file); quantize_act equals llama.cpp's
+quantize_row_q8_K_ref; vec_dot is within a derived float32 bound of a float64 dot of the
+dequantized operands; the AVX2 bits equal the portable bits; every tile element equals vec_dot;
+an AVX-512 build compiles; the NEON build gives the portable bits under qemu.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+KERNELS = Path(__file__).resolve().parents[1] / "llmcli" / "core" / "kernels"
+SOURCE = KERNELS / "kquants.c"
+QK_K = 256
+Q8K_BYTES = 292
+TYPES = {  # name: (ggml type id, bytes per super-block, has mins)
+    "q2_K": (10, 84, True),
+    "q3_K": (11, 110, False),
+    "q4_K": (12, 144, True),
+    "q5_K": (13, 176, True),
+    "q6_K": (14, 210, False),
+}
+# byte ranges of each block that hold quants (zeroed, a block dequantizes to its mins alone)
+QUANT_BYTES = {"q2_K": (16, 80), "q4_K": (16, 144), "q5_K": (16, 176)}
+U = 2.0**-24  # float32 unit roundoff
+
+_VP, _FP, _I, _SZ = ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_size_t
+QUANTIZE_ACT = ctypes.CFUNCTYPE(None, _FP, _VP, _I)
+VEC_DOT = ctypes.CFUNCTYPE(None, _I, _FP, _VP, _VP)
+DEQUANTIZE = ctypes.CFUNCTYPE(None, _VP, _FP, _I)
+QUANTIZE = ctypes.CFUNCTYPE(None, _FP, _VP, _I)
+TILE = ctypes.CFUNCTYPE(None, _I, _VP, _SZ, _I, _VP, _SZ, _I, _FP, _SZ)
+
+
+class BlockType(ctypes.Structure):
+    _fields_ = [
+        ("type", _I),
+        ("block", _I),
+        ("block_bytes", _I),
+        ("act_block_bytes", _I),
+        ("quantize_act", QUANTIZE_ACT),
+        ("vec_dot", VEC_DOT),
+        ("dequantize_row", DEQUANTIZE),
+        ("quantize_row", QUANTIZE),
+        ("tile", TILE),
+    ]
+
+
+def _fp(a: np.ndarray):
+    return a.ctypes.data_as(_FP)
+
+
+class Kernels:
+    """One build of kquants.c, with numpy wrappers over the BlockType functions."""
+
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
+        self.types = {t: BlockType.in_dll(self.lib, f"block_type_{t}") for t in TYPES}
+
+    def quantize(self, t: str, x: np.ndarray) -> np.ndarray:
+        rows, k = x.shape
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.zeros((rows, k // QK_K * TYPES[t][1]), np.uint8)
+        for r in range(rows):
+            self.types[t].quantize_row(_fp(x[r]), out[r].ctypes.data, k)
+        return out
+
+    def dequantize(self, t: str, w: np.ndarray, k: int) -> np.ndarray:
+        out = np.zeros((w.shape[0], k), np.float32)
+        for r in range(w.shape[0]):
+            self.types[t].dequantize_row(w[r].ctypes.data, _fp(out[r]), k)
+        return out
+
+    def quantize_act(self, x: np.ndarray) -> np.ndarray:
+        rows, k = x.shape
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.zeros((rows, k // QK_K * Q8K_BYTES), np.uint8)
+        for r in range(rows):
+            self.types["q4_K"].quantize_act(_fp(x[r]), out[r].ctypes.data, k)
+        return out
+
+    def vec_dot(self, t: str, w: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
+        """y[m, n] = vec_dot(weight row n, activation row m)"""
+        y = np.zeros((xq.shape[0], w.shape[0]), np.float32)
+        s = np.zeros(1, np.float32)
+        for m in range(xq.shape[0]):
+            for n in range(w.shape[0]):
+                self.types[t].vec_dot(k, _fp(s), w[n].ctypes.data, xq[m].ctypes.data)
+                y[m, n] = s[0]
+        return y
+
+    def tile(self, t: str, w: np.ndarray, xq: np.ndarray, k: int, ldy: int) -> np.ndarray:
+        y = np.full((xq.shape[0], ldy), np.nan, np.float32)
+        self.types[t].tile(k, w.ctypes.data, w.strides[0], w.shape[0], xq.ctypes.data, xq.strides[0], xq.shape[0], _fp(y), ldy)
+        return y
+
+
+def _build(out: Path, flags: list[str], compiler: str = "gcc") -> Path:
+    cmd = [compiler, "-std=c11", "-O2", "-Wall", "-Werror", "-ffp-contract=off", "-fPIC", *flags, "-I", str(KERNELS)]
+    subprocess.run([*cmd, "-shared", str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
+    return out
+
+
+def _has_avx2() -> bool:
+    try:
+        return " avx2 " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kquants")
+    out = {"portable": Kernels(_build(tmp / "libkq_portable.so", []))}
+    if _has_avx2():
+        out["avx2"] = Kernels(_build(tmp / "libkq_avx2.so", ["-mavx2", "-mfma", "-mf16c"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    """llama.cpp's reference quantizers and dequantizers (libggml-base of llama-cpp-python)."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    for t in TYPES:
+        for name in (f"quantize_row_{t}_ref", f"dequantize_row_{t}"):
+            getattr(lib, name).argtypes = [_VP, _VP, ctypes.c_int64]
+    lib.quantize_row_q8_K_ref.argtypes = [_VP, _VP, ctypes.c_int64]
+    return lib
+
+
+def _weights(rows: int, k: int, seed: int) -> np.ndarray:
+    """Rows that reach every branch of the quantizers: gaussian at several magnitudes, heavy
+    tails, one-signed rows (min > 0 and max < 0), an all-zero and a constant super-block, tiny
+    values, and groups with a single outlier."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((max(rows, 8), k)).astype(np.float32)
+    x *= np.float32(10.0) ** rng.integers(-3, 2, size=(len(x), 1)).astype(np.float32)
+    x[1] = rng.standard_t(2, size=k)
+    x[2] = np.abs(x[2]) + 0.5
+    x[3] = -np.abs(x[3]) - 0.1
+    x[4, :QK_K] = 0.0
+    x[4, QK_K : 2 * QK_K] = 0.37
+    x[5] *= np.float32(1e-6)
+    x[6, ::16] *= 40.0
+    x[7, :QK_K:32] = 0.0
+    return x[:rows].astype(np.float32)
+
+
+def _q8k_dequant(xq: np.ndarray) -> np.ndarray:
+    """block_q8_K rows -> float64 values d * q"""
+    blocks = xq.reshape(xq.shape[0], -1, Q8K_BYTES)
+    d = blocks[..., :4].copy().view(np.float32).astype(np.float64)
+    q = blocks[..., 4:260].copy().view(np.int8).astype(np.float64)
+    return (d * q).reshape(xq.shape[0], -1)
+
+
+def _gguf_dequant(t: str, w: np.ndarray) -> np.ndarray:
+    return gguf.quants.dequantize(w, gguf.GGMLQuantizationType[t.upper()])
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_dequantize_matches_gguf_py(builds, ggml, t):
+    k = 4 * QK_K
+    rng = np.random.default_rng(1)
+    # random bytes cover every scale and quant pattern; the half-precision scales are made finite
+    w = rng.integers(0, 256, size=(6, k // QK_K * TYPES[t][1]), dtype=np.uint8)
+    blocks = w.reshape(6, -1, TYPES[t][1])
+    off = {"q2_K": 80, "q3_K": 108, "q4_K": 0, "q5_K": 0, "q6_K": 208}[t]
+    n_half = 1 if t in ("q3_K", "q6_K") else 2
+    halves = rng.standard_normal((6, blocks.shape[1], n_half)).astype(np.float16)
+    halves[0, 0] = np.float16(6e-8)  # subnormal half scale
+    blocks[:, :, off : off + 2 * n_half] = halves.view(np.uint8).reshape(6, blocks.shape[1], 2 * n_half)
+    expected = _gguf_dequant(t, w)
+    for build in builds.values():
+        got = build.dequantize(t, w, k)
+        assert np.array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
+    ref = np.zeros_like(expected, dtype=np.float32)
+    for r in range(6):
+        getattr(ggml, f"dequantize_row_{t}")(w[r].ctypes.data, ref[r].ctypes.data, k)
+    assert np.array_equal(ref.view(np.uint32), expected.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_quantize_row_matches_llama_cpp_ref(builds, ggml, t):
+    k = 4 * QK_K
+    x = _weights(12, k, seed=2)
+    ref = np.zeros((12, k // QK_K * TYPES[t][1]), np.uint8)
+    for r in range(12):
+        getattr(ggml, f"quantize_row_{t}_ref")(x[r].ctypes.data, ref[r].ctypes.data, k)
+    for name, build in builds.items():
+        got = build.quantize(t, x)
+        bad = np.argwhere(got != ref)
+        assert bad.size == 0, f"{name}: {len(bad)} bytes differ from llama.cpp, first at (row, byte) {bad[0]}"
+
+
+def test_quantize_act_matches_llama_cpp_ref(builds, ggml):
+    k = 8 * QK_K
+    x = _weights(8, k, seed=3)
+    ref = np.zeros((8, k // QK_K * Q8K_BYTES), np.uint8)
+    for r in range(8):
+        ggml.quantize_row_q8_K_ref(x[r].ctypes.data, ref[r].ctypes.data, k)
+    for build in builds.values():
+        assert np.array_equal(build.quantize_act(x), ref)
+    # bsums are the sums of each 16 quants
+    blocks = ref.reshape(-1, Q8K_BYTES)
+    q = blocks[:, 4:260].copy().view(np.int8).astype(np.int64).reshape(-1, 16, 16)
+    bsums = blocks[:, 260:].copy().view(np.int16)
+    assert np.array_equal(q.sum(axis=2), bsums)
+
+
+def _dot_bound(t: str, w: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 dot of the dequantized operands, and the bound on |vec_dot - it|.
+
+    vec_dot is the exact E = sum over super-blocks of d*dx*isum - dmin*dx*msum, each term with
+    3 roundings and accumulated with 2 per super-block: |vec_dot - E| <= (3 + 2 nb) u S, where
+    S = sum_v (|d sc q| + |dmin m|) |x_v|. The float32 dequantized weight has error <= 3u
+    (|d sc q| + |dmin m|) and the float64 reference dot adds a relative 2^-52 k, so
+    |vec_dot - ref| <= (2 nb + 7) u S; |d sc q| <= |w_v| + |M_v| with M_v = dmin m, read by
+    dequantizing the block with its quants zeroed. (2 nb + 8) absorbs the second-order terms."""
+    wf = _gguf_dequant(t, w).astype(np.float64)
+    if t in QUANT_BYTES:
+        lo, hi = QUANT_BYTES[t]
+        w0 = w.reshape(w.shape[0], -1, TYPES[t][1]).copy()
+        w0[:, :, lo:hi] = 0
+        mins = np.abs(_gguf_dequant(t, w0.reshape(w.shape)).astype(np.float64))
+    else:
+        mins = np.zeros_like(wf)
+    xf = _q8k_dequant(xq)
+    ref = xf @ wf.T
+    nb = k // QK_K
+    bound = (2 * nb + 8) * U * (np.abs(xf) @ (np.abs(wf) + 2 * mins).T)
+    return ref, bound
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_vec_dot_within_bound_of_float64(builds, t):
+    k = 8 * QK_K
+    build = builds["portable"]
+    w = build.quantize(t, _weights(8, k, seed=4))
+    xq = build.quantize_act(_weights(5, k, seed=5) * np.float32(3.0))
+    y = build.vec_dot(t, w, xq, k)
+    ref, bound = _dot_bound(t, w, xq, k)
+    assert np.all(np.abs(y - ref) <= bound), np.max(np.abs(y - ref) / np.maximum(bound, 1e-300))
+    assert np.any(y != 0)
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_avx2_bits_equal_portable_bits(builds, t):
+    if "avx2" not in builds:
+        pytest.skip("this CPU has no AVX2")
+    k = 16 * QK_K
+    rng = np.random.default_rng(6)
+    # random bytes reach every quant and scale value, including the extremes the bounds allow
+    w = rng.integers(0, 256, size=(6, k // QK_K * TYPES[t][1]), dtype=np.uint8)
+    w = np.concatenate([w, builds["portable"].quantize(t, _weights(8, k, seed=7))])
+    blocks = w.reshape(w.shape[0], -1, TYPES[t][1])
+    off = {"q2_K": 80, "q3_K": 108, "q4_K": 0, "q5_K": 0, "q6_K": 208}[t]
+    n_half = 1 if t in ("q3_K", "q6_K") else 2
+    halves = (rng.standard_normal((6, blocks.shape[1], n_half)) * 0.01).astype(np.float16)
+    blocks[:6, :, off : off + 2 * n_half] = halves.view(np.uint8).reshape(6, blocks.shape[1], 2 * n_half)
+    x = _weights(6, k, seed=8)
+    x[5] = np.where(np.arange(k) % 2, 1e3, -1e3)  # activations at +-127
+    xq = builds["portable"].quantize_act(x)
+    a = builds["avx2"].vec_dot(t, w, xq, k)
+    p = builds["portable"].vec_dot(t, w, xq, k)
+    assert np.array_equal(a.view(np.uint32), p.view(np.uint32))
+    assert np.array_equal(builds["avx2"].tile(t, w[:4], xq[:4], k, 4).view(np.uint32), p[:4, :4].view(np.uint32))
+
+
+@pytest.mark.parametrize("t", TYPES)
+def test_tile_elements_equal_vec_dot(builds, t):
+    k = 3 * QK_K
+    for build in builds.values():
+        w = build.quantize(t, _weights(8, k, seed=9))
+        xq = build.quantize_act(_weights(8, k, seed=10))
+        full = build.vec_dot(t, w, xq, k)
+        for nw in range(1, 5):
+            for nx in range(1, 5):
+                # rows taken with a stride, output into a wider row (ldy = 7): the tile honours both
+                wr, xr = w[1 : 1 + 2 * nw : 2], xq[nx - 1 : 2 * nx - 1]
+                y = build.tile(t, wr, xr, k, 7)
+                assert np.array_equal(y[:, :nw].view(np.uint32), full[nx - 1 : 2 * nx - 1, 1 : 1 + 2 * nw : 2].view(np.uint32))
+                assert np.all(np.isnan(y[:, nw:]))
+
+
+def test_avx512_build_compiles(tmp_path):
+    flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
+    cmd = ["gcc", "-std=c11", "-O2", "-Wall", "-Werror", "-ffp-contract=off", *flags, "-I", str(KERNELS)]
+    subprocess.run([*cmd, "-c", str(SOURCE), "-o", str(tmp_path / "kq512.o")], check=True)
+
+
+def test_llama_model_quantize_writes_our_bytes(builds, tmp_path):
+    """A whole file through llama.cpp's quantizer: each K-quant tensor it writes is our quantize_row of the same floats."""
+    rng = np.random.default_rng(11)
+    hidden, ff, vocab = 256, 512, 256
+    writer = gguf.GGUFWriter(str(tmp_path / "f32.gguf"), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // 4)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_token_merges([])
+    floats = {}
+    shapes = {
+        "token_embd.weight": (vocab, hidden),
+        "output.weight": (vocab, hidden),
+        "output_norm.weight": (hidden,),
+        "blk.0.attn_norm.weight": (hidden,),
+        "blk.0.ffn_norm.weight": (hidden,),
+        "blk.0.attn_q.weight": (hidden, hidden),
+        "blk.0.attn_k.weight": (hidden, hidden),
+        "blk.0.attn_v.weight": (hidden, hidden),
+        "blk.0.attn_output.weight": (hidden, hidden),
+        "blk.0.ffn_gate.weight": (ff, hidden),
+        "blk.0.ffn_up.weight": (ff, hidden),
+        "blk.0.ffn_down.weight": (hidden, ff),
+    }
+    for name, shape in shapes.items():
+        floats[name] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        writer.add_tensor(name, floats[name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    seen = set()
+    ftypes = {"Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+    for preset, ftype in ftypes.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.nthread = 1
+        dst = tmp_path / f"{preset}.gguf"
+        assert llama_cpp.llama_model_quantize(str(tmp_path / "f32.gguf").encode(), str(dst).encode(), params) == 0
+        for tensor in gguf.GGUFReader(dst).tensors:
+            t = tensor.tensor_type.name.lower()[:-1] + "K"  # Q4_K -> q4_K
+            if t not in TYPES:
+                continue
+            seen.add(t)
+            x = floats[tensor.name].reshape(-1, floats[tensor.name].shape[-1])
+            got = builds["portable"].quantize(t, x)
+            assert np.array_equal(np.asarray(tensor.data).reshape(got.shape), got), (preset, tensor.name, t)
+    assert seen == set(TYPES)
+
+
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")), reason="needs Debian's aarch64 cross compiler and qemu-user")
+def test_neon_bits_equal_portable_bits(builds, tmp_path):
+    """The NEON path (with and without the dot-product extension) under qemu: the same bits as portable."""
+    k = 4 * QK_K
+    rng = np.random.default_rng(12)
+    x = _weights(2, k, seed=13)
+    xq = builds["portable"].quantize_act(x)
+    main = tmp_path / "neon_main.c"
+    main.write_text(NEON_MAIN)
+    inputs = {}
+    for t, (_, nbytes, _) in TYPES.items():
+        w = np.concatenate([builds["portable"].quantize(t, _weights(2, k, seed=14)), rng.integers(0, 256, size=(2, k // QK_K * nbytes), dtype=np.uint8)])
+        blocks = w.reshape(4, -1, nbytes)
+        off = {"q2_K": 80, "q3_K": 108, "q4_K": 0, "q5_K": 0, "q6_K": 208}[t]
+        n_half = 1 if t in ("q3_K", "q6_K") else 2
+        blocks[2:, :, off : off + 2 * n_half] = np.tile(np.full(n_half, 0.01, np.float16).view(np.uint8), (2, blocks.shape[1], 1))
+        inputs[t] = w
+        (tmp_path / f"{t}.bin").write_bytes(w.tobytes())
+    (tmp_path / "x.bin").write_bytes(x.tobytes())
+    for march in ("armv8-a", "armv8.2-a+dotprod"):
+        exe = tmp_path / f"neon_{march.replace('+', '_')}"
+        subprocess.run(
+            [
+                "aarch64-linux-gnu-gcc",
+                "-std=c11",
+                "-O2",
+                f"-march={march}",
+                "-ffp-contract=off",
+                "-static",
+                "-I",
+                str(KERNELS),
+                str(main),
+                str(SOURCE),
+                "-o",
+                str(exe),
+                "-lm",
+            ],
+            check=True,
+        )
+        for t, w in inputs.items():
+            out = subprocess.run(
+                ["qemu-aarch64", str(exe), t, str(tmp_path / f"{t}.bin"), str(tmp_path / "x.bin"), str(k), "4", "2"], check=True, capture_output=True
+            ).stdout
+            got = np.frombuffer(out, np.uint32)
+            n_xq, n_w = xq.size // 4, 4 * k
+            neon_xq, neon_w, neon_y, neon_tile = np.split(got, [n_xq, n_xq + n_w, n_xq + n_w + 8])
+            assert np.array_equal(np.frombuffer(xq.tobytes(), np.uint32), neon_xq), (march, t)
+            deq = builds["portable"].dequantize(t, w, k)
+            assert np.array_equal(deq.view(np.uint32).ravel(), neon_w), (march, t)
+            expected = builds["portable"].vec_dot(t, w, xq, k)
+            assert np.array_equal(expected.view(np.uint32).ravel(), neon_y), (march, t)
+            assert np.array_equal(expected.view(np.uint32).ravel(), neon_tile), (march, t)
+
+
+NEON_MAIN = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "blocks.h"
+/* argv: type weights.bin x.bin K nw nx; writes (bits) the q8_K rows, the dequantized weights, then
+ * y[nx][nw] by vec_dot and by tile */
+static void *slurp(const char *p, size_t *n) {
+    FILE *f = fopen(p, "rb"); fseek(f, 0, SEEK_END); *n = (size_t)ftell(f); fseek(f, 0, SEEK_SET);
+    void *b = malloc(*n); if (fread(b, 1, *n, f) != *n) exit(2); fclose(f); return b;
+}
+int main(int argc, char **argv) {
+    (void)argc;
+    const BlockType *bt = !strcmp(argv[1], "q2_K") ? &block_type_q2_K : !strcmp(argv[1], "q3_K") ? &block_type_q3_K
+        : !strcmp(argv[1], "q4_K") ? &block_type_q4_K : !strcmp(argv[1], "q5_K") ? &block_type_q5_K : &block_type_q6_K;
+    size_t nwb, nxb;
+    const char *w = slurp(argv[2], &nwb);
+    const float *x = slurp(argv[3], &nxb);
+    const int K = atoi(argv[4]), nw = atoi(argv[5]), nx = atoi(argv[6]);
+    const size_t wrow = (size_t)K / 256 * bt->block_bytes, xrow = (size_t)K / 256 * bt->act_block_bytes;
+    char *xq = malloc(xrow * nx);
+    for (int m = 0; m < nx; m++) bt->quantize_act(x + (size_t)m * K, xq + m * xrow, K);
+    fwrite(xq, 1, xrow * nx, stdout);
+    float *deq = malloc(sizeof(float) * K);
+    for (int n = 0; n < nw; n++) { bt->dequantize_row(w + n * wrow, deq, K); fwrite(deq, 4, K, stdout); }
+    float y[16], yt[16];
+    for (int m = 0; m < nx; m++) for (int n = 0; n < nw; n++) bt->vec_dot(K, &y[m * nw + n], w + n * wrow, xq + m * xrow);
+    bt->tile(K, w, wrow, nw, xq, xrow, nx, yt, nw);
+    fwrite(y, 4, nx * nw, stdout);
+    fwrite(yt, 4, nx * nw, stdout);
+    return 0;
+}
+"""
