@@ -11,14 +11,13 @@ from __future__ import annotations
 import math
 import platform
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.core.kernels import load_kernels
 from llmcli.core.formats import TYPES, BlockLinear
+from llmcli.core.kernels import load_kernels
 from llmcli.core.kernels.linear import KernelLinear, accelerate_linears
 from llmcli.core.loader import load_model
 from llmcli.core.models.base import KVCache
@@ -202,18 +201,6 @@ def test_native_decode_with_ragged_rows_and_sliding_window(tmp_path, monkeypatch
             logits.append(torch.stack([loaded.module(steps[:, t : t + 1], cache=cache).logits[:, 0] for t in range(10)], 1))
             assert cache.lengths.tolist() == [13, 19]
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
-
-
-def test_int8_tiny_model_tracks_transformers(tmp_path):
-    path = make_tiny("llama", tmp_path / "llama")
-    ours = load_model(path, quantize="int8")
-    ref = load_reference(path)
-    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        got, expected = ours.module(ids).logits, ref(ids).logits
-    # 8-bit weights: close to float32, not equal
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
 
 
 def test_int8_refuses_other_dtypes(tmp_path):
