@@ -242,3 +242,56 @@ def test_concat_of_mixed_formats_runs_each_part():
     x = rand(3, 64)
     with torch.inference_mode():
         assert torch.equal(fused(x), torch.cat([a(x), q8(x)], -1))
+
+
+# ---------------------------------------------------------------- memory (issue 13, item 5)
+
+MEMORY_SCRIPT = r"""
+import json, re, sys, time, torch
+from llmcli.core.loader import load_model
+from llmcli.core.models.base import KVCache
+from llmcli.core.kernels import load_kernels
+
+def kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+)", f.read()).group(1))
+
+path, cache_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+load_kernels(cache_dir + "/kernels")  # compiled and mapped before the baseline: code, not weights
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS now
+before = kib("VmRSS")
+start = time.perf_counter()
+loaded = load_model(path, cache_dir=cache_dir)
+load_s = time.perf_counter() - start
+cache = KVCache.for_model(loaded.config, 1, steps + 8)
+kv = sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v))
+ids = torch.tensor([[1, 504, 3458, 314, 253, 1782, 28, 2156]])
+with torch.inference_mode():
+    logits = loaded.module(ids, cache=cache).logits[:, -1]
+    for _ in range(steps):
+        logits = loaded.module(logits.argmax(-1, keepdim=True), cache=cache).logits[:, -1]
+print(json.dumps({"peak_bytes": (kib("VmHWM") - before) * 1024, "kv_bytes": kv, "load_s": load_s,
+                  "native": loaded.module._native_blocks() is not None}))
+"""
+
+
+@pytest.mark.real
+def test_peak_memory_while_generating_a_q4_1_gguf_stays_near_the_file_size(smollm2_gguf, tmp_path):
+    """Peak RSS of loading SmolLM2 Q4_1 and generating (over the process before the load): at most
+    1.25 x the file + the KV cache + 200 MiB, where the old float32 copy took about 1 GB."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(smollm2_gguf), str(tmp_path / "cache"), "64"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    size = smollm2_gguf.stat().st_size
+    assert got["native"]
+    assert got["peak_bytes"] <= 1.25 * size + got["kv_bytes"] + 200 * 2**20, (got, size)

@@ -279,7 +279,7 @@ class GGUFBlocks:
     """A GGUF file mapped, not read: config, metadata and every tensor as raw blocks."""
 
     config: ModelConfig
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # string arrays (the vocabulary) as gguf_meta.SkippedStrings: their length only
     tensors: dict[str, MappedTensor]  # HF names
     extra: dict[str, MappedTensor] = field(default_factory=dict)  # GGUF names (rope_freqs.weight)
 
@@ -422,7 +422,7 @@ def map_gguf(path: Path | str) -> GGUFBlocks:
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise _refuse_pickle(path)
-    header = read_gguf_header(path)
+    header = read_gguf_header(path, strings=False)  # the vocabulary's strings are the tokenizer's business
     source = str(path)
     shapes = {t.name: t.shape for t in header.tensors}
     config = config_from_gguf(header.metadata, shapes, source)
@@ -489,9 +489,9 @@ def _unpermute_if_qk(t: MappedTensor, config: ModelConfig) -> MappedTensor:
     if kind not in ("attn_q", "attn_k"):
         return t
     n_head = config.num_attention_heads if kind == "attn_q" else config.num_key_value_heads
-    if len(t.shape) == 1 and t.gtype.block == 1:  # a bias: its values are the rows
-        return MappedTensor(t.name, t.gtype, t.shape, unpermute_rope(t.raw.view(t.shape[0], -1), n_head).reshape(1, -1))
-    return MappedTensor(t.name, t.gtype, t.shape, unpermute_rope(t.raw, n_head).contiguous())
+    rows = t.raw.view(t.shape[0], -1) if len(t.shape) == 1 else t.raw  # a bias: its values are the rows
+    order = unpermute_rope(torch.arange(rows.shape[0]), n_head)  # a row gather: whole rows copied at once
+    return MappedTensor(t.name, t.gtype, t.shape, rows.index_select(0, order).reshape(t.raw.shape))
 
 
 # ------------------------------------------------------------------ loading into a module
