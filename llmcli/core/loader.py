@@ -93,11 +93,11 @@ def load_model(
     fmt = check_quantize(quantize, torch_dtype, torch_device)
     is_gguf = path.is_file() and path.suffix == ".gguf"
     if cache_dir is not None:
-        from llmcli.tempfiles import remove_dead_tmp
+        from llmcli.tempfiles import remove_dead_tmp, remove_stale_cache
 
         for folder in ("kernels", "tokenizers"):  # what loads killed mid-write left behind
             remove_dead_tmp(Path(cache_dir) / folder)
-        remove_stale_cache(Path(cache_dir))
+        remove_stale_cache(Path(cache_dir))  # the float32 weights caches of older versions
     native = torch_device.type == "cpu" and torch_dtype == torch.float32
     kernels = None
     if native:
@@ -193,19 +193,6 @@ def _check_shape(t, want: tuple[int, ...], name: str, path: Path) -> None:
             f"tensor {name} ({t.name}) in {path} has shape {tuple(t.shape)} but the model expects {want}",
             "the weights do not match the GGUF's metadata; download or convert the model again",
         )
-
-
-STALE_CACHE_FOLDERS = ("weights",)  # float32 weights and panel caches of GGUFs, written before issue 13
-
-
-def remove_stale_cache(cache_dir: Path) -> None:
-    """Delete cache entries of layouts llmcli no longer reads (the old float32 GGUF weights cache)."""
-    import shutil
-
-    for folder in STALE_CACHE_FOLDERS:
-        stale = cache_dir / folder
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _use_kernels(module: torch.nn.Module, kernels, fmt) -> None:
