@@ -56,9 +56,11 @@ class ConcatLinear(nn.Module):
         self._desc = None  # the native description (kind 3), built on first use; False when some part is not native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from llmcli.core.kernels.linear import _native_input
+
         if self._desc is None:
             self._desc = describe(self) or False
-        if not self._desc or not (x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad):
+        if not self._desc or not _native_input(x):
             return torch.cat([p(x) for p in self.parts], dim=-1)
         kernels = next(p.kernels for p in self.parts if getattr(p, "kernels", None) is not None)
         flat = x.reshape(-1, self.in_features).contiguous()  # (M, in)

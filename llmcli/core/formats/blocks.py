@@ -143,10 +143,6 @@ def quantize_rows(weight: torch.Tensor, gtype: GGMLType, kernels=None) -> torch.
     return out
 
 
-def _native_input(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
-
-
 class BlockLinear(nn.Module):
     """nn.Linear whose weight rows are GGML blocks (`blocks`: (out_features, row bytes) uint8).
 
@@ -177,6 +173,8 @@ class BlockLinear(nn.Module):
         return dequantize_rows(self.blocks, self.gtype, self.in_features, self.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from llmcli.core.kernels.linear import _native_input
+
         if not (_native(self.kernels, self.gtype) and _native_input(x)):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantize().to(device=x.device, dtype=x.dtype), bias)
