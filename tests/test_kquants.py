@@ -447,3 +447,39 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_driver_runs_kquants_with_the_same_bits(builds, ggml, isa):
+    """Through blocks.c's exported API (the library llmcli builds): the K-quants are supported, quantize
+    to llama.cpp's bytes, dequantize to gguf-py's floats, and block_matmul gives vec_dot's bits for every
+    row whatever the number of rows (1 or 7) and the ISA level."""
+    from llmcli.core import kernels
+
+    if isa not in kernels.available_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    lib = kernels.load_kernels(isa=isa)
+    assert lib is not None and lib.isa == isa
+    n, k, m = 9, 2 * QK_K, 7
+    x = _weights(m, k, seed=15)
+    for t, (type_id, nbytes, _) in TYPES.items():
+        assert lib.block_type_supported(type_id) == 1
+        wf = _weights(n, k, seed=16)
+        w = np.zeros((n, k // QK_K * nbytes), np.uint8)
+        assert lib.block_quantize_rows(type_id, wf.ctypes.data, w.ctypes.data, n, k) == 0
+        ref = np.zeros_like(w)
+        for r in range(n):
+            getattr(ggml, f"quantize_row_{t}_ref")(wf[r].ctypes.data, ref[r].ctypes.data, k)
+        assert np.array_equal(w, ref), t
+        rows = np.array([3, 0, 8], np.int64)
+        deq = np.zeros((3, k), np.float32)
+        assert lib.block_dequantize_rows(type_id, w.ctypes.data, rows.ctypes.data, 3, k, deq.ctypes.data) == 0
+        assert np.array_equal(deq, _gguf_dequant(t, w[rows]).astype(np.float32)), t
+        y = np.zeros((m, n), np.float32)
+        assert lib.block_matmul(type_id, x.ctypes.data, w.ctypes.data, None, y.ctypes.data, m, n, k) == 0
+        expected = builds["portable"].vec_dot(t, w, builds["portable"].quantize_act(x), k)
+        assert np.array_equal(y.view(np.uint32), expected.view(np.uint32)), t
+        for r in (0, m - 1):
+            y1 = np.zeros((1, n), np.float32)
+            assert lib.block_matmul(type_id, x[r].ctypes.data, w.ctypes.data, None, y1.ctypes.data, 1, n, k) == 0
+            assert np.array_equal(y1[0].view(np.uint32), y[r].view(np.uint32)), t

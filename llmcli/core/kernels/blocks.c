@@ -14,11 +14,14 @@
  * delta d = amax / 127, 32 int8 values round(x / d) (round half to even) and s = d * sum(q) for the
  * types with a min. Their dot product, on every ISA, is this one sequence of float operations:
  *
- *     for each block b in order:   p = dw * da                      (dw: the weight block's delta)
- *         for lane j = 0..7:       acc[j] = acc[j] + (float)isum_j * p
- *                                  (isum_j: the exact int32 sum of products of values 4j..4j+3)
- *         types with a min:        msum = msum + mw * sa
- *     result = hsum8(acc) + msum,  hsum8(a) = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))
+ *     for each block b in order, e = b mod 2 (two sets, so consecutive blocks do not wait on
+ *     each other's additions):
+ *         p = dw * da                                   (dw: the weight block's delta)
+ *         for lane j = 0..7:  acc[e][j] = acc[e][j] + (float)isum_j * p
+ *                             (isum_j: the exact int32 sum of products of values 4j..4j+3)
+ *         types with a min:   msum[e] = msum[e] + mw * sa
+ *     result = hsum8(acc[0] + acc[1]) + (msum[0] + msum[1]),
+ *     hsum8(a) = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))
  *
  * F32/F16/BF16 take float32 activations: 32 lanes, lane j summing w[32i+j]*x[32i+j] over i in
  * order (mul, then add; the last chunk zero-padded), then lanes l, l+8, l+16, l+24 combined as
@@ -54,7 +57,7 @@
 #endif
 
 #if defined(USE_AVX2)
-#include <immintrin.h>
+#include <immintrin.h> /* AVX-512 builds use the AVX2 code, with an even and an odd block per register in the 32-value dot products */
 #elif defined(USE_NEON)
 #include <arm_neon.h>
 #endif
@@ -327,14 +330,17 @@ static float signed_absmax(const float *x) {
     return max;
 }
 
-static void min_max(const float *x, float *lo, float *hi) {
+/* the block's min, and the delta (max - min) / levels with its inverse (0 for a constant block) */
+static float min_delta(const float *x, int levels, float *min, float *inv) {
     float mn = FLT_MAX, mx = -FLT_MAX;
     for (int j = 0; j < 32; j++) {
         if (x[j] < mn) mn = x[j];
         if (x[j] > mx) mx = x[j];
     }
-    *lo = mn;
-    *hi = mx;
+    const float d = (mx - mn) / (float)levels;
+    *min = mn;
+    *inv = d ? 1.0f / d : 0.0f;
+    return d;
 }
 
 static void quantize_row_q4_0(const float *x, void *vw, int K) {
@@ -352,9 +358,8 @@ static void quantize_row_q4_0(const float *x, void *vw, int K) {
 static void quantize_row_q4_1(const float *x, void *vw, int K) {
     block_q4_1 *w = (block_q4_1 *)vw;
     for (int b = 0; b < K / 32; b++, x += 32) {
-        float mn, mx;
-        min_max(x, &mn, &mx);
-        const float d = (mx - mn) / 15, id = d ? 1.0f / d : 0.0f;
+        float mn, id;
+        const float d = min_delta(x, 15, &mn, &id);
         w[b].d = float_to_half(d);
         w[b].m = float_to_half(mn);
         for (int j = 0; j < 16; j++) {
@@ -391,9 +396,8 @@ static void quantize_row_q5_0(const float *x, void *vw, int K) {
 static void quantize_row_q5_1(const float *x, void *vw, int K) {
     block_q5_1 *w = (block_q5_1 *)vw;
     for (int b = 0; b < K / 32; b++, x += 32) {
-        float mn, mx;
-        min_max(x, &mn, &mx);
-        const float d = (mx - mn) / 31, id = d ? 1.0f / d : 0.0f;
+        float mn, id;
+        const float d = min_delta(x, 31, &mn, &id);
         w[b].d = float_to_half(d);
         w[b].m = float_to_half(mn);
         int q[32];
@@ -573,62 +577,132 @@ static inline void unpack_neon(int kind, const uint8_t *blk, int8x16_t *lo, int8
 }
 #endif
 
-/* NX activation rows . one weight row of `nb` blocks of kind `kind` */
+#if defined(USE_AVX2)
+/* the min terms' products m * s of block b for NX activation rows, one lane per row (a vector
+ * keeps the 4 rows' sums in one register instead of 4: the 4x4 tile then needs no spills) */
+static inline __attribute__((always_inline)) __m128 min_terms(const int NX, float m, const block_q8a *const *xa, int b) {
+    if (NX == 1) return _mm_mul_ss(_mm_set_ss(m), _mm_set_ss(xa[0][b].s));
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int c = 0; c < NX; c++) s[c] = xa[c][b].s;
+    return _mm_mul_ps(_mm_set1_ps(m), _mm_loadu_ps(s));
+}
+
+/* block b of one weight row into one accumulator set (acc, msum) of NX activation rows */
+static inline __attribute__((always_inline)) void q_block_avx2(const int kind, const int NX, const uint8_t *blk, const block_q8a *const *xa, int b,
+                                                               __m256 *acc, __m128 *msum) {
+    const int is_signed = !HAS_MIN(kind);
+    float d, m = 0.0f;
+    const __m256i qw = unpack_avx2(kind, blk, &d, &m);
+    const __m256i aw = is_signed ? _mm256_sign_epi8(qw, qw) : qw;
+    for (int c = 0; c < NX; c++) {
+        const block_q8a *a = &xa[c][b];
+        const __m256i qa = _mm256_loadu_si256((const __m256i *)a->qs);
+        const __m256i isum = dot_us8(aw, is_signed ? _mm256_sign_epi8(qa, qw) : qa);
+        acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * a->d)));
+    }
+    if (HAS_MIN(kind)) *msum = _mm_add_ps(*msum, min_terms(NX, m, xa, b));
+}
+#endif
+
+#if defined(USE_NEON)
+static inline __attribute__((always_inline)) void q_block_neon(const int kind, const int NX, const uint8_t *blk, const block_q8a *const *xa, int b,
+                                                               float32x4_t *lo, float32x4_t *hi, float *msum) {
+    float d, m = 0.0f;
+    int8x16_t wl, wh;
+    unpack_neon(kind, blk, &wl, &wh, &d, &m);
+    for (int c = 0; c < NX; c++) {
+        const block_q8a *a = &xa[c][b];
+        const int32x4_t s0 = dot_s8x16(wl, vld1q_s8(a->qs)), s1 = dot_s8x16(wh, vld1q_s8(a->qs + 16));
+        const float32x4_t p = vdupq_n_f32(d * a->d);
+        lo[c] = vaddq_f32(lo[c], vmulq_f32(vcvtq_f32_s32(s0), p));
+        hi[c] = vaddq_f32(hi[c], vmulq_f32(vcvtq_f32_s32(s1), p));
+        if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+    }
+}
+#endif
+
+/* NX activation rows . one weight row of `nb` blocks of kind `kind`: two accumulator sets (even
+ * and odd blocks), so that consecutive blocks do not wait for each other's additions */
 static inline __attribute__((always_inline)) void q_dot_rows(const int kind, const int NX, int nb, const uint8_t *w, const block_q8a *const *xa,
                                                              float *out, size_t ldo) {
     const size_t wb = q_block_bytes(kind);
-    float msum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if defined(USE_AVX2)
-    __m256 acc[4];
-    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        float d, m = 0.0f;
-        const __m256i qw = unpack_avx2(kind, w + (size_t)b * wb, &d, &m);
+    __m128 msum_e = _mm_setzero_ps(), msum_o = _mm_setzero_ps(); /* lane c: activation row c */
+    int b = 0;
+#if defined(USE_AVX512)
+    /* an even and an odd block per 512-bit register: lanes 0-7 are the even set, 8-15 the odd one */
+    __m512 acc[4];
+    for (int c = 0; c < NX; c++) acc[c] = _mm512_setzero_ps();
+    for (; b + 1 < nb; b += 2) {
+        float d0, d1, m0 = 0.0f, m1 = 0.0f;
+        const __m256i w0 = unpack_avx2(kind, w + (size_t)b * wb, &d0, &m0);
+        const __m256i w1 = unpack_avx2(kind, w + (size_t)(b + 1) * wb, &d1, &m1);
+        const __m512i qw = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
         const int is_signed = !HAS_MIN(kind);
-        const __m256i aw = is_signed ? _mm256_sign_epi8(qw, qw) : qw;
+        const __m512i aw = is_signed ? _mm512_abs_epi8(qw) : qw;
+        const __mmask64 neg = is_signed ? _mm512_movepi8_mask(qw) : 0; /* where the weight is negative */
         for (int c = 0; c < NX; c++) {
             const block_q8a *a = &xa[c][b];
-            const __m256i qa = _mm256_loadu_si256((const __m256i *)a->qs);
-            const __m256i isum = dot_us8(aw, is_signed ? _mm256_sign_epi8(qa, qw) : qa);
-            acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * a->d)));
-            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+            __m512i qa = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a[0].qs)),
+                                            _mm256_loadu_si256((const __m256i *)a[1].qs), 1);
+            if (is_signed) qa = _mm512_mask_sub_epi8(qa, neg, _mm512_setzero_si512(), qa); /* a with the weight's sign (|w| = 0 covers w = 0) */
+            const __m512i isum = _mm512_madd_epi16(_mm512_maddubs_epi16(aw, qa), _mm512_set1_epi16(1));
+            const __m512 p = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0 * a[0].d)), _mm256_set1_ps(d1 * a[1].d), 1);
+            acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), p));
+        }
+        if (HAS_MIN(kind)) {
+            msum_e = _mm_add_ps(msum_e, min_terms(NX, m0, xa, b));
+            msum_o = _mm_add_ps(msum_o, min_terms(NX, m1, xa, b + 1));
         }
     }
-    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(acc[c]) + msum[c];
-#elif defined(USE_NEON)
-    float32x4_t lo[4], hi[4];
-    for (int c = 0; c < NX; c++) lo[c] = hi[c] = vdupq_n_f32(0.0f);
-    for (int b = 0; b < nb; b++) {
-        float d, m = 0.0f;
-        int8x16_t wl, wh;
-        unpack_neon(kind, w + (size_t)b * wb, &wl, &wh, &d, &m);
-        for (int c = 0; c < NX; c++) {
-            const block_q8a *a = &xa[c][b];
-            const int32x4_t s0 = dot_s8x16(wl, vld1q_s8(a->qs)), s1 = dot_s8x16(wh, vld1q_s8(a->qs + 16));
-            const float32x4_t p = vdupq_n_f32(d * a->d);
-            lo[c] = vaddq_f32(lo[c], vmulq_f32(vcvtq_f32_s32(s0), p));
-            hi[c] = vaddq_f32(hi[c], vmulq_f32(vcvtq_f32_s32(s1), p));
-            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
-        }
-    }
-    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_neon(lo[c], hi[c]) + msum[c];
+    __m256 even[4], odd[4];
+    for (int c = 0; c < NX; c++) even[c] = _mm512_castps512_ps256(acc[c]), odd[c] = _mm512_extractf32x8_ps(acc[c], 1);
 #else
-    float acc[4][8] = {{0}};
+    __m256 even[4], odd[4];
+    for (int c = 0; c < NX; c++) even[c] = odd[c] = _mm256_setzero_ps();
+#endif
+    for (; b + 1 < nb; b += 2) { /* unrolled by two: the sets are registers, not indexed memory */
+        q_block_avx2(kind, NX, w + (size_t)b * wb, xa, b, even, &msum_e);
+        q_block_avx2(kind, NX, w + (size_t)(b + 1) * wb, xa, b + 1, odd, &msum_o);
+    }
+    if (b < nb) q_block_avx2(kind, NX, w + (size_t)b * wb, xa, b, even, &msum_e);
+    float ms[4];
+    _mm_storeu_ps(ms, _mm_add_ps(msum_e, msum_o));
+    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(_mm256_add_ps(even[c], odd[c])) + ms[c];
+#elif defined(USE_NEON)
+    float msum_e[4] = {0.0f, 0.0f, 0.0f, 0.0f}, msum_o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float32x4_t lo_e[4], hi_e[4], lo_o[4], hi_o[4]; /* lanes 0-3 and 4-7 of the even and odd sets */
+    for (int c = 0; c < NX; c++) lo_e[c] = hi_e[c] = lo_o[c] = hi_o[c] = vdupq_n_f32(0.0f);
+    int b = 0;
+    for (; b + 1 < nb; b += 2) {
+        q_block_neon(kind, NX, w + (size_t)b * wb, xa, b, lo_e, hi_e, msum_e);
+        q_block_neon(kind, NX, w + (size_t)(b + 1) * wb, xa, b + 1, lo_o, hi_o, msum_o);
+    }
+    if (b < nb) q_block_neon(kind, NX, w + (size_t)b * wb, xa, b, lo_e, hi_e, msum_e);
+    for (int c = 0; c < NX; c++)
+        out[c * ldo] = hsum8_neon(vaddq_f32(lo_e[c], lo_o[c]), vaddq_f32(hi_e[c], hi_o[c])) + (msum_e[c] + msum_o[c]);
+#else
+    float acc[4][2][8] = {{{0}}}, msum[4][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}};
     for (int b = 0; b < nb; b++) {
         int q[32];
         float d, m = 0.0f;
         unpack_q(kind, w + (size_t)b * wb, q, &d, &m);
+        const int par = b & 1;
         for (int c = 0; c < NX; c++) {
             const block_q8a *a = &xa[c][b];
             const float p = d * a->d;
             for (int j = 0; j < 8; j++) {
                 const int s = q[4 * j] * a->qs[4 * j] + q[4 * j + 1] * a->qs[4 * j + 1] + q[4 * j + 2] * a->qs[4 * j + 2] + q[4 * j + 3] * a->qs[4 * j + 3];
-                acc[c][j] = acc[c][j] + (float)s * p;
+                acc[c][par][j] = acc[c][par][j] + (float)s * p;
             }
-            if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
+            if (HAS_MIN(kind)) msum[c][par] = msum[c][par] + m * a->s;
         }
     }
-    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_scalar(acc[c]) + msum[c];
+    for (int c = 0; c < NX; c++) {
+        float v[8];
+        for (int j = 0; j < 8; j++) v[j] = acc[c][0][j] + acc[c][1][j];
+        out[c * ldo] = hsum8_scalar(v) + (msum[c][0] + msum[c][1]);
+    }
 #endif
 }
 
@@ -747,7 +821,6 @@ static const BlockType block_type_q4_1 = Q32_TYPE(GGML_TYPE_Q4_1, q4_1, block_q4
 static const BlockType block_type_q5_0 = Q32_TYPE(GGML_TYPE_Q5_0, q5_0, block_q5_0);
 static const BlockType block_type_q5_1 = Q32_TYPE(GGML_TYPE_Q5_1, q5_1, block_q5_1);
 
-/* this build's kernels for a ggml type, or NULL (the K-quants when kquants.c is not linked in) */
 const BlockType *block_type_get(int type) {
     switch (type) {
     case GGML_TYPE_F32: return &block_type_f32;
@@ -782,18 +855,7 @@ static size_t row_bytes(const BlockType *bt, int K) {
 #define ROWS_PER_TASK 64       /* activation rows per task when there are many (prefill) */
 #define L2_BYTES (256 * 1024)  /* weight bytes a task keeps hot while its activation rows stream past */
 
-/* One part of a product: N weight rows of one type, their outputs at column `col` of y. */
-typedef struct {
-    int type;
-    const void *w;
-    const float *bias; /* NULL for none */
-    int n;
-    int col;
-} BlockPart;
-
-/* y[:, part.col + n] = x W_part^T + bias for every part, all in one parallel region.
- * Parts sharing an activation format share one quantized copy of x. Returns 0, -1 (no memory),
- * -2 (a type this build lacks), -3 (K not a whole number of a part's blocks). */
+/* block_matmul_parts (blocks.h): parts sharing an activation format share one quantized copy of x */
 int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K) {
     enum { MAXP = 16 };
     if (nparts <= 0 || M <= 0) return 0;
@@ -828,7 +890,8 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
     }
     const int threads = block_threads();
     const int qtasks = nfmt * M;
-#pragma omp parallel for schedule(static) num_threads(threads) if (M > 1)
+    /* a few rows (decode) are quantized faster than a parallel region starts */
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)qtasks * K >= 32768)
     for (int t = 0; t < qtasks; t++) {
         const int f = t / M, m = t % M, p = fmt_part[f];
         bt[p]->quantize_act(x + (size_t)m * K, xq[f] + (size_t)m * xrow[p], K);
@@ -889,7 +952,8 @@ int block_matmul(int type, const float *x, const void *w, const float *bias, flo
     return block_matmul_parts(&part, 1, x, y, M, N, K);
 }
 
-/* out[i] = row rows[i] of w, dequantized (an embedding lookup). 0, -2 (type), -3 (K). */
+/* out[i] = row rows[i] of w, dequantized (an embedding lookup; the caller checks that every row
+ * index is inside the matrix). 0, -2 (type), -3 (K). */
 int block_dequantize_rows(int type, const void *w, const int64_t *rows, int nrows, int K, float *out) {
     const BlockType *bt = block_type_get(type);
     if (bt == NULL) return -2;

@@ -212,6 +212,28 @@ typedef struct {
     void (*tile)(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes, int nx, float *y, size_t ldy);
 } BlockType;
 
+/* ------------------------------------------------------------------ the driver (blocks.c)
+ * Beside the exported API (block_matmul, block_dequantize_rows, block_quantize_rows,
+ * block_type_supported, block_isa): the type table, and the product of several weight matrices
+ * side by side, which matvec.c's fused projections (Linear kind 3) use. */
+
+/* this build's kernels for a ggml type, or NULL (the K-quants when kquants.c is not linked in) */
+const BlockType *block_type_get(int type);
+
+/* One part of a product: n weight rows of one type, their outputs at column `col` of y. */
+typedef struct {
+    int type;
+    const void *w;
+    const float *bias; /* NULL for none */
+    int n;
+    int col;
+} BlockPart;
+
+/* y[:, part.col + j] = x W_part^T + bias for every part, in one parallel region; y rows are
+ * N_ld floats apart. Returns 0, -1 (no memory), -2 (a type this build lacks), -3 (K is not a
+ * whole number of a part's blocks). */
+int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K);
+
 /* the K-quants, defined in kquants.c */
 extern const BlockType block_type_q2_K __attribute__((weak));
 extern const BlockType block_type_q3_K __attribute__((weak));

@@ -8,16 +8,17 @@
  * How a dot product is summed, on every ISA (blocks.h's contract). Every K-quant super-block is
  * 16 groups of 16 values; value v of group g is  d * sc[g] * q[v]  -  dmin * mn[g]  with small
  * integers q, sc, mn (mn = 0 for Q3_K and Q6_K, which have no mins). Against a q8_K block
- * (float dx, int8 a[256], int16 bsums[16] = sums of each group of 16 a) the super-block gives
- *     isum = sum_g sc[g] * sum_{v in g} q[v] * a[v]      exact in int32
- *     msum = sum_g mn[g] * bsums[g]                      exact in int32
- * and the row's float result is, super-block after super-block, in this order:
- *     acc = acc + (d * dx) * (float)isum;
- *     acc = acc - (dmin * dx) * (float)msum;             (types with mins only)
- * starting from acc = 0. The integer parts may be summed in any order (they are exact; the bounds
- * are at most 256 * 63 * 127 * 128 < 2^31), the float part is scalar or lane-wise identical and
- * compiled with -ffp-contract=off, so the portable, AVX2, AVX-512 and NEON paths give the same
- * bits, and a tile element equals vec_dot of its row pair.
+ * (float dx, int8 a[256], int16 bsums[16] = sums of each group of 16 a) a super-block gives 8
+ * exact int32 lanes isum[l] (products in bytes 4l..4l+3 of each chunk of 32 values, times their
+ * scale: what AVX2's maddubs + madd leave in lane l) and 8 lanes msum[l] of mins times bsums
+ * (the exact partition is written at sb_lanes). The row's float result is 8 float lanes,
+ * super-block after super-block, in this order:
+ *     acc[l] = acc[l] + (d * dx) * (float)isum[l];
+ *     acc[l] = acc[l] - (dmin * dx) * (float)msum[l];    (types with mins only)
+ * from acc = 0, then ((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7)). The integer lanes
+ * are exact whatever the order of their terms (at most 256 * 63 * 127 * 128 < 2^31), the float
+ * operations are lane-wise the same and compiled with -ffp-contract=off, so the portable, AVX2,
+ * AVX-512 and NEON paths give the same bits, and a tile element equals vec_dot of its row pair.
  *
  * Paths: AVX2 (also used by AVX-512 builds: the per-super-block work is 256-bit shaped),
  * NEON (vdotq_s32 with __ARM_FEATURE_DOTPROD, widening multiplies otherwise) on the unpacked
@@ -624,22 +625,26 @@ static void quantize_row_q6_K(const float *x, void *vy, int K) {
 
 /* ================================================================== dot products */
 
-/* One weight super-block against nx (<= 4) activation blocks: the exact isum[x] and msum[x]
- * of the header comment; the float combination is kq_combine, the same for every path. */
+/* The 8 lanes (see the header comment): lane l of a super-block's isum takes bytes 4l..4l+3 of
+ * each of its 8 chunks of 32 values, each product times its group's scale, on the quants as
+ * stored unsigned (Q3_K: q + 4, Q6_K: q + 32), less off * (sc[2l] bsums[2l] + sc[2l+1] bsums[2l+1]);
+ * lane l of msum takes groups 2l, 2l+1 (Q2_K) or 4l..4l+3 (Q4_K, Q5_K, lanes 4..7 zero). This
+ * is what AVX2's maddubs/madd give; the other paths compute the same integers. */
 
-KQ_INLINE float kq_combine(float acc, float d, float dmin, float dx, int32_t isum, int32_t msum, bool has_min) {
-    acc = acc + (d * dx) * (float)isum;
-    if (has_min) acc = acc - (dmin * dx) * (float)msum;
-    return acc;
+/* ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7)): the final sum of the 8 float lanes */
+static inline float kq_hsum8(const float v[8]) {
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
 #if !defined(KQ_AVX2)
 
-/* A super-block unpacked: q[256] signed values, per-16 scales and mins (see header comment) */
+/* A super-block unpacked: the stored unsigned quants, per-16 scales and mins, the offset the
+ * stored quants carry (0, or 4 for Q3_K, 32 for Q6_K) and the number of min lanes (8 or 4) */
 typedef struct {
     int8_t q[QK_K];
     int16_t sc[16];
     int16_t mn[16];
+    int off, min_lanes;
 } kq_unpacked;
 
 static void unpack_q2_K(const void *vw, kq_unpacked *u) {
@@ -648,6 +653,8 @@ static void unpack_q2_K(const void *vw, kq_unpacked *u) {
         u->sc[g] = w->scales[g] & 0xF;
         u->mn[g] = w->scales[g] >> 4;
     }
+    u->off = 0;
+    u->min_lanes = 8;
     for (int n = 0; n < 2; n++)
         for (int s = 0; s < 4; s++)
             for (int l = 0; l < 32; l++) u->q[128 * n + 32 * s + l] = (int8_t)((w->qs[32 * n + l] >> (2 * s)) & 3);
@@ -661,23 +668,31 @@ static void unpack_q3_K(const void *vw, kq_unpacked *u) {
         u->sc[g] = sc[g];
         u->mn[g] = 0;
     }
+    u->off = 4;
+    u->min_lanes = 0;
     for (int n = 0; n < 2; n++)
         for (int s = 0; s < 4; s++)
             for (int l = 0; l < 32; l++) {
                 const int q = (w->qs[32 * n + l] >> (2 * s)) & 3;
                 const int h = (w->hmask[l] >> (4 * n + s)) & 1;
-                u->q[128 * n + 32 * s + l] = (int8_t)(q - (h ? 0 : 4));
+                u->q[128 * n + 32 * s + l] = (int8_t)(q | (h << 2));
             }
 }
 
-static void unpack_q4_K(const void *vw, kq_unpacked *u) {
-    const block_q4_K *w = (const block_q4_K *)vw;
+static void unpack_k4(const uint8_t *packed, kq_unpacked *u) {
     uint8_t sm[16];
-    scales_mins_k4(w->scales, sm);
+    scales_mins_k4(packed, sm);
     for (int j = 0; j < 8; j++) {
         u->sc[2 * j] = u->sc[2 * j + 1] = sm[j];
         u->mn[2 * j] = u->mn[2 * j + 1] = sm[8 + j];
     }
+    u->off = 0;
+    u->min_lanes = 4;
+}
+
+static void unpack_q4_K(const void *vw, kq_unpacked *u) {
+    const block_q4_K *w = (const block_q4_K *)vw;
+    unpack_k4(w->scales, u);
     for (int j = 0; j < 4; j++)
         for (int l = 0; l < 32; l++) {
             u->q[64 * j + l] = (int8_t)(w->qs[32 * j + l] & 0xF);
@@ -687,12 +702,7 @@ static void unpack_q4_K(const void *vw, kq_unpacked *u) {
 
 static void unpack_q5_K(const void *vw, kq_unpacked *u) {
     const block_q5_K *w = (const block_q5_K *)vw;
-    uint8_t sm[16];
-    scales_mins_k4(w->scales, sm);
-    for (int j = 0; j < 8; j++) {
-        u->sc[2 * j] = u->sc[2 * j + 1] = sm[j];
-        u->mn[2 * j] = u->mn[2 * j + 1] = sm[8 + j];
-    }
+    unpack_k4(w->scales, u);
     for (int j = 0; j < 4; j++)
         for (int l = 0; l < 32; l++) {
             const int h = w->qh[l] >> (2 * j);
@@ -707,47 +717,54 @@ static void unpack_q6_K(const void *vw, kq_unpacked *u) {
         u->sc[g] = w->scales[g];
         u->mn[g] = 0;
     }
+    u->off = 32;
+    u->min_lanes = 0;
     for (int n = 0; n < 2; n++) {
         const uint8_t *ql = w->ql + 64 * n, *qh = w->qh + 32 * n;
         int8_t *q = u->q + 128 * n;
         for (int l = 0; l < 32; l++) {
-            q[l] = (int8_t)(((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
-            q[l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-            q[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-            q[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            q[l] = (int8_t)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4));
+            q[l + 32] = (int8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4));
+            q[l + 64] = (int8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+            q[l + 96] = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
         }
     }
 }
 
-/* sum of 16 products of int8 */
-KQ_INLINE int32_t dot16(const int8_t *a, const int8_t *b) {
-#if defined(KQ_NEON) && defined(__ARM_FEATURE_DOTPROD)
-    return vaddvq_s32(vdotq_s32(vdupq_n_s32(0), vld1q_s8(a), vld1q_s8(b)));
-#elif defined(KQ_NEON)
-    const int8x16_t va = vld1q_s8(a), vb = vld1q_s8(b);
-    const int16x8_t p = vmlal_s8(vmull_s8(vget_low_s8(va), vget_low_s8(vb)), vget_high_s8(va), vget_high_s8(vb));
-    return vaddlvq_s16(p);
+/* il[l] += scale * (sum of the 4 products in bytes 4l..4l+3), for the 16 values of group g */
+KQ_INLINE void dot_group(const int8_t *q, const int8_t *a, int32_t scale, int32_t *il) {
+#if defined(KQ_NEON)
+#if defined(__ARM_FEATURE_DOTPROD)
+    const int32x4_t d = vdotq_s32(vdupq_n_s32(0), vld1q_s8(q), vld1q_s8(a));
 #else
-    int32_t s = 0;
-    for (int l = 0; l < 16; l++) s += a[l] * b[l];
-    return s;
+    const int8x16_t vq = vld1q_s8(q), va = vld1q_s8(a);
+    const int32x4_t p01 = vpaddlq_s16(vmull_s8(vget_low_s8(vq), vget_low_s8(va)));
+    const int32x4_t p23 = vpaddlq_s16(vmull_s8(vget_high_s8(vq), vget_high_s8(va)));
+    const int32x4_t d = vpaddq_s32(p01, p23);
+#endif
+    vst1q_s32(il, vmlaq_n_s32(vld1q_s32(il), d, scale));
+#else
+    for (int l = 0; l < 4; l++)
+        il[l] += scale * (q[4 * l] * a[4 * l] + q[4 * l + 1] * a[4 * l + 1] + q[4 * l + 2] * a[4 * l + 2] + q[4 * l + 3] * a[4 * l + 3]);
 #endif
 }
 
-static void sb_sums(const kq_unpacked *u, const block_q8_K *x, int32_t *isum, int32_t *msum) {
-    int32_t is = 0, ms = 0;
-    for (int g = 0; g < 16; g++) {
-        is += u->sc[g] * dot16(u->q + 16 * g, x->qs + 16 * g);
-        ms += u->mn[g] * x->bsums[g];
-    }
-    *isum = is;
-    *msum = ms;
+/* the integer lanes of one unpacked super-block against one q8_K block */
+static void sb_lanes(const kq_unpacked *u, const block_q8_K *x, int32_t il[8], int32_t ml[8]) {
+    for (int l = 0; l < 8; l++) il[l] = ml[l] = 0;
+    /* group g = chunk g/2, half g%2: bytes 0..15 feed lanes 0..3, bytes 16..31 lanes 4..7 */
+    for (int g = 0; g < 16; g++) dot_group(u->q + 16 * g, x->qs + 16 * g, u->sc[g], il + 4 * (g & 1));
+    if (u->off)
+        for (int l = 0; l < 8; l++) il[l] -= u->off * (u->sc[2 * l] * x->bsums[2 * l] + u->sc[2 * l + 1] * x->bsums[2 * l + 1]);
+    const int per_lane = u->min_lanes ? 16 / u->min_lanes : 0;
+    for (int l = 0; l < u->min_lanes; l++)
+        for (int g = per_lane * l; g < per_lane * (l + 1); g++) ml[l] += u->mn[g] * x->bsums[g];
 }
 
 #define KQ_GENERIC_DOT(t, has_min, DMIN)                                                                           \
     static void tile_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes,    \
                          int nx, float *y, size_t ldy) {                                                            \
-        float acc[4][4] = {{0}};                                                                                   \
+        float acc[4][4][8] = {{{0}}};                                                                              \
         kq_unpacked u;                                                                                             \
         for (int i = 0; i < K / QK_K; i++) {                                                                       \
             for (int r = 0; r < nw; r++) {                                                                         \
@@ -756,14 +773,18 @@ static void sb_sums(const kq_unpacked *u, const block_q8_K *x, int32_t *isum, in
                 const float d = half_to_float(b->d), dmin = has_min ? half_to_float(DMIN) : 0.f;                   \
                 for (int c = 0; c < nx; c++) {                                                                     \
                     const block_q8_K *a = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i;           \
-                    int32_t isum, msum;                                                                            \
-                    sb_sums(&u, a, &isum, &msum);                                                                  \
-                    acc[r][c] = kq_combine(acc[r][c], d, dmin, a->d, isum, msum, has_min);                         \
+                    int32_t il[8], ml[8];                                                                          \
+                    sb_lanes(&u, a, il, ml);                                                                       \
+                    const float dd = d * a->d, dm = dmin * a->d;                                                   \
+                    for (int l = 0; l < 8; l++) {                                                                  \
+                        acc[r][c][l] = acc[r][c][l] + dd * (float)il[l];                                           \
+                        if (has_min) acc[r][c][l] = acc[r][c][l] - dm * (float)ml[l];                              \
+                    }                                                                                              \
                 }                                                                                                  \
             }                                                                                                      \
         }                                                                                                          \
         for (int r = 0; r < nw; r++)                                                                               \
-            for (int c = 0; c < nx; c++) y[c * ldy + r] = acc[r][c];                                               \
+            for (int c = 0; c < nx; c++) y[c * ldy + r] = kq_hsum8(acc[r][c]);                                     \
     }                                                                                                              \
     static void vec_dot_##t(int K, float *s, const void *w, const void *xq) {                                      \
         tile_##t(K, w, 0, 1, xq, 0, 1, s, 1);                                                                      \
@@ -777,34 +798,24 @@ KQ_GENERIC_DOT(q6_K, false, b->d)
 
 #else /* KQ_AVX2 */
 
-/* [scale 2r x8, scale 2r+1 x8] from 16 int8 scales, for the per-16-scale types */
-static const uint8_t kq_shuffle16[8][16] __attribute__((aligned(16))) = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
-    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
-    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13}, {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
-};
+/* The per-16-scale types: the 16 scales as int16, elements 0..7 in both 128-bit lanes (lo) and
+ * 8..15 in both (hi); scale_pair16 then gives [scale 2r x8 | scale 2r+1 x8] with one shuffle. */
+typedef struct {
+    __m256i lo, hi;
+} kq_scales16;
 
-KQ_INLINE __m256i scale_pair16(__m128i sc8, int r) {
-    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i *)kq_shuffle16[r])));
+KQ_INLINE kq_scales16 scales16(__m128i sc8) {
+    const __m256i s = _mm256_cvtepi8_epi16(sc8);
+    const kq_scales16 r = {_mm256_broadcastsi128_si256(_mm256_castsi256_si128(s)),
+                           _mm256_broadcastsi128_si256(_mm256_extracti128_si256(s, 1))};
+    return r;
 }
 
-/* the horizontal sums of acc[0..NX) (int32x8) and m[0..NX) (int32x4): isum and msum, lane c for row c */
-KQ_INLINE void kq_reduce(const __m256i *acc, const __m128i *m, const int NX, __m128i *isum, __m128i *msum) {
-    if (NX == 1) {
-        const __m128i a = _mm_add_epi32(_mm256_castsi256_si128(acc[0]), _mm256_extracti128_si256(acc[0], 1));
-        const __m128i t = _mm_hadd_epi32(a, m[0]);   /* a01 a23 m01 m23 */
-        const __m128i u = _mm_hadd_epi32(t, t);      /* a m a m */
-        *isum = u;
-        *msum = _mm_shuffle_epi32(u, 0x55);
-        return;
-    }
-    const __m256i z = _mm256_setzero_si256();
-    const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]),
-                                        _mm256_hadd_epi32(NX > 2 ? acc[2] : z, NX > 3 ? acc[3] : z));
-    *isum = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-    const __m128i zz = _mm_setzero_si128();
-    *msum = _mm_hadd_epi32(_mm_hadd_epi32(m[0], m[1]), _mm_hadd_epi32(NX > 2 ? m[2] : zz, NX > 3 ? m[3] : zz));
+KQ_INLINE __m256i scale_pair16(const kq_scales16 *s, int r) {
+    const int e = 4 * (r & 3); /* byte of int16 element 2(r mod 4) */
+    const __m256i idx = _mm256_set_m128i(_mm_set1_epi16((short)((e + 2) | ((e + 3) << 8))),
+                                         _mm_set1_epi16((short)(e | ((e + 1) << 8))));
+    return _mm256_shuffle_epi8(r < 4 ? s->lo : s->hi, idx);
 }
 
 /* acc[c] += scales16 . maddubs(q, a_c) for the 32 activation bytes at offset off of each row */
@@ -814,13 +825,11 @@ KQ_INLINE void kq_reduce(const __m256i *acc, const __m128i *m, const int NX, __m
         acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16((s16), _mm256_maddubs_epi16((q), a_)));                 \
     }
 
-#define KQ_ZERO4(v, z) v[4] = {z, z, z, z}
+/* Each sb_<t> sets, for one weight super-block and NX activation blocks, acc[c] (the 8 isum
+ * lanes) and m[c] (the 8 msum lanes) of activation row c. */
 
-/* Each sb_<t> computes, for one weight super-block and NX activation blocks, isum (and msum) as
- * 4 int32 lanes, lane c for activation row c. */
-
-/* Q4_K and Q5_K: the 8 scales as int16 in both 128-bit lanes, and m[c] = mins . (bsum pairs) */
-KQ_INLINE __m256i k4_scales(const uint8_t *packed, const block_q8_K *const *xs, const int NX, __m128i *m) {
+/* Q4_K and Q5_K: the 8 scales as int16 in both 128-bit lanes; m[c] = mins . (bsum pairs) in lanes 0..3 */
+KQ_INLINE __m256i k4_scales(const uint8_t *packed, const block_q8_K *const *xs, const int NX, __m256i *m) {
     uint8_t smb[16];
     scales_mins_k4(packed, smb);
     const __m128i sm = _mm_loadu_si128((const __m128i *)smb);
@@ -828,7 +837,7 @@ KQ_INLINE __m256i k4_scales(const uint8_t *packed, const block_q8_K *const *xs, 
     for (int c = 0; c < NX; c++) {
         const __m128i b0 = _mm_loadu_si128((const __m128i *)xs[c]->bsums);
         const __m128i b1 = _mm_loadu_si128((const __m128i *)(xs[c]->bsums + 8));
-        m[c] = _mm_madd_epi16(mins16, _mm_hadd_epi16(b0, b1));
+        m[c] = _mm256_set_m128i(_mm_setzero_si128(), _mm_madd_epi16(mins16, _mm_hadd_epi16(b0, b1)));
     }
     return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
 }
@@ -836,11 +845,10 @@ KQ_INLINE __m256i k4_scales(const uint8_t *packed, const block_q8_K *const *xs, 
 /* int16 element e of v in all 16 places */
 #define KQ_BCAST16(v, e) _mm256_shuffle_epi8((v), _mm256_set1_epi16((short)((2 * (e)) | ((2 * (e) + 1) << 8))))
 
-KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
-    __m128i KQ_ZERO4(m, _mm_setzero_si128());
+KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
     const __m256i sc16 = k4_scales(w->scales, xs, NX, m);
     const __m256i m4 = _mm256_set1_epi8(0xF);
-    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
+    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_si256();
     for (int j = 0; j < 4; j++) {
         const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
         const __m256i lo = _mm256_and_si256(bits, m4), hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
@@ -848,15 +856,13 @@ KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const i
         KQ_ACC(lo, s1, 64 * j)
         KQ_ACC(hi, s2, 64 * j + 32)
     }
-    kq_reduce(acc, m, NX, isum, msum);
 }
 
-KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
-    __m128i KQ_ZERO4(m, _mm_setzero_si128());
+KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
     const __m256i sc16 = k4_scales(w->scales, xs, NX, m);
     const __m256i m4 = _mm256_set1_epi8(0xF), m1 = _mm256_set1_epi8(1);
     __m256i hb = _mm256_loadu_si256((const __m256i *)w->qh);
-    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
+    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_si256();
     for (int j = 0; j < 4; j++) {
         const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
         /* hb has been shifted right by 2j in 16-bit lanes; bits 0 and 1 of each byte are still its own (2j + 1 <= 7) */
@@ -869,10 +875,9 @@ KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const i
         KQ_ACC(lo, s1, 64 * j)
         KQ_ACC(hi, s2, 64 * j + 32)
     }
-    kq_reduce(acc, m, NX, isum, msum);
 }
 
-/* the per-16-scale types: acc[c] -= off * sum_g sc[g] * bsums[g] (Q3_K: off 4, Q6_K: off 32) */
+/* the per-16-scale types: acc[c] -= off * (sc[2l] bsums[2l] + sc[2l+1] bsums[2l+1]) (Q3_K: off 4, Q6_K: off 32) */
 #define KQ_BSUM_CORRECTION(sc8, shift)                                                                              \
     do {                                                                                                            \
         const __m256i s16_ = _mm256_cvtepi8_epi16(sc8);                                                             \
@@ -882,106 +887,120 @@ KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const i
         }                                                                                                           \
     } while (0)
 
-KQ_INLINE void sb_q6_K(const block_q6_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
+KQ_INLINE void sb_q6_K(const block_q6_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
+    (void)m;
     const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
     const __m128i sc8 = _mm_loadu_si128((const __m128i *)w->scales);
-    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
+    const kq_scales16 s16 = scales16(sc8);
+    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_si256();
     for (int n = 0; n < 2; n++) {
         const __m256i b1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * n));
         const __m256i b2 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * n + 32));
         const __m256i h = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * n));
         const __m256i q0 = _mm256_or_si256(_mm256_and_si256(b1, m15), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
-        KQ_ACC(q0, scale_pair16(sc8, 4 * n + 0), 128 * n + 0)
+        KQ_ACC(q0, scale_pair16(&s16, 4 * n + 0), 128 * n + 0)
         const __m256i q1 = _mm256_or_si256(_mm256_and_si256(b2, m15),
                                            _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2));
-        KQ_ACC(q1, scale_pair16(sc8, 4 * n + 1), 128 * n + 32)
+        KQ_ACC(q1, scale_pair16(&s16, 4 * n + 1), 128 * n + 32)
         const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15),
                                            _mm256_and_si256(h, _mm256_set1_epi8(48)));
-        KQ_ACC(q2, scale_pair16(sc8, 4 * n + 2), 128 * n + 64)
+        KQ_ACC(q2, scale_pair16(&s16, 4 * n + 2), 128 * n + 64)
         const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15),
                                            _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2));
-        KQ_ACC(q3, scale_pair16(sc8, 4 * n + 3), 128 * n + 96)
+        KQ_ACC(q3, scale_pair16(&s16, 4 * n + 3), 128 * n + 96)
     }
     KQ_BSUM_CORRECTION(sc8, 5);
-    const __m128i KQ_ZERO4(m, _mm_setzero_si128());
-    kq_reduce(acc, m, NX, isum, msum);
 }
 
-KQ_INLINE void sb_q3_K(const block_q3_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
+/* 2-bit field s (0..3) of each byte of v: shifts by immediates, so each is one instruction */
+KQ_INLINE __m256i kq_field2(__m256i v, int s) {
+    switch (s) {
+    case 0: return v;
+    case 1: return _mm256_srli_epi16(v, 2);
+    case 2: return _mm256_srli_epi16(v, 4);
+    default: return _mm256_srli_epi16(v, 6);
+    }
+}
+
+KQ_INLINE void sb_q3_K(const block_q3_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
+    (void)m;
     int8_t scv[16];
     scales_q3_K(w->scales, scv);
     const __m128i sc8 = _mm_loadu_si128((const __m128i *)scv);
-    const __m256i m3 = _mm256_set1_epi8(3), m1 = _mm256_set1_epi8(1);
+    const kq_scales16 s16 = scales16(sc8);
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
     const __m256i hm = _mm256_loadu_si256((const __m256i *)w->hmask);
-    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
+    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_si256();
     for (int n = 0; n < 2; n++) {
         const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * n));
         for (int s = 0; s < 4; s++) {
-            /* q + 4 * high bit, in 0..7; the -4 is the bsums correction below */
-            const __m128i cnt = _mm_cvtsi32_si128(4 * n + s);
-            const __m256i hbit = _mm256_and_si256(_mm256_srl_epi16(hm, cnt), m1);
-            const __m256i q = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * s)), m3),
-                                              _mm256_slli_epi16(hbit, 2));
-            KQ_ACC(q, scale_pair16(sc8, 4 * n + s), 128 * n + 32 * s)
+            /* q + 4 * high bit, in 0..7; the -4 is the bsums correction below. The high bit of
+             * group (n, s) is bit k = 4n + s of hmask, moved to bit 2 by a 16-bit shift by |k - 2| <= 5
+             * (bits crossing between the two bytes land on bits other than 2 and are masked off) */
+            const int k = 4 * n + s;
+            const __m256i hk = k < 2 ? _mm256_slli_epi16(hm, 2 - k) : k == 2 ? hm : _mm256_srli_epi16(hm, k - 2);
+            const __m256i hbit = _mm256_and_si256(hk, m4);
+            const __m256i q = _mm256_or_si256(_mm256_and_si256(kq_field2(bits, s), m3), hbit);
+            KQ_ACC(q, scale_pair16(&s16, k), 128 * n + 32 * s)
         }
     }
     KQ_BSUM_CORRECTION(sc8, 2);
-    const __m128i KQ_ZERO4(m, _mm_setzero_si128());
-    kq_reduce(acc, m, NX, isum, msum);
 }
 
-KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const int NX, __m128i *isum, __m128i *msum) {
+KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)w->scales);
     const __m128i m4 = _mm_set1_epi8(0xF);
-    const __m128i sc8 = _mm_and_si128(raw, m4);
+    const kq_scales16 s16 = scales16(_mm_and_si128(raw, m4));
     const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
     const __m256i m3 = _mm256_set1_epi8(3);
-    __m256i KQ_ZERO4(acc, _mm256_setzero_si256());
+    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_si256();
     for (int n = 0; n < 2; n++) {
         const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * n));
         for (int s = 0; s < 4; s++) {
-            const __m256i q = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * s)), m3);
-            KQ_ACC(q, scale_pair16(sc8, 4 * n + s), 128 * n + 32 * s)
+            const __m256i q = _mm256_and_si256(kq_field2(bits, s), m3);
+            KQ_ACC(q, scale_pair16(&s16, 4 * n + s), 128 * n + 32 * s)
         }
     }
-    __m128i KQ_ZERO4(m, _mm_setzero_si128());
-    for (int c = 0; c < NX; c++) {
-        const __m256i p = _mm256_madd_epi16(mins16, _mm256_loadu_si256((const __m256i *)xs[c]->bsums));
-        m[c] = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
-    }
-    kq_reduce(acc, m, NX, isum, msum);
+    for (int c = 0; c < NX; c++) m[c] = _mm256_madd_epi16(mins16, _mm256_loadu_si256((const __m256i *)xs[c]->bsums));
 }
 
-/* The tile for NW weight rows and NX activation rows; per element the header's float order,
- * computed in 4 SSE lanes (one per activation row), each lane the scalar sequence. */
+/* kq_hsum8 on a vector: [v0+v4 .. v3+v7], then (0+2) and (1+3), then their sum */
+KQ_INLINE float kq_hsum8_avx(__m256 v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+/* The tile for nw weight rows and NX activation rows: per element the 8 float lanes of the
+ * header comment, one ymm per activation row. */
 #define KQ_AVX2_TILE(t, has_min, DMIN)                                                                              \
     KQ_INLINE void tile_##t##_n(int K, const void *w, size_t w_row_bytes, int nw, const void *xq,                   \
                                 size_t xq_row_bytes, const int NX, float *y, size_t ldy) {                          \
         const int nb = K / QK_K;                                                                                    \
         for (int r = 0; r < nw; r++) {                                                                              \
             const block_##t *row = (const block_##t *)((const char *)w + r * w_row_bytes);                          \
-            __m128 acc = _mm_setzero_ps();                                                                          \
+            __m256 accf[4];                                                                                         \
+            for (int c = 0; c < NX; c++) accf[c] = _mm256_setzero_ps();                                             \
             for (int i = 0; i < nb; i++) {                                                                          \
                 const block_q8_K *xs[4];                                                                            \
-                float dxs[4] = {0, 0, 0, 0};                                                                        \
-                for (int c = 0; c < NX; c++) {                                                                      \
-                    xs[c] = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i;                          \
-                    dxs[c] = xs[c]->d;                                                                              \
-                }                                                                                                   \
-                const __m128 dx = _mm_loadu_ps(dxs);                                                                \
+                for (int c = 0; c < NX; c++) xs[c] = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i; \
                 const block_##t *bb = row + i;                                                                      \
-                __m128i isum, msum;                                                                                 \
-                sb_##t(bb, xs, NX, &isum, &msum);                                                                   \
-                const __m128 d = _mm_set1_ps(kq_half(bb->d));                                                       \
-                acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(d, dx), _mm_cvtepi32_ps(isum)));                        \
+                __m256i acc[4], m[4];                                                                               \
+                sb_##t(bb, xs, NX, acc, m);                                                                         \
+                const float d = kq_half(bb->d);                                                                     \
+                for (int c = 0; c < NX; c++) {                                                                      \
+                    const __m256 dd = _mm256_set1_ps(d * xs[c]->d);                                                 \
+                    accf[c] = _mm256_add_ps(accf[c], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(acc[c])));                \
+                }                                                                                                   \
                 if (has_min) {                                                                                      \
-                    const __m128 dm = _mm_set1_ps(kq_half(DMIN));                                                   \
-                    acc = _mm_sub_ps(acc, _mm_mul_ps(_mm_mul_ps(dm, dx), _mm_cvtepi32_ps(msum)));                   \
+                    const float dmin = kq_half(DMIN);                                                               \
+                    for (int c = 0; c < NX; c++) {                                                                  \
+                        const __m256 dm = _mm256_set1_ps(dmin * xs[c]->d);                                          \
+                        accf[c] = _mm256_sub_ps(accf[c], _mm256_mul_ps(dm, _mm256_cvtepi32_ps(m[c])));              \
+                    }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
-            float out[4];                                                                                           \
-            _mm_storeu_ps(out, acc);                                                                                \
-            for (int c = 0; c < NX; c++) y[c * ldy + r] = out[c];                                                   \
+            for (int c = 0; c < NX; c++) y[c * ldy + r] = kq_hsum8_avx(accf[c]);                                    \
         }                                                                                                           \
     }                                                                                                               \
     static void tile_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes,     \
@@ -994,19 +1013,7 @@ KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const i
         }                                                                                                           \
     }                                                                                                               \
     static void vec_dot_##t(int K, float *s, const void *w, const void *xq) {                                       \
-        const int nb = K / QK_K;                                                                                    \
-        const block_##t *b = (const block_##t *)w;                                                                  \
-        const block_q8_K *x = (const block_q8_K *)xq;                                                               \
-        float acc = 0;                                                                                              \
-        for (int i = 0; i < nb; i++) {                                                                              \
-            const block_q8_K *xs[1] = {x + i};                                                                      \
-            const block_##t *bb = b + i;                                                                            \
-            __m128i isum, msum;                                                                                     \
-            sb_##t(bb, xs, 1, &isum, &msum);                                                                        \
-            acc = kq_combine(acc, kq_half(bb->d), has_min ? kq_half(DMIN) : 0.f, x[i].d, _mm_cvtsi128_si32(isum),  \
-                             _mm_cvtsi128_si32(msum), has_min);                                                     \
-        }                                                                                                           \
-        *s = acc;                                                                                                   \
+        tile_##t##_n(K, w, 0, 1, xq, 0, 1, s, 1);                                                                   \
     }
 
 KQ_AVX2_TILE(q2_K, true, bb->dmin)

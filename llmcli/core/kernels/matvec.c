@@ -13,6 +13,9 @@
  * q8 weights are llama.cpp's Q8_0 values (int8 in blocks of 32 along a row, one float scale per
  * block) in the same panel layout as float32. K must be a multiple of 32.
  *
+ * Weights in GGML's block formats (Q4_0, Q4_K, ... as the GGUF file stores them) run on blocks.c,
+ * which this library links in: Linear kind 2, and kind 3 for fused projections made of parts.
+ *
  * AVX-512 intrinsics where the build machine has it (-march=native); elsewhere portable C whose
  * `omp simd` loops the compiler vectorizes for the machine (AVX2, NEON). Built here with AVX-512
  * turned off, the portable paths still run well ahead of torch's sgemm for one row; tests run
@@ -22,6 +25,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <omp.h>
+
+#include "blocks.h" /* block_matmul_parts: Linear kinds 2 and 3 */
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -419,16 +424,6 @@ typedef struct {
     const float *input_norm, *post_norm; /* RMSNorm weights [d] */
     Linear qkv, o, gate_up, down;
 } Block;
-
-/* blocks.c */
-typedef struct {
-    int type;
-    const void *w;
-    const float *bias;
-    int n;
-    int col;
-} BlockPart;
-int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K);
 
 #define MAX_PARTS 16
 
