@@ -406,7 +406,8 @@ def read_gguf(path: Path | str) -> GGUFCheckpoint:
     mapped = map_gguf(path)
     tensors = {name: t.dequantize() for name, t in mapped.tensors.items()}
     extra = {name: t.dequantize() for name, t in mapped.extra.items()}
-    return GGUFCheckpoint(config=mapped.config, tensors=tensors, metadata=mapped.metadata, extra=extra)
+    metadata = read_gguf_header(path, tensors=False).metadata  # with the vocabulary's strings, which map_gguf skips
+    return GGUFCheckpoint(config=mapped.config, tensors=tensors, metadata=metadata, extra=extra)
 
 
 def map_gguf(path: Path | str) -> GGUFBlocks:
