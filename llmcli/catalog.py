@@ -682,10 +682,32 @@ class CachedModel:
     size_bytes: int
     path: Path  # the .gguf file or the HF directory, as resolve_model_path returns it
     format: str  # "gguf" or "safetensors"
+    cache_bytes: int = 0  # its entries in the cache beside the model files (a GGUF's tokenizer)
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.size_bytes + self.cache_bytes
+
+
+def cache_entries(path: Path, root: Path | None = None) -> list[Path]:
+    """The cache files derived from one model file (see llmcli.tempfiles.source_key)."""
+    from llmcli.tempfiles import source_key
+
+    if not path.is_file():
+        return []
+    folder = (root or cache_root()) / "tokenizers"
+    key = source_key(path)
+    return [p for p in (folder / f"{key}.tokenizer.json", folder / f"{key}.meta.json") if p.is_file()]
 
 
 def list_cached(root: Path | None = None) -> list[CachedModel]:
-    """The models in the cache, read without torch (GGUF and safetensors headers only)."""
+    """The models in the cache, read without torch (GGUF and safetensors headers only).
+
+    Cache folders of layouts this version no longer reads are deleted first (tempfiles.remove_stale_cache).
+    """
+    from llmcli.tempfiles import remove_stale_cache
+
+    remove_stale_cache(root or cache_root())
     folder = models_dir(root)
     if not folder.is_dir():
         return []
@@ -713,7 +735,8 @@ def list_cached(root: Path | None = None) -> list[CachedModel]:
         except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
             # One damaged model should not hide the others from the listing.
             architecture, parameters = f"? ({type(exc).__name__})", None
-        out.append(CachedModel(child.name, architecture, parameters, _disk_size(child), path, fmt))
+        cache_bytes = sum(p.stat().st_size for p in cache_entries(path, root))
+        out.append(CachedModel(child.name, architecture, parameters, _disk_size(child), path, fmt, cache_bytes))
     if fresh != index:
         _write_index(folder, fresh)
     return out

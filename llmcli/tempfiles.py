@@ -56,3 +56,30 @@ def remove_dead_tmp(folder: Path) -> list[Path]:
         except OSError:  # gone already (another cleaner), or a read-only cache
             pass
     return removed
+
+
+def source_key(path: Path) -> str:
+    """The cache key of an entry derived from one model file (a GGUF's tokenizer): its resolved
+    path, size and mtime, so an entry follows the file it was made from."""
+    import hashlib
+
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+
+
+# Cache folders of layouts llmcli no longer reads: the float32 weights and kernel-panel copies of
+# GGUF files that loads wrote before the block formats (about 10x the GGUF's size each).
+STALE_CACHE_FOLDERS = ("weights",)
+
+
+def remove_stale_cache(root: Path) -> int:
+    """Delete the cache folders of old layouts under root; returns the bytes freed."""
+    import shutil
+
+    freed = 0
+    for name in STALE_CACHE_FOLDERS:
+        folder = root / name
+        if folder.is_dir():
+            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
+    return freed

@@ -41,6 +41,26 @@ def test_results_do_not_depend_on_batch_size(engine, params):
     assert all(len(ids) == 4 + (i % 5) * 3 for i, (ids, _) in enumerate(one))
 
 
+@pytest.mark.parametrize("source", ["hf q8_0", "hf q4_1", "gguf Q4_K", "gguf Q6_K"])
+def test_quantized_results_do_not_depend_on_batch_size(source, tiny_dir, tmp_path):
+    """The same for weights in GGML blocks (issue 13, item 3): --quantize at load, and K-quant GGUFs."""
+    kind, name = source.split()
+    if kind == "hf":
+        engine = Engine(tiny_dir, quantize=name)
+    else:
+        from tests.test_formats import _tiny_gguf
+
+        engine = Engine(_tiny_gguf(tmp_path, name)[0])
+    ps = prompts(12)
+
+    def make():
+        return [Request(id=i, prompt_ids=p, max_tokens=3 + (i % 4) * 3, ignore_eos=True) for i, p in enumerate(ps)]
+
+    one = run(engine, make(), 1)
+    assert run(engine, make(), 5) == one
+    assert run(engine, make(), 12) == one
+
+
 def test_greedy_equals_transformers_generate(engine, tiny_dir):
     ref = load_reference(tiny_dir)
     for i, p in enumerate(prompts(4)):

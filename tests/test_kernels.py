@@ -1,9 +1,9 @@
-"""The native decode kernels (llmcli/core/kernels) against torch, and `--quantize int8` (Q8_0 weights).
+"""The native decode kernels (llmcli/core/kernels) against torch, and `--quantize int8` (= q8_0) on whole models.
 
 Each kernel is checked against the torch expression it replaces, on shapes with ragged tails
 (N not a multiple of 4, K not a multiple of 16), biases, GQA, ragged cache lengths and a sliding
-window. The int8 format is checked against the `gguf` package's own Q8_0 quantizer (llama.cpp's
-format); its quality on the real SmolLM2 against float32 perplexity.
+window. The block formats themselves are tested in test_formats.py; here int8's quality on the
+real SmolLM2 against float32 perplexity.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from __future__ import annotations
 import math
 import platform
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcli.core.formats import TYPES, BlockLinear
 from llmcli.core.kernels import load_kernels
-from llmcli.core.kernels.linear import KernelLinear, Q8Linear, accelerate_linears
+from llmcli.core.kernels.linear import KernelLinear, accelerate_linears
 from llmcli.core.loader import load_model
 from llmcli.core.models.base import KVCache
-from llmcli.core.quantize import dequantize_q8, quantize_q8
 from llmcli.errors import UsageError
 from tests.tiny import load_reference, make_tiny
 
@@ -85,71 +84,23 @@ def test_panel_embedding_reads_the_output_panels(kernels):
         shared(torch.tensor([70]))
 
 
-@pytest.mark.parametrize("layer", [KernelLinear, Q8Linear])
-def test_matvec_rows_are_batch_invariant(kernels, layer):
-    """Each output element is computed the same way alone or among other rows: bit for bit
-    (float32 and int8), whatever the number of rows (tiles of 8, blocks of 64, ragged tails)."""
-    fast = layer(nn.Linear(576, 200), kernels)
+def test_matvec_rows_are_batch_invariant(kernels):
+    """Each output element is computed the same way alone or among other rows: bit for bit,
+    whatever the number of rows (tiles of 8, blocks of 64, ragged tails)."""
+    fast = KernelLinear(nn.Linear(576, 200), kernels)
     x = rand(77, 1, 576)
     with torch.inference_mode():
         alone = torch.cat([fast(x[i : i + 1]) for i in range(77)])
         for rows in (16, 13, 77):
             assert torch.equal(fast(x[:rows]), alone[:rows])
-        if layer is KernelLinear:  # float32 prompts take the same kernel: positions of one sequence too
-            assert torch.equal(fast(x.view(1, 77, 576)).view(77, 1, 200), alone)
-
-
-def test_q8_format_equals_gguf_q8_0():
-    """Our blocks of 32 with one scale each are llama.cpp's Q8_0: the same int8 values (gguf's own
-    quantizer as the reference), the same scales up to float16 rounding (GGUF stores them as f16)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-
-    w = rand(48, 256, seed=3)
-    q, scales = quantize_q8(w)
-    assert q.dtype == torch.int8 and scales.shape == (48, 8)
-    raw = quantize(w.numpy(), GGMLQuantizationType.Q8_0).reshape(48 * 8, 34)  # per block: f16 scale, 32 int8
-    ref_scales = raw[:, :2].copy().view(np.float16).astype(np.float32).reshape(48, 8)
-    ref_q = raw[:, 2:].copy().view(np.int8).reshape(48, 256)
-    assert np.array_equal(q.numpy(), ref_q)
-    np.testing.assert_allclose(scales.numpy(), ref_scales, rtol=2**-10)
-    step = scales[:, :, None].expand(48, 8, 32).reshape(48, 256)
-    assert torch.all((dequantize_q8(q, scales) - w).abs() <= step / 2 + 1e-7)
-
-
-@pytest.mark.parametrize("N", [70, 64])
-def test_q8_panels_equal_float32_panels_on_the_dequantized_matrix(kernels, N):
-    """The int8 kernel dequantizes each value as it loads it: bit for bit the float32 kernel's result
-    on dequantize_q8's matrix, for decode and prompt shapes (N = 70: a narrower last panel)."""
-    linear = nn.Linear(96, N, bias=True)
-    q8 = Q8Linear(linear, kernels)
-    q, scales = q8.unpacked()
-    expected_q, expected_scales = quantize_q8(linear.weight)
-    assert torch.equal(q, expected_q) and torch.equal(scales, expected_scales)
-    dense = nn.Linear(96, N, bias=True)
-    with torch.no_grad():
-        dense.weight.copy_(dequantize_q8(q, scales))
-        dense.bias.copy_(linear.bias)
-    as_float = KernelLinear(dense, kernels)
-    with torch.inference_mode():
-        for shape in [(1, 1, 96), (9, 1, 96), (2, 7, 96), (1, 130, 96)]:
-            x = rand(*shape, seed=shape[0])
-            assert torch.equal(q8(x), as_float(x))
-            torch.testing.assert_close(q8(x), dense(x), atol=1e-5, rtol=1e-5)
-
-
-def test_q8_without_kernels_still_runs():
-    linear = nn.Linear(64, 10)
-    q8 = Q8Linear(linear, None)
-    x = rand(1, 1, 64)
-    with torch.inference_mode():
-        torch.testing.assert_close(q8(x), linear(x), atol=0.05, rtol=0.05)
+        # prompts take the same kernel: positions of one sequence too
+        assert torch.equal(fast(x.view(1, 77, 576)).view(77, 1, 200), alone)
 
 
 def test_accelerate_swaps_only_what_it_can(kernels):
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(33, 8), nn.Linear(16, 4).to(torch.bfloat16))
-    accelerate_linears(model, kernels, "int8")
-    assert isinstance(model[0], Q8Linear)  # in_features % 32 == 0
+    accelerate_linears(model, kernels, TYPES["Q8_0"])
+    assert isinstance(model[0], BlockLinear) and model[0].gtype.name == "Q8_0"  # in_features % 32 == 0
     assert isinstance(model[2], KernelLinear)  # 33 inputs: not blockable, stays float32 on the kernel
     assert type(model[3]) is nn.Linear  # bfloat16 is left to torch
 
@@ -224,7 +175,7 @@ def test_decode_with_kernels_equals_torch_path(kind, tmp_path, monkeypatch):
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none"])
 def test_native_decode_with_ragged_rows_and_sliding_window(tmp_path, monkeypatch, quantize):
     """The one-call decode of all blocks, rows of different lengths, a window shorter than the text."""
     import json
@@ -250,18 +201,6 @@ def test_native_decode_with_ragged_rows_and_sliding_window(tmp_path, monkeypatch
             logits.append(torch.stack([loaded.module(steps[:, t : t + 1], cache=cache).logits[:, 0] for t in range(10)], 1))
             assert cache.lengths.tolist() == [13, 19]
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
-
-
-def test_int8_tiny_model_tracks_transformers(tmp_path):
-    path = make_tiny("llama", tmp_path / "llama")
-    ours = load_model(path, quantize="int8")
-    ref = load_reference(path)
-    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        got, expected = ours.module(ids).logits, ref(ids).logits
-    # 8-bit weights: close to float32, not equal
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
 
 
 def test_int8_refuses_other_dtypes(tmp_path):
@@ -303,8 +242,8 @@ def test_without_a_working_compiler_models_run_on_torch(tmp_path, monkeypatch):
 
 
 def test_bench_counts_the_checkpoint_parameters_in_int8_too(tmp_path):
-    """`llmcli bench` reports the checkpoint's parameter count whatever the layout: the int8 scales
-    and the 8-bit copy of a tied embedding are bytes, not parameters."""
+    """`llmcli bench` reports the checkpoint's parameter count whatever the layout: Q8_0 blocks hold
+    the same parameters in fewer bytes, and a tied embedding shares the output's blocks."""
     from llmcli.cli.bench import model_size
 
     path = make_tiny("llama", tmp_path / "llama")  # tied embeddings

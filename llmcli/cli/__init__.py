@@ -56,6 +56,7 @@ COMMANDS = {
     "serve": "serve",
     "bench": "bench",
     "perplexity": "perplexity",
+    "quantize": "quantize",
 }
 COMMAND_MODULES = list(dict.fromkeys(COMMANDS.values()))
 

@@ -167,13 +167,20 @@ def peak_rss_bytes() -> int:
 def model_size(module, tied_output: bool = False) -> tuple[int, int]:
     """(bytes of the weights as held in memory, the checkpoint's parameter count); shared tensors counted once.
 
-    With --quantize int8 the per-block scales take bytes but are no parameters, and the 8-bit
-    copy of a tied embedding (the output projection) takes bytes but is the same parameters.
+    GGML blocks (a GGUF's quantized tensors, --quantize) count their bytes and the values they hold;
+    a tied embedding and output projection share one copy, counted once.
     """
     import torch
 
+    from llmcli.core.formats import BlockEmbedding, BlockLinear
+
     seen: set[int] = set()
     nbytes = count = 0
+    for m in module.modules():  # blocks are non-persistent buffers: not in the state_dict
+        if isinstance(m, (BlockLinear, BlockEmbedding)) and m.blocks.data_ptr() not in seen:
+            seen.add(m.blocks.data_ptr())
+            nbytes += m.blocks.numel()
+            count += m.blocks.shape[0] * (m.in_features if isinstance(m, BlockLinear) else m.embedding_dim)
     for name, value in module.state_dict(keep_vars=True).items():
         if not isinstance(value, torch.Tensor):
             continue
@@ -185,7 +192,7 @@ def model_size(module, tied_output: bool = False) -> tuple[int, int]:
             continue
         seen.add(key)
         nbytes += value.numel() * value.element_size()
-        if not (name.endswith(".scale_panels") or (tied_output and name.startswith("lm_head."))):
+        if not (tied_output and name.startswith("lm_head.")):
             count += value.numel()
     return nbytes, count
 

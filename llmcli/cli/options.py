@@ -34,7 +34,7 @@ ThreadsOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or mps (when present).")]
 QuantizeOpt = Annotated[
     str,
-    typer.Option("--quantize", help="none, or int8: 8-bit weights in blocks of 32 (llama.cpp's Q8_0), float32 activations, on the CPU: 2-3x faster decoding at batch 1, perplexity within 1% on SmolLM2."),
+    typer.Option("--quantize", help="Quantize an HF model's float linear layers at load into a llama.cpp block format: none, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k (int8 = q8_0); CPU, float32 activations. A GGUF's quantized tensors keep their own types."),
 ]
 SkipErrorsOpt = Annotated[bool, typer.Option("--skip-errors", help="Skip bad lines (counted on stderr) instead of stopping.")]
 FloatsOpt = Annotated[bool, typer.Option("--floats", help="Write tensors as nested lists of numbers instead of base64.")]

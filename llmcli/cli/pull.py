@@ -66,7 +66,9 @@ def models(
 ) -> None:
     """List the cached models (architecture, parameters, size, path) and the catalogue models not pulled yet.
 
-    The table goes to stdout; --json writes one object per model with `pulled` true or false.
+    `size` is the model's files, `disk` adds its entries in the cache (a GGUF's tokenizer). Cache
+    entries of older llmcli versions (the float32 weights copies of GGUFs) are deleted here. The
+    table goes to stdout; --json writes one object per model with `pulled` true or false.
 
     Example: llmcli models --json
     """
@@ -81,6 +83,8 @@ def models(
                 "architecture": m.architecture,
                 "parameters": m.parameters,
                 "size_bytes": m.size_bytes,
+                "cache_bytes": m.cache_bytes,
+                "disk_bytes": m.disk_bytes,
                 "format": m.format,
                 "path": str(m.path),
             }
@@ -108,12 +112,14 @@ def models(
     table.add_column("architecture", no_wrap=True)
     table.add_column("parameters", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("disk", justify="right", no_wrap=True)
     table.add_column("path / status", overflow="fold")
     for m in cached:
-        table.add_row(m.name, m.architecture, catalog.human_count(m.parameters), catalog.human_size(m.size_bytes), str(m.path))
+        disk = catalog.human_size(m.disk_bytes)
+        table.add_row(m.name, m.architecture, catalog.human_count(m.parameters), catalog.human_size(m.size_bytes), disk, str(m.path))
     for e in waiting:
         table.add_row(
-            e.name, e.architecture, "-", f"{catalog.human_size(e.total_download_bytes)} download", f"not pulled (llmcli pull {e.name})", style="dim"
+            e.name, e.architecture, "-", f"{catalog.human_size(e.total_download_bytes)} download", "-", f"not pulled (llmcli pull {e.name})", style="dim"
         )
     # Piped output keeps each row on one line (paths unbroken for grep); a terminal gets its own width.
     width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 250

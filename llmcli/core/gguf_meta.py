@@ -52,11 +52,25 @@ class _Truncated(Exception):
     pass
 
 
+class SkippedStrings:
+    """A string array read with strings=False: its length, not its items."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"SkippedStrings({self.count})"
+
+
 class _Cursor:
-    def __init__(self, buf, size: int):
+    def __init__(self, buf, size: int, strings: bool = True):
         self.buf = buf
         self.size = size
         self.pos = 0
+        self.strings = strings
 
     def take(self, n: int) -> int:
         start = self.pos
@@ -77,6 +91,17 @@ class _Cursor:
             # some vocabularies hold byte fragments; keep them readable rather than refuse the file
             return raw.decode("utf-8", errors="replace")
 
+    def skip_strings(self, count: int) -> SkippedStrings:
+        buf, pos, size, from_bytes = self.buf, self.pos, self.size, int.from_bytes
+        for _ in range(count):
+            if pos + 8 > size:
+                raise _Truncated(pos + 8)
+            pos += 8 + from_bytes(buf[pos : pos + 8], "little")
+        if pos > size:
+            raise _Truncated(pos)
+        self.pos = pos
+        return SkippedStrings(count)
+
     def value(self, vtype: int) -> Any:
         if vtype == _STRING:
             return self.string()
@@ -86,6 +111,8 @@ class _Cursor:
             if itype == _STRING:
                 if count > self.size:  # each string needs at least 8 bytes: a corrupt count
                     raise _Truncated(self.pos + count * 8)
+                if not self.strings:
+                    return self.skip_strings(count)
                 return [self.string() for _ in range(count)]
             if itype in _NUMPY:
                 dt = np.dtype(_NUMPY[itype])
@@ -107,8 +134,9 @@ def _corrupt(path: Path, why: str) -> ModelError:
     return ModelError(f"{path} is not a valid GGUF file: {why}", "download the file again; llama.cpp's convert_hf_to_gguf.py writes valid ones")
 
 
-def read_gguf_header(path: Path | str, tensors: bool = True) -> GGUFHeader:
-    """Parse the header of a GGUF file; with tensors=False stop after the metadata."""
+def read_gguf_header(path: Path | str, tensors: bool = True, strings: bool = True) -> GGUFHeader:
+    """Parse the header of a GGUF file; with tensors=False stop after the metadata; with
+    strings=False string arrays (the vocabulary, the merges) are skipped: SkippedStrings, their length."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"GGUF file {path} does not exist", "check the path, or give a catalogue name (see `llmcli models`)")
@@ -122,7 +150,7 @@ def read_gguf_header(path: Path | str, tensors: bool = True) -> GGUFHeader:
     try:
         if buf[:4] != GGUF_MAGIC:
             raise _corrupt(path, f"it starts with {bytes(buf[:4])!r}, not the GGUF magic b'GGUF'")
-        cur = _Cursor(buf, size)
+        cur = _Cursor(buf, size, strings)
         cur.take(4)
         version = cur.scalar("<I")
         if version not in (2, 3):

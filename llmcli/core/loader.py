@@ -75,173 +75,140 @@ def load_model(
     quantize: str | None = None,
     cache_dir: Path | str | None = None,
 ) -> LoadedModel:
-    """Read a checkpoint into the fast inference layout (fused projections; int8 with quantize="int8").
+    """Read a checkpoint into the fast inference layout (fused projections; GGML blocks for a GGUF's
+    quantized tensors and for an HF model's linear layers with quantize="q4_k", "q8_0", ...).
 
-    With cache_dir, a GGUF's weights are kept there after the first load, dequantized to float32
-    and already in the fused layout, as safetensors that later loads memory-map: dequantizing
-    and fusing cost seconds and a second copy of the weights on every start otherwise.
+    A GGUF's tensors stay in the file: the model is built on the meta device, each linear layer
+    becomes the format its tensor's type names (llmcli.core.formats), and the blocks are mapped in
+    without a copy. cache_dir holds the compiled kernels and the GGUF tokenizers; nothing of the
+    weights is ever cached.
     """
     from llmcli.core import weights
-    from llmcli.core.quantize import check_scheme
 
     path = Path(path)
     torch_dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     torch_device = resolve_device(device) if isinstance(device, str) else device
     if not path.exists():
         raise ModelError(f"model path {path} does not exist", "give a catalogue name (see `llmcli models`), an HF-format directory or a .gguf file")
+    fmt = check_quantize(quantize, torch_dtype, torch_device)
     is_gguf = path.is_file() and path.suffix == ".gguf"
     if cache_dir is not None:
-        from llmcli.tempfiles import remove_dead_tmp
+        from llmcli.tempfiles import remove_dead_tmp, remove_stale_cache
 
-        for folder in ("weights", "kernels", "tokenizers"):  # what loads killed mid-write left behind
+        for folder in ("kernels", "tokenizers"):  # what loads killed mid-write left behind
             remove_dead_tmp(Path(cache_dir) / folder)
-    cached = _cache_file(path, Path(cache_dir)) if (is_gguf and cache_dir is not None) else None
-    fused = False  # whether the tensors are already in the fused layout (read from the cache)
-    rope_freqs = None
-    if cached is not None and cached.is_file():
-        try:
-            config, tensors, rope_freqs = _read_cache(cached)
-            fused = True
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt from the GGUF
-            cached.unlink(missing_ok=True)
-    if not fused:
-        if is_gguf:
-            checkpoint = weights.read_gguf(path)
-            config, tensors = checkpoint.config, checkpoint.tensors
-            rope_freqs = checkpoint.extra.get("rope_freqs.weight")
-            del checkpoint
-        elif path.is_dir():
-            config = read_config(path)
-            tensors = weights.read_safetensors(path)
-        else:
-            raise ModelError(
-                f"{path} is neither an HF-format directory nor a .gguf file",
-                "supported formats: safetensors (HF directory) and GGUF; pickled .bin/.pt/.pth files are never loaded",
-            )
-    family = family_module(config)
-    with torch.device("meta"), _skip_init():
-        module = family.Model(config)
-    if fused:
-        with _skip_init():  # outside the device context: meta tensors take torch's plain meta kernels
-            module.fuse()
-    if not fused and not is_gguf:
-        tensors = family.sanitize(tensors, config)  # HF names -> ours; a GGUF's are ours already (its family's GGUF_NAMES)
-    weights.load_state(module, tensors, str(cached if fused else path), torch_dtype)
-    del tensors  # the module holds the only references now, so fusing does not keep two copies
-    _rebuild_meta_buffers(module, family, config)
-    if rope_freqs is not None:
-        # llama3-style GGUFs carry their rope scaling as per-frequency divisors instead of config fields
-        module.inv_freq = module.inv_freq / rope_freqs.float()
-    if not fused and hasattr(module, "fuse"):
+        remove_stale_cache(Path(cache_dir))  # the float32 weights caches of older versions
+    native = torch_device.type == "cpu" and torch_dtype == torch.float32
+    kernels = None
+    if native:
+        from llmcli.core.kernels import load_kernels
+
+        kernels = load_kernels(Path(cache_dir) / "kernels" if cache_dir is not None else None)
+    if is_gguf:
+        config, module = _load_gguf(path, torch_dtype, kernels)
+    elif path.is_dir():
+        config = read_config(path)
+        tensors = weights.read_safetensors(path)
+        family = family_module(config)
+        with torch.device("meta"), _skip_init():
+            module = family.Model(config)
+        weights.load_state(module, family.sanitize(tensors, config), str(path), torch_dtype)
+        del tensors  # the module holds the only references now, so fusing does not keep two copies
+        _rebuild_meta_buffers(module, family, config)
+    else:
+        raise ModelError(
+            f"{path} is neither an HF-format directory nor a .gguf file",
+            "supported formats: safetensors (HF directory) and GGUF; pickled .bin/.pt/.pth files are never loaded",
+        )
+    if hasattr(module, "fuse"):
         module.fuse()
-        if cached is not None and torch_dtype == torch.float32:
-            _write_cache(cached, module, config, rope_freqs, path)
     module = module.to(torch_device).eval()
-    scheme = check_scheme(quantize, torch_dtype, torch_device)
-    if torch_device.type == "cpu" and torch_dtype == torch.float32:
-        panels_file = cached.with_name(cached.stem + ".panels.safetensors") if cached is not None else None
-        _use_kernels(module, scheme, Path(cache_dir) / "kernels" if cache_dir is not None else None, panels_file)
+    if native:
+        _use_kernels(module, kernels, fmt)
     tokenizer = load_tokenizer(path, cache_dir=Path(cache_dir) / "tokenizers" if cache_dir is not None else None)
     return LoadedModel(config=config, module=module, tokenizer=tokenizer, path=path, dtype=torch_dtype, device=torch_device, quantize=quantize)
 
 
-CACHE_LAYOUT = "llmcli-fused/1"  # bump when the fused parameter names change
+def check_quantize(scheme: str | None, dtype: torch.dtype, device: torch.device):
+    """The GGMLType a --quantize value asks for (None for none); a UsageError for what cannot be done."""
+    from llmcli.core.formats import quantize_format
+
+    fmt = quantize_format(scheme)
+    if fmt is not None and (device.type != "cpu" or dtype != torch.float32):
+        raise UsageError(f"--quantize {scheme} runs on the CPU in float32", f"use --device cpu --dtype float32 with --quantize {scheme}")
+    return fmt
 
 
-PANELS_LAYOUT = "llmcli-panels/1"  # bump when matvec.c's panel order changes
+def _load_gguf(path: Path, dtype: torch.dtype, kernels) -> tuple[ModelConfig, torch.nn.Module]:
+    """Build on the meta device, swap each linear layer (and the embedding) for its tensor's format,
+    map the blocks in, and load the float tensors (norms, biases, F32 weights: views into the file)."""
+    from torch import nn
+
+    from llmcli.core import weights
+    from llmcli.core.formats import BlockEmbedding, BlockLinear
+
+    mapped = weights.map_gguf(path)
+    config = mapped.config
+    family = family_module(config)
+    with torch.device("meta"), _skip_init():
+        module = family.Model(config)
+    floats: dict[str, torch.Tensor] = {}
+    embedding = None
+    for name, t in mapped.tensors.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = _find_submodule(module, owner_name)
+        blocks = t.gtype.name != "F32" and leaf == "weight" and len(t.shape) == 2
+        if blocks and type(owner) is nn.Linear:
+            _check_shape(t, (owner.out_features, owner.in_features), name, path)
+            bias = None if owner.bias is None else owner.bias  # a meta placeholder that load_state fills
+            module.set_submodule(owner_name, BlockLinear(t.gtype, t.raw, owner.in_features, bias, kernels))
+        elif blocks and type(owner) is nn.Embedding:
+            _check_shape(t, (owner.num_embeddings, owner.embedding_dim), name, path)
+            embedding = BlockEmbedding(t.gtype, t.raw, owner.embedding_dim, kernels)
+            module.set_submodule(owner_name, embedding)
+        else:
+            floats[name] = t.dequantize()  # F32: a view into the file; otherwise a small 1-D tensor
+    weights.load_state(module, floats, str(path), dtype)  # a GGUF's names are the model's already (its family's GGUF_NAMES)
+    del floats
+    _rebuild_meta_buffers(module, family, config)
+    rope_freqs = mapped.extra.get("rope_freqs.weight")
+    if rope_freqs is not None:
+        # llama3-style GGUFs carry their rope scaling as per-frequency divisors instead of config fields
+        module.inv_freq = module.inv_freq / rope_freqs.dequantize().float()
+    if embedding is not None and getattr(module, "lm_head", False) is None:
+        module.lm_head = embedding.as_linear()  # tied: the output projection multiplies with the same blocks
+    return config, module
 
 
-def _use_kernels(module: torch.nn.Module, scheme: str | None, build_dir: Path | None, panels_file: Path | None = None) -> None:
-    """Put the linear layers on the native kernels (and int8 weights with scheme="int8").
+def _find_submodule(module: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        return None  # load_state names the tensor that has no place in the model
 
-    With panels_file (a GGUF's weights cache), the float32 weights already packed in the kernels'
-    panel order are kept beside the cache: later loads memory-map them instead of repacking
-    every weight (about half a second for SmolLM2, and its pages stay untouched until used).
-    """
-    from llmcli.core.kernels import load_kernels
-    from llmcli.core.kernels.linear import accelerate_linears, panel_state, share_tied_embedding
 
-    kernels = load_kernels(build_dir)
+def _check_shape(t, want: tuple[int, ...], name: str, path: Path) -> None:
+    if tuple(t.shape) != want:
+        raise ModelError(
+            f"tensor {name} ({t.name}) in {path} has shape {tuple(t.shape)} but the model expects {want}",
+            "the weights do not match the GGUF's metadata; download or convert the model again",
+        )
+
+
+def _use_kernels(module: torch.nn.Module, kernels, fmt) -> None:
+    """Put the float linear layers on the native kernels, or quantize them to `fmt` (a GGMLType)."""
+    from llmcli.core.kernels.linear import accelerate_linears, share_tied_embedding
+
     tied = None
-    if hasattr(module, "untie_output") and (kernels is not None or scheme is not None):
+    if hasattr(module, "untie_output") and (kernels is not None or fmt is not None):
         if getattr(module, "lm_head", False) is None:
             module.untie_output()  # the output projection is the largest matrix: it gets the kernel too
             tied = module.lm_head.weight
-    use_panels = panels_file is not None and kernels is not None and scheme is None
-    panels = _read_panels(panels_file) if use_panels else None
-    accelerate_linears(module, kernels, scheme, panels)
+    accelerate_linears(module, kernels, fmt)
     if tied is not None:
-        share_tied_embedding(module, tied)  # one float32 copy of the matrix, not two
+        share_tied_embedding(module, tied)  # one copy of the matrix, not two
     if kernels is not None and hasattr(module, "use_kernels"):
         module.use_kernels(kernels)
-    if use_panels:
-        packed = panel_state(module)
-        if panels is None or panels.keys() != packed.keys():
-            _write_tensors(panels_file, packed, {"layout": PANELS_LAYOUT})
-
-
-def _read_panels(panels_file: Path) -> dict[str, torch.Tensor] | None:
-    from llmcli.core import weights
-
-    if not panels_file.is_file():
-        return None
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(panels_file), framework="pt") as f:
-            if (f.metadata() or {}).get("layout") != PANELS_LAYOUT:
-                raise ValueError("stale panel layout")
-        return weights.read_safetensors(panels_file)
-    except Exception:  # noqa: BLE001 - a damaged or stale entry is rebuilt by packing again
-        panels_file.unlink(missing_ok=True)
-        return None
-
-
-def _cache_file(path: Path, cache_dir: Path) -> Path:
-    import hashlib
-
-    stat = path.stat()
-    key = hashlib.sha256(f"{CACHE_LAYOUT}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    return cache_dir / "weights" / f"{key}.safetensors"
-
-
-def _read_cache(cached: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], torch.Tensor | None]:
-    from safetensors import safe_open
-
-    from llmcli.core import weights
-
-    with safe_open(str(cached), framework="pt") as f:
-        meta = f.metadata()
-    if meta.get("layout") != CACHE_LAYOUT:
-        raise ValueError("stale cache layout")
-    config = ModelConfig(**json.loads(meta["config"]))
-    tensors = weights.read_safetensors(cached)
-    return config, tensors, tensors.pop("extra.rope_freqs", None)
-
-
-def _write_cache(cached: Path, module: torch.nn.Module, config: ModelConfig, rope_freqs: torch.Tensor | None, source: Path) -> None:
-    import dataclasses
-
-    payload = {name: t.detach().contiguous() for name, t in module.state_dict().items()}
-    if rope_freqs is not None:
-        payload["extra.rope_freqs"] = rope_freqs.contiguous()
-    _write_tensors(cached, payload, {"config": json.dumps(dataclasses.asdict(config)), "layout": CACHE_LAYOUT, "source": str(source)})
-
-
-def _write_tensors(target: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors cache entry, whole or absent even with two loads racing; a full disk only costs speed."""
-    import os
-
-    from llmcli.core import weights
-    from llmcli.tempfiles import owned_tmp
-
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = owned_tmp(target)
-        weights.write_safetensors(tmp, tensors, metadata)
-        os.replace(tmp, target)
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager

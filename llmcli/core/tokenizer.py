@@ -725,11 +725,11 @@ def _load_gguf_cached(path: Path, cache_dir: Path) -> Tokenizer:
     """The GGUF tokenizer through the cache: `<key>.tokenizer.json` is the backend as `tokenizers`
     writes it (read with Tokenizer.from_file, with no Python JSON parse of its 2 MB), and
     `<key>.meta.json` the rest. The meta file is written last, so it marks a complete entry."""
-    import hashlib
     import os
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    from llmcli.tempfiles import source_key
+
+    key = source_key(path)
     backend_file = cache_dir / f"{key}.tokenizer.json"
     meta_file = cache_dir / f"{key}.meta.json"
     try:

@@ -3,10 +3,11 @@
 The only two formats are safetensors and GGUF: pickled checkpoints (.bin/.pt/.pth/.ckpt) are refused,
 never unpickled. safetensors tensors are views into a private memory map, so nothing is read
 until a tensor is touched and a tensor that already has the wanted dtype is never copied.
-GGUF tensors are renamed to the model's parameter names (the family's GGUF_NAMES), dequantized
-to float32 (gguf's own numpy kernels), and for the architectures whose Q and K rows llama.cpp
-permuted (the family's GGUF_PERMUTED_QK) the permutation is undone, so they equal the HF checkpoint's.
-The config comes from models/registry.config_from_gguf.
+GGUF tensors are renamed to the model's parameter names (the family's GGUF_NAMES) and kept as
+their raw GGML blocks mapped from the file (map_gguf; core/formats runs them), and for the
+architectures whose Q and K rows llama.cpp permuted (the family's GGUF_PERMUTED_QK) the row
+permutation is undone, so they equal the HF checkpoint's rows. The config comes from
+models/registry.config_from_gguf.
 """
 
 from __future__ import annotations
@@ -247,27 +248,42 @@ class FileMappings:
 
 
 @dataclass
-class Q8Weight:
-    """A Q8_0 matrix kept quantized: int8 values and one float32 scale per block of 32 along a row."""
-
-    qweight: torch.Tensor  # (out, in) int8
-    scales: torch.Tensor  # (out, in // 32) float32
-
-    def dequantize(self) -> torch.Tensor:
-        from llmcli.core.quantize import dequantize_q8
-
-        return dequantize_q8(self.qweight, self.scales)
-
-
-@dataclass
 class GGUFCheckpoint:
     config: ModelConfig
     tensors: dict[str, torch.Tensor]  # HF names, float32 (F16/BF16/quantized types dequantized)
     metadata: dict[str, Any]  # every GGUF key/value, e.g. tokenizer.ggml.tokens, tokenizer.chat_template
-    # keep_quantized=True: Q8_0 matrices land here instead of in `tensors` (HF names, un-permuted)
-    quantized: dict[str, Q8Weight] = field(default_factory=dict)
     # tensors with no HF equivalent, under their GGUF names (llama3's rope_freqs.weight)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MappedTensor:
+    """One GGUF tensor as its raw blocks: `raw` is (rows, bytes per row) uint8, a view into the
+    file's memory map (a copy only for llama.cpp-permuted Q/K rows, put back in HF's order)."""
+
+    name: str  # the GGUF name
+    gtype: Any  # llmcli.core.formats.GGMLType
+    shape: tuple[int, ...]  # torch order
+    raw: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 values in `shape` (a new tensor; F32 stays a view into the file)."""
+        from llmcli.core.formats.blocks import dequantize_rows
+
+        if self.gtype.name == "F32":
+            return self.raw.view(torch.float32).reshape(self.shape)
+        k = self.shape[-1] if self.shape else 1
+        return dequantize_rows(self.raw, self.gtype, k).reshape(self.shape)
+
+
+@dataclass
+class GGUFBlocks:
+    """A GGUF file mapped, not read: config, metadata and every tensor as raw blocks."""
+
+    config: ModelConfig
+    metadata: dict[str, Any]  # string arrays (the vocabulary) as gguf_meta.SkippedStrings: their length only
+    tensors: dict[str, MappedTensor]  # HF names
+    extra: dict[str, MappedTensor] = field(default_factory=dict)  # GGUF names (rope_freqs.weight)
 
 
 def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -280,111 +296,99 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path | str, keep_quantized: bool = False) -> GGUFCheckpoint:
-    """A GGUF file -> config, float32 tensors under the model's parameter names, metadata.
+def read_gguf(path: Path | str) -> GGUFCheckpoint:
+    """A GGUF file -> config, float32 tensors under HF names, metadata (every tensor dequantized:
+    for tools and tests; models load through map_gguf and keep the blocks)."""
+    mapped = map_gguf(path)
+    tensors = {name: t.dequantize() for name, t in mapped.tensors.items()}
+    extra = {name: t.dequantize() for name, t in mapped.extra.items()}
+    metadata = read_gguf_header(path, tensors=False).metadata  # with the vocabulary's strings, which map_gguf skips
+    return GGUFCheckpoint(config=mapped.config, tensors=tensors, metadata=metadata, extra=extra)
 
-    keep_quantized=True keeps Q8_0 matrices as Q8Weight (int8 + per-block scales) in
-    `checkpoint.quantized` instead of dequantizing them into `checkpoint.tensors`; every other
-    type is dequantized as usual.
+
+def map_gguf(path: Path | str) -> GGUFBlocks:
+    """A GGUF file -> config, metadata and its tensors as raw blocks mapped from the file.
+
+    Nothing is read here beyond the header, and nothing larger than the file is allocated: the
+    header's offsets, dimensions and types are checked against each other and the file size first
+    (llama.cpp's gguf.c rule: tensors lie one after the other, each at the previous one's end
+    rounded up to the alignment, so a type that misdeclares its size shows as a wrong offset).
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from llmcli.core.formats import BY_ID, ggml_type
 
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise _refuse_pickle(path)
-    header = read_gguf_header(path)
+    header = read_gguf_header(path, strings=False)  # the vocabulary's strings are the tokenizer's business
     source = str(path)
     shapes = {t.name: t.shape for t in header.tensors}
     config = config_from_gguf(header.metadata, shapes, source)
     family = family_of(config.model_type)
     names = family.GGUF_NAMES
     permuted = header.metadata["general.architecture"] in family.GGUF_PERMUTED_QK
+    alignment = int(header.metadata.get("general.alignment", 32)) or 32
+    redownload = "the file is damaged or was cut short; download it again"
 
-    mm = np.memmap(path, dtype=np.uint8, mode="c")
-    tensors: dict[str, torch.Tensor] = {}
-    quantized: dict[str, Q8Weight] = {}
-    extra: dict[str, torch.Tensor] = {}
+    spans: list[tuple[GGUFTensorInfo, Any, int, int]] = []
+    expected = header.data_offset
+    previous = None
     for info in header.tensors:
+        gtype = ggml_type(info.type_id, info.name, source)
+        if any(d < 0 or d >= 2**40 for d in info.shape):
+            raise ModelError(f"{source} is corrupt: tensor {info.name} has dimensions {info.shape} that overflow", redownload)
+        row_len = info.shape[-1] if info.shape else 1
+        if row_len % gtype.block:
+            raise ModelError(f"{source} is corrupt: tensor {info.name} has rows of {row_len}, not a multiple of its {gtype.name} block of {gtype.block}", redownload)
+        n_rows = 1
+        for d in info.shape[:-1]:
+            n_rows *= d
+        nbytes = n_rows * gtype.row_bytes(row_len)  # Python integers: no overflow
+        if info.offset != expected:
+            after = "" if previous is None else f"{previous.name} ({BY_ID[previous.type_id].name}, shape {previous.shape}) before it ends at byte {expected}"
+            raise ModelError(
+                f"{source} is corrupt: tensor {info.name} ({gtype.name}, shape {info.shape}) starts at byte {info.offset}, "
+                + (f"but the data starts at byte {expected}" if previous is None else f"but tensor {after}")
+                + " (a type or shape that misdeclares a tensor's size, or a damaged offset)",
+                redownload,
+            )
+        end = info.offset + nbytes
+        if end > header.file_size:
+            raise ModelError(
+                f"{source} is truncated: tensor {info.name} ends at byte {end} but the file has {header.file_size}",
+                "the download was probably cut short; download the file again",
+            )
+        spans.append((info, gtype, n_rows, nbytes))
+        expected = -(-end // alignment) * alignment
+        previous = info
+
+    mm = np.memmap(path, dtype=np.uint8, mode="c") if header.file_size > header.data_offset else np.zeros(0, np.uint8)
+    tensors: dict[str, MappedTensor] = {}
+    extra: dict[str, MappedTensor] = {}
+    for info, gtype, n_rows, nbytes in spans:
         name = names.hf_name(info.name)
         if name is None and info.name not in names.extra:
             raise ModelError(
                 f"{source} holds tensor {info.name!r}, which has no place in llmcli's {config.model_type} model",
                 f"this GGUF variant (e.g. mixture-of-experts or a vision tower) is not supported; use a plain {config.model_type} GGUF",
             )
-        try:
-            qtype = GGMLQuantizationType(info.type_id)
-        except ValueError:
-            raise ModelError(f"tensor {info.name} in {source} has unknown GGML type {info.type_id}", "use a GGUF written by a current llama.cpp") from None
-        block, type_size = GGML_QUANT_SIZES[qtype]
-        rows_shape = info.shape[:-1] if info.shape else ()
-        row_len = info.shape[-1] if info.shape else 1
-        if row_len % block:
-            raise ModelError(f"{source} is corrupt: tensor {info.name} has rows of {row_len}, not a multiple of its {qtype.name} block of {block}", "download the file again")
-        n_rows = int(np.prod(rows_shape, dtype=np.int64)) if rows_shape else 1
-        row_bytes = row_len // block * type_size
-        end = info.offset + n_rows * row_bytes
-        if end > header.file_size:
-            raise ModelError(
-                f"{source} is truncated: tensor {info.name} ends at byte {end} but the file has {header.file_size}",
-                "the download was probably cut short; download the file again",
-            )
-        raw = mm[info.offset : end].reshape(n_rows, row_bytes)
-        if keep_quantized and qtype == GGMLQuantizationType.Q8_0 and name is not None and len(info.shape) == 2:
-            weight = _q8_0_weight(raw, info.shape)
-            quantized[name] = _unpermute_if_qk(weight, info.name, config) if permuted else weight
-            continue
-        t = _dequantize(raw, qtype, info, source).reshape(info.shape)
+        raw = torch.from_numpy(mm[info.offset : info.offset + nbytes]).view(n_rows, nbytes // n_rows if n_rows else 0)
+        mapped = MappedTensor(info.name, gtype, info.shape, raw)
         if name is None:
-            extra[info.name] = t
+            extra[info.name] = mapped
         else:
-            tensors[name] = _unpermute_if_qk(t, info.name, config) if permuted else t
-    return GGUFCheckpoint(config=config, tensors=tensors, metadata=header.metadata, quantized=quantized, extra=extra)
+            tensors[name] = _unpermute_if_qk(mapped, config) if permuted else mapped
+    return GGUFBlocks(config=config, metadata=header.metadata, tensors=tensors, extra=extra)
 
 
-def _unpermute_if_qk(t, gguf_name: str, config: ModelConfig):
-    kind = gguf_name.split(".")[-2] if gguf_name.count(".") >= 2 else ""
+def _unpermute_if_qk(t: MappedTensor, config: ModelConfig) -> MappedTensor:
+    """llama.cpp's Q/K rows back in HF's order: whole rows of blocks move (blocks never cross rows)."""
+    kind = t.name.split(".")[-2] if t.name.count(".") >= 2 else ""
     if kind not in ("attn_q", "attn_k"):
         return t
     n_head = config.num_attention_heads if kind == "attn_q" else config.num_key_value_heads
-    if isinstance(t, Q8Weight):
-        # the permutation moves whole rows, and Q8_0 blocks never cross rows
-        return Q8Weight(unpermute_rope(t.qweight, n_head), unpermute_rope(t.scales, n_head))
-    return unpermute_rope(t, n_head)
-
-
-def _dequantize(raw: np.ndarray, qtype, info: GGUFTensorInfo, source: str) -> torch.Tensor:
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    if qtype == GGMLQuantizationType.F32:
-        return torch.from_numpy(raw.view(np.float32))  # a view into the map: no copy
-    if qtype == GGMLQuantizationType.F16:
-        return torch.from_numpy(raw.view(np.float16)).float()
-    if qtype == GGMLQuantizationType.BF16:
-        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).float()
-    if qtype == GGMLQuantizationType.F64:
-        return torch.from_numpy(raw.view(np.float64)).float()
-    if qtype.name in ("I8", "I16", "I32", "I64"):
-        raise ModelError(
-            f"tensor {info.name} in {source} has integer type {qtype.name}, which is not a weight type",
-            "use a GGUF written by llama.cpp's convert_hf_to_gguf.py",
-        )
-    try:
-        values = dequantize(raw, qtype)
-    except NotImplementedError:
-        raise ModelError(
-            f"tensor {info.name} in {source} has type {qtype.name}, which the gguf package cannot dequantize",
-            "use a GGUF with F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant (Q2_K..Q6_K)",
-        ) from None
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-
-
-def _q8_0_weight(raw: np.ndarray, shape: tuple[int, ...]) -> Q8Weight:
-    out, inp = shape
-    blocks = raw.reshape(out, inp // 32, 34)  # per block: float16 scale, then 32 int8 values
-    scales = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
-    qweight = blocks[:, :, 2:].copy().view(np.int8).reshape(out, inp)
-    return Q8Weight(torch.from_numpy(qweight), torch.from_numpy(scales))
+    rows = t.raw.view(t.shape[0], -1) if len(t.shape) == 1 else t.raw  # a bias: its values are the rows
+    order = unpermute_rope(torch.arange(rows.shape[0]), n_head)  # a row gather: whole rows copied at once
+    return MappedTensor(t.name, t.gtype, t.shape, rows.index_select(0, order).reshape(t.raw.shape))
 
 
 # ------------------------------------------------------------------ loading into a module

@@ -140,6 +140,13 @@ class Kernels:
         self.threads.argtypes = []
         self.threads.restype = i
         self.set_threads(_threads)
+        self._supported: dict[int, bool] = {}
+
+    def supports_block(self, type_id: int) -> bool:
+        """Whether block_matmul and friends (and LinearDesc kind 2) run this ggml type in this build."""
+        if type_id not in self._supported:
+            self._supported[type_id] = bool(self.block_type_supported(type_id))
+        return self._supported[type_id]
 
 
 def set_threads(n: int) -> None:

@@ -6,8 +6,7 @@ k-major): every float32 CPU call, one position or a whole prompt, then runs on
 element in one order whatever the number of rows, so a sequence's numbers are the same alone
 or in a batch of any size.
 
-Q8_0 weights (`--quantize int8`) use the same panels for their int8 values and scales, and the
-same kernel, which dequantizes each value as it loads it.
+Quantized weights (GGUF blocks, `--quantize q4_k`, ...) are llmcli.core.formats.BlockLinear.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.core.kernels import Kernels, LinearDesc
-from llmcli.core.quantize import QBLOCK, dequantize_q8, quantize_q8
+from llmcli.core.kernels import Kernels
 
 PANEL = 32  # matvec.c's panel width
 
@@ -54,12 +52,10 @@ def _checked(status: int, y: torch.Tensor) -> torch.Tensor:
 class KernelLinear(nn.Module):
     """nn.Linear with float32 weights held in panels (`weight_panels`), computed by the native kernel."""
 
-    def __init__(self, linear: nn.Linear, kernels: Kernels, panels: torch.Tensor | None = None):
-        """panels: this weight already in panel order (from the loader's cache), used as it is."""
+    def __init__(self, linear: nn.Linear, kernels: Kernels):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        ready = panels is not None and panels.dtype == torch.float32 and panels.shape == (linear.in_features * linear.out_features,)
-        self.register_buffer("weight_panels", panels if ready else pack_panels(linear.weight.detach().float()))
+        self.register_buffer("weight_panels", pack_panels(linear.weight.detach().float()))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().contiguous(), requires_grad=False)
         self.kernels = kernels
 
@@ -103,90 +99,46 @@ class PanelEmbedding(nn.Module):
 
 def share_tied_embedding(module: nn.Module, tied: torch.Tensor) -> None:
     """After accelerate_linears: the nn.Embedding whose weight is `tied` (the tensor the output
-    projection was tied to) reads its rows from the output projection's panels instead."""
+    projection was tied to) reads its rows from the output projection's panels or blocks instead."""
+    from llmcli.core.formats import BlockEmbedding, BlockLinear
+
     output = getattr(module, "lm_head", None)
-    if not isinstance(output, KernelLinear):
+    if isinstance(output, KernelLinear):
+        make = lambda: PanelEmbedding(output)  # noqa: E731
+    elif isinstance(output, BlockLinear):
+        make = lambda: BlockEmbedding(output.gtype, output.blocks, output.in_features, output.kernels)  # noqa: E731
+    else:
         return
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Embedding) and child.weight is tied:
-                setattr(parent, name, PanelEmbedding(output))
+                setattr(parent, name, make())
 
 
-class Q8Linear(nn.Module):
-    """Q8_0 weights (int8 in blocks of 32 with a float32 scale each), float32 activations.
-
-    The int8 values and the scales are held in panels like KernelLinear's, and every call, one
-    position or a whole prompt, runs on the native kernel, which gives exactly KernelLinear's
-    result on the dequantized matrix. Without kernels, calls dequantize the matrix and use
-    torch (slow, the same numbers up to summation order).
-    """
-
-    def __init__(self, linear: nn.Linear, kernels: Kernels | None):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scales = quantize_q8(linear.weight)
-        self.register_buffer("qweight_panels", pack_panels(q))  # out * in int8
-        self.register_buffer("scale_panels", pack_panels(scales))  # out * in / 32 float32
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().contiguous(), requires_grad=False)
-        self.kernels = kernels
-
-    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 values (out, in) and scales (out, in / 32) in quantize_q8's row layout."""
-        n, k = self.out_features, self.in_features
-        return unpack_panels(self.qweight_panels, n, k), unpack_panels(self.scale_panels, n, k // QBLOCK)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is None or not _native_input(x):
-            return F.linear(x, dequantize_q8(*self.unpacked()).to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        flat = x.reshape(-1, self.in_features).contiguous()
-        y = torch.empty((flat.shape[0], self.out_features), dtype=torch.float32)
-        bias = None if self.bias is None else self.bias.data_ptr()
-        done = self.kernels.matmul_panels_q8(
-            flat.data_ptr(), self.qweight_panels.data_ptr(), self.scale_panels.data_ptr(), bias, y.data_ptr(), flat.shape[0], self.out_features, self.in_features
-        )
-        return _checked(done, y).view(*x.shape[:-1], self.out_features)
-
-
-def describe(linear: nn.Module) -> LinearDesc | None:
-    """The C description of a kernel-backed linear layer (pointers into its tensors), or None."""
-    bias = None if linear.bias is None else linear.bias.data_ptr()
-    if isinstance(linear, KernelLinear):
-        return LinearDesc(0, linear.weight_panels.data_ptr(), None, bias, linear.out_features, linear.in_features)
-    if isinstance(linear, Q8Linear) and linear.kernels is not None:
-        return LinearDesc(1, linear.qweight_panels.data_ptr(), linear.scale_panels.data_ptr(), bias, linear.out_features, linear.in_features)
-    return None
-
-
-def accelerate_linears(module: nn.Module, kernels: Kernels | None, quantize: str | None, panels: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def accelerate_linears(module: nn.Module, kernels: Kernels | None, fmt=None) -> nn.Module:
     """Swap every float32 CPU nn.Linear of `module` for its kernel-backed twin, in place.
 
-    quantize="int8" makes them Q8Linear (where in_features is a multiple of 32; others stay
-    float32); otherwise KernelLinear when kernels are available. `panels` maps a layer's
-    `<name>.weight_panels` (as in the module's state_dict) to its weight already packed, as
-    panel_state returned it. Returns the module.
+    fmt (a formats.GGMLType, from --quantize) makes them BlockLinear in that type (or llama.cpp's
+    replacement where the rows do not fill its blocks: Q4_K -> Q5_0, ...); otherwise
+    KernelLinear when kernels are available. Returns the module.
     """
+    from llmcli.core.formats import BlockLinear, type_for_row
     from llmcli.core.weights import FileMappings
 
     mappings = FileMappings()
     # only the parents are listed: a list of every module would keep each replaced layer's weights
     # alive until the end, a second copy of the model at the peak
-    parents = [(prefix, m) for prefix, m in module.named_modules() if any(type(c) is nn.Linear for c in m.children())]
-    for prefix, parent in parents:
+    parents = [m for m in module.modules() if any(type(c) is nn.Linear for c in m.children())]
+    for parent in parents:
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child.weight.dtype != torch.float32 or child.weight.device.type != "cpu":
                 continue
-            if quantize == "int8" and child.in_features % QBLOCK == 0:
-                setattr(parent, name, Q8Linear(child, kernels))
+            gtype = None if fmt is None else type_for_row(fmt, child.in_features)
+            if gtype is not None and gtype.name != "F32":
+                setattr(parent, name, BlockLinear.from_float(child, gtype, kernels))
             elif kernels is not None:
-                ready = (panels or {}).get(f"{prefix}.{name}.weight_panels" if prefix else f"{name}.weight_panels")
-                setattr(parent, name, KernelLinear(child, kernels, ready))
+                setattr(parent, name, KernelLinear(child, kernels))
             else:
                 continue
             mappings.release(child.weight)  # its values now live in the new layout: one copy in memory, not two
     return module
-
-
-def panel_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every KernelLinear's packed weight by its state_dict name: what accelerate_linears can reuse."""
-    return {f"{name}.weight_panels": m.weight_panels for name, m in module.named_modules() if isinstance(m, KernelLinear)}

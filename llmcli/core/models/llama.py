@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.core.config import ModelConfig
+from llmcli.core.formats import fuse_linears
 from llmcli.core.models.base import KVCache, activation
 from llmcli.core.models.decoder import AttentionSpec, Decoder, Step, apply_rope, attend, layer_specs
 from llmcli.core.models.registry import LLAMA_NAMES, MetadataGetter, gguf_rope_scaling, rope_dimensions
@@ -102,7 +103,7 @@ class Attention(nn.Module):
         self.split_sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
 
     def fuse(self) -> None:
-        self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv_proj = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
     def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
@@ -144,7 +145,7 @@ class MLP(nn.Module):
         self.kernels = None  # set by Model.use_kernels (silu only: the native kernel is silu(gate) * up)
 
     def fuse(self) -> None:
-        self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
+        self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,24 +160,6 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act(gate) * up)
-
-
-def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the parts' outputs side by side (fewer, larger matmuls)."""
-    weight = _cat([p.weight.detach() for p in parts])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta")  # no random init
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if parts[0].bias is not None:
-        fused.bias = nn.Parameter(_cat([p.bias.detach() for p in parts]), requires_grad=False)
-    return fused
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat along dim 0; on the meta device just the shape (torch.cat there imports the compiler stack)."""
-    if tensors[0].is_meta:
-        rows = sum(t.shape[0] for t in tensors)
-        return torch.empty((rows, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device="meta")
-    return torch.cat(tensors, dim=0)
 
 
 class Block(nn.Module):
@@ -281,8 +264,8 @@ class Model(Decoder):
         if self._kernels is None or not self.native_decode or len(set(self.specs)) != 1 or self.specs[0].rope != "inv_freq":
             return None
         if self._blocks_desc is None:
+            from llmcli.core.formats import describe
             from llmcli.core.kernels import BlockDesc
-            from llmcli.core.kernels.linear import describe
 
             described = []
             for block in self.model.layers:
