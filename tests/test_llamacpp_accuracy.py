@@ -175,8 +175,8 @@ def test_tiny_random_llama_agrees_with_llamacpp(tiny_f32, tiny_ids, preset, tmp_
 # Q4_1 97.3%, Q8_0 96.5%, Q4_K_M 94.9%), and its perplexities differ by up to 1.3%. So the real files
 # are held to what llama.cpp holds itself to: llmcli agrees with llama.cpp (F32 cache: the same
 # attention arithmetic as llmcli) at least as often as llama.cpp's two runs agree with each other,
-# less two binomial standard errors of that rate over 512 positions; and llmcli's perplexity is not
-# worse than the better of llama.cpp's two by more than the 0.5%. Where the model has no
+# less two binomial standard errors of that rate over 512 positions; and llmcli's perplexity is
+# within the 0.5% of the range llama.cpp's two runs span. Where the model has no
 # 8-bit activation rounding (F32 weights: the control test below) the issue's own criteria hold.
 
 
@@ -245,9 +245,9 @@ def test_smollm2_agrees_with_llamacpp_as_llamacpp_agrees_with_itself(smollm2_fil
     top1 = top1_agreement(ours, f32_kv)
     assert top1 >= floor, f"top-1 agreement {top1:.4f} < {floor:.4f} (llama.cpp with itself: {itself:.4f})"
     ppl_ours = perplexity(ours, smollm2_ids)
-    ppl_ref = min(perplexity(default, smollm2_ids), perplexity(f32_kv, smollm2_ids))
-    assert 1 < ppl_ref < 100  # a real model on English text
-    assert ppl_ours <= ppl_ref * (1 + MAX_PPL_REL), f"perplexity {ppl_ours:.4f} vs llama.cpp's {ppl_ref:.4f}"
+    low, high = sorted((perplexity(default, smollm2_ids), perplexity(f32_kv, smollm2_ids)))
+    assert 1 < low < 100  # a real model on English text
+    assert low * (1 - MAX_PPL_REL) <= ppl_ours <= high * (1 + MAX_PPL_REL), f"perplexity {ppl_ours:.4f} vs llama.cpp's {low:.4f}-{high:.4f}"
 
 
 @pytest.mark.real
