@@ -39,7 +39,7 @@ CONVERSATIONS = {
 }
 
 
-def family_gguf(tmp_path: Path, family: str) -> Path:
+def family_gguf(tmp_path: Path, family: str, with_template: bool = True, arch: str = "llama") -> Path:
     """A sentencepiece-style tokenizer GGUF with the family's specials and its chat template."""
     name, specials = FAMILIES[family]
     tokens = ["<unk>", *specials] + [f"<0x{b:02X}>" for b in range(256)]
@@ -48,10 +48,10 @@ def family_gguf(tmp_path: Path, family: str) -> Path:
     tokens += pieces
     types += [1] * len(pieces)
     scores = [0.0] * (len(tokens) - len(pieces)) + [-float(i) for i in range(len(pieces))]
-    template = (TEMPLATES / name).read_text(encoding="utf-8")
+    template = (TEMPLATES / name).read_text(encoding="utf-8") if with_template else None
     return write_gguf(
-        tmp_path / f"{family}.gguf", "llama", tokens, types, scores=scores, template=template,
-        bos_token_id=1, eos_token_id=2, unk_token_id=0, add_space_prefix=False,
+        tmp_path / f"{family}-{arch}{'' if with_template else '-bare'}.gguf", "llama", tokens, types, scores=scores, template=template,
+        bos_token_id=1, eos_token_id=2, unk_token_id=0, add_space_prefix=False, arch=arch,
     )  # fmt: skip
 
 
@@ -70,3 +70,26 @@ def test_family_chat_template_from_gguf_renders_like_transformers(tmp_path, fami
         want = ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         assert got == want, (family, add_generation_prompt)
     assert "hi" in got
+
+
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+def test_gemma3_gguf_without_a_template_chats_in_gemmas_turn_format(tmp_path, conversation):
+    """A gemma3 GGUF that carries no chat template (the base gemma3-270m) gets the family's: it
+    renders text conversations exactly as Gemma 3's own template does in transformers."""
+    import transformers
+
+    from llmcli.core.models.gemma3 import CHAT_TEMPLATE
+
+    bare = load_tokenizer(family_gguf(tmp_path, "gemma3", with_template=False, arch="gemma3"))
+    assert bare.chat_template == CHAT_TEMPLATE
+    with_template = family_gguf(tmp_path, "gemma3")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=with_template.name)
+    messages = CONVERSATIONS[conversation]
+    for add_generation_prompt in (True, False):
+        got = bare.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        assert got == ref.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    assert bare.backend.token_to_id("<end_of_turn>") in bare.eos_token_ids
+
+
+def test_a_llama_gguf_without_a_template_still_has_none(tmp_path):
+    assert load_tokenizer(family_gguf(tmp_path, "llama3", with_template=False)).chat_template is None

@@ -114,3 +114,23 @@ def test_generate_and_attend_stages_run_on_gemma3(gemma3_gguf, run_llmcli):
     assert generated.returncode == 0, generated.stderr
     record = json.loads(generated.stdout)
     assert len(record["generated_ids"]) == 4 and record["ids"] == json.loads(tokenized.stdout)["ids"]
+
+
+def test_chat_runs_on_gemma3_in_its_turn_format(gemma3, gemma3_gguf, run_llmcli):
+    """The base gemma3-270m carries no chat template: chat uses Gemma 3's turn format, and its
+    reply is the greedy continuation of that prompt, stopped at <end_of_turn>."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    proc = run_llmcli("chat", "--model", str(gemma3_gguf), "--max-tokens", "6", "--temperature", "0", input=json.dumps({"messages": messages}) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)["reply"]
+    prompt, encoding = gemma3.tokenizer.encode_chat(messages)
+    assert prompt.endswith("<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n")
+    ids = list(encoding.ids)
+    start = len(ids)
+    with torch.inference_mode():
+        for _ in range(6):
+            nxt = int(gemma3.module(torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt in gemma3.tokenizer.eos_token_ids:
+                break
+            ids.append(nxt)
+    assert reply == gemma3.tokenizer.decode(ids[start:])

@@ -107,11 +107,11 @@ def minilm(minilm_dir) -> Tokenizer:
     return load_tokenizer(minilm_dir)
 
 
-def write_gguf(path: Path, kind: str, tokens: list[str], types: list[int], *, scores=None, merges=None, pre=None, template=None, **ids) -> Path:
-    """A tokenizer-only GGUF file (llama architecture keys so transformers accepts it)."""
+def write_gguf(path: Path, kind: str, tokens: list[str], types: list[int], *, scores=None, merges=None, pre=None, template=None, arch="llama", **ids) -> Path:
+    """A tokenizer-only GGUF file (llama architecture keys by default, so transformers accepts it)."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(64)
     w.add_embedding_length(8)
     w.add_block_count(1)

@@ -721,6 +721,9 @@ def _byte_alphabet() -> dict[int, str]:
     return table
 
 
+TOKENIZER_CACHE_LAYOUT = 2  # 2: a family's fallback chat template (Gemma 3) is in the entry
+
+
 def _load_gguf_cached(path: Path, cache_dir: Path) -> Tokenizer:
     """The GGUF tokenizer through the cache: `<key>.tokenizer.json` is the backend as `tokenizers`
     writes it (read with Tokenizer.from_file, with no Python JSON parse of its 2 MB), and
@@ -734,6 +737,8 @@ def _load_gguf_cached(path: Path, cache_dir: Path) -> Tokenizer:
     meta_file = cache_dir / f"{key}.meta.json"
     try:
         saved = json.loads(meta_file.read_text(encoding="utf-8"))
+        if saved.get("layout") != TOKENIZER_CACHE_LAYOUT:
+            raise ValueError("an entry of an older layout: rebuilt")
         return Tokenizer(
             tokenizers.Tokenizer.from_file(str(backend_file)),
             special_tokens=saved["special_tokens"],
@@ -748,7 +753,7 @@ def _load_gguf_cached(path: Path, cache_dir: Path) -> Tokenizer:
     tok = _load_gguf(path)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"special_tokens": tok.special_tokens, "eos_token_ids": tok.eos_token_ids, "chat_template": tok.chat_template}
+        meta = {"layout": TOKENIZER_CACHE_LAYOUT, "special_tokens": tok.special_tokens, "eos_token_ids": tok.eos_token_ids, "chat_template": tok.chat_template}
         for target, text in ((backend_file, tok.backend.to_str()), (meta_file, json.dumps(meta))):
             tmp = owned_tmp(target)
             tmp.write_text(text, encoding="utf-8")
@@ -761,6 +766,7 @@ def _load_gguf_cached(path: Path, cache_dir: Path) -> Tokenizer:
 
 def _load_gguf(path: Path) -> Tokenizer:
     from llmcli.core.gguf_meta import gguf_metadata
+    from llmcli.core.models.registry import family_chat_template
 
     meta = gguf_metadata(path)
     kind = meta.get("tokenizer.ggml.model")
@@ -805,7 +811,7 @@ def _load_gguf(path: Path) -> Tokenizer:
         backend,
         special_tokens=special,
         eos_token_ids=[i for i in stop if isinstance(i, int) and 0 <= i < len(tokens)],
-        chat_template=meta.get("tokenizer.chat_template"),
+        chat_template=meta.get("tokenizer.chat_template") or family_chat_template(meta.get("general.architecture")),
         source=path,
     )
 

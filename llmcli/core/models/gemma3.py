@@ -29,6 +29,30 @@ from llmcli.core.models.llama import known_rope, rope_inv_freq
 from llmcli.core.models.registry import LLAMA_BLOCK_NAMES, LLAMA_GLOBAL_NAMES, GGUFNames, MetadataGetter, gguf_rope_scaling
 from llmcli.errors import ModelError
 
+# Gemma 3's turn format, Google's chat template for text messages (tokenizer_config.json of the
+# instruction-tuned models): the chat template of a Gemma 3 GGUF that carries none, such as the
+# base gemma3-270m, as llama.cpp formats a gemma conversation (llama-chat.cpp's "gemma").
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 ARGS: dict[str, Any] = {
     "query_pre_attn_scalar": 256,
     "final_logit_softcapping": None,

@@ -52,6 +52,15 @@ def family_of(model_type: str) -> ModuleType:
     return importlib.import_module(f"llmcli.core.models.{family_name(model_type)}")
 
 
+def family_chat_template(architecture: str | None) -> str | None:
+    """The chat template a GGUF of this llama.cpp architecture falls back to when it carries none
+    (the family's CHAT_TEMPLATE: Gemma 3's turn format), or None."""
+    model_type = GGUF_ARCHITECTURES.get(architecture or "")
+    if model_type is None:
+        return None
+    return getattr(family_of(model_type), "CHAT_TEMPLATE", None)
+
+
 class MetadataGetter:
     """get(key) -> the GGUF value of `<arch>.<key>` (default when absent; required: a one-line error naming the key)."""
 
