@@ -140,8 +140,8 @@ def test_stop_string_in_engine_on_smollm2(smollm2_loaded):
         return "".join(e.text for e in events), events[-1]
 
     free, _ = answer([])
-    assert "Paris" in free
-    stop = "Paris"
+    assert len(free) > 12
+    stop = free[8:12]  # a piece of the free answer: generation stops at its first occurrence
     text, last = answer([stop])
     assert last.finish_reason == "stop"
     assert text == free[: free.index(stop)]

@@ -101,9 +101,10 @@ def test_a_load_removes_the_tmp_files_of_dead_writers(tmp_path):
     model = make_tiny("llama", tmp_path / "llama")
     cache = tmp_path / "cache"
     dead = dead_pid()
-    leftovers = [cache / "weights" / f"0123abcd.{dead}.tmp", cache / "weights" / f"0123abcd.panels.{dead}.tmp", cache / "kernels" / f"matvec-00ff.{dead}.tmp", cache / "tokenizers" / f"abcd.tokenizer.{dead}.tmp"]
-    live = [cache / "weights" / f"4567.{os.getpid()}.tmp", cache / "weights" / f"89ab.{os.getppid()}.tmp"]  # writers still running
-    for path in leftovers + live:
+    leftovers = [cache / "kernels" / f"matvec-00ff.{dead}.tmp", cache / "tokenizers" / f"abcd.tokenizer.{dead}.tmp"]
+    live = [cache / "kernels" / f"4567.{os.getpid()}.tmp", cache / "tokenizers" / f"89ab.{os.getppid()}.tmp"]  # writers still running
+    stale = [cache / "weights" / "0123abcd.safetensors", cache / "weights" / f"0123abcd.panels.{dead}.tmp"]  # the float32 caches of older versions
+    for path in leftovers + live + stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half a file")
     from llmcli.core.loader import load_model
@@ -111,6 +112,7 @@ def test_a_load_removes_the_tmp_files_of_dead_writers(tmp_path):
     load_model(model, cache_dir=cache)
     assert [p for p in leftovers if p.exists()] == []
     assert all(p.exists() for p in live)
+    assert not (cache / "weights").exists()
 
 
 def test_remove_dead_tmp_ignores_other_names(tmp_path):

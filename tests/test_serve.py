@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -675,15 +676,26 @@ def test_a_real_server_refuses_a_lone_surrogate(server):
 
 
 @pytest.mark.real
-def test_smollm2_knows_the_capital_of_france(smollm2_gguf, tmp_path):
+def test_smollm2_greedy_chat_reply_is_the_models_own(smollm2_gguf, smollm2_loaded, tmp_path):
+    """The served greedy reply is the model's greedy continuation of the chat prompt (a plain loop here)."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
     s = Server(tmp_path, "--model", str(smollm2_gguf), "--max-context", "1024", "--batch-size", "2")
     try:
-        r = s.client().chat.completions.create(
-            model=s.model(), messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=48, temperature=0
-        )
-        assert "Paris" in r.choices[0].message.content
+        r = s.client().chat.completions.create(model=s.model(), messages=messages, max_tokens=16, temperature=0)
+        served = r.choices[0].message.content
     finally:
         s.stop()
+    tok = smollm2_loaded.tokenizer
+    _, encoding = tok.encode_chat(messages)
+    ids = list(encoding.ids)
+    start = len(ids)
+    with torch.inference_mode():
+        for _ in range(16):
+            nxt = int(smollm2_loaded.module(torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt in tok.eos_token_ids:
+                break
+            ids.append(nxt)
+    assert served == tok.decode(ids[start:]) and served.strip()
 
 
 @pytest.mark.real

@@ -10,7 +10,9 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
+from llmcli.cli.options import ThreadsOpt
 from llmcli.cli.stage import check_output, say
+from llmcli.core.threads import apply_threads
 
 TYPE_HELP = "Q4_K_M, Q5_K_M, Q4_K_S, Q5_K_S, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16 or F32 (llama-quantize's presets and mixing rules)."
 
@@ -19,7 +21,8 @@ TYPE_HELP = "Q4_K_M, Q5_K_M, Q4_K_S, Q5_K_S, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 def quantize(
     src: Annotated[str, typer.Argument(help="Catalogue name, HF-format directory or .gguf file.", show_default=False)],
     out: Annotated[Path, typer.Argument(help="The GGUF file to write.", show_default=False)],
-    type: Annotated[str, typer.Option("--type", "-t", help=TYPE_HELP)] = "Q4_K_M",
+    type: Annotated[str, typer.Option("--type", help=TYPE_HELP)] = "Q4_K_M",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Write a GGUF that llama.cpp (and llmcli) loads, its weights in llama.cpp's block formats.
 
@@ -35,6 +38,7 @@ def quantize(
     from llmcli.core.gguf_write import preset, read_source, write_gguf
     from llmcli.tempfiles import owned_tmp
 
+    apply_threads(threads)
     chosen = preset(type)
     path = resolve_model_path(src, say)
     check_output(out, path, flag="OUT")

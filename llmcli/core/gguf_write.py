@@ -159,12 +159,10 @@ def _gguf_source(path: Path) -> Source:
 
 
 def _gguf_names(family) -> dict[str, str]:
-    """HF name -> GGUF name, the inverse of weights.hf_name for this family."""
-    from llmcli.core import weights
-
-    block = {**weights._GGUF_BLOCK, **family.GGUF_BLOCK_NAMES}
-    out = {f"{hf}.{kind}": f"{g}.{kind}" for g, hf in weights._GGUF_GLOBAL.items() for kind in ("weight", "bias")}
-    out.update({f"model.layers.{{i}}.{hf}.{kind}": f"blk.{{i}}.{g}.{kind}" for g, hf in block.items() for kind in ("weight", "bias")})
+    """HF name -> GGUF name, the inverse of the family's GGUF_NAMES.hf_name."""
+    names = family.GGUF_NAMES
+    out = {f"{hf}.{kind}": f"{g}.{kind}" for g, hf in names.global_names.items() for kind in ("weight", "bias")}
+    out.update({f"{names.block_prefix}.{{i}}.{hf}.{kind}": f"blk.{{i}}.{g}.{kind}" for g, hf in names.block_names.items() for kind in ("weight", "bias")})
     return out
 
 
