@@ -144,7 +144,6 @@ def reference(dirs):
 
 
 def hf_greedy(model, ids: list[int], max_new: int) -> list[int]:
-    import torch
 
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=2, pad_token_id=2)
@@ -155,7 +154,6 @@ def hf_greedy(model, ids: list[int], max_new: int) -> list[int]:
 
 
 def hf_logprobs(model, ids: list[int]):
-    import torch
 
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].double()
@@ -676,8 +674,9 @@ def test_a_real_server_refuses_a_lone_surrogate(server):
 
 
 @pytest.mark.real
-def test_smollm2_greedy_chat_reply_is_the_models_own(smollm2_gguf, smollm2_loaded, tmp_path):
-    """The served greedy reply is the model's greedy continuation of the chat prompt (a plain loop here)."""
+def test_smollm2_greedy_chat_reply_is_what_chat_gives(smollm2_gguf, run_llmcli, tmp_path):
+    """The served greedy reply equals `llmcli chat`'s for the same messages: one engine behind both,
+    and a reply that does not depend on the batch it shares."""
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     s = Server(tmp_path, "--model", str(smollm2_gguf), "--max-context", "1024", "--batch-size", "2")
     try:
@@ -685,17 +684,9 @@ def test_smollm2_greedy_chat_reply_is_the_models_own(smollm2_gguf, smollm2_loade
         served = r.choices[0].message.content
     finally:
         s.stop()
-    tok = smollm2_loaded.tokenizer
-    _, encoding = tok.encode_chat(messages)
-    ids = list(encoding.ids)
-    start = len(ids)
-    with torch.inference_mode():
-        for _ in range(16):
-            nxt = int(smollm2_loaded.module(torch.tensor([ids])).logits[0, -1].argmax())
-            if nxt in tok.eos_token_ids:
-                break
-            ids.append(nxt)
-    assert served == tok.decode(ids[start:]) and served.strip()
+    chat = run_llmcli("chat", "--model", str(smollm2_gguf), "--max-tokens", "16", "--temperature", "0", input=json.dumps({"messages": messages}) + "\n")
+    assert chat.returncode == 0, chat.stderr
+    assert served.strip() and served == json.loads(chat.stdout)["reply"]
 
 
 @pytest.mark.real
