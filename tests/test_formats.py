@@ -21,6 +21,7 @@ from llmcli.core.kernels import load_kernels
 from llmcli.core.loader import load_model
 from llmcli.core.models.base import KVCache
 from tests import ggml_ref
+from tests.test_block_kernels import act_blocks
 from tests.test_weights import _make_llama, write_gguf
 from tests.tiny import make_tiny
 
@@ -56,19 +57,8 @@ def _activation_reference(x: np.ndarray, name: str) -> np.ndarray:
         q = np.minimum(np.rint(iscale * blocks), 127)
         d = np.where(iscale == 0, 0, np.float32(1) / np.where(iscale == 0, 1, iscale)).astype(np.float32)
         return (q * d).reshape(x.shape)
-    q, d, _ = _q8_blocks(x)
+    q, d, _ = act_blocks(x)
     return (q * d[..., None]).reshape(x.shape)
-
-
-def _q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's block_q8_0/q8_1 of each row: values rounded with the float32 delta amax / 127, then the
-    delta and s = delta * sum(values) kept in binary16, as ggml stores them."""
-    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
-    d = (np.abs(blocks).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
-    inv = np.where(d == 0, 0, np.float32(1) / np.where(d == 0, 1, d)).astype(np.float32)
-    q = np.rint(blocks * inv)
-    s = (d[..., 0] * q.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float32)
-    return q, d[..., 0].astype(np.float16).astype(np.float32), s
 
 
 def _min_term_correction(x: np.ndarray, raw: np.ndarray, name: str, k: int) -> np.ndarray:
@@ -76,10 +66,10 @@ def _min_term_correction(x: np.ndarray, raw: np.ndarray, name: str, k: int) -> n
     q8_1 does) instead of delta * sum(values); what that adds to xa @ w.T. Zero for other types."""
     if name not in ("Q4_1", "Q5_1"):
         return np.zeros((x.shape[0], raw.shape[0]))
-    q, d, s = _q8_blocks(x)
+    q, d, s = act_blocks(x)
     size = raw.shape[1] // (k // 32)
     m = raw.reshape(raw.shape[0], k // 32, size)[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
-    return (s.astype(np.float64) - d.astype(np.float64) * q.sum(-1)) @ m.T
+    return (s - d * q.sum(-1)) @ m.T
 
 
 # ---------------------------------------------------------------- one layer, each type
