@@ -23,6 +23,7 @@ import torch
 from llmcli.core import sampling
 from llmcli.core.generate import Request, TextStream, decode_step, prefill
 from llmcli.core.models.base import KVCache, rows_view
+from llmcli.engine.prefix_cache import PrefixCache
 from llmcli.errors import ContextLengthError
 
 
@@ -38,6 +39,7 @@ class Event:
     generated_ids: list[int] = field(default_factory=list)  # set when finished: the final ids
     prompt_logprobs: list | None = None  # set on the first event of an echo request
     logprobs: list[dict] | None = None  # set when finished, if asked for: one entry per generated id
+    cached_tokens: int | None = None  # set on the first event: prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass
@@ -51,7 +53,7 @@ class _Sequence:
 
 
 class ContinuousBatcher:
-    def __init__(self, loaded, batch_size: int = 8, max_len: int | None = None):
+    def __init__(self, loaded, batch_size: int = 8, max_len: int | None = None, prefix_cache: PrefixCache | None = None):
         self.loaded = loaded
         self.model = loaded.module
         self.tokenizer = loaded.tokenizer
@@ -69,6 +71,7 @@ class ContinuousBatcher:
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(self.config.eos_token_id)
         # checkpoints often pad the embedding matrix past the tokenizer's vocabulary: those rows are no tokens
         self.real_vocab = min(self.vocab, self.tokenizer.vocab_size)
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
 
     # ------------------------------------------------------------ queue
 
@@ -157,6 +160,8 @@ class ContinuousBatcher:
             k, v = request.prompt_cache
             self.cache.load_row(row, k, v)
             start = k.shape[2]
+        elif not request.echo:  # echo needs every prompt position's logits: nothing to skip
+            start = self._reuse_prefix(row, ids)
         if start >= len(ids):
             # the saved cache covers the whole prompt: recompute only the last position's logits
             self.cache.lengths[row] = len(ids) - 1
@@ -175,10 +180,39 @@ class ContinuousBatcher:
             last = all_logits[-1:]
         else:
             last = prefill(self.model, self.cache, row, ids[start:])[None]  # (1, V)
+        self._store_prefix(row, ids)
         tokens, entries = self._choose([seq], last)
         event = self._accept(seq, tokens[0], entries[0])
         event.prompt_logprobs = prompt_logprobs
+        event.cached_tokens = start
         return [event]
+
+    # ------------------------------------------------------------ prefix cache hooks
+
+    def _reuse_prefix(self, row: int, ids: list[int]) -> int:
+        """Fill the row with the prompt's longest cached chain of full blocks; how many tokens it covers."""
+        if self.prefix_cache is None:
+            return 0
+        _keys, kv = self.prefix_cache.lookup(ids)  # (2, L, Hkv, n, D)
+        if kv is None:
+            return 0
+        n = kv.shape[3]
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][row, :, :n] = kv[0, layer]
+            self.cache.v[layer][row, :, :n] = kv[1, layer]
+        self.cache.lengths[row] = n
+        return n
+
+    def _store_prefix(self, row: int, ids: list[int]) -> None:
+        """Keep the full blocks of ids, whose K/V the row holds from position 0 (prompt, or prompt and reply)."""
+        if self.prefix_cache is None:
+            return
+        cache = self.cache
+
+        def kv_of(start: int, end: int) -> torch.Tensor:  # (2, L, Hkv, end - start, D)
+            return torch.stack([torch.stack([k[row, :, start:end] for k in cache.k]), torch.stack([v[row, :, start:end] for v in cache.v])])
+
+        self.prefix_cache.insert(ids[: int(cache.lengths[row])], kv_of)
 
     def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], list[dict | None]]:
         """Sample one token per sequence from its (n, V) logits with each request's own settings."""
@@ -239,6 +273,8 @@ class ContinuousBatcher:
         if reason != "stop" or seq.text.stopped_at is None:
             piece += seq.text.finish()
         keep = seq.text.tokens_before_stop()
+        # the reply's blocks too: the next turn of a chat starts with this prompt and reply
+        self._store_prefix(seq.row, request_ids(seq))
         self.rows[seq.row] = None
         last = seq.generated[-1] if seq.generated else None
         return Event(
@@ -271,6 +307,11 @@ def _malloc_trim():
         return ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError, TypeError):  # not glibc
         return None
+
+
+def request_ids(seq: _Sequence) -> list[int]:
+    """The prompt and every token accepted so far: the row's K/V covers the first lengths[row] of them."""
+    return list(seq.request.prompt_ids) + seq.generated
 
 
 def _plain_greedy(params: sampling.SamplingParams) -> bool:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from llmcli.core.generate import Request
 from llmcli.engine.batcher import ContinuousBatcher, Event
+from llmcli.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB, PrefixCache, model_identity
 
 
 @dataclass
@@ -61,10 +62,13 @@ class Engine:
         max_context: int | None = None,
         notify: Callable[[str], None] | None = None,
         default_model: str = "smollm2-135m-instruct",
+        prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     ):
         self.loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=notify, default_model=default_model)
         self.batch_size = batch_size
         self.max_context = max_context
+        # shared by every batcher this engine makes: requests of later calls reuse earlier prefixes
+        self.prefix_cache = PrefixCache(model_identity(self.loaded), int(prefix_cache_mb * 2**20))
 
     @property
     def tokenizer(self):
@@ -80,7 +84,7 @@ class Engine:
         return min(n, self.max_context) if self.max_context else n
 
     def make_batcher(self, batch_size: int | None = None) -> ContinuousBatcher:
-        return ContinuousBatcher(self.loaded, batch_size or self.batch_size, self.context_length)
+        return ContinuousBatcher(self.loaded, batch_size or self.batch_size, self.context_length, self.prefix_cache)
 
     def iter_events(self, requests: Iterable[Request], batch_size: int | None = None) -> Iterator[Event]:
         """Every event of every request, as produced, with continuous admission.
