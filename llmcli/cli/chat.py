@@ -20,11 +20,13 @@ from typing_extensions import Annotated
 from llmcli.cli import app
 from llmcli.cli.options import (
     DEFAULT_MODEL,
+    DEFAULT_PREFIX_CACHE_MB,
     DeviceOpt,
     DtypeOpt,
     InputArg,
     ModelOpt,
     OutputOpt,
+    PrefixCacheOpt,
     ProgressOpt,
     QuantizeOpt,
     SkipErrorsOpt,
@@ -116,6 +118,7 @@ def chat(
     ] = False,
     max_context: Annotated[Optional[int], typer.Option(help="Cap the context below the model's (saves memory).")] = None,
     batch_size: Annotated[int, typer.Option(help="Piped records in flight at once.")] = 8,
+    prefix_cache_mb: PrefixCacheOpt = DEFAULT_PREFIX_CACHE_MB,
     progress: ProgressOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -148,7 +151,8 @@ def chat(
         stream_in, source = open_input(input)  # a missing file fails before the model loads
     apply_threads(threads)
     engine = Engine(
-        model, dtype=dtype, device=device, quantize=quantize, batch_size=1 if interactive else batch_size, max_context=max_context, notify=say, default_model=DEFAULT_MODEL
+        model, dtype=dtype, device=device, quantize=quantize, batch_size=1 if interactive else batch_size, max_context=max_context, notify=say, default_model=DEFAULT_MODEL,
+        prefix_cache_mb=prefix_cache_mb,
     )
     tokenizer = engine.tokenizer
     if engine.config.is_encoder:

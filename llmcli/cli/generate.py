@@ -11,11 +11,13 @@ from typing_extensions import Annotated
 from llmcli.cli import app
 from llmcli.cli.options import (
     DEFAULT_MODEL,
+    DEFAULT_PREFIX_CACHE_MB,
     DeviceOpt,
     DtypeOpt,
     InputArg,
     ModelOpt,
     OutputOpt,
+    PrefixCacheOpt,
     ProgressOpt,
     QuantizeOpt,
     SkipErrorsOpt,
@@ -49,6 +51,7 @@ def generate(
     echo: Annotated[bool, typer.Option(help="Add `prompt_logprobs` for the prompt tokens.")] = False,
     stream: Annotated[bool, typer.Option(help="Write {id, delta} records as text is produced, each record's together just before its final record.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences in flight at once (continuous batching).")] = 8,
+    prefix_cache_mb: PrefixCacheOpt = DEFAULT_PREFIX_CACHE_MB,
     progress: ProgressOpt = None,
     cache: Annotated[Optional[str], typer.Option(help="Resume from a KV cache written by `llmcli attend --save-cache`.")] = None,
     truncate: Annotated[bool, typer.Option(help="Keep the last tokens of prompts longer than the context instead of failing.")] = False,
@@ -69,6 +72,7 @@ def generate(
     from llmcli.core.sampling import check_token_ids
     from llmcli.engine import Engine
     from llmcli.records import (
+        CACHED_TOKENS,
         DELTA,
         FINISH_REASON,
         GENERATED_IDS,
@@ -96,7 +100,7 @@ def generate(
     check_output(output, input, cache)
     stream_in, source = open_input(input)
     apply_threads(threads)
-    engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL)
+    engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL, prefix_cache_mb=prefix_cache_mb)
     tokenizer = engine.tokenizer
     vocab = engine.config.vocab_size
     check_token_ids(stop_id or [], vocab, "--stop-id")
@@ -182,6 +186,7 @@ def generate(
                 out[SAMPLE] = result.request.sample_index
             out[GENERATED_IDS] = result.generated_ids
             out[FINISH_REASON] = result.finish_reason
+            out[CACHED_TOKENS] = result.cached_tokens
             if result.logprobs is not None:
                 out[LOGPROBS] = [_named(tokenizer, e) for e in result.logprobs]
             if result.prompt_logprobs is not None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Callable, List, Optional
 import typer
 
 from llmcli.core.sampling_params import SamplingParams
+from llmcli.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from llmcli.errors import UsageError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -32,6 +33,16 @@ ThreadsOpt = Annotated[
     typer.Option("--threads", "-t", help="CPU threads for the model math (torch and the native kernels). Default: the physical cores this process may use."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or mps (when present).")]
+PrefixCacheOpt = Annotated[
+    float,
+    typer.Option(
+        "--prefix-cache-mb",
+        min=0,
+        help=f"MiB of keys and values of full 16-token prompt blocks kept for requests that share a prefix (a system prompt, "
+        f"earlier chat turns); least recently used first out. 0 turns it off. Default {DEFAULT_PREFIX_CACHE_MB}.",
+        show_default=False,
+    ),
+]
 QuantizeOpt = Annotated[
     str,
     typer.Option("--quantize", help="Quantize an HF model's float linear layers at load into a llama.cpp block format: none, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k (int8 = q8_0); CPU, float32 activations. A GGUF's quantized tensors keep their own types."),

@@ -10,7 +10,7 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
-from llmcli.cli.options import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt, ThreadsOpt
+from llmcli.cli.options import DEFAULT_ENCODER, DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_MB, DeviceOpt, DtypeOpt, ModelOpt, PrefixCacheOpt, QuantizeOpt, ThreadsOpt
 from llmcli.cli.stage import say
 from llmcli.core.threads import apply_threads
 from llmcli.errors import UsageError
@@ -55,6 +55,7 @@ def serve(
         float, typer.Option(help="Seconds a generation request may run (queue wait included) before it is stopped: HTTP 504, or an error event in a stream. 0 = no limit.")
     ] = 600.0,
     max_context: Annotated[Optional[int], typer.Option(help="Cap the context (tokens per sequence) below the model's; saves KV-cache memory.")] = None,
+    prefix_cache_mb: PrefixCacheOpt = DEFAULT_PREFIX_CACHE_MB,
     embedding_model: Annotated[
         Optional[str], typer.Option(help=f"Encoder for /v1/embeddings when --model is a decoder. Default: {DEFAULT_ENCODER} (loaded on first use).")
     ] = None,
@@ -109,10 +110,13 @@ def serve(
     embed_name = model_name(embedding_model, DEFAULT_ENCODER)
 
     def load_backend():
-        engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, max_context=max_context, notify=say, default_model=DEFAULT_MODEL)
+        engine = Engine(
+            model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, max_context=max_context, notify=say, default_model=DEFAULT_MODEL,
+            prefix_cache_mb=prefix_cache_mb,
+        )
         if engine.config.is_encoder:
             return Embedder(engine.loaded)
-        say(f"llmcli: loaded {name} ({engine.config.model_type}, context {engine.context_length}, batch size {batch_size})")
+        say(f"llmcli: loaded {name} ({engine.config.model_type}, context {engine.context_length}, batch size {batch_size}, prefix cache {prefix_cache_mb:g} MiB)")
         return EngineService(engine, batch_size=batch_size, max_queue=max_queue)
 
     def load_embedder():

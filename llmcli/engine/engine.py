@@ -25,12 +25,14 @@ class Result:
     text: str  # the streamed text joined (stop strings removed)
     logprobs: list[dict] | None = None
     prompt_logprobs: list | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (or a saved --cache)
 
 
 @dataclass
 class _Pending:
     pieces: list[str] = field(default_factory=list)
     prompt_logprobs: list | None = None
+    cached_tokens: int = 0
 
 
 def load_model_ref(
@@ -131,8 +133,12 @@ class Engine:
             state.pieces.append(event.text)
             if event.prompt_logprobs is not None:
                 state.prompt_logprobs = event.prompt_logprobs
+            if event.cached_tokens is not None:
+                state.cached_tokens = event.cached_tokens
             if event.finish_reason is not None:
-                done[key] = Result(event.request, event.generated_ids, event.finish_reason, "".join(state.pieces), event.logprobs, state.prompt_logprobs)
+                done[key] = Result(
+                    event.request, event.generated_ids, event.finish_reason, "".join(state.pieces), event.logprobs, state.prompt_logprobs, state.cached_tokens
+                )
                 del pending[key]
             while next_index < len(order) and order[next_index] in done:
                 yield done.pop(order[next_index])

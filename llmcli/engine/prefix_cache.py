@@ -27,9 +27,10 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BLOCK_SIZE = 16  # tokens per block: vLLM's default; a 500-token system prompt is 31 full blocks
 DEFAULT_PREFIX_CACHE_MB = 256  # SmolLM2-135M (46 KiB of K/V per token in float32): about 5,600 tokens
@@ -111,6 +112,8 @@ class PrefixCache:
             found.append(key)
         if not found:
             return [], None
+        import torch  # here, not at the top: the CLI reads DEFAULT_PREFIX_CACHE_MB without torch
+
         self._touch(found)
         self.stats.hits += len(found) * self.block_size
         return found, torch.cat([self.blocks[k].kv for k in found], dim=3)

@@ -50,7 +50,9 @@ class _Writer:
 
     def sample(self, name: str, value: float, **labels: object) -> None:
         text = ",".join(f'{k}="{_label(str(v))}"' for k, v in labels.items())
-        self.lines.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+        # integers whole (a byte count in %g would lose its last digits), floats in %g
+        shown = str(value) if isinstance(value, int) else f"{value:g}"
+        self.lines.append(f"{name}{{{text}}} {shown}" if text else f"{name} {shown}")
 
     def histogram(self, name: str, help: str, hist: Histogram) -> None:
         self.family(name, "histogram", help)
@@ -58,6 +60,25 @@ class _Writer:
             self.sample(f"{name}_bucket", count, le=le)
         self.sample(f"{name}_sum", hist.sum)
         self.sample(f"{name}_count", hist.count)
+
+
+def _prefix_cache(w: _Writer, cache) -> None:
+    """vLLM's prefix_cache_queries / prefix_cache_hits (in tokens), and what the cache holds."""
+    stats = cache.stats
+    w.family("llmcli_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.")
+    w.sample("llmcli_prefix_cache_queries_total", stats.queries)
+    w.family("llmcli_prefix_cache_hits_total", "counter", "Prompt tokens whose keys and values came from the prefix cache.")
+    w.sample("llmcli_prefix_cache_hits_total", stats.hits)
+    w.family("llmcli_prefix_cache_hit_rate", "gauge", "Hits over queries since the start (0 before any query).")
+    w.sample("llmcli_prefix_cache_hit_rate", stats.hit_rate)
+    w.family("llmcli_prefix_cache_evictions_total", "counter", "Blocks evicted (least recently used) to stay under --prefix-cache-mb.")
+    w.sample("llmcli_prefix_cache_evictions_total", stats.evictions)
+    w.family("llmcli_prefix_cache_blocks", "gauge", "Blocks of tokens held now.")
+    w.sample("llmcli_prefix_cache_blocks", len(cache.blocks))
+    w.family("llmcli_prefix_cache_bytes", "gauge", "Bytes of keys and values held now.")
+    w.sample("llmcli_prefix_cache_bytes", cache.bytes_used)
+    w.family("llmcli_prefix_cache_capacity_bytes", "gauge", "The bound, --prefix-cache-mb in bytes (0: the cache is off).")
+    w.sample("llmcli_prefix_cache_capacity_bytes", cache.capacity_bytes)
 
 
 def render(service: EngineService | None, http: HttpCounters, model: str, loaded: bool, draining: bool) -> str:
@@ -87,6 +108,9 @@ def render(service: EngineService | None, http: HttpCounters, model: str, loaded
         w.sample("llmcli_batch_size", service.batch_size)
         w.histogram("llmcli_time_to_first_token_seconds", "From submission to the first generated token.", m.time_to_first_token)
         w.histogram("llmcli_time_per_output_token_seconds", "Between consecutive tokens of one request.", m.time_per_output_token)
+        prefix_cache = getattr(service.engine, "prefix_cache", None)
+        if prefix_cache is not None:
+            _prefix_cache(w, prefix_cache)
     w.family(
         "llmcli_requests_failed_total",
         "counter",

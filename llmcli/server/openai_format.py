@@ -79,6 +79,7 @@ class Choice:
     prompt_logprobs: list | None = None
     finish_reason: str | None = None
     streamed_tokens: int = 0  # logprob entries already sent in a stream
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def text(self) -> str:

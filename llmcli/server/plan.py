@@ -63,7 +63,10 @@ class Plan:
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(c.generated_ids) for c in self.choices.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        # a prompt counts once however many samples it has (n): its first sample's cached tokens with it
+        per_prompt = len(self.requests) // len(self.prompts)
+        cached = sum(self.choices[id(r)].cached_tokens for r in self.requests[::per_prompt])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
     def submit(self) -> Handle:
         try:
@@ -113,6 +116,8 @@ class Plan:
                 if gone.is_set():
                     return  # nobody is reading: the cancel is on its way to the engine
                 if event is not None:
+                    if event.cached_tokens is not None:
+                        self.choices[id(event.request)].cached_tokens = event.cached_tokens
                     yield event
         finally:
             watcher.cancel()

@@ -1,0 +1,236 @@
+"""Soak test for `llmcli serve` (issue 15, Reliability): is memory flat and is every answer a 2xx/4xx?
+
+Starts `python -m llmcli serve` on the default model (or --model) on a free loopback port and
+keeps --clients client loops busy for --minutes (10 by default). Each loop picks, from a seeded
+random stream, one of:
+  - a streamed chat (read to [DONE]),
+  - a non-streamed chat or completion,
+  - a streamed chat that disconnects after its first chunks (the server must free the row),
+  - a non-streamed request that gives up after a moment (a client timeout),
+with a shared system prompt on about half of them (prefix-cache hits, blocks of replies inserted)
+and unique text on the rest (new blocks, so the prefix cache fills up and evicts under its bound).
+Everything is bounded: the client count, max_tokens per request, the run length; only
+127.0.0.1 is touched.
+
+A sampler reads the server's RSS (/proc/PID/status VmRSS) every second. After --warmup minutes
+(the model mapped, the prefix cache filled, the allocator's pools grown), the growth is the mean
+RSS of the last minute over the mean of the first minute after warm-up (target at most 5%), and
+the count of 5xx answers (target 0). /metrics is read at the end for the prefix cache's bytes,
+evictions and hit rate.
+
+Example: python benchmarks/soak.py --minutes 10
+Prints a JSON summary on stdout (or -o FILE) and a readable one on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+SYSTEM = (
+    "You are a patient tutor for a class of curious children. Answer in one or two short sentences, "
+    "use simple words, and never invent facts. If you do not know, say so. "
+) * 4
+TOPICS = "rain volcanoes bees the moon magnets rainbows clouds whales bread bicycles trains ice deserts owls stars tides".split()
+WORDS = "red blue quiet fast old new small large bright dark happy tired early late warm cold soft loud".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def question(rng: random.Random) -> str:
+    return f"Why do {rng.choice(TOPICS)} matter, and what is one {rng.choice(WORDS)} fact about them?"
+
+
+def unique_text(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS + TOPICS) for _ in range(rng.randint(30, 120)))
+
+
+async def one_request(client: httpx.AsyncClient, rng: random.Random, max_tokens: int, counts: Counter, statuses: Counter) -> None:
+    kind = rng.choices(["stream", "chat", "completion", "disconnect", "give_up"], weights=[4, 3, 2, 2, 1])[0]
+    shared = rng.random() < 0.5
+    messages = [{"role": "system", "content": SYSTEM}] if shared else []
+    messages.append({"role": "user", "content": question(rng) if shared else unique_text(rng)})
+    body = {"messages": messages, "max_tokens": rng.randint(4, max_tokens), "temperature": rng.choice([0, 0.8]), "seed": rng.randint(0, 1000)}
+    counts[kind] += 1
+    try:
+        if kind == "completion":
+            prompt = (SYSTEM if shared else "") + unique_text(rng)
+            r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": body["max_tokens"], "temperature": body["temperature"]})
+            statuses[r.status_code] += 1
+        elif kind in ("chat", "give_up"):
+            timeout = 0.3 if kind == "give_up" else None
+            try:
+                r = await client.post("/v1/chat/completions", json=body, timeout=timeout)
+                statuses[r.status_code] += 1
+            except httpx.TimeoutException:
+                counts["gave_up"] += 1
+        else:
+            async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                statuses[r.status_code] += 1
+                chunks = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        chunks += 1
+                        if '"error"' in line:
+                            counts["stream_error_events"] += 1
+                        if kind == "disconnect" and chunks >= 3:
+                            counts["disconnected"] += 1
+                            break  # leaving the block closes the connection mid-stream
+    except httpx.HTTPError as exc:
+        counts[f"client_error:{type(exc).__name__}"] += 1
+
+
+async def client_loop(base: str, seed: int, deadline: float, max_tokens: int, counts: Counter, statuses: Counter) -> None:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+        while time.monotonic() < deadline:
+            await one_request(client, rng, max_tokens, counts, statuses)
+
+
+async def sample_rss(pid: int, start: float, deadline: float, samples: list[tuple[float, int]]) -> None:
+    while time.monotonic() < deadline:
+        rss = rss_bytes(pid)
+        if rss is not None:
+            samples.append((time.monotonic() - start, rss))
+        await asyncio.sleep(1.0)
+
+
+def metrics(base: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def mean_between(samples: list[tuple[float, int]], lo: float, hi: float) -> float:
+    values = [rss for t, rss in samples if lo <= t < hi]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model for llmcli serve (default: its default model)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="length of the whole run, warm-up included")
+    ap.add_argument("--warmup", type=float, default=2.0, help="minutes before RSS counts")
+    ap.add_argument("--clients", type=int, default=12, help="client loops at once")
+    ap.add_argument("--max-tokens", type=int, default=48, help="most tokens per request")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for llmcli serve (repeatable)")
+    ap.add_argument("-o", "--output", default=None)
+    args = ap.parse_args()
+    if args.minutes <= args.warmup + 1:
+        ap.error("--minutes must leave at least a minute after --warmup")
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "llmcli", "serve", "--host", "127.0.0.1", "--port", str(port), "--batch-size", str(args.batch_size), "--max-queue", str(4 * args.clients)]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += args.serve_arg
+    log = tempfile.NamedTemporaryFile(prefix="llmcli-soak-", suffix=".log", delete=False)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                sys.exit(f"the server exited with {server.returncode}; log: {log.name}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                sys.exit(f"the server was not healthy after 600 s; log: {log.name}")
+            time.sleep(0.5)
+        counts: Counter = Counter()
+        statuses: Counter = Counter()
+        samples: list[tuple[float, int]] = []
+        start = time.monotonic()
+        end = start + args.minutes * 60
+
+        async def run() -> None:
+            loops = [client_loop(base, args.seed * 1000 + i, end, args.max_tokens, counts, statuses) for i in range(args.clients)]
+            await asyncio.gather(sample_rss(server.pid, start, end, samples), *loops)
+
+        asyncio.run(run())
+        after = metrics(base)
+        warm = args.warmup * 60
+        total = args.minutes * 60
+        first = mean_between(samples, warm, warm + 60)
+        last = mean_between(samples, total - 60, total + 60)
+        post = [rss for t, rss in samples if t >= warm]
+        summary = {
+            "model": args.model or "default",
+            "minutes": args.minutes,
+            "warmup_minutes": args.warmup,
+            "clients": args.clients,
+            "batch_size": args.batch_size,
+            "requests": dict(counts),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "http_5xx": sum(v for k, v in statuses.items() if k >= 500),
+            "rss_mib_start": samples[0][1] / 2**20 if samples else None,
+            "rss_mib_after_warmup": first / 2**20,
+            "rss_mib_last_minute": last / 2**20,
+            "rss_mib_max_after_warmup": max(post) / 2**20 if post else None,
+            "rss_growth_after_warmup": last / first - 1,
+            "prefix_cache_bytes": after.get("llmcli_prefix_cache_bytes"),
+            "prefix_cache_evictions": after.get("llmcli_prefix_cache_evictions_total"),
+            "prefix_cache_hit_rate": after.get("llmcli_prefix_cache_hit_rate"),
+            "finished": {k: v for k, v in after.items() if k.startswith("llmcli_requests_finished_total")},
+            "requests_running_at_end": after.get("llmcli_requests_running"),
+            "load_average": os.getloadavg(),
+            "rss_samples": [(round(t, 1), rss) for t, rss in samples[:: max(1, len(samples) // 120)]],
+        }
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    text = json.dumps(summary, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    ok = summary["http_5xx"] == 0 and summary["rss_growth_after_warmup"] <= 0.05
+    print(
+        f"soak {args.minutes:g} min, {args.clients} clients: requests {sum(v for k, v in counts.items() if k in ('stream', 'chat', 'completion', 'disconnect', 'give_up'))}, "
+        f"statuses {summary['statuses']}, 5xx {summary['http_5xx']}; RSS {summary['rss_mib_after_warmup']:.0f} MiB after warm-up -> "
+        f"{summary['rss_mib_last_minute']:.0f} MiB in the last minute ({100 * summary['rss_growth_after_warmup']:+.1f}%); "
+        f"prefix cache {summary['prefix_cache_bytes'] or 0:.0f} bytes, {summary['prefix_cache_evictions'] or 0:.0f} evictions; "
+        f"load average {summary['load_average'][0]:.1f} -> {'PASS' if ok else 'FAIL'}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()
