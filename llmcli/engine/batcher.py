@@ -1,14 +1,21 @@
-"""Continuous batching over a slot KV cache.
+"""Continuous batching over a slot KV cache, with chunked prefill (vLLM v1's scheduler).
 
-Up to `batch_size` sequences are in flight; each `step()` first admits waiting requests into
-free rows (one prefill each), then decodes one token for every active row in a single forward.
-A finished sequence frees its row at once, so the next request starts on the next step and
-prompts of different lengths share a batch. Running sequences are kept in rows 0..n-1 (a
-finished one's row takes the last running sequence), so a step computes only the rows in use,
-and the KV cache holds memory only for those rows and their lengths: it grows as sequences need it
-and shrinks when they finish, so one long prompt neither takes memory for every row nor keeps it.
-Every sequence samples from its own generator (derived from the run's seed and the record's id),
-so results do not depend on the batch.
+Up to `batch_size` sequences hold a row of the KV cache. Each `step()` asks the scheduler
+(engine/scheduler.py) for a plan under the token budget `max_batched_tokens`: one token for every
+decoding sequence first, then prompt chunks in FIFO order (waiting requests are admitted into free
+rows as the budget reaches them; a long prompt takes several steps). The whole plan runs as one
+packed forward (`Decoder.forward_packed`): the linear layers read their weights once for every
+token of the step, and attention runs per token over its own row. Every kernel there computes a
+token's numbers from that token alone, so a request's tokens and logprobs are the same bits
+whatever else is in the step and however its prompt was chunked; a pure decode step runs on the
+native block step where the family has one, with the same bits.
+
+A finished sequence frees its row at once, so the next request starts on the next step. Running
+sequences are kept in rows 0..n-1 (a finished one's row takes the last running sequence), so a
+step computes only the rows in use, and the KV cache holds memory only for those rows and their
+lengths: it grows as sequences need it and shrinks when they finish, so one long prompt neither
+takes memory for every row nor keeps it. Every sequence samples from its own generator (derived
+from the run's seed and the record's id), so results do not depend on the batch.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from typing import Any
 import torch
 
 from llmcli.core import sampling
-from llmcli.core.generate import Request, TextStream, decode_step, prefill
-from llmcli.core.models.base import KVCache, rows_view
+from llmcli.core.generate import Request, TextStream
+from llmcli.core.models.base import KVCache
+from llmcli.engine.scheduler import DEFAULT_MAX_BATCHED_TOKENS, Scheduler
 from llmcli.errors import ContextLengthError
 
 
@@ -46,13 +54,26 @@ class _Sequence:
     row: int
     generator: torch.Generator | None
     text: TextStream
+    admitted: int  # admission order: prompt chunks are scheduled first come, first served
+    prefilled: int  # prompt tokens in the cache
     generated: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logits: list[torch.Tensor] | None = field(default_factory=list)  # echo: the chunks' logits until the prompt is in
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.request.prompt_ids) - self.prefilled
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt_ids)
 
 
 class ContinuousBatcher:
-    def __init__(self, loaded, batch_size: int = 8, max_len: int | None = None):
+    def __init__(self, loaded, batch_size: int = 8, max_len: int | None = None, max_batched_tokens: int | None = None):
         self.loaded = loaded
+        self.scheduler = Scheduler(max_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS)
+        self.admissions = 0
         self.model = loaded.module
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
@@ -105,24 +126,74 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        events: list[Event] = []
-        for row in range(self.batch_size):
-            if self.rows[row] is None and self.waiting:
-                events.extend(self._admit(self.waiting.popleft(), row))
-        self._compact()  # admissions that finished at once leave holes
+        """One scheduled step: decode tokens, prompt chunks and admissions in one forward."""
         running = [seq for seq in self.rows if seq is not None]
-        if not running:
-            return events
-        n = len(running)  # rows 0..n-1, in row order
-        self.cache.reserve(int(self.cache.lengths[:n].max()) + 1)
-        logits = decode_step(self.model, rows_view(self.cache, 0, n), self.last_token[:n])  # (n, V)
-        tokens, entries = self._choose(running, logits)
-        for seq, token, entry in zip(running, tokens, entries):
-            events.append(self._accept(seq, token, entry))
+        free = self.batch_size - len(running)
+        plan = self.scheduler.plan(running, self._waiting_prompts(free), free)
+        work = {seq.row: (seq, 1) for seq in plan.decode}
+        work.update((seq.row, (seq, n)) for seq, n in plan.prefill)
+        for n in plan.admit:
+            seq = self._admit(self.waiting.popleft(), self.rows.index(None))
+            work[seq.row] = (seq, n)
+        if not work:
+            return []
+        ids: list[int] = []
+        rows: list[int] = []
+        logits_at: list[int] = []  # indices into ids whose logits this step needs
+        wanted: list[tuple[_Sequence, int, int]] = []  # (sequence, first logits row, rows) in logits_at
+        for row in sorted(work):  # forward_packed takes rows ascending, each row's tokens together
+            seq, n = work[row]
+            first = len(ids)
+            if seq.decoding:
+                ids.append(int(self.last_token[row]))
+            else:
+                ids.extend(seq.request.prompt_ids[seq.prefilled : seq.prefilled + n])
+                seq.prefilled += n
+            rows.extend([row] * n)
+            # echo needs every prompt position's logits; otherwise only the last token's, once the prompt is in
+            take = n if seq.request.echo and seq.prompt_logits is not None else (1 if seq.decoding else 0)
+            if take:
+                wanted.append((seq, len(logits_at), take))
+                logits_at.extend(range(first + n - take, first + n))
+        device = self.last_token.device
+        logits = self.model.forward_packed(
+            torch.tensor(ids, device=device), torch.tensor(rows, device=device), self.cache, torch.tensor(logits_at, dtype=torch.long, device=device)
+        )  # (len(logits_at), V)
+        sampled: list[_Sequence] = []
+        last_rows: list[int] = []
+        echo_events: dict[int, list] = {}
+        for seq, start, take in wanted:
+            if seq.request.echo and seq.prompt_logits is not None:
+                seq.prompt_logits.append(logits[start : start + take])
+                if not seq.decoding:
+                    continue
+                prompt = torch.cat(seq.prompt_logits)
+                echo_events[id(seq)] = sampling.prompt_logprobs(prompt, seq.request.prompt_ids, seq.request.params.logprobs or 0)
+                seq.prompt_logits = None  # done: the next logits are a decode token's
+            sampled.append(seq)
+            last_rows.append(start + take - 1)
+        events: list[Event] = []
+        if sampled:
+            tokens, entries = self._choose(sampled, logits[last_rows])
+            for seq, token, entry in zip(sampled, tokens, entries):
+                event = self._accept(seq, token, entry)
+                event.prompt_logprobs = echo_events.get(id(seq))
+                events.append(event)
         self._compact()
         if any(event.finish_reason is not None for event in events):
             self._trim()
         return events
+
+    def _waiting_prompts(self, free: int):
+        """Prompt tokens left to compute of the first `free` waiting requests (the only ones a step can admit)."""
+        for request, _ in zip(self.waiting, range(free)):
+            yield len(request.prompt_ids) - self._cached_prefix(request)
+
+    def _cached_prefix(self, request: Request) -> int:
+        """Prompt tokens a saved attend cache covers (all but the last: its logits are recomputed)."""
+        if request.prompt_cache is None:
+            return 0
+        return min(request.prompt_cache[0].shape[2], len(request.prompt_ids) - 1)
 
     def _compact(self) -> None:
         """Move the last running sequences into free rows below them, so rows 0..n-1 are the running ones."""
@@ -148,37 +219,26 @@ class ContinuousBatcher:
         if self.cache.trim(int(self.cache.lengths[:n].max()) + 1 if n else 0, n):
             release_free_memory()
 
-    def _admit(self, request: Request, row: int) -> list[Event]:
+    def _admit(self, request: Request, row: int) -> _Sequence:
+        """Put a request into a free row (its saved cache loaded, if any); its prompt runs in the next chunks."""
         self.cache.reset_row(row)
         ids = request.prompt_ids
-        self.cache.reserve(len(ids) + 1, row + 1)  # on the root cache: the row view below cannot grow
-        start = 0
+        start = self._cached_prefix(request)
+        if start and request.echo:
+            raise ContextLengthError("prompt logprobs need the whole prompt recomputed", "drop --cache when using --echo")
         if request.prompt_cache is not None:
             k, v = request.prompt_cache
-            self.cache.load_row(row, k, v)
-            start = k.shape[2]
-        if start >= len(ids):
-            # the saved cache covers the whole prompt: recompute only the last position's logits
-            self.cache.lengths[row] = len(ids) - 1
-            start = len(ids) - 1
-        seq = _Sequence(request, row, sampling.make_generator(request.params.seed, request.id, request.sample_index), TextStream(self.tokenizer, request.stop))
+            self.cache.load_row(row, k[:, :, :start], v[:, :, :start])
+        seq = _Sequence(
+            request, row, sampling.make_generator(request.params.seed, request.id, request.sample_index), TextStream(self.tokenizer, request.stop),
+            admitted=self.admissions, prefilled=start,
+        )  # fmt: skip
+        self.admissions += 1
         self.rows[row] = seq
         self.generated_counts[row].zero_()
         self.prompt_seen[row].zero_()
         self.prompt_seen[row, torch.tensor(ids, device=self.prompt_seen.device)] = True
-        prompt_logprobs = None
-        if request.echo:
-            if start > 0:
-                raise ContextLengthError("prompt logprobs need the whole prompt recomputed", "drop --cache when using --echo")
-            all_logits = prefill(self.model, self.cache, row, ids[start:], all_logits=True)  # (T, V)
-            prompt_logprobs = sampling.prompt_logprobs(all_logits, ids, request.params.logprobs or 0)
-            last = all_logits[-1:]
-        else:
-            last = prefill(self.model, self.cache, row, ids[start:])[None]  # (1, V)
-        tokens, entries = self._choose([seq], last)
-        event = self._accept(seq, tokens[0], entries[0])
-        event.prompt_logprobs = prompt_logprobs
-        return [event]
+        return seq
 
     def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], list[dict | None]]:
         """Sample one token per sequence from its (n, V) logits with each request's own settings."""
