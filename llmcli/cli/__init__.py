@@ -31,6 +31,7 @@ from llmcli.cli.options import (  # noqa: F401
     DtypeOpt,
     FloatsOpt,
     InputArg,
+    MaxBatchedTokensOpt,
     ModelOpt,
     OutputOpt,
     ProgressOpt,

@@ -24,6 +24,7 @@ from llmcli.cli.options import (
     DeviceOpt,
     DtypeOpt,
     InputArg,
+    MaxBatchedTokensOpt,
     ModelOpt,
     OutputOpt,
     PrefixCacheOpt,
@@ -31,6 +32,7 @@ from llmcli.cli.options import (
     QuantizeOpt,
     SkipErrorsOpt,
     ThreadsOpt,
+    check_max_batched_tokens,
     sampling_options,
 )
 from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
@@ -119,6 +121,7 @@ def chat(
     max_context: Annotated[Optional[int], typer.Option(help="Cap the context below the model's (saves memory).")] = None,
     batch_size: Annotated[int, typer.Option(help="Piped records in flight at once.")] = 8,
     prefix_cache_mb: PrefixCacheOpt = DEFAULT_PREFIX_CACHE_MB,
+    max_batched_tokens: MaxBatchedTokensOpt = None,
     progress: ProgressOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -143,6 +146,7 @@ def chat(
         raise UsageError("--max-tokens must be at least 1", "use -n 1 or more")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
+    check_max_batched_tokens(max_batched_tokens)
     interactive = input == "-" and sys.stdin.isatty()
     params = sampling
     stream_in = source = None
@@ -151,8 +155,8 @@ def chat(
         stream_in, source = open_input(input)  # a missing file fails before the model loads
     apply_threads(threads)
     engine = Engine(
-        model, dtype=dtype, device=device, quantize=quantize, batch_size=1 if interactive else batch_size, max_context=max_context, notify=say, default_model=DEFAULT_MODEL,
-        prefix_cache_mb=prefix_cache_mb,
+        model, dtype=dtype, device=device, quantize=quantize, batch_size=1 if interactive else batch_size, max_context=max_context, max_batched_tokens=max_batched_tokens,
+        notify=say, default_model=DEFAULT_MODEL, prefix_cache_mb=prefix_cache_mb,
     )
     tokenizer = engine.tokenizer
     if engine.config.is_encoder:

@@ -15,6 +15,7 @@ from llmcli.cli.options import (
     DeviceOpt,
     DtypeOpt,
     InputArg,
+    MaxBatchedTokensOpt,
     ModelOpt,
     OutputOpt,
     PrefixCacheOpt,
@@ -22,6 +23,7 @@ from llmcli.cli.options import (
     QuantizeOpt,
     SkipErrorsOpt,
     ThreadsOpt,
+    check_max_batched_tokens,
     sampling_options,
 )
 from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
@@ -52,6 +54,7 @@ def generate(
     stream: Annotated[bool, typer.Option(help="Write {id, delta} records as text is produced, each record's together just before its final record.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences in flight at once (continuous batching).")] = 8,
     prefix_cache_mb: PrefixCacheOpt = DEFAULT_PREFIX_CACHE_MB,
+    max_batched_tokens: MaxBatchedTokensOpt = None,
     progress: ProgressOpt = None,
     cache: Annotated[Optional[str], typer.Option(help="Resume from a KV cache written by `llmcli attend --save-cache`.")] = None,
     truncate: Annotated[bool, typer.Option(help="Keep the last tokens of prompts longer than the context instead of failing.")] = False,
@@ -96,11 +99,15 @@ def generate(
         raise UsageError("--max-tokens must be at least 1", "use -n 1 or more")
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
+    check_max_batched_tokens(max_batched_tokens)
     params = dataclasses.replace(sampling, logprobs=logprobs)  # checked there: at most MAX_LOGPROBS
     check_output(output, input, cache)
     stream_in, source = open_input(input)
     apply_threads(threads)
-    engine = Engine(model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, notify=say, default_model=DEFAULT_MODEL, prefix_cache_mb=prefix_cache_mb)
+    engine = Engine(
+        model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, max_batched_tokens=max_batched_tokens, notify=say, default_model=DEFAULT_MODEL,
+        prefix_cache_mb=prefix_cache_mb,
+    )
     tokenizer = engine.tokenizer
     vocab = engine.config.vocab_size
     check_token_ids(stop_id or [], vocab, "--stop-id")

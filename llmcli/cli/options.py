@@ -43,6 +43,21 @@ PrefixCacheOpt = Annotated[
         show_default=False,
     ),
 ]
+# the default lives in engine/scheduler.py (DEFAULT_MAX_BATCHED_TOKENS), which imports torch: not here
+MaxBatchedTokensOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Tokens per engine step: decode tokens of running sequences first, then prompt chunks (a long prompt is split "
+        "across steps, short ones prefill together). Default: 256, sized for a CPU."
+    ),
+]
+
+
+def check_max_batched_tokens(value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        from llmcli.errors import UsageError
+
+        raise UsageError("--max-batched-tokens must be at least 1", "use e.g. --max-batched-tokens 256")
 QuantizeOpt = Annotated[
     str,
     typer.Option("--quantize", help="Quantize an HF model's float linear layers at load into a llama.cpp block format: none, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k or q6_k (int8 = q8_0); CPU, float32 activations. A GGUF's quantized tensors keep their own types."),

@@ -10,7 +10,19 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
-from llmcli.cli.options import DEFAULT_ENCODER, DEFAULT_MODEL, DEFAULT_PREFIX_CACHE_MB, DeviceOpt, DtypeOpt, ModelOpt, PrefixCacheOpt, QuantizeOpt, ThreadsOpt
+from llmcli.cli.options import (
+    DEFAULT_ENCODER,
+    DEFAULT_MODEL,
+    DEFAULT_PREFIX_CACHE_MB,
+    DeviceOpt,
+    DtypeOpt,
+    MaxBatchedTokensOpt,
+    ModelOpt,
+    PrefixCacheOpt,
+    QuantizeOpt,
+    ThreadsOpt,
+    check_max_batched_tokens,
+)
 from llmcli.cli.stage import say
 from llmcli.core.threads import apply_threads
 from llmcli.errors import UsageError
@@ -49,6 +61,7 @@ def serve(
         Optional[str], typer.Option("--api-key", envvar="LLMCLI_API_KEY", help="Require `Authorization: Bearer KEY` on every route but /health and the chat page at /.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together (continuous batching).")] = 8,
+    max_batched_tokens: MaxBatchedTokensOpt = None,
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a batch row; more get HTTP 429.")] = 64,
     max_body: Annotated[str, typer.Option(help="Largest request body (1MB = 10^6 bytes, 1MiB = 2^20); larger gets HTTP 413.")] = "1MB",
     request_timeout: Annotated[
@@ -79,6 +92,7 @@ def serve(
     """
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
+    check_max_batched_tokens(max_batched_tokens)
     if max_queue < 0:
         raise UsageError("--max-queue must be 0 or more", "use e.g. --max-queue 64")
     if not 0 <= port <= 65535:
@@ -111,8 +125,8 @@ def serve(
 
     def load_backend():
         engine = Engine(
-            model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, max_context=max_context, notify=say, default_model=DEFAULT_MODEL,
-            prefix_cache_mb=prefix_cache_mb,
+            model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, max_context=max_context, max_batched_tokens=max_batched_tokens,
+            notify=say, default_model=DEFAULT_MODEL, prefix_cache_mb=prefix_cache_mb,
         )
         if engine.config.is_encoder:
             return Embedder(engine.loaded)

@@ -1,14 +1,21 @@
-"""Continuous batching over a slot KV cache.
+"""Continuous batching over a slot KV cache, with chunked prefill (vLLM v1's scheduler).
 
-Up to `batch_size` sequences are in flight; each `step()` first admits waiting requests into
-free rows (one prefill each), then decodes one token for every active row in a single forward.
-A finished sequence frees its row at once, so the next request starts on the next step and
-prompts of different lengths share a batch. Running sequences are kept in rows 0..n-1 (a
-finished one's row takes the last running sequence), so a step computes only the rows in use,
-and the KV cache holds memory only for those rows and their lengths: it grows as sequences need it
-and shrinks when they finish, so one long prompt neither takes memory for every row nor keeps it.
-Every sequence samples from its own generator (derived from the run's seed and the record's id),
-so results do not depend on the batch.
+Up to `batch_size` sequences hold a row of the KV cache. Each `step()` asks the scheduler
+(engine/scheduler.py) for a plan under the token budget `max_batched_tokens`: one token for every
+decoding sequence first, then prompt chunks in FIFO order (waiting requests are admitted into free
+rows as the budget reaches them; a long prompt takes several steps). The whole plan runs as one
+packed forward (`Decoder.forward_packed`): the linear layers read their weights once for every
+token of the step, and attention runs per token over its own row. Every kernel there computes a
+token's numbers from that token alone, so a request's tokens and logprobs are the same bits
+whatever else is in the step and however its prompt was chunked; a pure decode step runs on the
+native block step where the family has one, with the same bits.
+
+A finished sequence frees its row at once, so the next request starts on the next step. Running
+sequences are kept in rows 0..n-1 (a finished one's row takes the last running sequence), so a
+step computes only the rows in use, and the KV cache holds memory only for those rows and their
+lengths: it grows as sequences need it and shrinks when they finish, so one long prompt neither
+takes memory for every row nor keeps it. Every sequence samples from its own generator (derived
+from the run's seed and the record's id), so results do not depend on the batch.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from typing import Any
 import torch
 
 from llmcli.core import sampling
-from llmcli.core.generate import Request, TextStream, decode_step, prefill
-from llmcli.core.models.base import KVCache, rows_view
+from llmcli.core.generate import Request, TextStream
+from llmcli.core.models.base import KVCache
 from llmcli.engine.prefix_cache import PrefixCache
+from llmcli.engine.scheduler import DEFAULT_MAX_BATCHED_TOKENS, Scheduler
 from llmcli.errors import ContextLengthError
 
 
@@ -48,13 +56,28 @@ class _Sequence:
     row: int
     generator: torch.Generator | None
     text: TextStream
+    admitted: int  # admission order: prompt chunks are scheduled first come, first served
+    prefilled: int  # prompt tokens in the cache
+    cached: int = 0  # prompt tokens that came from the prefix cache (or a saved attend cache), not computed
+    reported: bool = False  # whether an event has carried `cached` yet
     generated: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logits: list[torch.Tensor] | None = field(default_factory=list)  # echo: the chunks' logits until the prompt is in
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.request.prompt_ids) - self.prefilled
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt_ids)
 
 
 class ContinuousBatcher:
-    def __init__(self, loaded, batch_size: int = 8, max_len: int | None = None, prefix_cache: PrefixCache | None = None):
+    def __init__(self, loaded, batch_size: int = 8, max_len: int | None = None, max_batched_tokens: int | None = None, prefix_cache: PrefixCache | None = None):
         self.loaded = loaded
+        self.scheduler = Scheduler(max_batched_tokens or DEFAULT_MAX_BATCHED_TOKENS)
+        self.admissions = 0
         self.model = loaded.module
         self.tokenizer = loaded.tokenizer
         self.config = loaded.config
@@ -108,24 +131,83 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        events: list[Event] = []
-        for row in range(self.batch_size):
-            if self.rows[row] is None and self.waiting:
-                events.extend(self._admit(self.waiting.popleft(), row))
-        self._compact()  # admissions that finished at once leave holes
+        """One scheduled step: decode tokens, prompt chunks and admissions in one forward."""
         running = [seq for seq in self.rows if seq is not None]
-        if not running:
-            return events
-        n = len(running)  # rows 0..n-1, in row order
-        self.cache.reserve(int(self.cache.lengths[:n].max()) + 1)
-        logits = decode_step(self.model, rows_view(self.cache, 0, n), self.last_token[:n])  # (n, V)
-        tokens, entries = self._choose(running, logits)
-        for seq, token, entry in zip(running, tokens, entries):
-            events.append(self._accept(seq, token, entry))
+        free = self.batch_size - len(running)
+        plan = self.scheduler.plan(running, self._waiting_prompts(free), free)
+        work = {seq.row: (seq, 1) for seq in plan.decode}
+        work.update((seq.row, (seq, n)) for seq, n in plan.prefill)
+        for n in plan.admit:
+            seq = self._admit(self.waiting.popleft(), self.rows.index(None))
+            work[seq.row] = (seq, n)
+        if not work:
+            return []
+        ids: list[int] = []
+        rows: list[int] = []
+        logits_at: list[int] = []  # indices into ids whose logits this step needs
+        wanted: list[tuple[_Sequence, int, int]] = []  # (sequence, first logits row, rows) in logits_at
+        chunked: list[_Sequence] = []  # sequences with a prompt chunk in this step
+        for row in sorted(work):  # forward_packed takes rows ascending, each row's tokens together
+            seq, n = work[row]
+            first = len(ids)
+            if seq.decoding:
+                ids.append(int(self.last_token[row]))
+            else:
+                ids.extend(seq.request.prompt_ids[seq.prefilled : seq.prefilled + n])
+                seq.prefilled += n
+                chunked.append(seq)
+            rows.extend([row] * n)
+            # echo needs every prompt position's logits; otherwise only the last token's, once the prompt is in
+            take = n if seq.request.echo and seq.prompt_logits is not None else (1 if seq.decoding else 0)
+            if take:
+                wanted.append((seq, len(logits_at), take))
+                logits_at.extend(range(first + n - take, first + n))
+        device = self.last_token.device
+        logits = self.model.forward_packed(
+            torch.tensor(ids, device=device), torch.tensor(rows, device=device), self.cache, torch.tensor(logits_at, dtype=torch.long, device=device)
+        )  # (len(logits_at), V)
+        for seq in chunked:  # the prompt's blocks completed by this chunk, for the requests after it
+            self._store_prefix(seq, seq.request.prompt_ids)
+        sampled: list[_Sequence] = []
+        last_rows: list[int] = []
+        echo_events: dict[int, list] = {}
+        for seq, start, take in wanted:
+            if seq.request.echo and seq.prompt_logits is not None:
+                seq.prompt_logits.append(logits[start : start + take])
+                if not seq.decoding:
+                    continue
+                prompt = torch.cat(seq.prompt_logits)
+                echo_events[id(seq)] = sampling.prompt_logprobs(prompt, seq.request.prompt_ids, seq.request.params.logprobs or 0)
+                seq.prompt_logits = None  # done: the next logits are a decode token's
+            sampled.append(seq)
+            last_rows.append(start + take - 1)
+        events: list[Event] = []
+        if sampled:
+            tokens, entries = self._choose(sampled, logits[last_rows])
+            for seq, token, entry in zip(sampled, tokens, entries):
+                event = self._accept(seq, token, entry)
+                event.prompt_logprobs = echo_events.get(id(seq))
+                if not seq.reported:
+                    event.cached_tokens, seq.reported = seq.cached, True
+                events.append(event)
         self._compact()
         if any(event.finish_reason is not None for event in events):
             self._trim()
         return events
+
+    def _waiting_prompts(self, free: int):
+        """Prompt tokens left to compute of the first `free` waiting requests (the only ones a step can admit)."""
+        for request, _ in zip(self.waiting, range(free)):
+            yield len(request.prompt_ids) - self._cached_prefix(request)
+
+    def _cached_prefix(self, request: Request) -> int:
+        """Prompt tokens whose K/V need no computing: those a saved attend cache covers (all but the
+        last: its logits are recomputed), or the prefix cache's full blocks of the prompt."""
+        if request.prompt_cache is not None:
+            return min(request.prompt_cache[0].shape[2], len(request.prompt_ids) - 1)
+        if self.prefix_cache is None or request.echo:  # echo needs every prompt position's logits
+            return 0
+        return self.prefix_cache.cached_tokens(request.prompt_ids)
 
     def _compact(self) -> None:
         """Move the last running sequences into free rows below them, so rows 0..n-1 are the running ones."""
@@ -151,41 +233,30 @@ class ContinuousBatcher:
         if self.cache.trim(int(self.cache.lengths[:n].max()) + 1 if n else 0, n):
             release_free_memory()
 
-    def _admit(self, request: Request, row: int) -> list[Event]:
+    def _admit(self, request: Request, row: int) -> _Sequence:
+        """Put a request into a free row (its saved cache loaded, if any); its prompt runs in the next chunks."""
         self.cache.reset_row(row)
         ids = request.prompt_ids
-        self.cache.reserve(len(ids) + 1, row + 1)  # on the root cache: the row view below cannot grow
-        start = 0
+        start = self._cached_prefix(request)
+        if start and request.echo:
+            raise ContextLengthError("prompt logprobs need the whole prompt recomputed", "drop --cache when using --echo")
         if request.prompt_cache is not None:
             k, v = request.prompt_cache
-            self.cache.load_row(row, k, v)
-            start = k.shape[2]
-        elif not request.echo:  # echo needs every prompt position's logits: nothing to skip
+            self.cache.load_row(row, k[:, :, :start], v[:, :, :start])
+        elif start:  # the prefix cache holds the prompt's first blocks: into the row, counted as a hit
             start = self._reuse_prefix(row, ids)
-        if start >= len(ids):
-            # the saved cache covers the whole prompt: recompute only the last position's logits
-            self.cache.lengths[row] = len(ids) - 1
-            start = len(ids) - 1
-        seq = _Sequence(request, row, sampling.make_generator(request.params.seed, request.id, request.sample_index), TextStream(self.tokenizer, request.stop))
+        elif self.prefix_cache is not None and not request.echo:
+            self.prefix_cache.lookup(ids)  # a miss, counted as a query
+        seq = _Sequence(
+            request, row, sampling.make_generator(request.params.seed, request.id, request.sample_index), TextStream(self.tokenizer, request.stop),
+            admitted=self.admissions, prefilled=start, cached=start,
+        )  # fmt: skip
+        self.admissions += 1
         self.rows[row] = seq
         self.generated_counts[row].zero_()
         self.prompt_seen[row].zero_()
         self.prompt_seen[row, torch.tensor(ids, device=self.prompt_seen.device)] = True
-        prompt_logprobs = None
-        if request.echo:
-            if start > 0:
-                raise ContextLengthError("prompt logprobs need the whole prompt recomputed", "drop --cache when using --echo")
-            all_logits = prefill(self.model, self.cache, row, ids[start:], all_logits=True)  # (T, V)
-            prompt_logprobs = sampling.prompt_logprobs(all_logits, ids, request.params.logprobs or 0)
-            last = all_logits[-1:]
-        else:
-            last = prefill(self.model, self.cache, row, ids[start:])[None]  # (1, V)
-        self._store_prefix(row, ids)
-        tokens, entries = self._choose([seq], last)
-        event = self._accept(seq, tokens[0], entries[0])
-        event.prompt_logprobs = prompt_logprobs
-        event.cached_tokens = start
-        return [event]
+        return seq
 
     # ------------------------------------------------------------ prefix cache hooks
 
@@ -196,18 +267,17 @@ class ContinuousBatcher:
         _keys, kv = self.prefix_cache.lookup(ids)  # (2, L, Hkv, n, D)
         if kv is None:
             return 0
-        n = kv.shape[3]
-        for layer in range(len(self.cache.k)):
-            self.cache.k[layer][row, :, :n] = kv[0, layer]
-            self.cache.v[layer][row, :, :n] = kv[1, layer]
-        self.cache.lengths[row] = n
-        return n
+        self.cache.load_row(row, kv[0], kv[1])
+        return kv.shape[3]
 
-    def _store_prefix(self, row: int, ids: list[int]) -> None:
-        """Keep the full blocks of ids, whose K/V the row holds from position 0 (prompt, or prompt and reply)."""
-        if self.prefix_cache is None:
+    def _store_prefix(self, seq: _Sequence, ids: list[int]) -> None:
+        """Keep the full blocks of ids, whose K/V the sequence's row holds from position 0 (prompt, or prompt and reply).
+
+        Not for a row that began from a saved attend cache: another forward computed those K/V.
+        """
+        if self.prefix_cache is None or seq.request.prompt_cache is not None:
             return
-        cache = self.cache
+        cache, row = self.cache, seq.row
 
         def kv_of(start: int, end: int) -> torch.Tensor:  # (2, L, Hkv, end - start, D)
             return torch.stack([torch.stack([k[row, :, start:end] for k in cache.k]), torch.stack([v[row, :, start:end] for v in cache.v])])
@@ -274,7 +344,7 @@ class ContinuousBatcher:
             piece += seq.text.finish()
         keep = seq.text.tokens_before_stop()
         # the reply's blocks too: the next turn of a chat starts with this prompt and reply
-        self._store_prefix(seq.row, request_ids(seq))
+        self._store_prefix(seq, request_ids(seq))
         self.rows[seq.row] = None
         last = seq.generated[-1] if seq.generated else None
         return Event(

@@ -62,6 +62,7 @@ class Engine:
         quantize: str | None = None,
         batch_size: int = 8,
         max_context: int | None = None,
+        max_batched_tokens: int | None = None,
         notify: Callable[[str], None] | None = None,
         default_model: str = "smollm2-135m-instruct",
         prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
@@ -69,6 +70,7 @@ class Engine:
         self.loaded = load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=notify, default_model=default_model)
         self.batch_size = batch_size
         self.max_context = max_context
+        self.max_batched_tokens = max_batched_tokens  # each step's token budget (None: the scheduler's default)
         # shared by every batcher this engine makes: requests of later calls reuse earlier prefixes
         self.prefix_cache = PrefixCache(model_identity(self.loaded), int(prefix_cache_mb * 2**20))
 
@@ -86,7 +88,7 @@ class Engine:
         return min(n, self.max_context) if self.max_context else n
 
     def make_batcher(self, batch_size: int | None = None) -> ContinuousBatcher:
-        return ContinuousBatcher(self.loaded, batch_size or self.batch_size, self.context_length, self.prefix_cache)
+        return ContinuousBatcher(self.loaded, batch_size or self.batch_size, self.context_length, self.max_batched_tokens, self.prefix_cache)
 
     def iter_events(self, requests: Iterable[Request], batch_size: int | None = None) -> Iterator[Event]:
         """Every event of every request, as produced, with continuous admission.

@@ -97,6 +97,10 @@ class PrefixCache:
             keys.append(parent)
         return keys
 
+    def cached_tokens(self, ids: list[int]) -> int:
+        """What `lookup` would find now, in tokens, without counting or touching anything (for planning)."""
+        return len(self._cached_chain(ids)) * self.block_size if self.enabled else 0
+
     def lookup(self, ids: list[int]) -> tuple[list[bytes], torch.Tensor | None]:
         """The longest cached chain of full blocks of `ids` that leaves at least one token to compute.
 
@@ -105,11 +109,7 @@ class PrefixCache:
         if not self.enabled:
             return [], None
         self.stats.queries += len(ids)
-        found = []
-        for key in self.chain(ids, (len(ids) - 1) // self.block_size):
-            if key not in self.blocks:
-                break
-            found.append(key)
+        found = self._cached_chain(ids)
         if not found:
             return [], None
         import torch  # here, not at the top: the CLI reads DEFAULT_PREFIX_CACHE_MB without torch
@@ -147,6 +147,15 @@ class PrefixCache:
             keys = keys[:fit]
         self._touch(keys)
         return len(keys)
+
+    def _cached_chain(self, ids: list[int]) -> list[bytes]:
+        """Keys of the leading full blocks of ids that are cached, leaving at least one token of ids out."""
+        found = []
+        for key in self.chain(ids, (len(ids) - 1) // self.block_size):
+            if key not in self.blocks:
+                break
+            found.append(key)
+        return found
 
     def _touch(self, keys: list[bytes]) -> None:
         # leaf first, root last: the root ends most recent and is evicted after its children

@@ -4,7 +4,8 @@ Why native code: decoding one token per sequence is bound by reading the weights
 sgemm for one or a few rows reaches well under half of the memory bandwidth on the CPUs we
 measured (benchmarks/README.md). `matvec.c` streams each weight once for all rows of the batch,
 and its float32 product on panel-packed weights also runs ahead of sgemm for prompts. `blocks.c`
-(and `kquants.c`) compute products on GGML's block formats as the GGUF file stores them.
+(and `kquants.c`) compute products on GGML's block formats as the GGUF file stores them;
+`attention.c` computes attention one query row at a time in one fixed order (batch invariance).
 
 The library is compiled on first use (a few seconds) into one shared object, keyed by the sources,
 the compiler, the CPU, the ISA level and the flags, and loaded with ctypes: no build step at
@@ -34,8 +35,8 @@ from llmcli.tempfiles import owned_tmp
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "matvec.c"
-BLOCK_SOURCES = ("blocks.c", "kquants.c")  # the block kernels; kquants.c when present
-HEADERS = ("blocks.h",)
+BLOCK_SOURCES = ("blocks.c", "kquants.c", "attention.c")  # the sources built per ISA level without contraction
+HEADERS = ("blocks.h", "attention.h")
 
 # the compiler flags of each ISA level for the block sources (x86-64 levels build on the baseline)
 ISA_FLAGS = {
@@ -108,6 +109,9 @@ class Kernels:
         i64 = ctypes.c_int64
         self.attn_decode_f32 = lib.attn_decode_f32
         self.attn_decode_f32.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, vp]
+        self.attn_tokens_f32 = lib.attn_tokens_f32  # attention.c: one fixed order per query row
+        self.attn_tokens_f32.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, ctypes.c_float, vp]
+        self.attn_tokens_f32.restype = i  # 0, or -1: no memory for a thread's scratch
         self.decode_blocks_f32 = lib.decode_blocks_f32
         self.decode_blocks_f32.argtypes = [
             ctypes.POINTER(BlockDesc), i, vp, i, i, ctypes.c_float, i, i, i, i, vp, vp, vp, vp, vp, i64, i64, i64

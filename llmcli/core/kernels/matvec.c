@@ -27,6 +27,7 @@
 #include <omp.h>
 
 #include "blocks.h" /* block_matmul_parts: Linear kinds 2 and 3 */
+#include "attention.h" /* attn_decode_f32 */
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -51,34 +52,6 @@ int matvec_simd_width(void) {
 #endif
 }
 
-#ifdef __AVX512F__
-/* The sum of a vector's 16 lanes in one fixed order: halves, quarters, then (q0+q2)+(q1+q3). */
-static inline float hsum(__m512 v) {
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    __m128 s = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-
-#endif
-
-static float dot1_f32(const float *restrict x, const float *restrict w, int K) {
-#ifdef __AVX512F__
-    __m512 a = _mm512_setzero_ps();
-    int k = 0;
-    for (; k + 16 <= K; k += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a);
-    if (k < K) {
-        __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
-        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w + k), _mm512_maskz_loadu_ps(tail, x + k), a);
-    }
-    return hsum(a);
-#else
-    float a = 0.0f;
-#pragma omp simd reduction(+ : a)
-    for (int k = 0; k < K; k++) a += w[k] * x[k];
-    return a;
-#endif
-}
 
 /* ------------------------------------------------------------------ matrix products on panels
  * The weights are stored in panels of 32 output columns, each panel k-major: panel p holds
@@ -286,30 +259,6 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
-/* a[i] = exp(a[i] - top) for i < n; returns their sum */
-static float softmax_numerators(float *a, int n, float top) {
-    int i = 0;
-    float total = 0.0f;
-#ifdef __AVX512F__
-    __m512 sum = _mm512_setzero_ps(), t = _mm512_set1_ps(top);
-    for (; i + 16 <= n; i += 16) {
-        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(a + i), t));
-        _mm512_storeu_ps(a + i, e);
-        sum = _mm512_add_ps(sum, e);
-    }
-    if (i < n) {
-        __mmask16 tail = (__mmask16)((1u << (n - i)) - 1);
-        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, a + i), t));
-        _mm512_mask_storeu_ps(a + i, tail, e);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
-        i = n;
-    }
-    total = _mm512_reduce_add_ps(sum);
-#endif
-    for (; i < n; i++) total += (a[i] = expf(a[i] - top));
-    return total;
-}
-
 /* gate_up (M, 2I) = [gate | up] -> out (M, I) = silu(gate) * up */
 void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
 #pragma omp parallel for schedule(static) if (M > 1) num_threads(THREADS)
@@ -329,76 +278,7 @@ void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
     }
 }
 
-/* acc += p * v */
-static void axpy_f32(float *restrict acc, float p, const float *restrict v, int D) {
-    int i = 0;
-#ifdef __AVX512F__
-    __m512 pv = _mm512_set1_ps(p);
-    for (; i + 16 <= D; i += 16) _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(acc + i)));
-#endif
-    for (; i < D; i++) acc[i] += p * v[i];
-}
-
-/* rotate-half rope of one head (HF layout: cos/sin hold the frequencies twice) */
-static void rope_head(const float *x, const float *cos, const float *sin, int D, float *out) {
-    int half = D / 2;
-    for (int i = 0; i < half; i++) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
-    for (int i = half; i < D; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
-}
-
-/* One decode step of attention for B sequences, one new position each.
- *   qkv (B, nq + 2 nk, D): the fused projection's output before rope
- *   cos, sin (B, D): rope at each row's position; pos (B,): that position
- *   kc, vc: the layer's cache for these rows, (B, nk, cap, D) with strides sb, sh, ss (D contiguous)
- *   window: sliding window (keys pos - window + 1 .. pos), 0 for none
- *   out (B, nq * D)
- * Writes the new key (roped) and value into the cache at pos, then attends over keys lo..pos.
- * Returns 0, or -1 when a thread's scratch could not be allocated (some rows of out are then unset).
- */
-int attn_decode_f32(const float *qkv, const float *cos, const float *sin, const int64_t *pos, float *kc, float *vc,
-                    int64_t sb, int64_t sh, int64_t ss, int B, int nq, int nk, int D, int window, float *out) {
-    int heads = nq + 2 * nk;
-    for (int b = 0; b < B; b++) {
-        const float *row = qkv + (size_t)b * heads * D;
-        for (int h = 0; h < nk; h++) {
-            float *kdst = kc + b * sb + h * sh + pos[b] * ss;
-            float *vdst = vc + b * sb + h * sh + pos[b] * ss;
-            rope_head(row + (size_t)(nq + h) * D, cos + (size_t)b * D, sin + (size_t)b * D, D, kdst);
-            for (int i = 0; i < D; i++) vdst[i] = row[(size_t)(nq + nk + h) * D + i];
-        }
-    }
-    int64_t longest = 0;
-    for (int b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
-    float scale = 1.0f / sqrtf((float)D);
-    int group = nq / nk, failed = 0;
-#pragma omp parallel num_threads(THREADS) reduction(| : failed)
-    {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)longest);
-        float *q = (float *)malloc(sizeof(float) * (size_t)D);
-        float *acc = (float *)malloc(sizeof(float) * (size_t)D);
-        const int mine = !(scores && q && acc); /* every thread runs the loop below: no thread may skip the worksharing */
-        failed |= mine;
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < B * nq; bh++) {
-            if (mine) continue;
-            int b = bh / nq, h = bh % nq, g = h / group;
-            int64_t hi = pos[b] + 1, lo = (window > 0 && hi > window) ? hi - window : 0;
-            rope_head(qkv + ((size_t)b * heads + h) * D, cos + (size_t)b * D, sin + (size_t)b * D, D, q);
-            const float *kh = kc + b * sb + g * sh, *vh = vc + b * sb + g * sh;
-            float top = -INFINITY;
-            for (int64_t s = lo; s < hi; s++) {
-                scores[s - lo] = dot1_f32(q, kh + s * ss, D) * scale;
-                top = scores[s - lo] > top ? scores[s - lo] : top;
-            }
-            float total = softmax_numerators(scores, (int)(hi - lo), top);
-            for (int i = 0; i < D; i++) acc[i] = 0.0f;
-            for (int64_t s = lo; s < hi; s++) axpy_f32(acc, scores[s - lo] / total, vh + s * ss, D);
-            for (int i = 0; i < D; i++) out[(size_t)b * nq * D + (size_t)h * D + i] = acc[i];
-        }
-        free(scores); free(q); free(acc);
-    }
-    return failed ? -1 : 0;
-}
+/* attention: attention.c (attn_decode_f32), one fixed order per query row on every ISA */
 
 /* ------------------------------------------------------------------ a whole decode step
  * Every layer of a Llama-family block at one position per row, in one call: the Python side

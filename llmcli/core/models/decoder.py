@@ -6,6 +6,13 @@ what differs: its blocks, its embedding, its final norm and output, and per laye
 from the KV cache, a `Step` that tells each layer whether SDPA's plain causal flag is its mask
 (mlx-lm's `create_attention_mask` decision, made once), the rope tables each spec needs, the hidden
 states and attention maps asked for, the cache advance and the logits.
+
+`Decoder.forward_packed` is the scheduler's forward: the tokens of many sequences (decode tokens
+and prompt chunks, each at its own cache row and position) flattened into one (1, N) batch, so
+every linear layer reads its weights once for the whole step, and attention runs per token over
+its own cache row (`Packed.attend`, attention.c). Every kernel on that path computes a token's
+numbers from that token's row alone, so a sequence's tokens and logits are the same bits
+whatever else is in the step and however its prompt was chunked (tests/test_scheduler.py).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention
+from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention, rows_view
+from llmcli.errors import ContextLengthError
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,49 @@ class AttentionSpec:
 
 
 @dataclass
+class Packed:
+    """The tokens of a packed step: token t goes to cache row `rows[t]` at position `positions[t]`."""
+
+    rows: torch.Tensor  # (N,) long
+    positions: torch.Tensor  # (N,) long
+    kernels: object | None  # the native kernels (attention.c), or None: torch per sequence
+
+    def attend(self, cache: KVCache, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None) -> torch.Tensor:
+        """Write the new keys/values (1, N, Hkv, hd) into their rows, then attention of q (1, N, H, hd)
+        for each token over keys 0..its position of its own row (window: the last `window` of them).
+        Returns (1, N, H * hd)."""
+        _, N, H, hd = q.shape
+        cache.k[layer][self.rows, :, self.positions] = k[0]  # (N, Hkv, hd) at (row, :, position)
+        cache.v[layer][self.rows, :, self.positions] = v[0]
+        kc, vc = cache.k[layer], cache.v[layer]
+        if self.kernels is not None and q.dtype == torch.float32 and q.device.type == "cpu" and kc.dtype == torch.float32:
+            qc = q[0].contiguous()  # (N, H, hd)
+            out = torch.empty_like(qc)
+            sb, sh, ss, _ = kc.stride()
+            status = self.kernels.attn_tokens_f32(
+                qc.data_ptr(), self.rows.data_ptr(), self.positions.data_ptr(), kc.data_ptr(), vc.data_ptr(), sb, sh, ss,
+                N, H, kc.shape[1], hd, window or 0, scale or 0.0, out.data_ptr(),
+            )  # fmt: skip
+            if status != 0:
+                raise MemoryError(f"not enough memory for the attention scratch of {N} tokens")
+            return out.view(1, N, H * hd)
+        return self._attend_torch(kc, vc, q, window, scale)
+
+    def _attend_torch(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, window: int | None, scale: float | None) -> torch.Tensor:
+        """Without the kernels (another dtype, LLMCLI_KERNELS=0): masked SDPA per row (not batch-invariant)."""
+        _, N, H, hd = q.shape
+        out = q.new_empty((N, H, hd))
+        for row in torch.unique(self.rows).tolist():
+            at = (self.rows == row).nonzero()[:, 0]
+            pos = self.positions[at][None]  # (1, t)
+            S = int(pos.max()) + 1
+            qr = q[0, at].transpose(0, 1)[None]  # (1, H, t, hd)
+            res = masked_attention(qr, kc[row : row + 1, :, :S], vc[row : row + 1, :, :S], pos, window, kc.shape[1] != H, scale)
+            out[at] = res[0].transpose(0, 1)
+        return out.view(1, N, H * hd)
+
+
+@dataclass
 class Step:
     """One forward's view of the sequence, shared by every layer."""
 
@@ -41,6 +92,19 @@ class Step:
     uniform: bool  # every row's queries start right after keys 0..: SDPA's causal flag is a full-attention mask
     span: int  # keys 0..span-1 exist after this step
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # spec.rope -> cos, sin (B, T, rot)
+    packed: Packed | None = None  # a packed step (forward_packed): B = 1, tokens of many rows
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, want_probs: bool):
+        """A layer's cache write and attention: q (B, T, H, hd), k, v (B, T, Hkv, hd) after rope.
+        Returns (B, T, H * hd) and the probabilities when want_probs (never on a packed step)."""
+        B, T, H, hd = q.shape
+        if self.packed is not None:
+            return self.packed.attend(self.cache, layer, q, k, v, window, scale), None
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if self.cache is not None:
+            k, v = self.cache.update(layer, k, v, self.positions)  # (B, Hkv, S, hd)
+        out, probs = attend(q, k, v, self, window, want_probs, scale)
+        return out.transpose(1, 2).reshape(B, T, H * hd), probs  # (B, T, H*hd)
 
     def plain(self, window: int | None) -> bool:
         """Whether SDPA's causal flag alone is this layer's mask (a window that cuts nothing is no window)."""
@@ -95,6 +159,10 @@ class Decoder(nn.Module):
 
     config: object
     specs: list[AttentionSpec]
+    _kernels = None  # the native kernels (use_kernels): packed steps' attention runs on attention.c
+
+    def use_kernels(self, kernels) -> None:
+        self._kernels = kernels
 
     # ------------------------------------------------------------ hooks
 
@@ -208,6 +276,44 @@ class Decoder(nn.Module):
             h = x if logits_index is None else x[torch.arange(B, device=x.device), logits_index]  # (B, T, d) or (B, d)
             logits = self.output(h)
         return ForwardOutput(last_hidden=x, logits=logits, hidden_states=hidden, attentions=attentions)
+
+    @torch.no_grad()
+    def forward_packed(self, ids: torch.Tensor, rows: torch.Tensor, cache: KVCache, logits_at: torch.Tensor) -> torch.Tensor:
+        """One scheduler step: ids (N,) of many sequences, token t the next one of cache row rows[t].
+
+        Rows ascend and a row's tokens are consecutive in ids, continuing it from cache.lengths[row]. Returns the
+        logits (len(logits_at), V) of the tokens at indices `logits_at`, and advances each row by
+        its number of tokens. When every token is the only one of its row and the rows are
+        0..N-1 (a pure decode step), the native block step runs it if the family has one: it
+        gives the same bits as the torch blocks (attention.c's row function, torch's rope order).
+        """
+        N = ids.shape[0]
+        counts = torch.bincount(rows, minlength=cache.batch_size)  # (batch,) tokens per row
+        starts = torch.cumsum(counts, 0) - counts  # index of each row's first token (rows are consecutive)
+        positions = cache.lengths[rows] + (torch.arange(N, device=ids.device) - starts[rows])  # (N,)
+        need = int(positions.max()) + 1
+        if need > cache.max_len:
+            raise ContextLengthError(f"the sequence needs {need} positions but the cache holds {cache.max_len}", "shorten the prompt or lower --max-tokens")
+        cache.reserve(need, int(rows.max()) + 1)
+        self.check_length(need)
+        x = self.embed(ids[None])  # (1, N, d)
+        native = None
+        if self._kernels is not None and x.dtype == torch.float32 and bool((rows == torch.arange(N, device=rows.device)).all()):
+            view = rows_view(cache, 0, N)
+            decode_positions = positions[:, None]  # (N, 1)
+            step = Step(decode_positions, view, False, need, self.rope_tables(decode_positions, x.dtype))
+            native = self.decode_natively(self.add_positions(x.view(N, 1, -1), decode_positions), step)
+        if native is not None:
+            x = native.view(1, N, -1)
+        else:
+            x = self.add_positions(x, positions[None])
+            packed = Packed(rows, positions, self._kernels)
+            step = Step(positions[None], cache, False, need, self.rope_tables(positions[None], x.dtype), packed)
+            for block in self.blocks():
+                x, _ = block(x, step, False)
+        h = self.final_norm(x[0, logits_at])  # (M, d): a row-wise norm, so only the rows asked for
+        cache.lengths += counts
+        return self.output(h)
 
 
 def layer_specs(config, rope: str | None = "inv_freq") -> list[AttentionSpec]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from llmcli.core.config import ModelConfig, refuse_unsupported
 from llmcli.core.models.base import activation
-from llmcli.core.models.decoder import AttentionSpec, Decoder, Step, attend
+from llmcli.core.models.decoder import AttentionSpec, Decoder, Step
 from llmcli.core.models.registry import GGUFNames, MetadataGetter
 from llmcli.errors import ContextLengthError, ModelError
 
@@ -50,11 +50,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, d = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)  # each (B, T, H, hd)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        if step.cache is not None:
-            k, v = step.cache.update(self.layer, k, v, step.positions)  # (B, H, S, hd)
-        out, probs = attend(q, k, v, step, None, want_probs)
-        out = out.transpose(1, 2).reshape(B, T, d)  # (B, T, H*hd)
+        out, probs = step.attend(self.layer, q, k, v, None, None, want_probs)  # (B, T, H*hd)
         return self.c_proj(out), probs
 
 

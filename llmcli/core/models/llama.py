@@ -19,7 +19,7 @@ from torch import nn
 from llmcli.core.config import ModelConfig
 from llmcli.core.formats import fuse_linears
 from llmcli.core.models.base import KVCache, activation
-from llmcli.core.models.decoder import AttentionSpec, Decoder, Step, apply_rope, attend, layer_specs
+from llmcli.core.models.decoder import AttentionSpec, Decoder, Step, apply_rope, layer_specs
 from llmcli.core.models.registry import LLAMA_NAMES, MetadataGetter, gguf_rope_scaling, rope_dimensions
 from llmcli.errors import ModelError
 
@@ -124,12 +124,7 @@ class Attention(nn.Module):
             qk = torch.cat((q, k), dim=2)
             v = self.v_proj(x).view(B, T, nk, self.head_dim)
         qk = apply_rope(self.norm_qk(qk), cos, sin)  # rope on q and k heads in one go
-        q, k = qk[:, :, :nq], qk[:, :, nq:]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if step.cache is not None:
-            k, v = step.cache.update(self.layer, k, v, step.positions)  # (B, Hkv, S, hd)
-        out, probs = attend(q, k, v, step, self.spec.window, want_probs, self.scale)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
+        out, probs = step.attend(self.layer, qk[:, :, :nq], qk[:, :, nq:], v, self.spec.window, self.scale, want_probs)  # (B, T, H*hd)
         return self.o_proj(out), probs
 
 
