@@ -72,6 +72,12 @@ def unique_text(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS + TOPICS) for _ in range(rng.randint(30, 120)))
 
 
+def note(r: httpx.Response, statuses: Counter, counts: Counter) -> None:
+    statuses[r.status_code] += 1
+    if r.status_code != 200:  # the first message of each kind, for the report
+        counts[f"status {r.status_code}: {r.text[:160]}"] = counts.get(f"status {r.status_code}: {r.text[:160]}", 0) + 1
+
+
 async def one_request(client: httpx.AsyncClient, rng: random.Random, max_tokens: int, counts: Counter, statuses: Counter) -> None:
     kind = rng.choices(["stream", "chat", "completion", "disconnect", "give_up"], weights=[4, 3, 2, 2, 1])[0]
     shared = rng.random() < 0.5
@@ -83,12 +89,12 @@ async def one_request(client: httpx.AsyncClient, rng: random.Random, max_tokens:
         if kind == "completion":
             prompt = (SYSTEM if shared else "") + unique_text(rng)
             r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": body["max_tokens"], "temperature": body["temperature"]})
-            statuses[r.status_code] += 1
+            note(r, statuses, counts)
         elif kind in ("chat", "give_up"):
             timeout = 0.3 if kind == "give_up" else None
             try:
                 r = await client.post("/v1/chat/completions", json=body, timeout=timeout)
-                statuses[r.status_code] += 1
+                note(r, statuses, counts)
             except httpx.TimeoutException:
                 counts["gave_up"] += 1
         else:
