@@ -83,10 +83,7 @@ def bench(base: str, dataset: Path, n: int, concurrency: int, output_len: int, w
     cmd = [sys.executable, "-m", "llmcli", "bench", "serve", base, "--dataset", str(dataset), "-N", str(n), "--max-concurrency", str(concurrency)]
     cmd += ["--output-len", str(output_len), "--no-ignore-eos", "--temperature", "0", "-o", str(out)]
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
-    summary = json.loads(out.read_text())
-    if summary["failed"]:
-        sys.exit(f"{summary['failed']} requests failed against {base}: {summary['errors']}")
-    return summary
+    return json.loads(out.read_text())  # failed requests are counted there, in no latency
 
 
 def write_jsonl(path: Path, system: str, questions: list[str]) -> Path:
@@ -117,9 +114,9 @@ def main() -> None:
     load = write_jsonl(work / "load.jsonl", system, [f"{q} (ticket {i})" for i, q in enumerate(QUESTIONS * (1 + args.num_prompts // len(QUESTIONS)))][1 : args.num_prompts + 1])
     commands = {
         "llmcli-off": lambda port: [sys.executable, "-m", "llmcli", "serve", "-m", str(path), "--port", str(port), "--batch-size", str(args.batch_size),
-                                    "--threads", str(args.threads), "--max-queue", str(4 * args.num_prompts), "--prefix-cache-mb", "0"],
+                                    "--threads", str(args.threads), "--max-queue", str(4 * args.num_prompts), "--request-timeout", "0", "--prefix-cache-mb", "0"],
         "llmcli": lambda port: [sys.executable, "-m", "llmcli", "serve", "-m", str(path), "--port", str(port), "--batch-size", str(args.batch_size),
-                                "--threads", str(args.threads), "--max-queue", str(4 * args.num_prompts)],
+                                "--threads", str(args.threads), "--max-queue", str(4 * args.num_prompts), "--request-timeout", "0"],
         "llama-cpp-off": lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port), "--n_ctx", "2048",
                                        "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--cache", "false"],
         "llama-cpp": lambda port: [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port), "--n_ctx", "2048",
@@ -151,12 +148,12 @@ def main() -> None:
     lines = [
         f"system prompt {system_tokens} tokens, {args.num_prompts} requests at concurrency {args.concurrency}, {args.output_len} output tokens, {path.name}",
         "",
-        "| server | first TTFT ms | repeat TTFT ms | repeat/first | load TTFT p50 ms | load TTFT p99 ms | output tok/s | load average |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server | first TTFT ms | repeat TTFT ms | repeat/first | load TTFT p50 ms | load TTFT p99 ms | output tok/s | failed | load average |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
         f, r, ld = row["first"]["median_ttft_ms"], row["repeat"]["median_ttft_ms"], row["load"]
-        lines.append(f"| {name} | {f:.0f} | {r:.0f} | {r / f:.2f} | {ld['median_ttft_ms']:.0f} | {ld['p99_ttft_ms']:.0f} | {ld['output_throughput']:.1f} | "
+        lines.append(f"| {name} | {f:.0f} | {r:.0f} | {r / f:.2f} | {ld['median_ttft_ms']:.0f} | {ld['p99_ttft_ms']:.0f} | {ld['output_throughput']:.1f} | {ld['failed']} | "
                      f"{row['load_average_before']:.1f}–{row['load_average_after']:.1f} |")
     targets = {}
     if "llmcli" in results:

@@ -12,9 +12,11 @@ and unique text on the rest (new blocks, so the prefix cache fills up and evicts
 Everything is bounded: the client count, max_tokens per request, the run length; only
 127.0.0.1 is touched.
 
-A sampler reads the server's RSS (/proc/PID/status VmRSS) every second. After --warmup minutes
-(the model mapped, the prefix cache filled, the allocator's pools grown), the growth is the mean
-RSS of the last minute over the mean of the first minute after warm-up (target at most 5%), and
+A sampler reads the server's RSS (/proc/PID/status VmRSS) every second and the prefix cache's
+bytes every 5 s. Warm-up lasts --warmup minutes and, beyond that, until the prefix cache is 90%
+full (the model mapped, the cache at its bound, the allocator's pools grown; half the run at
+most). The growth is the mean RSS of the last minute over the mean of the first minute after
+warm-up (target at most 5%), and
 the count of 5xx answers (target 0). /metrics is read at the end for the prefix cache's bytes,
 evictions and hit rate.
 
@@ -120,12 +122,24 @@ async def client_loop(base: str, seed: int, deadline: float, max_tokens: int, co
             await one_request(client, rng, max_tokens, counts, statuses)
 
 
-async def sample_rss(pid: int, start: float, deadline: float, samples: list[tuple[float, int]]) -> None:
-    while time.monotonic() < deadline:
-        rss = rss_bytes(pid)
-        if rss is not None:
-            samples.append((time.monotonic() - start, rss))
-        await asyncio.sleep(1.0)
+async def sample_rss(pid: int, base: str, start: float, deadline: float, samples: list[tuple[float, int]], cache: list[tuple[float, float]]) -> None:
+    """RSS every second; the prefix cache's bytes every 5 s (from /metrics)."""
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        tick = 0
+        while time.monotonic() < deadline:
+            rss = rss_bytes(pid)
+            if rss is not None:
+                samples.append((time.monotonic() - start, rss))
+            if tick % 5 == 0:
+                try:
+                    text = (await client.get("/metrics")).text
+                    held = [float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith("llmcli_prefix_cache_bytes ")]
+                    if held:
+                        cache.append((time.monotonic() - start, held[0]))
+                except httpx.HTTPError:
+                    pass
+            tick += 1
+            await asyncio.sleep(1.0)
 
 
 def metrics(base: str) -> dict[str, float]:
@@ -146,7 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model for llmcli serve (default: its default model)")
     ap.add_argument("--minutes", type=float, default=10.0, help="length of the whole run, warm-up included")
-    ap.add_argument("--warmup", type=float, default=2.0, help="minutes before RSS counts")
+    ap.add_argument("--warmup", type=float, default=2.0, help="minutes before RSS counts (longer while the prefix cache fills, up to half the run)")
     ap.add_argument("--clients", type=int, default=12, help="client loops at once")
     ap.add_argument("--max-tokens", type=int, default=48, help="most tokens per request")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -180,24 +194,30 @@ def main() -> None:
         counts: Counter = Counter()
         statuses: Counter = Counter()
         samples: list[tuple[float, int]] = []
+        cache_bytes: list[tuple[float, float]] = []
         start = time.monotonic()
         end = start + args.minutes * 60
 
         async def run() -> None:
             loops = [client_loop(base, args.seed * 1000 + i, end, args.max_tokens, counts, statuses) for i in range(args.clients)]
-            await asyncio.gather(sample_rss(server.pid, start, end, samples), *loops)
+            await asyncio.gather(sample_rss(server.pid, base, start, end, samples, cache_bytes), *loops)
 
         asyncio.run(run())
         after = metrics(base)
-        warm = args.warmup * 60
         total = args.minutes * 60
+        # warm-up ends after --warmup and once the prefix cache is 90% full (its bound is memory the
+        # server is meant to take), but by half the run at the latest
+        capacity = after.get("llmcli_prefix_cache_capacity_bytes", 0)
+        full = next((t for t, held in cache_bytes if held >= 0.9 * capacity), total) if capacity else 0
+        warm = min(max(args.warmup * 60, full), total / 2)
         first = mean_between(samples, warm, warm + 60)
         last = mean_between(samples, total - 60, total + 60)
         post = [rss for t, rss in samples if t >= warm]
         summary = {
             "model": args.model or "default",
             "minutes": args.minutes,
-            "warmup_minutes": args.warmup,
+            "warmup_minutes": warm / 60,
+            "prefix_cache_90pct_full_at_minute": full / 60 if full < total else None,
             "clients": args.clients,
             "batch_size": args.batch_size,
             "requests": dict(counts),
@@ -209,6 +229,8 @@ def main() -> None:
             "rss_mib_max_after_warmup": max(post) / 2**20 if post else None,
             "rss_growth_after_warmup": last / first - 1,
             "prefix_cache_bytes": after.get("llmcli_prefix_cache_bytes"),
+            "prefix_cache_capacity_bytes": capacity,
+            "prefix_cache_bytes_samples": cache_bytes[:: max(1, len(cache_bytes) // 60)],
             "prefix_cache_evictions": after.get("llmcli_prefix_cache_evictions_total"),
             "prefix_cache_hit_rate": after.get("llmcli_prefix_cache_hit_rate"),
             "finished": {k: v for k, v in after.items() if k.startswith("llmcli_requests_finished_total")},

@@ -65,20 +65,17 @@ class _Writer:
 def _prefix_cache(w: _Writer, cache) -> None:
     """vLLM's prefix_cache_queries / prefix_cache_hits (in tokens), and what the cache holds."""
     stats = cache.stats
-    w.family("llmcli_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.")
-    w.sample("llmcli_prefix_cache_queries_total", stats.queries)
-    w.family("llmcli_prefix_cache_hits_total", "counter", "Prompt tokens whose keys and values came from the prefix cache.")
-    w.sample("llmcli_prefix_cache_hits_total", stats.hits)
-    w.family("llmcli_prefix_cache_hit_rate", "gauge", "Hits over queries since the start (0 before any query).")
-    w.sample("llmcli_prefix_cache_hit_rate", stats.hit_rate)
-    w.family("llmcli_prefix_cache_evictions_total", "counter", "Blocks evicted (least recently used) to stay under --prefix-cache-mb.")
-    w.sample("llmcli_prefix_cache_evictions_total", stats.evictions)
-    w.family("llmcli_prefix_cache_blocks", "gauge", "Blocks of tokens held now.")
-    w.sample("llmcli_prefix_cache_blocks", len(cache.blocks))
-    w.family("llmcli_prefix_cache_bytes", "gauge", "Bytes of keys and values held now.")
-    w.sample("llmcli_prefix_cache_bytes", cache.bytes_used)
-    w.family("llmcli_prefix_cache_capacity_bytes", "gauge", "The bound, --prefix-cache-mb in bytes (0: the cache is off).")
-    w.sample("llmcli_prefix_cache_capacity_bytes", cache.capacity_bytes)
+    for name, kind, value, help in (
+        ("queries_total", "counter", stats.queries, "Prompt tokens looked up in the prefix cache."),
+        ("hits_total", "counter", stats.hits, "Prompt tokens whose keys and values came from the prefix cache."),
+        ("hit_rate", "gauge", stats.hit_rate, "Hits over queries since the start (0 before any query)."),
+        ("evictions_total", "counter", stats.evictions, "Blocks evicted (least recently used) to stay under --prefix-cache-mb."),
+        ("blocks", "gauge", len(cache.blocks), "Blocks of tokens held now."),
+        ("bytes", "gauge", cache.bytes_used, "Bytes of keys and values held now."),
+        ("capacity_bytes", "gauge", cache.capacity_bytes, "The bound, --prefix-cache-mb in bytes (0: the cache is off)."),
+    ):
+        w.family(f"llmcli_prefix_cache_{name}", kind, help)
+        w.sample(f"llmcli_prefix_cache_{name}", value)
 
 
 def render(service: EngineService | None, http: HttpCounters, model: str, loaded: bool, draining: bool) -> str:
