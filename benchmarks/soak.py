@@ -213,6 +213,13 @@ def main() -> None:
         first = mean_between(samples, warm, warm + 60)
         last = mean_between(samples, total - 60, total + 60)
         post = [rss for t, rss in samples if t >= warm]
+
+        def held_at(t: float) -> float:  # the prefix cache's bytes at time t (the last sample before it)
+            return next((held for at, held in reversed(cache_bytes) if at <= t), 0.0)
+
+        # the RSS less what the bounded prefix cache holds: growth that the cache filling does not explain
+        net = [(t, rss - held_at(t)) for t, rss in samples]
+        net_growth = mean_between(net, total - 60, total + 60) / mean_between(net, warm, warm + 60) - 1
         summary = {
             "model": args.model or "default",
             "minutes": args.minutes,
@@ -228,6 +235,7 @@ def main() -> None:
             "rss_mib_last_minute": last / 2**20,
             "rss_mib_max_after_warmup": max(post) / 2**20 if post else None,
             "rss_growth_after_warmup": last / first - 1,
+            "rss_less_prefix_cache_growth_after_warmup": net_growth,
             "prefix_cache_bytes": after.get("llmcli_prefix_cache_bytes"),
             "prefix_cache_capacity_bytes": capacity,
             "prefix_cache_bytes_samples": cache_bytes[:: max(1, len(cache_bytes) // 60)],
@@ -253,7 +261,8 @@ def main() -> None:
     print(
         f"soak {args.minutes:g} min, {args.clients} clients: requests {sum(v for k, v in counts.items() if k in ('stream', 'chat', 'completion', 'disconnect', 'give_up'))}, "
         f"statuses {summary['statuses']}, 5xx {summary['http_5xx']}; RSS {summary['rss_mib_after_warmup']:.0f} MiB after warm-up -> "
-        f"{summary['rss_mib_last_minute']:.0f} MiB in the last minute ({100 * summary['rss_growth_after_warmup']:+.1f}%); "
+        f"{summary['rss_mib_last_minute']:.0f} MiB in the last minute ({100 * summary['rss_growth_after_warmup']:+.1f}%; "
+        f"less the prefix cache's bytes {100 * net_growth:+.1f}%); "
         f"prefix cache {summary['prefix_cache_bytes'] or 0:.0f} bytes, {summary['prefix_cache_evictions'] or 0:.0f} evictions; "
         f"load average {summary['load_average'][0]:.1f} -> {'PASS' if ok else 'FAIL'}",
         file=sys.stderr,

@@ -16,6 +16,12 @@ step computes only the rows in use, and the KV cache holds memory only for those
 lengths: it grows as sequences need it and shrinks when they finish, so one long prompt neither
 takes memory for every row nor keeps it. Every sequence samples from its own generator (derived
 from the run's seed and the record's id), so results do not depend on the batch.
+
+With a prefix cache (engine/prefix_cache.py), a request is admitted with the cached full blocks
+of its prompt loaded into its row, and the scheduler plans only the rest; each prompt chunk
+stores the blocks it completed, and a finished sequence the blocks of its reply. A cached block
+holds the bits the packed forward wrote, which are those it would write again, so a request's
+tokens are the same with or without the cache.
 """
 
 from __future__ import annotations
@@ -137,6 +143,11 @@ class ContinuousBatcher:
         plan = self.scheduler.plan(running, self._waiting_prompts(free), free)
         work = {seq.row: (seq, 1) for seq in plan.decode}
         work.update((seq.row, (seq, n)) for seq, n in plan.prefill)
+        if plan.admit and self.prefix_cache is not None:
+            # admissions with cached blocks fill their rows before the forward: grow the cache once for
+            # all of them, not by a doubling (a copy of every row) per admission
+            need = max(self._cached_prefix(r) + n for r, n in zip(self.waiting, plan.admit))
+            self.cache.reserve(need + 1, len(running) + len(plan.admit))
         for n in plan.admit:
             seq = self._admit(self.waiting.popleft(), self.rows.index(None))
             work[seq.row] = (seq, n)
