@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from llmcli.core import sampling
+from llmcli.core.constrained import Constraint, mask_logits
 from llmcli.core.generate import Request, TextStream, decode_step, prefill
 from llmcli.core.models.base import KVCache, rows_view
 from llmcli.errors import ContextLengthError
@@ -48,6 +49,7 @@ class _Sequence:
     text: TextStream
     generated: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    constraint: Constraint | None = None  # the response format's matcher; its next mask is computed ahead
 
 
 class ContinuousBatcher:
@@ -162,6 +164,8 @@ class ContinuousBatcher:
             self.cache.lengths[row] = len(ids) - 1
             start = len(ids) - 1
         seq = _Sequence(request, row, sampling.make_generator(request.params.seed, request.id, request.sample_index), TextStream(self.tokenizer, request.stop))
+        if request.grammar is not None:  # its first mask is computed while the prompt runs
+            seq.constraint = Constraint(request.grammar, self.tokenizer, self.vocab)
         self.rows[row] = seq
         self.generated_counts[row].zero_()
         self.prompt_seen[row].zero_()
@@ -195,6 +199,7 @@ class ContinuousBatcher:
                 if blocked:
                     allowed = allowed.clone() if allowed is logits else allowed
                     allowed[i, blocked] = float("-inf")
+        allowed = mask_logits([s.constraint for s in seqs], allowed)  # a response format's grammar
         if all(_plain_greedy(p) for p in params):
             # nothing reshapes the distribution: the argmax (lowest id on ties, as sample() does) is the answer
             chosen = allowed.argmax(-1)
@@ -228,7 +233,7 @@ class ContinuousBatcher:
         self.generated_counts[seq.row, token] += 1
         self.last_token[seq.row] = token
         piece, stopped = seq.text.add(token)
-        if stopped:
+        if stopped or (seq.constraint is not None and seq.constraint.advance(token)):  # a stop string, or the grammar is complete
             return self._finish(seq, "stop", piece)
         full = int(self.cache.lengths[seq.row]) + 1 >= self.max_len
         if len(seq.generated) >= request.max_tokens or full:
@@ -240,6 +245,8 @@ class ContinuousBatcher:
             piece += seq.text.finish()
         keep = seq.text.tokens_before_stop()
         self.rows[seq.row] = None
+        if seq.constraint is not None:
+            seq.constraint.close()
         last = seq.generated[-1] if seq.generated else None
         return Event(
             seq.request,
