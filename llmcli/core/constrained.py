@@ -71,7 +71,9 @@ def _checked(source: str, text: str, where: str, schema: Any = None) -> Grammar:
     llg = _library()
     failed, messages = llg.LLMatcher.validate_grammar_with_warnings(text)
     if failed:
-        first = " ".join(line.strip() for line in messages[0].strip().splitlines() if line.strip())
+        # llguidance follows its message with the offending source and a caret: one line is enough
+        lines = [line.strip() for line in messages[0].splitlines() if line.strip() and not line[:1].isspace()]
+        first = " ".join(lines) or messages[0].strip()
         hint = {
             "json_schema": "fix the schema, or leave out the keywords llguidance does not implement (see docs/structured.md)",
             "regex": "fix the regular expression (Rust regex syntax, matched against the whole output)",
