@@ -209,6 +209,36 @@ def test_token_bytes_equal_llguidances_own_reading_of_the_tokenizer(tiny):
     assert token_bytes(tok, 4)[:3] == [b"\xff<|endoftext|>", b"\xff<|im_start|>", b"\xff<|im_end|>"]
 
 
+def test_token_bytes_of_a_sentencepiece_vocabulary():
+    """Gemma's and Llama's kind (GGUF `llama` tokenizers): U+2581 for a space, <0xXX> byte tokens."""
+    import llguidance
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from llmcli.core.tokenizer import Tokenizer
+    from tests.tiny import TRAINING_TEXT
+
+    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    trained = Backend(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = metaspace
+    trained.train_from_iterator(TRAINING_TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    model = json.loads(trained.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for b in range(256):  # byte tokens are plain vocabulary entries, as in a sentencepiece model
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    backend.pre_tokenizer = metaspace
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer(backend, special_tokens={"eos_token": "</s>"}, eos_token_ids=[2])
+    vocab = backend.get_vocab_size()
+    ref = llguidance.LLTokenizer(backend.to_str(), n_vocab=vocab, eos_token=2)
+    ours = guidance_tokenizer(tok, vocab)
+    assert [ours.decode_bytes([i]) for i in range(vocab)] == [ref.decode_bytes([i]) for i in range(vocab)]
+    assert ours.decode_bytes([backend.token_to_id("<0xE4>")]) == b"\xe4"
+
+
 # ---------------------------------------------------------------- bad input: one line, before any token
 
 
