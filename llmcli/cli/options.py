@@ -55,19 +55,23 @@ JsonSchemaOpt = Annotated[
 ]
 
 
+def _read_flag_file(path: str, flag: str, hint: str) -> str:
+    """The text of a file a flag names, or a UsageError naming the flag, the file and why."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"cannot read {flag} file {path}: {reason}", hint) from None
+
+
 def read_json_schema(value: str) -> Any:
     """--json-schema's value: JSON text when it starts with `{` (or is true), else a file holding the schema."""
     import json
-    from pathlib import Path
 
     text, where = value, "--json-schema"
     if not value.lstrip().startswith("{") and value.strip() != "true":
-        path = Path(value)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise UsageError(f"cannot read --json-schema file {value}: {reason}", "give a JSON schema file, or the schema itself as JSON text") from None
+        text = _read_flag_file(value, "--json-schema", "give a JSON schema file, or the schema itself as JSON text")
         where = f"--json-schema file {value}"
     try:
         return json.loads(text)
@@ -91,11 +95,7 @@ def response_format_from_flags(
     if choice is not None:
         return constrained.choice_grammar([c for c in choice.split(",")], "--choice")
     if grammar is not None:
-        try:
-            text = open(grammar, encoding="utf-8").read()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise UsageError(f"cannot read --grammar file {grammar}: {reason}", "give a Lark grammar file (.lark)") from None
+        text = _read_flag_file(grammar, "--grammar", "give a Lark grammar file (.lark)")
         return constrained.lark_grammar(text, f"--grammar file {grammar}")
     if json_object:
         return constrained.json_schema_grammar(True, "--json")
