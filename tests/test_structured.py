@@ -175,7 +175,7 @@ def test_constrained_output_does_not_depend_on_its_batch(tiny):
     def request(i, constrained, greedy):
         params = SamplingParams() if greedy else SamplingParams(temperature=1.0, seed=3)
         text = ["The quick", "To be, or not", "def add(a, b):", "Paris is"][i % 4]
-        return Request(id=(i, greedy), prompt_ids=tok.encode(text).ids, params=params, max_tokens=24, grammar=grammar if constrained else None)
+        return Request(id=(i, greedy), prompt_ids=tok.encode(text).ids, params=params, max_tokens=16, grammar=grammar if constrained else None)
 
     for greedy in (True, False):
         alone = run(engine, [request(0, True, greedy)], batch_size=1)[(0, greedy)]
