@@ -52,9 +52,8 @@ def engine_throughput(args) -> list[dict]:
     from llmcli.catalog import pull
     from llmcli.core.constrained import guidance_tokenizer, json_schema_grammar
     from llmcli.core.generate import Request
-    from llmcli.engine import Engine
-
     from llmcli.core.threads import apply_threads
+    from llmcli.engine import Engine
 
     apply_threads(args.threads)  # one thread: no OpenMP spin-waits, so CPU time measures work even on a busy machine
     path = pull("smollm2-135m-instruct", notify=lambda m: print(m, file=sys.stderr))
