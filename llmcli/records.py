@@ -50,6 +50,7 @@ SAMPLE = "sample"
 DELTA = "delta"
 USAGE = "usage"
 ERROR = "error"
+RESPONSE_FORMAT = "response_format"
 
 # Which stage makes each field: used in "missing field" errors so the fix is concrete.
 MADE_BY = {

@@ -24,6 +24,7 @@ from llmcli.cli.options import (
     DeviceOpt,
     DtypeOpt,
     InputArg,
+    JsonSchemaOpt,
     MaxBatchedTokensOpt,
     ModelOpt,
     OutputOpt,
@@ -33,6 +34,7 @@ from llmcli.cli.options import (
     SkipErrorsOpt,
     ThreadsOpt,
     check_max_batched_tokens,
+    response_format_from_flags,
     sampling_options,
 )
 from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
@@ -122,6 +124,8 @@ def chat(
     batch_size: Annotated[int, typer.Option(help="Piped records in flight at once.")] = 8,
     prefix_cache_mb: PrefixCacheOpt = DEFAULT_PREFIX_CACHE_MB,
     max_batched_tokens: MaxBatchedTokensOpt = None,
+    json_schema: JsonSchemaOpt = None,
+    json_object: Annotated[bool, typer.Option("--json", help="Constrain every reply to one JSON object (any keys).")] = False,
     progress: ProgressOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -135,7 +139,8 @@ def chat(
     (the oldest turns are dropped, with a notice on stderr). Special-token text inside a message
     (<|im_end|>) is plain text, so a message cannot end its turn or open another role's;
     --parse-special reads it as special tokens. Type /help in the REPL for commands; Ctrl-C
-    stops a reply and keeps the conversation, Ctrl-D leaves.
+    stops a reply and keeps the conversation, Ctrl-D leaves. --json-schema / --json constrain
+    every reply to JSON (a reply cut by --max-tokens is incomplete, and says so on stderr).
 
     Example: echo '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}' | llmcli chat
     """
@@ -149,6 +154,7 @@ def chat(
     check_max_batched_tokens(max_batched_tokens)
     interactive = input == "-" and sys.stdin.isatty()
     params = sampling
+    grammar = response_format_from_flags(json_schema, json_object=json_object)  # a bad schema fails before the model loads
     stream_in = source = None
     check_output(output, input)
     if not interactive:
@@ -172,6 +178,7 @@ def chat(
             max_tokens=max(1, min(max_tokens, engine.context_length - len(ids))),
             stop=list(stop or []),
             ignore_eos=ignore_eos,
+            grammar=grammar,
         )
 
     if interactive:
@@ -213,6 +220,8 @@ def _batch(engine, make_request, stream_in, source, output, system, max_tokens, 
         for result in engine.iter_results(requests(), on_event=bar.on_event):
             out = dict(records.pop(id(result.request)))
             out[REPLY] = result.text
+            if result.request.grammar is not None and result.finish_reason == "length":
+                say(f"reply for id {out.get('id', '?')} was cut at --max-tokens before its JSON was complete; raise -n")
             writer.write(out)
             bar.advance(records=1)
     bad.report()

@@ -15,6 +15,7 @@ from llmcli.cli.options import (
     DeviceOpt,
     DtypeOpt,
     InputArg,
+    JsonSchemaOpt,
     MaxBatchedTokensOpt,
     ModelOpt,
     OutputOpt,
@@ -24,6 +25,7 @@ from llmcli.cli.options import (
     SkipErrorsOpt,
     ThreadsOpt,
     check_max_batched_tokens,
+    response_format_from_flags,
     sampling_options,
 )
 from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
@@ -58,6 +60,11 @@ def generate(
     progress: ProgressOpt = None,
     cache: Annotated[Optional[str], typer.Option(help="Resume from a KV cache written by `llmcli attend --save-cache`.")] = None,
     truncate: Annotated[bool, typer.Option(help="Keep the last tokens of prompts longer than the context instead of failing.")] = False,
+    json_schema: JsonSchemaOpt = None,
+    regex: Annotated[Optional[str], typer.Option("--regex", help="Constrain the output to match this regular expression (whole output).")] = None,
+    choice: Annotated[Optional[str], typer.Option("--choice", help="Constrain the output to one of these comma-separated texts: --choice yes,no,maybe.")] = None,
+    grammar: Annotated[Optional[str], typer.Option("--grammar", help="Constrain the output to this Lark grammar file (llguidance's dialect).")] = None,
+    json_object: Annotated[bool, typer.Option("--json", help="Constrain the output to one JSON object (any keys).")] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     quantize: QuantizeOpt = "none",
@@ -67,6 +74,9 @@ def generate(
     """Generate tokens for each record's `ids` (or `text`), writing `generated_ids` and `finish_reason`.
 
     Records are written in input order; up to --batch-size prompts are in flight at once.
+    --json-schema, --regex, --choice, --grammar and --json constrain every output (a record's own
+    `response_format` field, in the server's shapes, wins for that record); an output cut by
+    --max-tokens says finish_reason "length".
 
     Example: echo "The capital of France is" | llmcli tokenize | llmcli generate -n 8 | llmcli decode --text-only
     """
@@ -83,6 +93,7 @@ def generate(
         IDS,
         LOGPROBS,
         PROMPT_LOGPROBS,
+        RESPONSE_FORMAT,
         SAMPLE,
         TEXT,
         RecordWriter,
@@ -101,6 +112,7 @@ def generate(
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
     check_max_batched_tokens(max_batched_tokens)
     params = dataclasses.replace(sampling, logprobs=logprobs)  # checked there: at most MAX_LOGPROBS
+    flag_grammar = response_format_from_flags(json_schema, regex, choice, grammar, json_object)  # a bad one fails before the model loads
     check_output(output, input, cache)
     stream_in, source = open_input(input)
     apply_threads(threads)
@@ -119,6 +131,22 @@ def generate(
         prompt_cache = load_prompt_cache(cache, engine.loaded)
     bad = BadLines(source, skip_errors)
     records: dict[int, tuple[int, dict]] = {}
+    record_grammars: dict[str, object] = {}  # a record's response_format, compiled once per distinct value
+
+    def record_grammar(record: dict, number: int):
+        if RESPONSE_FORMAT not in record:
+            return flag_grammar
+        import json
+
+        from llmcli.core.constrained import parse_response_format
+
+        key = json.dumps(record[RESPONSE_FORMAT], sort_keys=True)
+        if key not in record_grammars:
+            try:
+                record_grammars[key] = parse_response_format(record[RESPONSE_FORMAT])
+            except UsageError as exc:
+                raise InputError(exc.message, exc.hint, line=number) from None
+        return record_grammars[key]
 
     def requests():
         # all the requests of a line are made before the first is yielded, so a bad line yields none
@@ -145,6 +173,7 @@ def generate(
                     line=number,
                 )
             ids = ids[-limit:]
+        grammar = record_grammar(record, number)
         kv = None
         if prompt_cache is not None:
             from llmcli.core.kvfile import check_prefix
@@ -165,6 +194,7 @@ def generate(
                 echo=echo,
                 sample_index=sample,
                 prompt_cache=kv,
+                grammar=grammar,
             )
             records[id(req)] = (number, record)
             yield req

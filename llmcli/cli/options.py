@@ -75,6 +75,59 @@ def wants_progress(progress: Optional[bool]) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
 
+JsonSchemaOpt = Annotated[
+    Optional[str],
+    typer.Option("--json-schema", help="Constrain the output to JSON valid under this JSON schema: a file, or the schema's JSON text."),
+]
+
+
+def _read_flag_file(path: str, flag: str, hint: str) -> str:
+    """The text of a file a flag names, or a UsageError naming the flag, the file and why."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"cannot read {flag} file {path}: {reason}", hint) from None
+
+
+def read_json_schema(value: str) -> Any:
+    """--json-schema's value: JSON text when it starts with `{` (or is true), else a file holding the schema."""
+    import json
+
+    text, where = value, "--json-schema"
+    if not value.lstrip().startswith("{") and value.strip() != "true":
+        text = _read_flag_file(value, "--json-schema", "give a JSON schema file, or the schema itself as JSON text")
+        where = f"--json-schema file {value}"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "give a JSON schema object such as {\"type\": \"object\"}") from None
+
+
+def response_format_from_flags(
+    json_schema: Optional[str] = None, regex: Optional[str] = None, choice: Optional[str] = None, grammar: Optional[str] = None, json_object: bool = False
+):
+    """The Grammar the structured-output flags ask for (at most one of them), checked before any model loads; None without them."""
+    from llmcli.core import constrained
+
+    given = [name for name, value in (("--json-schema", json_schema), ("--regex", regex), ("--choice", choice), ("--grammar", grammar), ("--json", json_object or None)) if value is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} each constrain the whole output; give one of them", "combine the constraints in one JSON schema or grammar")
+    if json_schema is not None:
+        return constrained.json_schema_grammar(read_json_schema(json_schema), "--json-schema")
+    if regex is not None:
+        return constrained.regex_grammar(regex, "--regex")
+    if choice is not None:
+        return constrained.choice_grammar([c for c in choice.split(",")], "--choice")
+    if grammar is not None:
+        text = _read_flag_file(grammar, "--grammar", "give a Lark grammar file (.lark)")
+        return constrained.lark_grammar(text, f"--grammar file {grammar}")
+    if json_object:
+        return constrained.json_schema_grammar(True, "--json")
+    return None
+
+
 # ---------------------------------------------------------------- sampling flags, from SamplingParams' knobs
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from llmcli.core.constrained import Grammar
 from llmcli.core.models.base import KVCache, row_view
 from llmcli.core.sampling import SamplingParams
 from llmcli.core.tokenizer import StreamingDetokenizer, Tokenizer
@@ -34,6 +35,7 @@ class Request:
     echo: bool = False  # also report the prompt's logprobs
     sample_index: int = 0  # which of n samples of the same record
     prompt_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # saved (k, v) covering a prefix of prompt_ids
+    grammar: Grammar | None = None  # the response format the output must follow (core/constrained.py)
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from llmcli.core import sampling
+from llmcli.core.constrained import Constraint, mask_logits
 from llmcli.core.generate import Request, TextStream
 from llmcli.core.models.base import KVCache
 from llmcli.engine.prefix_cache import PrefixCache
@@ -77,6 +78,7 @@ class _Sequence:
     @property
     def decoding(self) -> bool:
         return self.prefilled == len(self.request.prompt_ids)
+    constraint: Constraint | None = None  # the response format's matcher; its next mask is computed ahead
 
 
 class ContinuousBatcher:
@@ -263,6 +265,8 @@ class ContinuousBatcher:
             admitted=self.admissions, prefilled=start, cached=start,
         )  # fmt: skip
         self.admissions += 1
+        if request.grammar is not None:  # its first mask is computed while the prompt runs
+            seq.constraint = Constraint(request.grammar, self.tokenizer, self.vocab)
         self.rows[row] = seq
         self.generated_counts[row].zero_()
         self.prompt_seen[row].zero_()
@@ -310,6 +314,7 @@ class ContinuousBatcher:
                 if blocked:
                     allowed = allowed.clone() if allowed is logits else allowed
                     allowed[i, blocked] = float("-inf")
+        allowed = mask_logits([s.constraint for s in seqs], allowed)  # a response format's grammar
         if all(_plain_greedy(p) for p in params):
             # nothing reshapes the distribution: the argmax (lowest id on ties, as sample() does) is the answer
             chosen = allowed.argmax(-1)
@@ -343,7 +348,7 @@ class ContinuousBatcher:
         self.generated_counts[seq.row, token] += 1
         self.last_token[seq.row] = token
         piece, stopped = seq.text.add(token)
-        if stopped:
+        if stopped or (seq.constraint is not None and seq.constraint.advance(token)):  # a stop string, or the grammar is complete
             return self._finish(seq, "stop", piece)
         full = int(self.cache.lengths[seq.row]) + 1 >= self.max_len
         if len(seq.generated) >= request.max_tokens or full:
@@ -357,6 +362,8 @@ class ContinuousBatcher:
         # the reply's blocks too: the next turn of a chat starts with this prompt and reply
         self._store_prefix(seq, request_ids(seq))
         self.rows[seq.row] = None
+        if seq.constraint is not None:
+            seq.constraint.close()
         last = seq.generated[-1] if seq.generated else None
         return Event(
             seq.request,

@@ -35,12 +35,18 @@ def message_text(message: ChatMessage, index: int) -> str:
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as plain dicts: role, content, and an assistant's tool_calls or a tool turn's tool_call_id."""
     out = []
     for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for the system role
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}] has role `{m.role}`; use system, user or assistant", "invalid_request_error", f"messages.{i}.role")
-        out.append({"role": role, "content": message_text(m, i)})
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"messages[{i}] has role `{m.role}`; use system, user, assistant or tool", "invalid_request_error", f"messages.{i}.role")
+        message = {"role": role, "content": message_text(m, i)}
+        if role == "assistant" and m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if role == "tool":
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
     return out
 
 
@@ -136,8 +142,11 @@ class Plan:
                 choice.logprobs = event.logprobs
 
 
-def make_plan(state: ServerState, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], prompt_texts: list[str], echo: bool, cap_to_context: bool) -> Plan:
-    """Check the prompts and build one engine Request per prompt and sample (n), all under one key."""
+def make_plan(
+    state: ServerState, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], prompt_texts: list[str], echo: bool, cap_to_context: bool, grammar=None
+) -> Plan:
+    """Check the prompts and build one engine Request per prompt and sample (n), all under one key;
+    grammar: the response format or forced tool call every output must follow."""
     from llmcli.core.generate import Request as GenRequest
 
     service = state.require_service()
@@ -179,9 +188,31 @@ def make_plan(state: ServerState, body: CompletionRequest | ChatCompletionReques
                 ignore_eos=body.ignore_eos,
                 echo=echo,
                 sample_index=p * body.n + s,
+                grammar=grammar,
             )
             choices[id(req)] = Choice(len(requests), req)
             requests.append(req)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     deadline = None if state.request_timeout is None else time.monotonic() + state.request_timeout
     return Plan(service, tokenizer, prompts, prompt_texts, requests, choices, TokenText(tokenizer, body.return_tokens_as_token_ids), include_usage, state.request_timeout, deadline)
+
+
+async def request_grammar(state: ServerState, value: dict | None, forced=None):
+    """The grammar a request's outputs follow: a forced tool call's, else its response_format's
+    (400 naming the problem before any token); llguidance's view of the tokenizer is built here,
+    off the event loop and the engine thread, the first time one is needed."""
+    import asyncio
+
+    from llmcli.core.constrained import guidance_tokenizer, parse_response_format
+    from llmcli.errors import UsageError
+
+    grammar = forced
+    if grammar is None:
+        try:
+            grammar = parse_response_format(value)
+        except UsageError as exc:
+            raise ApiError(400, str(exc), "invalid_request_error", "response_format") from None
+    if grammar is not None:
+        engine = state.require_service().engine
+        await asyncio.to_thread(guidance_tokenizer, engine.tokenizer, engine.config.vocab_size)
+    return grammar

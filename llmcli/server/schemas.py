@@ -1,8 +1,10 @@
 """The request bodies the server accepts, as pydantic models in OpenAI's field names.
 
 Unknown fields are ignored (as vLLM does), so newer clients keep working; fields that change
-the meaning of a request and that llmcli cannot honour (tools, suffix, structured output) are
-refused by the endpoints with a 400 naming the field. Extensions beyond OpenAI's API are
+the meaning of a request and that llmcli cannot honour (suffix, best_of) are refused by the
+endpoints with a 400 naming the field. `response_format` (both endpoints) takes OpenAI's
+json_object / json_schema and llmcli's regex / choice / grammar (core/constrained.py); `tools`,
+`tool_choice` and `parallel_tool_calls` are server/tools.py's. Extensions beyond OpenAI's API are
 vLLM's names: top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 return_tokens_as_token_ids, add_special_tokens; and llmcli's parse_special (chat messages only:
 read special-token text inside a message as special tokens, off by default).
@@ -138,6 +140,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
@@ -159,6 +162,8 @@ class ChatMessage(_Body):
     role: str
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant turn's calls, sent back by the client
+    tool_call_id: Optional[str] = None  # a tool turn: the call it answers
 
 
 class ChatCompletionRequest(_Sampling):
@@ -169,6 +174,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
     response_format: Optional[dict[str, Any]] = None
     parse_special: bool = False  # llmcli's: special-token text inside messages read as special tokens
 

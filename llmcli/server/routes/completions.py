@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from llmcli.server.errors import ApiError
 from llmcli.server.openai_format import SSE_HEADERS, Frame, finish_reason, legacy_logprobs, new_tokens, sse_stream
-from llmcli.server.plan import Plan, make_plan
+from llmcli.server.plan import Plan, make_plan, request_grammar
 from llmcli.server.schemas import CompletionRequest, as_items
 from llmcli.server.state import State
 
@@ -36,7 +36,8 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         else:
             prompts.append(list(p))
             texts.append(None)
-    plan = make_plan(state, body, prompts, texts, body.echo, cap_to_context=False)
+    grammar = await request_grammar(state, body.response_format)
+    plan = make_plan(state, body, prompts, texts, body.echo, cap_to_context=False, grammar=grammar)
     for i, t in enumerate(plan.prompt_texts):
         if t is None:
             try:
