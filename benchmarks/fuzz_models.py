@@ -24,6 +24,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from tests.model_fuzz import CORPUS, Worker, gguf_case, make_seed_dir, make_seed_gguf, place_case, problem, safetensors_case  # noqa: E402
 
 
+def keep(kind: str, raw: bytes) -> None:
+    """A finding's file into the corpus that tests/test_fuzz_models.py replays."""
+    folder = CORPUS / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / (hashlib.sha256(raw).hexdigest()[:16] + (".gguf" if kind == "gguf" else ".safetensors"))).write_bytes(raw)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=500, help="hypothesis examples per kind")
@@ -54,15 +61,11 @@ def main() -> None:
                 if key not in findings:
                     findings[key] = (raw, what, found)
                     print(f"[{kind}] {what}: {found}", flush=True)
+                    if args.save:
+                        keep(kind, raw)
 
         campaign()
         print(f"{kind}: {args.examples} examples in {time.time() - started:.0f} s, outcomes {counts}, {len(findings)} distinct findings")
-        if args.save:
-            folder = CORPUS / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            suffix = ".gguf" if kind == "gguf" else ".safetensors"
-            for raw, _what, _found in findings.values():
-                (folder / (hashlib.sha256(raw).hexdigest()[:16] + suffix)).write_bytes(raw)
     worker.close()
 
 
