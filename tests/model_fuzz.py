@@ -35,8 +35,8 @@ RSS_ALLOWANCE = 48 * 1024 * 1024
 # ------------------------------------------------------------------ seeds
 
 
-def make_seed_dir(folder: Path) -> Path:
-    """A tiny llama HF directory (1 layer, hidden 32, a real BPE vocabulary) without transformers."""
+def make_seed_dir(folder: Path, layers: int = 1, heads: int = 2, positions: int = 64) -> Path:
+    """A tiny llama HF directory (hidden 32, `layers` layers of `heads` heads, a real BPE vocabulary), without transformers."""
     import numpy as np
     import torch
 
@@ -47,12 +47,12 @@ def make_seed_dir(folder: Path) -> Path:
     make_bpe_tokenizer(folder)
     vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
     n_vocab = len(vocab) + 3  # the trainer's vocabulary plus its three special tokens
-    hidden, inter, heads, kv = 32, 64, 2, 1
+    hidden, inter, kv = 32, 64, 1
     head_dim = hidden // heads
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": n_vocab, "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "max_position_embeddings": positions, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True,
         "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "silu",
     }
     (folder / "config.json").write_text(json.dumps(config))
@@ -63,16 +63,22 @@ def make_seed_dir(folder: Path) -> Path:
         return torch.from_numpy(rng.normal(0, 0.3, shape).astype(np.float32))
 
     tensors = {"model.embed_tokens.weight": w(n_vocab, hidden), "model.norm.weight": torch.ones(hidden)}
-    layer = "model.layers.0."
-    tensors.update({
-        layer + "self_attn.q_proj.weight": w(hidden, hidden), layer + "self_attn.k_proj.weight": w(kv * head_dim, hidden),
-        layer + "self_attn.v_proj.weight": w(kv * head_dim, hidden), layer + "self_attn.o_proj.weight": w(hidden, hidden),
+    for i in range(layers):
+        tensors.update(_layer_tensors(f"model.layers.{i}.", w, hidden, inter, kv * head_dim))
+    write_safetensors(folder / "model.safetensors", tensors)
+    return folder
+
+
+def _layer_tensors(layer: str, w, hidden: int, inter: int, kv_width: int) -> dict:
+    import torch
+
+    return {
+        layer + "self_attn.q_proj.weight": w(hidden, hidden), layer + "self_attn.k_proj.weight": w(kv_width, hidden),
+        layer + "self_attn.v_proj.weight": w(kv_width, hidden), layer + "self_attn.o_proj.weight": w(hidden, hidden),
         layer + "mlp.gate_proj.weight": w(inter, hidden), layer + "mlp.up_proj.weight": w(inter, hidden),
         layer + "mlp.down_proj.weight": w(hidden, inter), layer + "input_layernorm.weight": torch.ones(hidden),
         layer + "post_attention_layernorm.weight": torch.ones(hidden),
-    })
-    write_safetensors(folder / "model.safetensors", tensors)
-    return folder
+    }
 
 
 def make_seed_gguf(hf_dir: Path, out: Path) -> Path:

@@ -11,7 +11,7 @@ states and attention maps asked for, the cache advance and the logits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection
+from typing import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +159,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         output_hidden: Collection[int] = (),
         output_attentions: Collection[int] = (),
+        on_attention: Callable[[int, torch.Tensor], None] | None = None,
         logits_index: torch.Tensor | None = None,
         compute_logits: bool = True,
     ) -> ForwardOutput:
@@ -195,7 +196,10 @@ class Decoder(nn.Module):
                 want = i in output_attentions
                 x, probs = block(x, step, want)
                 if want:
-                    attentions[i] = probs
+                    if on_attention is not None:  # handed on as produced, not kept: one layer's (B, H, T, S) at a time
+                        on_attention(i, probs)
+                    else:
+                        attentions[i] = probs
                 if i + 1 in output_hidden and i + 1 != L:
                     hidden[i + 1] = x
         x = self.final_norm(x)
