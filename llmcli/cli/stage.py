@@ -123,13 +123,14 @@ def open_output(path: Optional[str]) -> IO[str]:
     into place when the command ends, whether it succeeds or stops at a bad line (every record
     in it is whole either way): a run killed outright (kill -9, a power cut) leaves the old file,
     or none, never a cut one. The leftovers of such runs are removed by the next run that writes
-    the same file. A terminal, a FIFO or /dev/stdout is written directly.
+    the same file. A terminal, a FIFO or /dev/stdout is written directly, and so is any file when
+    no command runs (run_stage called from Python: the caller owns the file).
     """
     if path is None or path == "-":
         return sys.stdout
     target = Path(os.path.realpath(path))  # through a symlink: the link stays, its file is replaced
     try:
-        if target.exists() and not target.is_file():
+        if _command_context is None or (target.exists() and not target.is_file()):  # called from Python, or not a file
             return open(path, "w", encoding="utf-8")
         from llmcli.tempfiles import owned_tmp, remove_dead_tmp
 
@@ -154,7 +155,7 @@ def _rename_into_place(stream: IO[str], tmp: Path, target: Path) -> None:
 
 
 # The running command's context (the group's callback sets it): what must happen when the command
-# ends is registered there. None when no command runs (open_output called from Python).
+# ends is registered there. None when no command runs (run_stage called from Python).
 _command_context = None
 
 
@@ -167,14 +168,8 @@ def enter_command(ctx) -> None:
 
 
 def _on_command_end(callback: Callable[[], None]) -> None:
-    """Run callback when the running command ends (its context closes after success and error
-    alike), or at interpreter exit when no command runs."""
-    if _command_context is not None:
-        _command_context.call_on_close(callback)
-    else:
-        import atexit
-
-        atexit.register(callback)
+    """Run callback when the running command ends (its context closes after success and error alike)."""
+    _command_context.call_on_close(callback)
 
 
 def run_stage(
