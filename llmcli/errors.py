@@ -6,6 +6,15 @@ so that `error: <message> (<hint>)` is all a user needs to read.
 
 from __future__ import annotations
 
+# Every character str.splitlines() breaks at: a tensor name or key read from a hostile file must
+# not turn a one-line error into several lines (or fake a second one).
+_LINE_BREAKS = {c: repr(chr(c))[1:-1] for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
+
+def one_line(text: str) -> str:
+    """text with its line breaks escaped (\\n, \\r, ...), so that it prints as one line."""
+    return text.translate(_LINE_BREAKS)
+
 
 class LlmcliError(Exception):
     """Base error: one line for people, exit status 1."""
@@ -13,9 +22,10 @@ class LlmcliError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, hint: str | None = None):
+        message = one_line(message)
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = hint if hint is None else one_line(hint)
 
     def __str__(self) -> str:
         return f"{self.message}; {self.hint}" if self.hint else self.message

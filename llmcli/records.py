@@ -11,6 +11,7 @@ This module imports numpy only inside the tensor codec, and never torch, so toke
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -81,6 +82,52 @@ def encode_tensor(array: Any, floats: bool = False) -> Any:
         dtype = "float32"
     data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
     return {"dtype": dtype, "shape": list(arr.shape), "data": base64.b64encode(data).decode("ascii")}
+
+
+class SpooledTensor:
+    """A float32 tensor field too large to hold whole (attend's [layers, heads, T, T] attention),
+    encoded piece by piece as it is produced: the base64 text goes to a temporary file, and
+    RecordWriter copies it into the record's line. The line is byte for byte what encode_tensor
+    of the whole array writes; only one piece is ever in memory.
+    """
+
+    CHUNK = 3 << 18  # bytes encoded at once: a multiple of 3, so the pieces of text join seamlessly
+
+    def __init__(self, shape: list[int]):
+        import tempfile
+
+        self.shape = list(shape)
+        self.file = tempfile.TemporaryFile()
+        self._rest = b""  # the bytes after the last whole 3-byte group: base64 pieces join only at such boundaries
+
+    def append(self, array: Any) -> None:
+        """The next values in C order (any shape; its size is what counts)."""
+        import numpy as np
+
+        data = memoryview(np.ascontiguousarray(array, dtype="<f4")).cast("B")
+        if self._rest:  # complete the group the last piece left open
+            take = 3 - len(self._rest)
+            head, data = self._rest + bytes(data[:take]), data[take:]
+            if len(head) < 3:
+                self._rest = head
+                return
+            self.file.write(base64.b64encode(head))
+        whole = len(data) - len(data) % 3
+        for start in range(0, whole, self.CHUNK):  # in slices, so the text never costs a whole layer more
+            self.file.write(base64.b64encode(data[start : min(start + self.CHUNK, whole)]))
+        self._rest = bytes(data[whole:])
+
+    def iter_text(self, size: int = 1 << 20) -> Iterator[str]:
+        """The base64 text of everything appended (closing the last group first)."""
+        if self._rest:
+            self.file.write(base64.b64encode(self._rest))
+            self._rest = b""
+        self.file.seek(0)
+        for piece in iter(lambda: self.file.read(size), b""):
+            yield piece.decode("ascii")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def decode_tensor(value: Any, field: str = "tensor", line: int | None = None) -> "np.ndarray":
@@ -423,8 +470,27 @@ class RecordWriter:
         _HELD_INTERRUPT.install()
 
     def write(self, record: dict) -> None:
-        self.write_text(_dumps(record) + "\n")
+        if any(isinstance(v, SpooledTensor) for v in record.values()):
+            self._write_spooled(record)
+        else:
+            self.write_text(_dumps(record) + "\n")
         self.count += 1
+
+    def _write_spooled(self, record: dict) -> None:
+        """A record with SpooledTensor values, in pieces (each tensor's text straight from its file)
+        but still one whole line: Ctrl-C is held from the first piece to the newline."""
+        spooled = {key: value for key, value in record.items() if isinstance(value, SpooledTensor)}
+        marks = {key: f"\x00spooled {i}\x00" for i, key in enumerate(spooled)}  # no record string holds a NUL marker like it
+        text = _dumps({key: {"dtype": "float32", "shape": spooled[key].shape, "data": marks[key]} if key in spooled else value for key, value in record.items()})
+        with self._holding():
+            for key, tensor in spooled.items():
+                before, _, text = text.partition(_dumps(marks[key]))
+                self._write_raw(before + '"')
+                for piece in tensor.iter_text():
+                    self._write_raw(piece)
+                self._write_raw('"')
+                tensor.close()
+            self._write_raw(text + "\n")
 
     def write_many(self, records: list[dict]) -> None:
         """Several records in one write and one flush (each still one whole line)."""
@@ -433,23 +499,32 @@ class RecordWriter:
             self.count += len(records)
 
     def write_text(self, text: str) -> None:
-        hold = threading.get_ident() == _MAIN_THREAD_ID  # signal handlers run in the main thread only
+        with self._holding():
+            self._write_raw(text)
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Ctrl-C held until the block ends; a closed reader becomes OutputClosed."""
+        hold = threading.get_ident() == _MAIN_THREAD_ID and not _HELD_INTERRUPT.writing  # signal handlers run in the main thread only
         if hold:
             _HELD_INTERRUPT.writing = True
         try:
-            if self._bytes is None:
-                self.stream.write(text)
-            else:
-                self.stream.flush()  # anything written to the text stream before, first
-                data = memoryview(text.encode(self._encoding, self._errors))
-                while data:
-                    data = data[self._bytes.write(data) :]
-            self.stream.flush()
+            yield
         except BrokenPipeError:
             raise OutputClosed() from None
         finally:
             if hold:
                 _HELD_INTERRUPT.release()
+
+    def _write_raw(self, text: str) -> None:
+        if self._bytes is None:
+            self.stream.write(text)
+        else:
+            self.stream.flush()  # anything written to the text stream before, first
+            data = memoryview(text.encode(self._encoding, self._errors))
+            while data:
+                data = data[self._bytes.write(data) :]
+        self.stream.flush()
 
 
 def stdout_is_terminal() -> bool:

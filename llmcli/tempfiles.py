@@ -38,8 +38,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_dead_tmp(folder: Path) -> list[Path]:
-    """Remove the `*.<pid>.tmp` files in folder whose pid is not running; returns what was removed."""
+def remove_dead_tmp(folder: Path, target: str | None = None) -> list[Path]:
+    """Remove the `*.<pid>.tmp` files (and folders) in folder whose pid is not running (only `<target>.<pid>.tmp`
+    when target names one file: a user's folder holds others' files); returns what was removed."""
     removed = []
     try:
         names = os.listdir(folder)
@@ -47,11 +48,16 @@ def remove_dead_tmp(folder: Path) -> list[Path]:
         return removed
     for name in names:
         match = _OWNED.search(name)
-        if match is None or pid_alive(int(match.group(1))):
+        if match is None or (target is not None and name[: match.start()] != target) or pid_alive(int(match.group(1))):
             continue
         path = folder / name
         try:
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():  # a killed build's folder of object files
+                import shutil
+
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed.append(path)
         except OSError:  # gone already (another cleaner), or a read-only cache
             pass

@@ -97,3 +97,22 @@ def test_shell_completion(run_llmcli):
     assert options.stdout.split() == ["--chat"]
     help_text = run_llmcli("--help").stdout
     assert "--install-completion" in help_text and "--show-completion" in help_text
+
+
+def test_plain_fallback_without_the_speed_up(tmp_path, monkeypatch):
+    """With a Typer the speed-up was not checked against (_build None), the CLI runs Typer's own
+    coercion and answers the same, flags of every kind included."""
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app, typer_speedup
+    from tests.tiny import make_bpe_tokenizer
+
+    model = tmp_path / "tiny"
+    model.mkdir()
+    make_bpe_tokenizer(model)  # tokenize reads the tokenizer, never the weights
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    args = ["tokenize", "-m", str(model), "--lines", "--no-add-special", "--json"]
+    fast = CliRunner().invoke(app, args, input="hello world\nagain\n")
+    monkeypatch.setattr(typer_speedup, "_build", None)
+    plain = CliRunner().invoke(app, args, input="hello world\nagain\n")
+    assert fast.exit_code == plain.exit_code == 0 and plain.output == fast.output and plain.output.count("\n") == 2

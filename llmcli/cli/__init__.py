@@ -148,13 +148,17 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _group(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", "-V", help="Print the version (`llmcli X.Y.Z`) and exit.", is_eager=True, callback=_print_version)
     ] = False,
 ) -> None:
     # A callback keeps `app` a group even while only one command's module is loaded
     # (Typer turns an app of one command into that command); its one option is --version.
-    pass
+    # It also gives open_output the context that closes when the command ends.
+    from llmcli.cli.stage import enter_command
+
+    enter_command(ctx)
 
 
 def debug_enabled() -> bool:

@@ -84,7 +84,7 @@ def attend(
 
     from llmcli.cli.progress import make_progress
     from llmcli.cli.render import PerRecordPath, render_heatmap, token_labels, write_png
-    from llmcli.records import ATTENTION, EMBEDDINGS, HIDDEN, IDS, encode_tensor, require
+    from llmcli.records import ATTENTION, EMBEDDINGS, HIDDEN, IDS, SpooledTensor, encode_tensor, require
 
     loaded = load_stage_model(model, dtype, device, quantize, threads)
     config = loaded.config
@@ -112,6 +112,11 @@ def attend(
         from rich.console import Console
 
         console = Console(stderr=True, highlight=False)
+
+    # --attention alone streams: each layer's map goes to the record's text as the model produces
+    # it, so memory holds one layer's [heads, T, T], not all of them (the maps for --heatmap and
+    # --png are drawn from the whole array)
+    stream_attention = attention and console is None and png_paths is None and not floats
 
     @torch.inference_mode()
     def transform(record: dict, number: int) -> dict:
@@ -141,19 +146,23 @@ def attend(
             from llmcli.core.models.base import KVCache
 
             cache = KVCache.for_model(config, 1, T, dtype=loaded.dtype, device=loaded.device)
+        spool = SpooledTensor([]) if stream_attention else None
         result = module(
             x,
             inputs_embeds=embeds,
             cache=cache,
             output_hidden=() if hidden_layer is None else (hidden_layer,),
             output_attentions=set(blocks),
+            on_attention=None if spool is None else spool_layers(spool, blocks, head_list),
             compute_logits=False,
         )
         hidden = result.last_hidden if hidden_layer is None else result.hidden_states[hidden_layer]  # (1, T, d)
         out = dict(record)
         out[HIDDEN] = encode_tensor(hidden[0].float().cpu().numpy(), floats)
         probs = None
-        if want_attention:
+        if spool is not None:
+            out[ATTENTION] = spool
+        elif want_attention:
             # (layers, heads, T, T): the kept blocks in the order asked for, then the kept heads
             probs = torch.stack([result.attentions[b][0] for b in blocks])[:, head_list].float().cpu().numpy()
             if attention:
@@ -177,6 +186,25 @@ def attend(
 
     with make_progress(progress, "attending") as bar:
         run_stage(input, output, transform, skip_errors=skip_errors)
+
+
+def spool_layers(spool, blocks: list[int], heads: list[int]):
+    """on_attention for the model's forward: each kept block's (1, H, T, S) probabilities, narrowed
+    to the kept heads, appended to spool in the order the blocks were asked for (a block that comes
+    before its turn waits); sets spool.shape to [blocks, heads, T, S]."""
+    turn = {block: k for k, block in enumerate(blocks)}
+    waiting: dict[int, object] = {}
+    done = 0
+
+    def on_attention(block: int, probs) -> None:
+        nonlocal done
+        waiting[turn[block]] = probs[0][heads].float().cpu().numpy()  # (heads, T, S)
+        spool.shape = [len(blocks), *waiting[turn[block]].shape]
+        while done in waiting:
+            spool.append(waiting.pop(done))
+            done += 1
+
+    return on_attention
 
 
 def attention_maps(probs, blocks: list[int], heads: list[int], per_head: bool) -> list[tuple[str, object]]:

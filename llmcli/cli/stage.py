@@ -117,13 +117,59 @@ def check_output(output: "str | os.PathLike | None", *inputs: "str | os.PathLike
 
 
 def open_output(path: Optional[str]) -> IO[str]:
-    """The stream for --output (stdout for None or '-'); call check_output(path, <inputs>) before."""
+    """The stream for --output (stdout for None or '-'); call check_output(path, <inputs>) before.
+
+    A regular file is written under a temporary name beside it (tempfiles.owned_tmp) and renamed
+    into place when the command ends, whether it succeeds or stops at a bad line (every record
+    in it is whole either way): a run killed outright (kill -9, a power cut) leaves the old file,
+    or none, never a cut one. The leftovers of such runs are removed by the next run that writes
+    the same file. A terminal, a FIFO or /dev/stdout is written directly, and so is any file when
+    no command runs (run_stage called from Python: the caller owns the file).
+    """
     if path is None or path == "-":
         return sys.stdout
+    target = Path(os.path.realpath(path))  # through a symlink: the link stays, its file is replaced
     try:
-        return open(path, "w", encoding="utf-8")
+        if _command_context is None or (target.exists() and not target.is_file()):  # called from Python, or not a file
+            return open(path, "w", encoding="utf-8")
+        from llmcli.tempfiles import owned_tmp, remove_dead_tmp
+
+        remove_dead_tmp(target.parent, target.name)
+        tmp = owned_tmp(target)
+        stream = open(tmp, "w", encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}", "choose a writable --output path") from None
+    _on_command_end(lambda: _rename_into_place(stream, tmp, target))
+    return stream
+
+
+def _rename_into_place(stream: IO[str], tmp: Path, target: Path) -> None:
+    if stream.closed:
+        return
+    try:
+        stream.close()
+    except OSError:  # a full disk at the last flush: the records would be cut, so keep the old file
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+# The running command's context (the group's callback sets it): what must happen when the command
+# ends is registered there. None when no command runs (run_stage called from Python).
+_command_context = None
+
+
+def enter_command(ctx) -> None:
+    """Called as a command starts with its group's typer.Context, which closes when it ends."""
+    global _command_context
+    _command_context = ctx
+    if ctx is not None:
+        ctx.call_on_close(lambda: enter_command(None))  # runs last: callbacks run in reverse order
+
+
+def _on_command_end(callback: Callable[[], None]) -> None:
+    """Run callback when the running command ends (its context closes after success and error alike)."""
+    _command_context.call_on_close(callback)
 
 
 def run_stage(

@@ -29,6 +29,9 @@ DEFAULT_ALIGNMENT = 32
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY, _BOOL, _FLOAT32 = 8, 9, 7, 6
+# GGUF writers put no array inside an array (llama.cpp's gguf.c refuses them); a few levels are read,
+# not the thousands a hostile file can nest to exhaust the stack
+MAX_ARRAY_NESTING = 8
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class GGUFHeader:
     tensors: list[GGUFTensorInfo]
     data_offset: int
     file_size: int
+    alignment: int = DEFAULT_ALIGNMENT
 
 
 class _Truncated(Exception):
@@ -102,7 +106,7 @@ class _Cursor:
         self.pos = pos
         return SkippedStrings(count)
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
@@ -120,7 +124,9 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=start)
                 return arr.astype(bool).tolist() if itype == _BOOL else arr.tolist()
             if itype == _ARRAY:
-                return [self.value(_ARRAY) for _ in range(count)]
+                if depth >= MAX_ARRAY_NESTING:
+                    raise ValueError(f"arrays nested more than {MAX_ARRAY_NESTING} deep")
+                return [self.value(_ARRAY, depth + 1) for _ in range(count)]
             raise ValueError(f"unknown GGUF array item type {itype}")
         if vtype == _FLOAT32:
             # float32's shortest decimal (1e-05, not 9.999999747378752e-06), as the HF config wrote it
@@ -163,6 +169,9 @@ def read_gguf_header(path: Path | str, tensors: bool = True, strings: bool = Tru
         for _ in range(n_kv):
             key = cur.string()
             metadata[key] = cur.value(cur.scalar("<I"))
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise _corrupt(path, f"general.alignment is {alignment!r}, not a power of two")  # gguf.c's own rule
         infos: list[GGUFTensorInfo] = []
         data_offset = cur.pos
         if tensors:
@@ -176,10 +185,9 @@ def read_gguf_header(path: Path | str, tensors: bool = True, strings: bool = Tru
                 type_id = cur.scalar("<I")
                 offset = cur.scalar("<Q")
                 raw.append((name, tuple(reversed(ne)), type_id, offset))
-            alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
             data_offset = -(-cur.pos // alignment) * alignment
             infos = [GGUFTensorInfo(name, shape, type_id, data_offset + offset) for name, shape, type_id, offset in raw]
-        return GGUFHeader(version=version, metadata=metadata, tensors=infos, data_offset=data_offset, file_size=size)
+        return GGUFHeader(version=version, metadata=metadata, tensors=infos, data_offset=data_offset, file_size=size, alignment=alignment)
     except _Truncated as exc:
         raise _corrupt(path, f"truncated: the header needs at least {exc.args[0]} bytes but the file has {size}") from None
     except (ValueError, struct.error, OverflowError, MemoryError) as exc:

@@ -45,6 +45,16 @@ def _as_float(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def _finite_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Logits softmax can take: NaN -> -inf (never chosen), +inf -> the largest finite value (inf - inf
+    would be NaN), and a row with no finite value at all -> zeros (uniform) rather than NaN."""
+    if bool(torch.isfinite(logits).all()):
+        return logits
+    out = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    dead = torch.isneginf(out).all(dim=-1)
+    return torch.where(dead[:, None], torch.zeros_like(out), out) if bool(dead.any()) else out
+
+
 def _per_row(value: PerRow, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A scalar or one value per row as a (B,) tensor."""
     t = torch.as_tensor(value, dtype=dtype, device=device)
@@ -200,12 +210,12 @@ def logits_to_probs(
     temperature -> top-k -> top-p -> min-p -> renormalise. A row with temperature 0 is greedy:
     all its mass on its argmax (lowest id on ties), and its filters are ignored.
     """
-    logits = _as_float(logits)
+    logits = _finite_scores(_as_float(logits))
     rows, vocab = logits.shape
     device = logits.device
     temp = _per_row(temperature, rows, logits.dtype, device)
     greedy = temp == 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None]
+    scaled = _finite_scores(logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None])  # a small temperature can overflow
     scaled = apply_top_k(scaled, _per_row(top_k, rows, torch.long, device).masked_fill(greedy, 0))
     scaled = apply_top_p(scaled, _per_row(top_p, rows, logits.dtype, device).masked_fill(greedy, 1.0))
     scaled = apply_min_p(scaled, _per_row(min_p, rows, logits.dtype, device).masked_fill(greedy, 0.0))

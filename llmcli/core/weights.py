@@ -146,36 +146,74 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         header = json.loads(raw)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
         raise ModelError(f"{path} is not a valid safetensors file: unreadable header ({exc})", hint) from None
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     data_len = size - data_start
+    entries = [(name, *_header_entry(path, name, entry, data_len, hint)) for name, entry in header.items()]
+    _check_spans(path, entries, data_len, hint)
     mm = np.memmap(path, dtype=np.uint8, mode="c") if data_len > 0 else np.zeros(0, np.uint8)
     tensors: dict[str, torch.Tensor] = {}
-    for name, entry in header.items():
-        try:
-            dtype_name, shape = entry["dtype"], [int(d) for d in entry["shape"]]
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelError(f"{path} is not a valid safetensors file: bad header entry for tensor {name}", hint) from None
-        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
-        if dtype is None:
-            raise ModelError(
-                f"tensor {name} in {path} has dtype {dtype_name}, which llmcli cannot read",
-                f"supported safetensors dtypes: {', '.join(_SAFETENSORS_DTYPES)}",
-            )
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if end - begin != numel * itemsize or begin < 0:
-            raise ModelError(f"{path} is corrupt: tensor {name} of shape {tuple(shape)} {dtype_name} needs {numel * itemsize} bytes, its offsets give {end - begin}", hint)
-        if end > data_len:
-            raise ModelError(f"{path} is truncated: tensor {name} ends at byte {data_start + end} but the file has {size}", hint)
+    for name, dtype, shape, begin, end in entries:
         raw_bytes = torch.from_numpy(mm[data_start + begin : data_start + end])
-        if (data_start + begin) % itemsize:
+        if (data_start + begin) % torch.empty(0, dtype=dtype).element_size():
             raw_bytes = raw_bytes.clone()  # a misaligned tensor (rare) gets its own aligned copy
         tensors[name] = raw_bytes.view(dtype).reshape(shape)
     return tensors
+
+
+def _header_entry(path: Path, name: str, entry: Any, data_len: int, hint: str) -> tuple[torch.dtype, list[int], int, int]:
+    """One header entry checked as the safetensors spec (and its Rust reader) checks it: a known
+    dtype, a shape of non-negative integers, offsets [begin, end] within the data whose span is
+    exactly the shape's size (Python integers, so no product overflows)."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(entry, dict):
+        raise ModelError(f"{path} is not a valid safetensors file: the header entry for tensor {name} is not an object", hint)
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
+        raise ModelError(f"{path} is not a valid safetensors file: tensor {name} has shape {shape!r}, not a list of non-negative integers", hint)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
+        raise ModelError(f"{path} is not a valid safetensors file: tensor {name} has data_offsets {offsets!r}, not [begin, end]", hint)
+    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise ModelError(
+            f"tensor {name} in {path} has dtype {dtype_name!r}, which llmcli cannot read",
+            f"supported safetensors dtypes: {', '.join(_SAFETENSORS_DTYPES)}",
+        )
+    numel = 1
+    for d in shape:
+        numel *= d
+    bound = 1
+    for d in shape:  # torch keeps sizes (and a zero-sized tensor's other dimensions) in int64
+        bound *= max(d, 1)
+    begin, end = offsets
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if bound >= 2**63 or not 0 <= begin <= end or end - begin != nbytes:
+        raise ModelError(f"{path} is corrupt: tensor {name} of shape {tuple(shape)} {dtype_name} needs {nbytes} bytes, its offsets give {end - begin}", hint)
+    if end > data_len:
+        raise ModelError(f"{path} is truncated: tensor {name} ends at byte {end} of the data but the file holds {data_len} bytes of data", hint)
+    return dtype, shape, begin, end
+
+
+def _check_spans(path: Path, entries: list[tuple[str, torch.dtype, list[int], int, int]], data_len: int, hint: str) -> None:
+    """The tensors tile the data exactly, as the spec asks: no two overlap (a lying offset), no gap."""
+    at = 0
+    previous = None
+    for name, _dtype, _shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        if begin != at:
+            what = "overlaps" if begin < at else "leaves a gap after"
+            raise ModelError(
+                f"{path} is corrupt: tensor {name} (bytes {begin}..{end} of the data) {what} "
+                + (f"tensor {previous}" if previous is not None else "the start of the data"),
+                hint,
+            )
+        at, previous = end, name
+    if at != data_len:
+        raise ModelError(f"{path} is corrupt: its tensors cover {at} bytes of data but the file holds {data_len}", hint)
 
 
 def write_safetensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -326,7 +364,7 @@ def map_gguf(path: Path | str) -> GGUFBlocks:
     family = family_of(config.model_type)
     names = family.GGUF_NAMES
     permuted = header.metadata["general.architecture"] in family.GGUF_PERMUTED_QK
-    alignment = int(header.metadata.get("general.alignment", 32)) or 32
+    alignment = header.alignment
     redownload = "the file is damaged or was cut short; download it again"
 
     spans: list[tuple[GGUFTensorInfo, Any, int, int]] = []

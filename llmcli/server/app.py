@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from llmcli.engine.service import Embedder, EngineService
 from llmcli.server.errors import install_error_handlers
 from llmcli.server.middleware import Guard
+from llmcli.server.responses import document
 from llmcli.server.routes import ROUTERS
 from llmcli.server.state import DEFAULT_MAX_BODY, DEFAULT_REQUEST_TIMEOUT, ServerState
 
@@ -81,4 +82,5 @@ def make_app(
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    document(app)
     return app

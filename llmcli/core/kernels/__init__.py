@@ -269,13 +269,19 @@ def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = (), level: str 
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tmp = owned_tmp(target)  # a build killed half-way is removed by the next load (llmcli.tempfiles)
-            with tempfile.TemporaryDirectory(dir=folder, prefix=".objs-") as objdir:
-                cmds = _compile_commands(cc, level, extra_flags, Path(objdir))
+            # the object files too: a folder named like the library's temporary file, so that the
+            # next load removes it when this process is killed before it could
+            objdir = owned_tmp(folder / f".objs-{digest}")
+            objdir.mkdir(exist_ok=True)
+            try:
+                cmds = _compile_commands(cc, level, extra_flags, objdir)
                 jobs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for cmd in cmds]  # in parallel
                 if any(job.wait(timeout=180) != 0 for job in jobs):
                     return None
                 objs = [cmd[-1] for cmd in cmds]
                 done = subprocess.run([cc, "-shared", "-fopenmp", *objs, "-o", str(tmp), "-lm"], capture_output=True, text=True, timeout=120)
+            finally:
+                shutil.rmtree(objdir, ignore_errors=True)
             if done.returncode != 0:
                 tmp.unlink(missing_ok=True)
                 return None

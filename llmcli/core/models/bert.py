@@ -14,7 +14,7 @@ is the last layer's output (BERT has no final norm beyond each layer's own).
 from __future__ import annotations
 
 import math
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +148,7 @@ class Model(nn.Module):
         cache: KVCache | None = None,
         output_hidden: Collection[int] = (),
         output_attentions: Collection[int] = (),
+        on_attention: Callable[[int, torch.Tensor], None] | None = None,
         logits_index: torch.Tensor | None = None,
         compute_logits: bool = True,
     ) -> ForwardOutput:
@@ -179,7 +180,10 @@ class Model(nn.Module):
             want = i in output_attentions
             x, probs = layer(x, mask, want)
             if want:
-                attentions[i] = probs
+                if on_attention is not None:  # handed on as produced, not kept: one layer's (B, H, T, S) at a time
+                    on_attention(i, probs)
+                else:
+                    attentions[i] = probs
             if i + 1 in output_hidden:
                 hidden[i + 1] = x
         return ForwardOutput(last_hidden=x, logits=None, hidden_states=hidden, attentions=attentions)

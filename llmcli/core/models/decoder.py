@@ -18,7 +18,7 @@ whatever else is in the step and however its prompt was chunked (tests/test_sche
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection
+from typing import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +227,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         output_hidden: Collection[int] = (),
         output_attentions: Collection[int] = (),
+        on_attention: Callable[[int, torch.Tensor], None] | None = None,
         logits_index: torch.Tensor | None = None,
         compute_logits: bool = True,
     ) -> ForwardOutput:
@@ -263,7 +264,10 @@ class Decoder(nn.Module):
                 want = i in output_attentions
                 x, probs = block(x, step, want)
                 if want:
-                    attentions[i] = probs
+                    if on_attention is not None:  # handed on as produced, not kept: one layer's (B, H, T, S) at a time
+                        on_attention(i, probs)
+                    else:
+                        attentions[i] = probs
                 if i + 1 in output_hidden and i + 1 != L:
                     hidden[i + 1] = x
         x = self.final_norm(x)

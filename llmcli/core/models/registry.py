@@ -90,44 +90,73 @@ def config_from_gguf(metadata: dict[str, Any], tensor_shapes: dict[str, tuple[in
         )
     shapes = tensor_shapes or {}
     get = MetadataGetter(metadata, arch, source)
+    try:
+        hidden = int(get("embedding_length", required=True))
+        heads = int(get("attention.head_count", required=True))
+        kv_heads = get("attention.head_count_kv", heads)
+        if isinstance(kv_heads, list):
+            raise ModelError(f"{source}: {arch}.attention.head_count_kv differs per layer, which is not supported", "llmcli supports one KV head count for all layers")
+        head_dim = int(get("attention.key_length", hidden // heads))
 
-    hidden = int(get("embedding_length", required=True))
-    heads = int(get("attention.head_count", required=True))
-    kv_heads = get("attention.head_count_kv", heads)
-    if isinstance(kv_heads, list):
-        raise ModelError(f"{source}: {arch}.attention.head_count_kv differs per layer, which is not supported", "llmcli supports one KV head count for all layers")
-    head_dim = int(get("attention.key_length", hidden // heads))
+        if "token_embd.weight" in shapes:
+            vocab = shapes["token_embd.weight"][0]
+        elif "tokenizer.ggml.tokens" in metadata:
+            vocab = len(metadata["tokenizer.ggml.tokens"])
+        else:
+            vocab = get("vocab_size", required=True)
 
-    if "token_embd.weight" in shapes:
-        vocab = shapes["token_embd.weight"][0]
-    elif "tokenizer.ggml.tokens" in metadata:
-        vocab = len(metadata["tokenizer.ggml.tokens"])
-    else:
-        vocab = get("vocab_size", required=True)
+        eos = []
+        for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+            if metadata.get(key) is not None and int(metadata[key]) not in eos:
+                eos.append(int(metadata[key]))
+        bos = metadata.get("tokenizer.ggml.bos_token_id")
+        pad = metadata.get("tokenizer.ggml.padding_token_id")
+        data: dict[str, Any] = dict(
+            model_type=GGUF_ARCHITECTURES[arch],
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            num_hidden_layers=int(get("block_count", required=True)),
+            num_attention_heads=heads,
+            num_key_value_heads=int(kv_heads),
+            head_dim=head_dim,
+            max_position_embeddings=int(get("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in shapes if shapes else False,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=eos,
+            pad_token_id=None if pad is None else int(pad),
+        )
+        family = family_of(data["model_type"])
+        data = family.gguf_config(data, get, shapes, source)
+        config = ModelConfig.build(data, family)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+        # a value of the wrong type (a string or a list where a count belongs), or a zero count
+        raise ModelError(f"{source} has GGUF metadata llmcli cannot read ({exc})", REDOWNLOAD_GGUF) from None
+    check_sizes(config, shapes, source)
+    return config
 
-    eos = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
-        if metadata.get(key) is not None and int(metadata[key]) not in eos:
-            eos.append(int(metadata[key]))
-    bos = metadata.get("tokenizer.ggml.bos_token_id")
-    pad = metadata.get("tokenizer.ggml.padding_token_id")
-    data: dict[str, Any] = dict(
-        model_type=GGUF_ARCHITECTURES[arch],
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        num_hidden_layers=int(get("block_count", required=True)),
-        num_attention_heads=heads,
-        num_key_value_heads=int(kv_heads),
-        head_dim=head_dim,
-        max_position_embeddings=int(get("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in shapes if shapes else False,
-        bos_token_id=None if bos is None else int(bos),
-        eos_token_id=eos,
-        pad_token_id=None if pad is None else int(pad),
-    )
-    family = family_of(data["model_type"])
-    data = family.gguf_config(data, get, shapes, source)
-    return ModelConfig.build(data, family)
+
+REDOWNLOAD_GGUF = "the file is damaged or was not written by llama.cpp's converter; download it again"
+# Far above any released model, far below what a lying header could make llmcli build.
+SIZE_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 17, "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12,
+               "num_key_value_heads": 1 << 12, "head_dim": 1 << 14, "max_position_embeddings": 1 << 24}
+
+
+def check_sizes(config, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """The sizes a GGUF's metadata declares, checked before any module is built from them: whole
+    positive numbers within SIZE_LIMITS, heads in whole groups, and no more layers than the
+    file holds tensors for (a lying block_count would otherwise build millions of layers)."""
+    for key, limit in SIZE_LIMITS.items():
+        value = getattr(config, key, None)
+        if value is None and key == "head_dim":
+            continue
+        if type(value) is not int or not 1 <= value <= limit:
+            raise ModelError(f"{source} declares {key}={value!r}, not a whole number from 1 to {limit}", REDOWNLOAD_GGUF)
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ModelError(f"{source} declares {config.num_attention_heads} attention heads in groups of {config.num_key_value_heads} KV heads, which do not divide", REDOWNLOAD_GGUF)
+    if shapes:
+        layers = {name.split(".")[1] for name in shapes if name.startswith("blk.") and name.count(".") >= 2}
+        if config.num_hidden_layers > len(layers):
+            raise ModelError(f"{source} declares {config.num_hidden_layers} layers but holds tensors for {len(layers)}", REDOWNLOAD_GGUF)
 
 
 def rope_dimensions(get: MetadataGetter, head_dim: int, source: str, arch: str) -> None:
