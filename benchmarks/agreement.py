@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import math
 import os
 import re
 import sys
@@ -41,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.make_random_gguf import OUT, quantize_gguf  # noqa: E402
+from tests.llamacpp_ref import perplexity  # noqa: E402  (the figures the accuracy tests compute)
+from tests.llamacpp_ref import top1_agreement as top1  # noqa: E402
 
 BLOCK_TENSORS = ("attn_norm", "kqv_out", "attn_out", "ffn_inp", "ffn_norm", "ffn_out", "l_out")
 
@@ -155,17 +156,6 @@ def llmcli_run(path: Path, ids: list[int], capture: bool = False, model=None) ->
 
 
 # ---------------------------------------------------------------- figures
-
-
-def perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    x = np.asarray(logits[:-1], dtype=np.float64)
-    top = x.max(axis=-1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(x - top).sum(axis=-1))
-    return math.exp(float(np.mean(log_z - x[np.arange(len(ids) - 1), np.asarray(ids[1:])])))
-
-
-def top1(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
 
 
 def divergence(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
