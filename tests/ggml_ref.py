@@ -51,26 +51,3 @@ def dequantize(raw: np.ndarray, type_name: str, k: int) -> np.ndarray:
     out = np.zeros((raw.shape[0], k), dtype=np.float32)
     getattr(libggml(), _DEQUANTIZE[type_name])(raw.ctypes.data, out.ctypes.data, raw.shape[0] * k)
     return out
-
-
-@cache
-def libggml_cpu() -> ctypes.CDLL:
-    """llama-cpp-python's CPU backend, whose quantize_row_q8_0 is the `from_float` ggml runs on each
-    activation row before a product with Q8_0/Q4_0/Q5_0 weights (q8_1 for Q4_1/Q5_1) on this CPU."""
-    import llama_cpp
-
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"))
-    for fn in ("quantize_row_q8_0", "quantize_row_q8_1"):
-        getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-        getattr(lib, fn).restype = None
-    return lib
-
-
-def activation_blocks_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(M, K) float32 -> ggml's CPU block_q8_0 of each row: (M, K/32) binary16 deltas as float32, (M, K) int8 values."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    M, K = x.shape
-    raw = np.zeros((M, K // 32, 34), dtype=np.uint8)
-    for m in range(M):
-        libggml_cpu().quantize_row_q8_0(x[m].ctypes.data, raw[m].ctypes.data, K)
-    return raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32), raw[..., 2:].copy().view(np.int8).reshape(M, K)

@@ -11,12 +11,8 @@
  * block once for all of them.
  *
  * The 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) take the activation as block_q8a: a float32
- * delta d = amax / 127, 32 int8 values round(x * (127 / amax)) (round half to even) and s = d * sum(q)
- * for the types with a min. Those are the bytes ggml's x86 quantize_row_q8_0/q8_1 write (its NEON
- * code multiplies by 1 / d instead, which rounds a value differently now and then); any other
- * multiplier moves a rounding somewhere in the model, and SmolLM2's activation outliers amplify
- * such a move into a different next token at a few positions in a hundred.
- * Their dot product, on every ISA, is this one sequence of float operations:
+ * delta d = amax / 127, 32 int8 values round(x / d) (round half to even) and s = d * sum(q) for the
+ * types with a min. Their dot product, on every ISA, is this one sequence of float operations:
  *
  *     for each block b in order, e = b mod 2 (two sets, so consecutive blocks do not wait on
  *     each other's additions):
@@ -183,7 +179,7 @@ static void quantize_act_q8a(const float *x, void *vy, int K) {
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         const float amax = _mm_cvtss_f32(m4);
-        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f; /* ggml's x86 from_float: 127 / amax, not 1 / d */
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
         const __m256 idv = _mm256_set1_ps(id);
         __m256i q[4], sum = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
@@ -205,7 +201,7 @@ static void quantize_act_q8a(const float *x, void *vy, int K) {
             mx = vmaxq_f32(mx, vabsq_f32(v[i]));
         }
         const float amax = vmaxvq_f32(mx);
-        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f; /* ggml's x86 from_float: 127 / amax, not 1 / d */
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
         int isum = 0;
         for (int i = 0; i < 8; i++) {
             int32x4_t qi = vcvtq_s32_f32(vrndnq_f32(vmulq_n_f32(v[i], id)));
@@ -217,7 +213,7 @@ static void quantize_act_q8a(const float *x, void *vy, int K) {
 #else
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[j]));
-        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f; /* ggml's x86 from_float: 127 / amax, not 1 / d */
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
         int isum = 0;
         for (int j = 0; j < 32; j++) {
             const int q = (int)round_even(x[j] * id);
