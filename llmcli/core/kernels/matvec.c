@@ -252,18 +252,39 @@ int matmul_panels_q8(const float *x, const int8_t *Q, const float *S, const floa
  */
 
 /* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, the float32 statistics as HF computes them */
-void rms_norm_f32(const float *x, const float *w, float *out, int M, int K, float eps) {
-#pragma omp parallel for schedule(static) if (M > 8) num_threads(THREADS)
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (size_t)m * K;
-        float *om = out + (size_t)m * K;
-        float ss = 0.0f;
+static void rms_norm_row(const float *xm, const float *w, float *om, int K, float eps) {
+    float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
-        for (int k = 0; k < K; k++) ss += xm[k] * xm[k];
-        float inv = 1.0f / sqrtf(ss / (float)K + eps);
+    for (int k = 0; k < K; k++) ss += xm[k] * xm[k];
+    float inv = 1.0f / sqrtf(ss / (float)K + eps);
 #pragma omp simd
-        for (int k = 0; k < K; k++) om[k] = xm[k] * inv * w[k];
-    }
+    for (int k = 0; k < K; k++) om[k] = xm[k] * inv * w[k];
+}
+
+typedef struct {
+    const float *x, *w;
+    float *out;
+    int M, K, rows; /* rows per task */
+    float eps;
+} RmsJob;
+
+static void rms_norm_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const RmsJob *j = (const RmsJob *)ctx;
+    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++)
+        rms_norm_row(j->x + (size_t)m * j->K, j->w, j->out + (size_t)m * j->K, j->K, j->eps);
+}
+
+/* the number of tasks for M rows of `cost` work each: one when splitting would cost more than it saves */
+static int row_tasks(int M, long cost, int *rows) {
+    const int tasks = (long)M * cost < 65536 ? 1 : M < 4 * THREADS ? M : 4 * THREADS;
+    *rows = (M + tasks - 1) / tasks;
+    return (M + *rows - 1) / *rows;
+}
+
+void rms_norm_f32(const float *x, const float *w, float *out, int M, int K, float eps) {
+    RmsJob job = {x, w, out, M, K, 0, eps};
+    block_pool_run(row_tasks(M, K, &job.rows), 0, rms_norm_task, &job);
 }
 
 #ifdef __AVX512F__
@@ -311,22 +332,35 @@ static float softmax_numerators(float *a, int n, float top) {
 }
 
 /* gate_up (M, 2I) = [gate | up] -> out (M, I) = silu(gate) * up */
-void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
-#pragma omp parallel for schedule(static) if (M > 1) num_threads(THREADS)
-    for (int m = 0; m < M; m++) {
-        const float *g = gate_up + (size_t)m * 2 * I, *u = g + I;
-        float *o = out + (size_t)m * I;
-        int i = 0;
+static void silu_mul_row(const float *g, float *o, int I) {
+    const float *u = g + I;
+    int i = 0;
 #ifdef __AVX512F__
-        for (; i + 16 <= I; i += 16) {
-            __m512 gv = _mm512_loadu_ps(g + i);
-            __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
-        }
-#endif
-        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    for (; i + 16 <= I; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
     }
+#endif
+    for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+typedef struct {
+    const float *gate_up;
+    float *out;
+    int M, I, rows;
+} SiluJob;
+
+static void silu_mul_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const SiluJob *j = (const SiluJob *)ctx;
+    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++) silu_mul_row(j->gate_up + (size_t)m * 2 * j->I, j->out + (size_t)m * j->I, j->I);
+}
+
+void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
+    SiluJob job = {gate_up, out, M, I, 0};
+    block_pool_run(row_tasks(M, 8L * I, &job.rows), 0, silu_mul_task, &job); /* expf: about 8 times a norm's work per value */
 }
 
 /* acc += p * v */
@@ -344,6 +378,37 @@ static void rope_head(const float *x, const float *cos, const float *sin, int D,
     int half = D / 2;
     for (int i = 0; i < half; i++) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
     for (int i = half; i < D; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+typedef struct {
+    const float *qkv, *cos, *sin;
+    const int64_t *pos;
+    const float *kc, *vc;
+    int64_t sb, sh, ss;
+    int nq, nk, D, window;
+    float *out, *scratch;
+    size_t per_worker;
+    int heads;
+    float scale;
+} AttnJob;
+
+/* task bh: query head bh % nq of row bh / nq, with the scratch of the worker that runs it */
+static void attn_task(void *ctx, int bh, int worker) {
+    const AttnJob *j = (const AttnJob *)ctx;
+    const int D = j->D, nq = j->nq, b = bh / nq, h = bh % nq, g = h / (nq / j->nk);
+    float *scores = j->scratch + (size_t)worker * j->per_worker, *q = scores + (j->per_worker - 2 * (size_t)D), *acc = q + D;
+    int64_t hi = j->pos[b] + 1, lo = (j->window > 0 && hi > j->window) ? hi - j->window : 0;
+    rope_head(j->qkv + ((size_t)b * j->heads + h) * D, j->cos + (size_t)b * D, j->sin + (size_t)b * D, D, q);
+    const float *kh = j->kc + b * j->sb + g * j->sh, *vh = j->vc + b * j->sb + g * j->sh;
+    float top = -INFINITY;
+    for (int64_t s = lo; s < hi; s++) {
+        scores[s - lo] = dot1_f32(q, kh + s * j->ss, D) * j->scale;
+        top = scores[s - lo] > top ? scores[s - lo] : top;
+    }
+    float total = softmax_numerators(scores, (int)(hi - lo), top);
+    for (int i = 0; i < D; i++) acc[i] = 0.0f;
+    for (int64_t s = lo; s < hi; s++) axpy_f32(acc, scores[s - lo] / total, vh + s * j->ss, D);
+    for (int i = 0; i < D; i++) j->out[(size_t)b * nq * D + (size_t)h * D + i] = acc[i];
 }
 
 /* One decode step of attention for B sequences, one new position each.
@@ -369,35 +434,14 @@ int attn_decode_f32(const float *qkv, const float *cos, const float *sin, const 
     }
     int64_t longest = 0;
     for (int b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
-    float scale = 1.0f / sqrtf((float)D);
-    int group = nq / nk, failed = 0;
-#pragma omp parallel num_threads(THREADS) reduction(| : failed)
-    {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)longest);
-        float *q = (float *)malloc(sizeof(float) * (size_t)D);
-        float *acc = (float *)malloc(sizeof(float) * (size_t)D);
-        const int mine = !(scores && q && acc); /* every thread runs the loop below: no thread may skip the worksharing */
-        failed |= mine;
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < B * nq; bh++) {
-            if (mine) continue;
-            int b = bh / nq, h = bh % nq, g = h / group;
-            int64_t hi = pos[b] + 1, lo = (window > 0 && hi > window) ? hi - window : 0;
-            rope_head(qkv + ((size_t)b * heads + h) * D, cos + (size_t)b * D, sin + (size_t)b * D, D, q);
-            const float *kh = kc + b * sb + g * sh, *vh = vc + b * sb + g * sh;
-            float top = -INFINITY;
-            for (int64_t s = lo; s < hi; s++) {
-                scores[s - lo] = dot1_f32(q, kh + s * ss, D) * scale;
-                top = scores[s - lo] > top ? scores[s - lo] : top;
-            }
-            float total = softmax_numerators(scores, (int)(hi - lo), top);
-            for (int i = 0; i < D; i++) acc[i] = 0.0f;
-            for (int64_t s = lo; s < hi; s++) axpy_f32(acc, scores[s - lo] / total, vh + s * ss, D);
-            for (int i = 0; i < D; i++) out[(size_t)b * nq * D + (size_t)h * D + i] = acc[i];
-        }
-        free(scores); free(q); free(acc);
-    }
-    return failed ? -1 : 0;
+    const int workers = THREADS;
+    const size_t per_worker = (size_t)longest + 2 * (size_t)D; /* scores, q, acc */
+    float *scratch = (float *)malloc(sizeof(float) * per_worker * (size_t)workers);
+    if (scratch == NULL) return -1;
+    AttnJob job = {qkv, cos, sin, pos, kc, vc, sb, sh, ss, nq, nk, D, window, out, scratch, per_worker, heads, 1.0f / sqrtf((float)D)};
+    block_pool_run(B * nq, workers, attn_task, &job);
+    free(scratch);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ a whole decode step
