@@ -218,6 +218,25 @@ void block_pool_run(int ntasks, int threads, block_task_fn fn, void *ctx) {
     pthread_mutex_unlock(&pool.lock);
 }
 
+/* Tasks of a product of M activation rows: the pool for decode-sized calls (many small calls a
+ * step, where OpenMP's barriers cost the most), OpenMP's team for prompts, whose few large regions
+ * alternate with torch's own OpenMP ops (attention): the same runtime then keeps its threads, where
+ * two pools would spin against each other on the same cores. */
+#define POOL_MAX_ROWS 16
+
+void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx) {
+#ifdef _OPENMP
+    if (M > POOL_MAX_ROWS && ntasks > 1) {
+        const int n = threads > 0 ? threads : block_threads();
+#pragma omp parallel for schedule(static) num_threads(n)
+        for (int t = 0; t < ntasks; t++) fn(ctx, t, omp_get_thread_num());
+        return;
+    }
+#endif
+    (void)M;
+    block_pool_run(ntasks, threads, fn, ctx);
+}
+
 /* ------------------------------------------------------------------ shared pieces */
 
 #if defined(USE_AVX2)
@@ -1089,7 +1108,7 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
     const int threads = block_threads();
     const int qtasks = nfmt * M;
     if ((long)qtasks * K >= 32768) {
-        block_pool_run(qtasks, threads, quantize_task, j);
+        block_tasks_run(M, qtasks, threads, quantize_task, j);
     } else { /* a few rows (decode) are quantized faster than helpers wake up */
         for (int t = 0; t < qtasks; t++) quantize_task(j, t, 0);
     }
@@ -1109,7 +1128,7 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
         j->chunk[p] = (int)(c < TILE ? TILE : c);
         j->first[p + 1] = j->first[p] + (parts[p].n + j->chunk[p] - 1) / j->chunk[p];
     }
-    block_pool_run(j->first[nparts] * j->mchunks, threads, product_task, j);
+    block_tasks_run(M, j->first[nparts] * j->mchunks, threads, product_task, j);
     for (int f = 0; f < nfmt; f++) free(j->xq[f]);
     return 0;
 }

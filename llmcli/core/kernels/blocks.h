@@ -240,6 +240,8 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
  * scratch). Tasks must write disjoint outputs. */
 typedef void (*block_task_fn)(void *ctx, int task, int worker);
 void block_pool_run(int ntasks, int threads, block_task_fn fn, void *ctx);
+/* The same for a call on M activation rows: the pool up to 16 rows (decode), OpenMP above (prompts). */
+void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx);
 
 /* the K-quants, defined in kquants.c */
 extern const BlockType block_type_q2_K __attribute__((weak));

@@ -234,7 +234,7 @@ static int row_tasks(int M, long cost, int *rows) {
 
 void rms_norm_f32(const float *x, const float *w, float *out, int M, int K, float eps) {
     RmsJob job = {x, w, out, M, K, 0, eps};
-    block_pool_run(row_tasks(M, K, &job.rows), 0, rms_norm_task, &job);
+    block_tasks_run(M, row_tasks(M, K, &job.rows), 0, rms_norm_task, &job);
 }
 
 #ifdef __AVX512F__
@@ -310,7 +310,7 @@ static void silu_mul_task(void *ctx, int t, int worker) {
 
 void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
     SiluJob job = {gate_up, out, M, I, 0};
-    block_pool_run(row_tasks(M, 8L * I, &job.rows), 0, silu_mul_task, &job); /* expf: about 8 times a norm's work per value */
+    block_tasks_run(M, row_tasks(M, 8L * I, &job.rows), 0, silu_mul_task, &job); /* expf: about 8 times a norm's work per value */
 }
 
 /* acc += p * v */
