@@ -228,7 +228,8 @@ def test_rows_do_not_depend_on_batch_tile_or_threads(kernels, t):
 def test_concurrent_callers_and_a_forked_child_get_the_same_bits(kernels):
     """blocks.c's task pool takes one caller at a time: products started at once from several
     Python threads (the GIL is released in ctypes calls) each run whole, the others on their own
-    thread, and a child forked after the pool started (its helpers are not copied) computes alone."""
+    thread, and a child forked after the pool started (its helpers are not copied) computes
+    decode-sized products alone."""
     import os
     import threading
 
@@ -252,7 +253,9 @@ def test_concurrent_callers_and_a_forked_child_get_the_same_bits(kernels):
         pid = os.fork()
         if pid == 0:  # the child: the parent's pool has helpers, this process has none
             os.close(read)
-            ok = all(np.array_equal(bits(matmul(kernels, t, x, blocks, None)), bits(w)) for x, w in zip(xs, want))
+            # decode-sized products only: prompts run on OpenMP, and GNU OpenMP hangs in a forked
+            # child of a process that used it (its threads are not copied)
+            ok = all(np.array_equal(bits(matmul(kernels, t, x, blocks, None)), bits(w)) for x, w in zip(xs, want) if len(x) <= 16)
             os.write(write, b"1" if ok else b"0")
             os._exit(0)
         os.close(write)
