@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from load_memory import status_bytes  # benchmarks/ is on the path of a script run from it
+from compare import status_bytes  # benchmarks/ is on the path of a script run from it
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"

@@ -225,6 +225,50 @@ def test_rows_do_not_depend_on_batch_tile_or_threads(kernels, t):
         kmod.set_threads(0)
 
 
+def test_concurrent_callers_and_a_forked_child_get_the_same_bits(kernels):
+    """blocks.c's task pool takes one caller at a time: products started at once from several
+    Python threads (the GIL is released in ctypes calls) each run whole, the others on their own
+    thread, and a child forked after the pool started (its helpers are not copied) computes
+    decode-sized products alone."""
+    import os
+    import threading
+
+    t, N, K = T.Q4_1, 96, 512
+    blocks = make_weights(t, N, K, seed=11)
+    xs = [np.random.default_rng(12 + i).standard_normal((M, K)).astype(np.float32) for i, M in enumerate((1, 7, 33, 64))]
+    want = [matmul(kernels, t, x, blocks, None) for x in xs]
+    got: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        got[i] = [bits(matmul(kernels, t, xs[i % 4], blocks, None)) for _ in range(20)]
+
+    kmod.set_threads(2)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's pool has helpers, this process has none
+            os.close(read)
+            # decode-sized products only: prompts run on OpenMP, and GNU OpenMP hangs in a forked
+            # child of a process that used it (its threads are not copied)
+            ok = all(np.array_equal(bits(matmul(kernels, t, x, blocks, None)), bits(w)) for x, w in zip(xs, want) if len(x) <= 16)
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(write)
+        child = os.read(read, 1)
+        os.close(read)
+        os.waitpid(pid, 0)
+    finally:
+        kmod.set_threads(0)
+    for i, runs in got.items():
+        assert all(np.array_equal(r, bits(want[i % 4])) for r in runs), i
+    assert child == b"1"
+
+
 @pytest.mark.parametrize("t", OURS, ids=lambda t: t.name)
 def test_portable_and_simd_builds_give_the_same_bits(pair, t):
     """On x86 the portable build against AVX2 (AVX-512 where the CPU has it), on ARM against NEON."""

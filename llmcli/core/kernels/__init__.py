@@ -55,7 +55,7 @@ _threads = 0  # set_threads: 0 = OpenMP's own count for the calling thread
 class LinearDesc(ctypes.Structure):
     """matvec.c's `Linear`: one projection's weights.
 
-    kind 0: float32 panels (`weight`); 1: Q8_0 panels (`weight`, `scales`); 2: GGML blocks (`type`
+    kind 0: float32 panels (`weight`); 2: GGML blocks (`type`
     = the ggml type id, `weight` = the first block of row 0, rows as the GGUF file stores them);
     3: a concatenation (`parts` = a LinearDesc array of `nparts`, outputs side by side, `n` = the
     sum of theirs, each part with its own bias). `n` outputs, `k` inputs.
@@ -65,7 +65,6 @@ class LinearDesc(ctypes.Structure):
 LinearDesc._fields_ = [
     ("kind", ctypes.c_int),
     ("weight", ctypes.c_void_p),
-    ("scales", ctypes.c_void_p),
     ("bias", ctypes.c_void_p),
     ("n", ctypes.c_int),
     ("k", ctypes.c_int),
@@ -97,9 +96,6 @@ class Kernels:
         self.matmul_panels_f32 = lib.matmul_panels_f32
         self.matmul_panels_f32.argtypes = [vp, vp, vp, vp, i, i, i]
         self.matmul_panels_f32.restype = i  # 0, or -1: no memory for the transposed activations
-        self.matmul_panels_q8 = lib.matmul_panels_q8
-        self.matmul_panels_q8.argtypes = [vp, vp, vp, vp, vp, i, i, i]
-        self.matmul_panels_q8.restype = i
         self.rms_norm_f32 = lib.rms_norm_f32
         self.rms_norm_f32.argtypes = [vp, vp, vp, i, i, ctypes.c_float]
         self.rms_norm_f32.restype = None

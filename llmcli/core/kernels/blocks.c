@@ -35,6 +35,9 @@
 
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -74,6 +77,164 @@ static int block_threads(void) {
 #else
     return 1;
 #endif
+}
+
+/* ------------------------------------------------------------------ the task pool
+ * Why not `omp parallel for`: every OpenMP region ends in a barrier that waits for every thread
+ * of the team, including one the OS has not scheduled yet. A decode step runs about five regions
+ * per layer, and on a machine busier than its cores each of those waits lasts a scheduler slice:
+ * SmolLM2 decoded at 0.6 tokens/s on 2 threads at load 15. Here the tasks of a call are claimed
+ * one at a time from a shared counter, and the caller waits only for tasks a helper has claimed
+ * and not yet finished: a helper that has not woken up by the time the caller ran every task finds
+ * nothing left, so a call is never slower than running it alone. Which thread runs a task never
+ * changes the bits (blocks.h's contract). Helpers spin briefly between calls (a decode step issues
+ * one every few tens of microseconds), then sleep on a condition variable. One caller at a time:
+ * a second concurrent caller (another Python thread) runs its tasks on its own thread. */
+
+#define POOL_MAX_HELPERS 63
+#define POOL_CLOSED 0xFFFFFFFFu /* the task index while the caller rewrites the job */
+#define POOL_SPINS 4000         /* about 50 us of pause instructions before a helper sleeps */
+
+static struct {
+    pthread_mutex_t lock;       /* held by the one caller running a job */
+    pthread_mutex_t sleep_lock; /* with `wake`: helpers waiting for a job */
+    pthread_cond_t wake;
+    _Atomic int sleepers;
+    _Atomic uint64_t next;      /* job generation << 32 | the next task index */
+    _Atomic int done;           /* tasks of the current job finished */
+    _Atomic(block_task_fn) fn;
+    _Atomic(void *) ctx;
+    _Atomic int ntasks;
+    _Atomic int helpers;        /* helpers 1..helpers take part in the current job */
+    int started;                /* helper threads created */
+    uint32_t gen;               /* the caller's generation counter */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static inline void cpu_relax(void) {
+#if defined(USE_AVX2)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* the caller's job generation, changed by each call (the helpers' signal) */
+static inline uint32_t pool_gen(void) { return (uint32_t)(atomic_load(&pool.next) >> 32); }
+
+static void *pool_helper(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    uint32_t seen = pool_gen();
+    for (;;) {
+        uint64_t v = atomic_load(&pool.next);
+        const uint32_t g = (uint32_t)(v >> 32);
+        if (g != seen && (uint32_t)v != POOL_CLOSED) {
+            /* A claim succeeds only while `next` still holds v: the caller closes the job before it
+             * rewrites the fields, so fields read between the load and a successful claim are this
+             * job's (every access is sequentially consistent). */
+            const block_task_fn fn = atomic_load(&pool.fn);
+            void *const ctx = atomic_load(&pool.ctx);
+            const uint32_t n = (uint32_t)atomic_load(&pool.ntasks);
+            if (id <= atomic_load(&pool.helpers)) {
+                while ((uint32_t)(v >> 32) == g && (uint32_t)v < n) {
+                    if (atomic_compare_exchange_weak(&pool.next, &v, v + 1)) {
+                        fn(ctx, (int)(uint32_t)v, id);
+                        atomic_fetch_add(&pool.done, 1);
+                        v = atomic_load(&pool.next);
+                    }
+                }
+                if ((uint32_t)(v >> 32) != g) continue; /* a newer job already: look at it */
+            }
+            seen = g;
+            continue;
+        }
+        if (g != seen) continue; /* the caller is between closing and opening a job */
+        for (int spin = 0; spin < POOL_SPINS && pool_gen() == seen; spin++) cpu_relax();
+        if (pool_gen() != seen) continue;
+        pthread_mutex_lock(&pool.sleep_lock);
+        atomic_fetch_add(&pool.sleepers, 1);
+        while (pool_gen() == seen) pthread_cond_wait(&pool.wake, &pool.sleep_lock);
+        atomic_fetch_sub(&pool.sleepers, 1);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    return NULL;
+}
+
+/* a forked child has no helpers: it starts its own (and the locks may have been held at the fork) */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_mutex_init(&pool.sleep_lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    atomic_store(&pool.sleepers, 0);
+    pool.started = 0;
+}
+
+static void pool_start(int helpers) {
+    if (pool.started == 0) pthread_atfork(NULL, NULL, pool_after_fork);
+    while (pool.started < helpers) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, pool_helper, (void *)(intptr_t)(pool.started + 1));
+        pthread_attr_destroy(&attr);
+        if (failed) break; /* fewer helpers: the caller runs what they do not */
+        pool.started++;
+    }
+}
+
+void block_pool_run(int ntasks, int threads, block_task_fn fn, void *ctx) {
+    int helpers = (threads > 0 ? threads : block_threads()) - 1;
+    helpers = helpers > POOL_MAX_HELPERS ? POOL_MAX_HELPERS : helpers;
+    if (ntasks <= 0) return;
+    if (ntasks == 1 || helpers <= 0 || pthread_mutex_trylock(&pool.lock) != 0) {
+        for (int t = 0; t < ntasks; t++) fn(ctx, t, 0);
+        return;
+    }
+    pool_start(helpers);
+    const uint64_t g = (uint64_t)(++pool.gen == 0 ? ++pool.gen : pool.gen) << 32; /* 0: the helpers' first `seen` */
+    atomic_store(&pool.next, g | POOL_CLOSED);
+    atomic_store(&pool.fn, fn);
+    atomic_store(&pool.ctx, ctx);
+    atomic_store(&pool.ntasks, ntasks);
+    atomic_store(&pool.helpers, helpers);
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.next, g);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.sleep_lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.sleep_lock);
+    }
+    for (;;) {
+        const uint32_t t = (uint32_t)atomic_fetch_add(&pool.next, 1);
+        if (t >= (uint32_t)ntasks) break;
+        fn(ctx, (int)t, 0);
+        atomic_fetch_add(&pool.done, 1);
+    }
+    /* only tasks a helper claimed and has not finished are left */
+    for (int spin = 0; atomic_load(&pool.done) < ntasks; spin++) {
+        if (spin < POOL_SPINS) cpu_relax();
+        else sched_yield(); /* that helper lost its core: give it ours */
+    }
+    pthread_mutex_unlock(&pool.lock);
+}
+
+/* Tasks of a product of M activation rows: the pool for decode-sized calls (many small calls a
+ * step, where OpenMP's barriers cost the most), OpenMP's team for prompts, whose few large regions
+ * alternate with torch's own OpenMP ops (attention): the same runtime then keeps its threads, where
+ * two pools would spin against each other on the same cores. */
+#define POOL_MAX_ROWS 16
+
+void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx) {
+#ifdef _OPENMP
+    if (M > POOL_MAX_ROWS && ntasks > 1) {
+        const int n = threads > 0 ? threads : block_threads();
+#pragma omp parallel for schedule(static) num_threads(n)
+        for (int t = 0; t < ntasks; t++) fn(ctx, t, omp_get_thread_num());
+        return;
+    }
+#endif
+    (void)M;
+    block_pool_run(ntasks, threads, fn, ctx);
 }
 
 /* ------------------------------------------------------------------ shared pieces */
@@ -857,95 +1018,118 @@ static size_t row_bytes(const BlockType *bt, int K) {
 #define ROWS_PER_TASK 64       /* activation rows per task when there are many (prefill) */
 #define L2_BYTES (256 * 1024)  /* weight bytes a task keeps hot while its activation rows stream past */
 
-/* block_matmul_parts (blocks.h): parts sharing an activation format share one quantized copy of x */
-int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K) {
-    enum { MAXP = 16 };
-    if (nparts <= 0 || M <= 0) return 0;
-    if (nparts > MAXP) return -2;
+enum { MAXP = 16 }; /* parts of one product */
+
+/* one product's state, shared by its tasks */
+typedef struct {
+    const BlockPart *parts;
     const BlockType *bt[MAXP];
     int fmt[MAXP];       /* which activation buffer each part reads */
     size_t xrow[MAXP];   /* bytes per activation row in that buffer */
-    int nfmt = 0, fmt_part[MAXP];
-    for (int p = 0; p < nparts; p++) {
-        bt[p] = block_type_get(parts[p].type);
-        if (bt[p] == NULL) return -2;
-        if (row_bytes(bt[p], K) == 0) return -3;
-        fmt[p] = -1;
-        for (int f = 0; f < nfmt; f++) {
-            const BlockType *o = bt[fmt_part[f]];
-            if (o->quantize_act == bt[p]->quantize_act && o->block == bt[p]->block && o->act_block_bytes == bt[p]->act_block_bytes) fmt[p] = f;
+    int fmt_part[MAXP];  /* the first part of each format */
+    char *xq[MAXP];      /* the quantized activations, one buffer per format */
+    int chunk[MAXP], first[MAXP + 1];
+    const float *x;
+    float *y;
+    int M, N_ld, K, mrows, mchunks;
+} MatmulJob;
+
+/* task t: activation row t % M in the format t / M */
+static void quantize_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const MatmulJob *j = (const MatmulJob *)ctx;
+    const int f = t / j->M, m = t % j->M, p = j->fmt_part[f];
+    j->bt[p]->quantize_act(j->x + (size_t)m * j->K, j->xq[f] + (size_t)m * j->xrow[p], j->K);
+}
+
+/* task t: (chunk of a part's weight rows) x (chunk of activation rows); consecutive tasks share a
+ * weight chunk, so a thread that takes several in a row keeps it in cache */
+static void product_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const MatmulJob *j = (const MatmulJob *)ctx;
+    const int nc = t / j->mchunks, mc = t % j->mchunks, K = j->K, N_ld = j->N_ld;
+    int p = 0;
+    while (j->first[p + 1] <= nc) p++;
+    const BlockPart *part = &j->parts[p];
+    const BlockType *b = j->bt[p];
+    const size_t wrb = row_bytes(b, K), xrow = j->xrow[p];
+    const int n0 = (nc - j->first[p]) * j->chunk[p], n1 = n0 + j->chunk[p] < part->n ? n0 + j->chunk[p] : part->n;
+    const int m0 = mc * j->mrows, m1 = m0 + j->mrows < j->M ? m0 + j->mrows : j->M;
+    const char *xb = j->xq[j->fmt[p]];
+    for (int n = n0; n < n1; n += TILE) {
+        const int nw = n1 - n < TILE ? n1 - n : TILE;
+        const char *wn = (const char *)part->w + (size_t)n * wrb;
+        for (int m = m0; m < m1; m += TILE) {
+            const int nx = m1 - m < TILE ? m1 - m : TILE;
+            float *yt = j->y + (size_t)m * N_ld + part->col + n;
+            if (b->tile) {
+                b->tile(K, wn, wrb, nw, xb + (size_t)m * xrow, xrow, nx, yt, (size_t)N_ld);
+            } else {
+                for (int c = 0; c < nx; c++)
+                    for (int r = 0; r < nw; r++) b->vec_dot(K, yt + (size_t)c * N_ld + r, wn + (size_t)r * wrb, xb + (size_t)(m + c) * xrow);
+            }
+            if (part->bias)
+                for (int c = 0; c < nx; c++)
+                    for (int r = 0; r < nw; r++) yt[(size_t)c * N_ld + r] = yt[(size_t)c * N_ld + r] + part->bias[n + r];
         }
-        if (fmt[p] < 0) {
-            fmt_part[nfmt] = p;
-            fmt[p] = nfmt++;
-        }
-        xrow[p] = (size_t)(K / bt[p]->block) * (size_t)bt[p]->act_block_bytes;
     }
-    /* the quantized activations, one buffer per format */
-    char *xq[MAXP];
+}
+
+/* block_matmul_parts (blocks.h): parts sharing an activation format share one quantized copy of x */
+int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K) {
+    if (nparts <= 0 || M <= 0) return 0;
+    if (nparts > MAXP) return -2;
+    MatmulJob job;
+    MatmulJob *j = &job;
+    j->parts = parts, j->x = x, j->y = y, j->M = M, j->N_ld = N_ld, j->K = K;
+    int nfmt = 0;
+    for (int p = 0; p < nparts; p++) {
+        const BlockType *bp = j->bt[p] = block_type_get(parts[p].type);
+        if (bp == NULL) return -2;
+        if (row_bytes(bp, K) == 0) return -3;
+        j->fmt[p] = -1;
+        for (int f = 0; f < nfmt; f++) {
+            const BlockType *o = j->bt[j->fmt_part[f]];
+            if (o->quantize_act == bp->quantize_act && o->block == bp->block && o->act_block_bytes == bp->act_block_bytes) j->fmt[p] = f;
+        }
+        if (j->fmt[p] < 0) {
+            j->fmt_part[nfmt] = p;
+            j->fmt[p] = nfmt++;
+        }
+        j->xrow[p] = (size_t)(K / bp->block) * (size_t)bp->act_block_bytes;
+    }
     for (int f = 0; f < nfmt; f++) {
-        xq[f] = (char *)malloc(xrow[fmt_part[f]] * (size_t)M);
-        if (xq[f] == NULL) {
-            while (f-- > 0) free(xq[f]);
+        j->xq[f] = (char *)malloc(j->xrow[j->fmt_part[f]] * (size_t)M);
+        if (j->xq[f] == NULL) {
+            while (f-- > 0) free(j->xq[f]);
             return -1;
         }
     }
     const int threads = block_threads();
     const int qtasks = nfmt * M;
-    /* a few rows (decode) are quantized faster than a parallel region starts */
-#pragma omp parallel for schedule(static) num_threads(threads) if ((long)qtasks * K >= 32768)
-    for (int t = 0; t < qtasks; t++) {
-        const int f = t / M, m = t % M, p = fmt_part[f];
-        bt[p]->quantize_act(x + (size_t)m * K, xq[f] + (size_t)m * xrow[p], K);
+    if ((long)qtasks * K >= 32768) {
+        block_tasks_run(M, qtasks, threads, quantize_task, j);
+    } else { /* a few rows (decode) are quantized faster than helpers wake up */
+        for (int t = 0; t < qtasks; t++) quantize_task(j, t, 0);
     }
 
     /* the task grid: (chunk of a part's weight rows) x (chunk of activation rows) */
-    const int mrows = M > ROWS_PER_TASK ? ROWS_PER_TASK : M;
-    const int mchunks = (M + mrows - 1) / mrows;
+    j->mrows = M > ROWS_PER_TASK ? ROWS_PER_TASK : M;
+    j->mchunks = (M + j->mrows - 1) / j->mrows;
     int ntotal = 0;
     for (int p = 0; p < nparts; p++) ntotal += parts[p].n;
     /* about 4 tasks per thread, each at most what fits L2, each a multiple of TILE weight rows */
-    long want = ((long)ntotal * mchunks + 4L * threads - 1) / (4L * threads);
-    int chunk[MAXP], first[MAXP + 1];
-    first[0] = 0;
+    long want = ((long)ntotal * j->mchunks + 4L * threads - 1) / (4L * threads);
+    j->first[0] = 0;
     for (int p = 0; p < nparts; p++) {
-        long l2 = (long)(L2_BYTES / row_bytes(bt[p], K)) / TILE * TILE;
+        long l2 = (long)(L2_BYTES / row_bytes(j->bt[p], K)) / TILE * TILE;
         long c = want < l2 ? want : l2;
         c = (c + TILE - 1) / TILE * TILE;
-        chunk[p] = (int)(c < TILE ? TILE : c);
-        first[p + 1] = first[p] + (parts[p].n + chunk[p] - 1) / chunk[p];
+        j->chunk[p] = (int)(c < TILE ? TILE : c);
+        j->first[p + 1] = j->first[p] + (parts[p].n + j->chunk[p] - 1) / j->chunk[p];
     }
-    const int tasks = first[nparts] * mchunks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (tasks > 1)
-    for (int t = 0; t < tasks; t++) {
-        /* consecutive tasks share a weight chunk: a thread keeps it in cache across activation chunks */
-        const int nc = t / mchunks, mc = t % mchunks;
-        int p = 0;
-        while (first[p + 1] <= nc) p++;
-        const BlockType *b = bt[p];
-        const size_t wrb = row_bytes(b, K);
-        const int n0 = (nc - first[p]) * chunk[p], n1 = n0 + chunk[p] < parts[p].n ? n0 + chunk[p] : parts[p].n;
-        const int m0 = mc * mrows, m1 = m0 + mrows < M ? m0 + mrows : M;
-        const char *xb = xq[fmt[p]];
-        for (int n = n0; n < n1; n += TILE) {
-            const int nw = n1 - n < TILE ? n1 - n : TILE;
-            const char *wn = (const char *)parts[p].w + (size_t)n * wrb;
-            for (int m = m0; m < m1; m += TILE) {
-                const int nx = m1 - m < TILE ? m1 - m : TILE;
-                float *yt = y + (size_t)m * N_ld + parts[p].col + n;
-                if (b->tile) {
-                    b->tile(K, wn, wrb, nw, xb + (size_t)m * xrow[p], xrow[p], nx, yt, (size_t)N_ld);
-                } else {
-                    for (int c = 0; c < nx; c++)
-                        for (int r = 0; r < nw; r++) b->vec_dot(K, yt + (size_t)c * N_ld + r, wn + (size_t)r * wrb, xb + (size_t)(m + c) * xrow[p]);
-                }
-                if (parts[p].bias)
-                    for (int c = 0; c < nx; c++)
-                        for (int r = 0; r < nw; r++) yt[(size_t)c * N_ld + r] = yt[(size_t)c * N_ld + r] + parts[p].bias[n + r];
-            }
-        }
-    }
-    for (int f = 0; f < nfmt; f++) free(xq[f]);
+    block_tasks_run(M, j->first[nparts] * j->mchunks, threads, product_task, j);
+    for (int f = 0; f < nfmt; f++) free(j->xq[f]);
     return 0;
 }
 

@@ -234,6 +234,15 @@ typedef struct {
  * whole number of a part's blocks). */
 int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float *y, int M, int N_ld, int K);
 
+/* Runs fn(ctx, task, worker) for task = 0..ntasks-1 on at most `threads` threads (<= 0: the
+ * kernels' thread count) of blocks.c's task pool and returns when every task has finished.
+ * worker: 0 for the calling thread, 1..threads-1 for the pool's helpers (an index for per-thread
+ * scratch). Tasks must write disjoint outputs. */
+typedef void (*block_task_fn)(void *ctx, int task, int worker);
+void block_pool_run(int ntasks, int threads, block_task_fn fn, void *ctx);
+/* The same for a call on M activation rows: the pool up to 16 rows (decode), OpenMP above (prompts). */
+void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx);
+
 /* the K-quants, defined in kquants.c */
 extern const BlockType block_type_q2_K __attribute__((weak));
 extern const BlockType block_type_q3_K __attribute__((weak));

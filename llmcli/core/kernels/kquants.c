@@ -1130,7 +1130,8 @@ KQ_INLINE float kq_hsum8_avx(__m256 v) {
 }
 
 /* The tile for nw weight rows and NX activation rows: per element the 8 float lanes of the
- * header comment, one ymm per activation row. */
+ * header comment, one ymm per activation row. Decode (NX = 1) takes one weight row at a time: a
+ * two-row interleave ran 30-70% slower per row than this in kquant_dots (2048 x 8192, AVX2). */
 #define KQ_AVX2_TILE(t, has_min, DMIN)                                                                              \
     KQ_INLINE void tile_##t##_n(int K, const void *w, size_t w_row_bytes, int nw, const void *xq,                   \
                                 size_t xq_row_bytes, const int NX, float *y, size_t ldy) {                          \
@@ -1161,38 +1162,10 @@ KQ_INLINE float kq_hsum8_avx(__m256 v) {
             for (int c = 0; c < NX; c++) y[c * ldy + r] = kq_hsum8_avx(accf[c]);                                    \
         }                                                                                                           \
     }                                                                                                               \
-    /* decode (one activation row): two weight rows per pass, two independent chains the CPU overlaps;     \
-     * each row's operations are vec_dot's */                                                                       \
-    KQ_INLINE void tile_##t##_pair(int K, const void *w, size_t w_row_bytes, const void *xq, float *y) {           \
-        const int nb = K / QK_K;                                                                                    \
-        const block_##t *row0 = (const block_##t *)w, *row1 = (const block_##t *)((const char *)w + w_row_bytes);   \
-        const block_q8_K *x = (const block_q8_K *)xq;                                                               \
-        __m256 accf0 = _mm256_setzero_ps(), accf1 = _mm256_setzero_ps();                                            \
-        for (int i = 0; i < nb; i++) {                                                                              \
-            const block_q8_K *xs[1] = {x + i};                                                                      \
-            __m256i acc0[1], m0[1], acc1[1], m1[1];                                                                 \
-            sb_##t(row0 + i, xs, 1, acc0, m0);                                                                      \
-            sb_##t(row1 + i, xs, 1, acc1, m1);                                                                      \
-            const float dx = x[i].d;                                                                                \
-            const block_##t *bb = row0 + i;                                                                         \
-            accf0 = _mm256_add_ps(accf0, _mm256_mul_ps(_mm256_set1_ps(kq_half(bb->d) * dx), _mm256_cvtepi32_ps(acc0[0]))); \
-            if (has_min) accf0 = _mm256_sub_ps(accf0, _mm256_mul_ps(_mm256_set1_ps(kq_half(DMIN) * dx), _mm256_cvtepi32_ps(m0[0]))); \
-            bb = row1 + i;                                                                                          \
-            accf1 = _mm256_add_ps(accf1, _mm256_mul_ps(_mm256_set1_ps(kq_half(bb->d) * dx), _mm256_cvtepi32_ps(acc1[0]))); \
-            if (has_min) accf1 = _mm256_sub_ps(accf1, _mm256_mul_ps(_mm256_set1_ps(kq_half(DMIN) * dx), _mm256_cvtepi32_ps(m1[0]))); \
-        }                                                                                                           \
-        y[0] = kq_hsum8_avx(accf0);                                                                                 \
-        y[1] = kq_hsum8_avx(accf1);                                                                                 \
-    }                                                                                                               \
     static void tile_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes,     \
                          int nx, float *y, size_t ldy) {                                                            \
         switch (nx) {                                                                                               \
-        case 1: {                                                                                                   \
-            int r = 0;                                                                                              \
-            for (; r + 2 <= nw; r += 2) tile_##t##_pair(K, (const char *)w + r * w_row_bytes, w_row_bytes, xq, y + r); \
-            if (r < nw) tile_##t##_n(K, (const char *)w + r * w_row_bytes, w_row_bytes, 1, xq, xq_row_bytes, 1, y + r, ldy); \
-            break;                                                                                                  \
-        }                                                                                                           \
+        case 1: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 1, y, ldy); break;                            \
         case 2: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 2, y, ldy); break;                            \
         case 3: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 3, y, ldy); break;                            \
         default: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 4, y, ldy); break;                           \

@@ -1,17 +1,16 @@
-/* Native kernels for the CPU path: float32 and Q8_0 matrix products, and the rest of a decode step.
+/* Native kernels for the CPU path: float32 matrix products, and the rest of a decode step.
  *
  * Decoding one token per sequence reads every weight once per step, so its speed limit is
  * memory bandwidth; a batch of decoding sequences, or a prompt, is arithmetic-bound. torch's
  * sgemm for a handful of rows reaches less than half of the bandwidth on the CPUs we measured
  * (benchmarks/README.md). float32 weights are stored in panels that stream once for all rows
- * (matmul_panels_f32); the work is split across torch's own OpenMP threads (the library links
- * the libgomp that torch has already loaded, so there is one thread pool, not two).
+ * (matmul_panels_f32), split across torch's own OpenMP threads (the library links the libgomp
+ * that torch has already loaded). The decode step's pieces (block products, attention, norms,
+ * SiLU) run on blocks.c's task pool instead (block_pool_run: no barrier waits for a thread the OS
+ * has not scheduled).
  *
  * Every output element is computed in one fixed order whatever M is: a sequence gets
  * bit-identical results alone or in a batch.
- *
- * q8 weights are llama.cpp's Q8_0 values (int8 in blocks of 32 along a row, one float scale per
- * block) in the same panel layout as float32. K must be a multiple of 32.
  *
  * Weights in GGML's block formats (Q4_0, Q4_K, ... as the GGUF file stores them) run on blocks.c,
  * which this library links in: Linear kind 2, and kind 3 for fused projections made of parts.
@@ -31,8 +30,6 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
-
-#define QBLOCK 32
 
 /* Threads for every parallel region: set by matvec_set_threads (llmcli's --threads), else OpenMP's
  * own count. An explicit count, because OpenMP's is per calling thread: torch.set_num_threads in the
@@ -62,62 +59,35 @@ int matvec_simd_width(void) {
  * SmolLM2's projections take about half the time of dot products on row-major weights, and
  * every shape we use runs faster than torch's sgemm (benchmarks/README.md).
  *
- * Q8_0 weights use the same panels for their int8 values, and their scales (one per block of 32
- * consecutive k of an output column) as [K/32][32] per panel. Each int8 value is converted and
- * multiplied by its scale as it is loaded: exactly the float32 value dequantize_q8 gives (one
- * rounding, the same), so the rest is the float32 arithmetic on the dequantized matrix.
- *
  * Output element (m, n) is always the chain acc = fma(x[m, k], W[n, k], acc) for k = 0..K-1
  * starting from 0, then + bias[n]: the same operations whatever M, the tile or the thread, so a
- * sequence gets bit-identical results alone or in a batch, in float32 and in Q8_0.
+ * sequence gets bit-identical results alone or in a batch.
  */
 #define PANEL 32
 #define TILE_ROWS 8  /* activation rows per tile: 8 x 2 accumulators + the weight vectors fit 32 registers */
 #define ROW_BLOCK 64 /* rows per task: threads split (panel, row block) pairs, panel-major */
 
 typedef struct {
-    const void *values; /* this panel's float32 [K][ldw] or int8 [K][ldw] */
-    const float *scales; /* Q8_0: this panel's [K/32][ldw]; NULL for float32 */
+    const float *values; /* this panel's [K][ldw] */
     int ldw;            /* the panel's width: 32, or N mod 32 for the last one */
 } Panel;
 
-/* rows of this tile (xt: the tile's activations transposed, [K][mr]) against one panel. `q8` and `full`
- * (ldw == PANEL) are compile-time constants at each call: full panels get unmasked loads at a constant
+/* rows of this tile (xt: the tile's activations transposed, [K][mr]) against one panel. `full`
+ * (ldw == PANEL) is a compile-time constant at each call: full panels get unmasked loads at a constant
  * stride, which runs about twice as fast as the general form. */
-static inline __attribute__((always_inline)) void panel_tile(const int mr, const int q8, const int full, const float *restrict xt, Panel panel, int K,
+static inline __attribute__((always_inline)) void panel_tile(const int mr, const int full, const float *restrict xt, Panel panel, int K,
                                                              const float *restrict bias, float *restrict y, size_t ldy) {
     const int ldw = full ? PANEL : panel.ldw;
-    const float *wf = (const float *)panel.values;
-    const int8_t *wq = (const int8_t *)panel.values;
+    const float *wf = panel.values;
 #ifdef __AVX512F__
     __mmask16 m0 = ldw >= 16 ? 0xFFFF : (__mmask16)((1u << ldw) - 1);
     __mmask16 m1 = ldw >= 32 ? 0xFFFF : ldw <= 16 ? 0 : (__mmask16)((1u << (ldw - 16)) - 1);
     __m512 a[TILE_ROWS][2];
     for (int m = 0; m < mr; m++) a[m][0] = a[m][1] = _mm512_setzero_ps();
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
     for (int k = 0; k < K; k++) {
-        __m512 w0, w1;
-        if (q8) {
-            if (k % QBLOCK == 0) {
-                const float *sk = panel.scales + (size_t)(k / QBLOCK) * ldw;
-                s0 = full ? _mm512_loadu_ps(sk) : _mm512_maskz_loadu_ps(m0, sk);
-                s1 = full ? _mm512_loadu_ps(sk + 16) : _mm512_maskz_loadu_ps(m1, sk + 16);
-            }
-            __m256i raw;
-            if (full) {
-                raw = _mm256_loadu_si256((const __m256i *)(wq + (size_t)k * PANEL));
-            } else { /* the narrow last panel: its row through a zeroed buffer */
-                int8_t row[PANEL] = {0};
-                for (int j = 0; j < ldw; j++) row[j] = wq[(size_t)k * ldw + j];
-                raw = _mm256_loadu_si256((const __m256i *)row);
-            }
-            w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw))), s0);
-            w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1))), s1);
-        } else {
-            const float *wk = wf + (size_t)k * ldw;
-            w0 = full ? _mm512_loadu_ps(wk) : _mm512_maskz_loadu_ps(m0, wk);
-            w1 = full ? _mm512_loadu_ps(wk + 16) : _mm512_maskz_loadu_ps(m1, wk + 16);
-        }
+        const float *wk = wf + (size_t)k * ldw;
+        const __m512 w0 = full ? _mm512_loadu_ps(wk) : _mm512_maskz_loadu_ps(m0, wk);
+        const __m512 w1 = full ? _mm512_loadu_ps(wk + 16) : _mm512_maskz_loadu_ps(m1, wk + 16);
         const float *xk = xt + (size_t)k * mr;
         for (int m = 0; m < mr; m++) {
             __m512 b = _mm512_set1_ps(xk[m]);
@@ -133,18 +103,11 @@ static inline __attribute__((always_inline)) void panel_tile(const int mr, const
     }
 #else
     /* the same loop order for every mr: one function, one code path, so the bits do not depend on M */
-    float a[TILE_ROWS][PANEL], w[PANEL];
+    float a[TILE_ROWS][PANEL];
     for (int m = 0; m < mr; m++)
         for (int j = 0; j < PANEL; j++) a[m][j] = 0.0f;
     for (int k = 0; k < K; k++) {
-        const float *wk = w;
-        if (q8) {
-            const float *sk = panel.scales + (size_t)(k / QBLOCK) * ldw;
-#pragma omp simd
-            for (int j = 0; j < ldw; j++) w[j] = (float)wq[(size_t)k * ldw + j] * sk[j];
-        } else {
-            wk = wf + (size_t)k * ldw;
-        }
+        const float *wk = wf + (size_t)k * ldw;
         for (int m = 0; m < mr; m++) {
             float xv = xt[(size_t)k * mr + m];
 #pragma omp simd
@@ -156,32 +119,28 @@ static inline __attribute__((always_inline)) void panel_tile(const int mr, const
 #endif
 }
 
-#define PANEL_TILE_CASES(q8, full)                                                 \
+#define PANEL_TILE_CASES(full)                                                     \
     switch (mr) { /* constant row counts: every accumulator stays in a register */     \
-    case 8: panel_tile(8, q8, full, xt, panel, K, bias, y, ldy); break;              \
-    case 7: panel_tile(7, q8, full, xt, panel, K, bias, y, ldy); break;              \
-    case 6: panel_tile(6, q8, full, xt, panel, K, bias, y, ldy); break;              \
-    case 5: panel_tile(5, q8, full, xt, panel, K, bias, y, ldy); break;              \
-    case 4: panel_tile(4, q8, full, xt, panel, K, bias, y, ldy); break;              \
-    case 3: panel_tile(3, q8, full, xt, panel, K, bias, y, ldy); break;              \
-    case 2: panel_tile(2, q8, full, xt, panel, K, bias, y, ldy); break;              \
-    default: panel_tile(1, q8, full, xt, panel, K, bias, y, ldy); break;             \
+    case 8: panel_tile(8, full, xt, panel, K, bias, y, ldy); break;              \
+    case 7: panel_tile(7, full, xt, panel, K, bias, y, ldy); break;              \
+    case 6: panel_tile(6, full, xt, panel, K, bias, y, ldy); break;              \
+    case 5: panel_tile(5, full, xt, panel, K, bias, y, ldy); break;              \
+    case 4: panel_tile(4, full, xt, panel, K, bias, y, ldy); break;              \
+    case 3: panel_tile(3, full, xt, panel, K, bias, y, ldy); break;              \
+    case 2: panel_tile(2, full, xt, panel, K, bias, y, ldy); break;              \
+    default: panel_tile(1, full, xt, panel, K, bias, y, ldy); break;             \
     }
 
 static void panel_rows(int mr, const float *xt, Panel panel, int K, const float *bias, float *y, size_t ldy) {
-    if (panel.scales == NULL && panel.ldw == PANEL)
-        PANEL_TILE_CASES(0, 1)
-    else if (panel.scales == NULL)
-        PANEL_TILE_CASES(0, 0)
-    else if (panel.ldw == PANEL)
-        PANEL_TILE_CASES(1, 1)
+    if (panel.ldw == PANEL)
+        PANEL_TILE_CASES(1)
     else
-        PANEL_TILE_CASES(1, 0)
+        PANEL_TILE_CASES(0)
 }
 
-/* y (M, N) = x (M, K) W^T + bias on panels: float32 (S NULL, elem 4) or Q8_0 (int8 values, scales S, elem 1).
+/* y (M, N) = x (M, K) W^T + bias on float32 panels.
  * Returns 0, or -1 when the transposed copy of x cannot be allocated (y is then untouched). */
-static int matmul_panels(const float *x, const void *W, const float *S, int elem, const float *bias, float *y, int M, int N, int K) {
+int matmul_panels_f32(const float *x, const float *W, const float *bias, float *y, int M, int N, int K) {
     int panels = (N + PANEL - 1) / PANEL, blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     /* each tile's activations transposed to [K][mr] (one row needs no transposing) */
     float *xt = M == 1 ? NULL : (float *)malloc(sizeof(float) * (size_t)M * K);
@@ -199,8 +158,7 @@ static int matmul_panels(const float *x, const void *W, const float *S, int elem
 #pragma omp parallel for schedule(static) num_threads(THREADS)
     for (int task = 0; task < panels * blocks; task++) {
         int p = task / blocks, n0 = p * PANEL;
-        Panel panel = {/* every panel before p is full: 32 K values and 32 K/32 scales each */
-                       (const char *)W + (size_t)n0 * K * elem, S ? S + (size_t)n0 * (K / QBLOCK) : NULL, N - n0 < PANEL ? N - n0 : PANEL};
+        Panel panel = {W + (size_t)n0 * K, N - n0 < PANEL ? N - n0 : PANEL}; /* every panel before p is full: 32 K values each */
         int end = (task % blocks + 1) * ROW_BLOCK < M ? (task % blocks + 1) * ROW_BLOCK : M;
         for (int m0 = task % blocks * ROW_BLOCK; m0 < end; m0 += TILE_ROWS) {
             int mr = end - m0 < TILE_ROWS ? end - m0 : TILE_ROWS;
@@ -211,32 +169,45 @@ static int matmul_panels(const float *x, const void *W, const float *S, int elem
     return 0;
 }
 
-int matmul_panels_f32(const float *x, const float *W, const float *bias, float *y, int M, int N, int K) {
-    return matmul_panels(x, W, NULL, 4, bias, y, M, N, K);
-}
-
-/* Q8_0 panels; K must be a multiple of 32 */
-int matmul_panels_q8(const float *x, const int8_t *Q, const float *S, const float *bias, float *y, int M, int N, int K) {
-    return matmul_panels(x, Q, S, 1, bias, y, M, N, K);
-}
 
 /* ------------------------------------------------------------------ the rest of a decode step
  * Small ops that cost torch more in dispatch than in arithmetic at one position per sequence.
  */
 
 /* out[m] = x[m] / sqrt(mean(x[m]^2) + eps) * w, the float32 statistics as HF computes them */
-void rms_norm_f32(const float *x, const float *w, float *out, int M, int K, float eps) {
-#pragma omp parallel for schedule(static) if (M > 8) num_threads(THREADS)
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (size_t)m * K;
-        float *om = out + (size_t)m * K;
-        float ss = 0.0f;
+static void rms_norm_row(const float *xm, const float *w, float *om, int K, float eps) {
+    float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
-        for (int k = 0; k < K; k++) ss += xm[k] * xm[k];
-        float inv = 1.0f / sqrtf(ss / (float)K + eps);
+    for (int k = 0; k < K; k++) ss += xm[k] * xm[k];
+    float inv = 1.0f / sqrtf(ss / (float)K + eps);
 #pragma omp simd
-        for (int k = 0; k < K; k++) om[k] = xm[k] * inv * w[k];
-    }
+    for (int k = 0; k < K; k++) om[k] = xm[k] * inv * w[k];
+}
+
+typedef struct {
+    const float *x, *w;
+    float *out;
+    int M, K, rows; /* rows per task */
+    float eps;
+} RmsJob;
+
+static void rms_norm_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const RmsJob *j = (const RmsJob *)ctx;
+    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++)
+        rms_norm_row(j->x + (size_t)m * j->K, j->w, j->out + (size_t)m * j->K, j->K, j->eps);
+}
+
+/* the number of tasks for M rows of `cost` work each: one when splitting would cost more than it saves */
+static int row_tasks(int M, long cost, int *rows) {
+    const int tasks = (long)M * cost < 65536 ? 1 : M < 4 * THREADS ? M : 4 * THREADS;
+    *rows = (M + tasks - 1) / tasks;
+    return (M + *rows - 1) / *rows;
+}
+
+void rms_norm_f32(const float *x, const float *w, float *out, int M, int K, float eps) {
+    RmsJob job = {x, w, out, M, K, 0, eps};
+    block_tasks_run(M, row_tasks(M, K, &job.rows), 0, rms_norm_task, &job);
 }
 
 #ifdef __AVX512F__
@@ -260,22 +231,35 @@ static inline __m512 exp16(__m512 x) {
 #endif
 
 /* gate_up (M, 2I) = [gate | up] -> out (M, I) = silu(gate) * up */
-void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
-#pragma omp parallel for schedule(static) if (M > 1) num_threads(THREADS)
-    for (int m = 0; m < M; m++) {
-        const float *g = gate_up + (size_t)m * 2 * I, *u = g + I;
-        float *o = out + (size_t)m * I;
-        int i = 0;
+static void silu_mul_row(const float *g, float *o, int I) {
+    const float *u = g + I;
+    int i = 0;
 #ifdef __AVX512F__
-        for (; i + 16 <= I; i += 16) {
-            __m512 gv = _mm512_loadu_ps(g + i);
-            __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
-        }
-#endif
-        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    for (; i + 16 <= I; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        __m512 silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(u + i)));
     }
+#endif
+    for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+typedef struct {
+    const float *gate_up;
+    float *out;
+    int M, I, rows;
+} SiluJob;
+
+static void silu_mul_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const SiluJob *j = (const SiluJob *)ctx;
+    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++) silu_mul_row(j->gate_up + (size_t)m * 2 * j->I, j->out + (size_t)m * j->I, j->I);
+}
+
+void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
+    SiluJob job = {gate_up, out, M, I, 0};
+    block_tasks_run(M, row_tasks(M, 8L * I, &job.rows), 0, silu_mul_task, &job); /* expf: about 8 times a norm's work per value */
 }
 
 /* attention: attention.c (attn_decode_f32), one fixed order per query row on every ISA */
@@ -288,11 +272,10 @@ void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
 
 /* One projection's weights. Field order is the ABI shared with kernels.LinearDesc. */
 typedef struct Linear {
-    int kind;             /* 0: float32 weight in panels; 1: Q8_0 int8 values and scales in panels (see above);
+    int kind;             /* 0: float32 weight in panels (see above);
                            * 2: GGML blocks (`type`, rows from `weight`, as the GGUF file stores them, blocks.c);
                            * 3: a concatenation: `nparts` Linears whose outputs lie side by side (n = the sum of theirs) */
     const void *weight;
-    const float *scales;
     const float *bias;    /* NULL for none (kind 3: each part has its own) */
     int n, k;
     int type;             /* kind 2: GGML_TYPE_* */
@@ -312,7 +295,6 @@ typedef struct {
 static int linear_apply(const Linear *lin, const float *x, float *y, int M) {
     switch (lin->kind) {
     case 0: return matmul_panels_f32(x, (const float *)lin->weight, lin->bias, y, M, lin->n, lin->k);
-    case 1: return matmul_panels_q8(x, (const int8_t *)lin->weight, lin->scales, lin->bias, y, M, lin->n, lin->k);
     case 2: {
         const BlockPart part = {lin->type, lin->weight, lin->bias, lin->n, 0};
         return block_matmul_parts(&part, 1, x, y, M, lin->n, lin->k);

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Collection
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,6 +59,18 @@ class ForwardOutput:
     logits: torch.Tensor | None = None  # (B, T, V), or (B, V) when logits_index was given; None for encoders
     hidden_states: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, d)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, H, T, S) probabilities
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zeroed cache tensor. On the CPU through numpy's calloc: large ones are fresh zero pages,
+    resident only once a position is written, and no thread writes zeros (torch.zeros fills in an
+    OpenMP region, which waited ~100 ms per tensor on a loaded 2-core machine)."""
+    if torch.device(device).type == "cpu" and dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.zeros(shape, dtype=_NUMPY_DTYPES[dtype]))
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class KVCache:
@@ -90,8 +103,8 @@ class KVCache:
         self.max_len = max_len
         self.initial_len = min(max_len, initial_len or max_len)
         shape = (min(batch_size, initial_rows or batch_size), num_kv_heads, self.initial_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [cache_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [cache_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @classmethod
@@ -138,7 +151,7 @@ class KVCache:
         keep_rows, keep = min(rows, self.rows), min(length, self.capacity)
         for cache in (self.k, self.v):
             for i, t in enumerate(cache):
-                resized = torch.zeros((rows, t.shape[1], length, t.shape[3]), dtype=t.dtype, device=t.device)
+                resized = cache_zeros((rows, t.shape[1], length, t.shape[3]), t.dtype, t.device)
                 resized[:keep_rows, :, :keep] = t[:keep_rows, :, :keep]
                 cache[i] = resized
 
