@@ -12,6 +12,9 @@ requests sent at once (/v1/completions, greedy, ignore_eos):
     admission), --batch-size 64: the old scheduler's output tokens/s and TTFT;
   - llama-cpp-python: `python -m llama_cpp.server --model FILE --n_threads 2`.
 
+`--chunk-rates 8,32,128,256,512` instead measures llmcli's prompt rate for one forward of each
+size (how --max-batched-tokens' default was chosen) and exits.
+
 Example: python benchmarks/serve_ttft.py --out benchmarks/out/serve_ttft.json
 The table goes to stderr (markdown, with the load average), the JSON to --out.
 """
@@ -70,6 +73,29 @@ def pp512_rates(gguf: Path, threads: int) -> dict[str, float]:
     return best
 
 
+def chunk_rates(gguf: Path, threads: int, sizes: list[int], reps: int = 3) -> dict[int, float]:
+    """llmcli's prompt tokens/s for one packed forward of n tokens, best of `reps` rounds, sizes interleaved."""
+    import torch
+
+    from llmcli.core.loader import load_model
+    from llmcli.core.models.base import KVCache
+    from llmcli.core.threads import apply_threads
+
+    apply_threads(threads)
+    loaded = load_model(gguf)
+    best = dict.fromkeys(sizes, 0.0)
+    for _ in range(reps):
+        for n in sizes:
+            ids = torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(n))
+            calls = max(1, 256 // n)  # about the same work per size
+            t = time.perf_counter()
+            for _ in range(calls):
+                cache = KVCache.for_model(loaded.config, 1, 1024, initial_len=1024, initial_rows=1)
+                loaded.module.forward_packed(ids, torch.zeros(n, dtype=torch.long), cache, torch.tensor([n - 1]))
+            best[n] = max(best[n], n * calls / (time.perf_counter() - t))
+    return best
+
+
 class Server:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int):
         self.name, self.cmd, self.env, self.port = name, cmd, env, port
@@ -114,8 +140,17 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--servers", default="llmcli,llmcli-main,llama-cpp-python")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--chunk-rates", default=None, help="only measure the prompt rate of one forward of each of these sizes")
     args = parser.parse_args()
     gguf = Path(args.model).expanduser()
+    if args.chunk_rates:
+        load = os.getloadavg()
+        rates = chunk_rates(gguf, args.threads, [int(n) for n in args.chunk_rates.split(",")])
+        top = max(rates.values())
+        print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n| tokens per forward | tokens/s | of the best |\n| --- | --- | --- |", file=sys.stderr)
+        for n, rate in rates.items():
+            print(f"| {n} | {rate:.0f} | {rate / top:.0%} |", file=sys.stderr)
+        return 0
     streams = [int(s) for s in args.streams.split(",")]
     load_before = os.getloadavg()
     rates = pp512_rates(gguf, args.threads)
