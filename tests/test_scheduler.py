@@ -10,6 +10,7 @@ shapes). Independent reference: transformers' logits for the same tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -176,3 +177,28 @@ def test_a_long_prompt_is_split_and_running_streams_keep_decoding(tiny_dirs):
         firsts += [e for e in events if e.request.id == "long"]
         assert int(batcher.cache.lengths[1]) == min(60, 15 * (_ + 1))
     assert len(firsts) == 1  # the long prompt's first token comes with its last chunk
+
+
+def test_max_batched_tokens_flag_chunks_echo_prompts_with_the_same_records(tiny_dirs, capsys, monkeypatch):
+    """`generate --max-batched-tokens 2` splits every prompt into 2-token chunks: the records,
+    prompt logprobs (--echo, gathered over the chunks) included, equal the default budget's."""
+    from typer.testing import CliRunner
+
+    from llmcli.cli import app
+    from tests.test_generate_flags import fails
+
+    model = str(tiny_dirs["llama"])
+    for command in ("generate", "chat", "serve"):
+        code, err = fails(capsys, monkeypatch, [command, "-m", model, "--max-batched-tokens", "0"])
+        assert code == 2 and err.startswith("error: --max-batched-tokens must be at least 1"), err
+    lines = "".join(json.dumps({"id": i, "ids": list(range(5, 5 + n))}) + "\n" for i, n in enumerate((7, 2, 11)))
+
+    def records(*flags):
+        args = ["generate", "-m", model, "-n", "4", "--echo", "--logprobs", "2", "--seed", "3", "--temperature", "0.8", *flags]
+        result = CliRunner().invoke(app, args, input=lines, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    chunked = records("--max-batched-tokens", "2")
+    assert chunked == records()
+    assert [len(r["prompt_logprobs"]) for r in chunked] == [7, 2, 11]
