@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 # The default token budget of a step on a CPU. The linear layers read their weights once per step,
-# so a bigger step costs less per token, until the step is arithmetic-bound: measured on SmolLM2
-# Q4_1 with 2 threads (benchmarks/README.md, "prefill rate by chunk size"), the prompt rate grows
-# up to about 64-128 tokens per forward and is flat beyond. A bigger budget only makes each step
-# (and so every running stream's next token) wait longer; 256 is past the knee with room for a
-# full batch of decode tokens beside a prompt chunk.
+# so a bigger step costs less per token, but every running stream waits for the whole step before
+# its next token. Measured on SmolLM2 Q4_1 with 2 threads (benchmarks/README.md, "prefill rate by
+# chunk size"; a loaded machine, so ratios only): one forward of 8, 32, 128, 256 and 512 tokens
+# ran at 19%, 38%, 69%, 88% and 100% of the 512-token rate. 256 keeps ~90% of the prompt rate at
+# half the step time of 512 (the inter-token latency of the streams decoding beside a prompt).
 DEFAULT_MAX_BATCHED_TOKENS = 256
 
 
