@@ -200,6 +200,10 @@ static void rms_norm_task(void *ctx, int t, int worker) {
 
 /* the number of tasks for M rows of `cost` work each: one when splitting would cost more than it saves */
 static int row_tasks(int M, long cost, int *rows) {
+    if (M <= 0) { /* a packed step may ask for no rows (no logits wanted): nothing to run */
+        *rows = 1;
+        return 0;
+    }
     const int tasks = (long)M * cost < 65536 ? 1 : M < 4 * THREADS ? M : 4 * THREADS;
     *rows = (M + tasks - 1) / tasks;
     return (M + *rows - 1) / *rows;
