@@ -107,8 +107,20 @@ def test_min_p_alone():
 def test_logit_bias_alone():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     out = sampling.apply_logit_bias(logits, [{0: 5.0, 3: -100.0}])
-    assert out.tolist() == [[5.0, 1.0, 2.0, -97.0]]
+    assert out.tolist() == [[5.0, 1.0, 2.0, float("-inf")]]  # -100 bans (OpenAI), whatever the logit
     assert logits.tolist() == [[0.0, 1.0, 2.0, 3.0]]  # inputs are not modified
+
+
+@pytest.mark.parametrize("value", [2147483904.0, -3.4e38])
+def test_a_100_ban_holds_at_any_logit_size(value):
+    """Found by tests/test_properties.py: at 2^31 a float32 -100 is below the spacing of the logits,
+    and at -3.4e38 a temperature of 0.5 overflows every logit to -inf (a uniform fallback): the
+    banned token kept 1/V of the mass in both."""
+    logits = torch.full((1, 8), value)
+    params = [sampling.SamplingParams(temperature=0.5, logit_bias={0: -100.0})]
+    probs = sampling.process_logits(logits, params, [[]], [[]])
+    assert float(probs[0, 0]) == 0.0
+    torch.testing.assert_close(probs[0, 1:], torch.full((7,), 1 / 7))
 
 
 def test_logit_bias_outside_vocab_is_a_usage_error():

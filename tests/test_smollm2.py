@@ -33,26 +33,45 @@ def test_logits_of_64_token_prompt_within_1e3(smollm2_gguf, smollm2_reference, m
 
 
 @torch.inference_mode()
-def test_chatml_question_answer_starts_as_llama_cpps(smollm2_gguf, smollm2_loaded, smollm2_reference):
+def test_chatml_answer_follows_llama_cpps_up_to_near_ties(smollm2_gguf, smollm2_loaded, smollm2_reference):
     """Greedy through the batcher on the kernels (8-bit activations, as llama.cpp computes a Q4_1
-    file) starts with llama.cpp's own greedy answer on the same file. (This small model's answer
-    itself depends on the activations' precision: with float32 activations, as in transformers, it
-    says "Paris"; llama.cpp and the kernels answer "L'Étoile, la ...".)"""
+    file) follows llama.cpp's own greedy answer on the same file, and where they part the two
+    picks are a near tie in both: each model ranks the other's token in its top 5, less than one
+    logit below its own (the criterion of test_gemma3_real). This question is such a tie: "The"
+    (capital of France is Paris) and "L" ('Étoile) are 0.05-0.14 logits apart, and which one wins
+    flips with the order of attention's float32 sums (attention.c or torch's SDPA), which the
+    8-bit rounding of the next layer's activations amplifies; llama.cpp answers "L'Étoile"."""
     import llama_cpp
+
+    from llmcli.core.generate import Request
+    from llmcli.core.models.base import KVCache
+    from llmcli.engine.batcher import ContinuousBatcher
+    from tests.llamacpp_ref import llamacpp_logits
 
     _, ref_tok = smollm2_reference
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = smollm2_loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    from llmcli.core.generate import Request
-    from llmcli.engine.batcher import ContinuousBatcher
-
     ids = smollm2_loaded.tokenizer.encode(prompt, add_special=False).ids
     batcher = ContinuousBatcher(smollm2_loaded, batch_size=1, max_len=256)
     batcher.add(Request(id=1, prompt_ids=ids, max_tokens=4))
-    generated = []
+    ours = []
     while batcher.has_work():
-        generated += [e.token for e in batcher.step() if e.token is not None]
+        ours += [e.token for e in batcher.step() if e.token is not None]
     llm = llama_cpp.Llama(model_path=str(smollm2_gguf), n_ctx=256, verbose=False, n_threads=2, type_k=0, type_v=0)
     theirs = [t for t, _ in zip(llm.generate(ids, temp=0.0), range(4))]
-    assert generated == theirs
+    llm.close()
+    assert len(ours) == len(theirs) == 4
+    if ours == theirs:
+        return
+    part = next(i for i in range(4) if ours[i] != theirs[i])
+    prefix = ids + ours[:part]
+    with torch.inference_mode():  # the batcher's own path (packed steps are batch-invariant: one chunk gives its bits)
+        cache = KVCache.for_model(smollm2_loaded.config, 1, 256)
+        rows = torch.zeros(len(prefix), dtype=torch.long)
+        our_logits = smollm2_loaded.module.forward_packed(torch.tensor(prefix), rows, cache, torch.tensor([len(prefix) - 1]))[0]
+    assert int(our_logits.argmax()) == ours[part]
+    their_logits = torch.from_numpy(llamacpp_logits(smollm2_gguf, prefix, threads=2)[-1])
+    for logits, own, other in ((our_logits, ours[part], theirs[part]), (their_logits, theirs[part], ours[part])):
+        assert other in logits.topk(5).indices.tolist()
+        assert float(logits[own] - logits[other]) < 1.0

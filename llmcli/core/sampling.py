@@ -55,6 +55,18 @@ def _finite_scores(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(dead[:, None], torch.zeros_like(out), out) if bool(dead.any()) else out
 
 
+def _scale(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) / temperature (B,). A row whose every finite logit overflows to -inf (-3e38 / 0.5)
+    is scaled after subtracting its max instead (softmax and the filters do not see a shift), so its
+    banned (-inf) tokens stay banned rather than the row falling back to uniform."""
+    scaled = logits / temperature[:, None]
+    overflowed = torch.isneginf(scaled).all(dim=-1) & ~torch.isneginf(logits).all(dim=-1)
+    if bool(overflowed.any()):
+        rows = logits[overflowed]
+        scaled[overflowed] = (rows - rows.max(dim=-1, keepdim=True).values) / temperature[overflowed, None]
+    return _finite_scores(scaled)  # a small temperature can overflow to +inf too
+
+
 def _per_row(value: PerRow, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A scalar or one value per row as a (B,) tensor."""
     t = torch.as_tensor(value, dtype=dtype, device=device)
@@ -96,7 +108,10 @@ def check_token_ids(ids: Sequence[int], vocab: int, what: str) -> None:
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Mapping[int, float]] | Mapping[int, float]) -> torch.Tensor:
-    """logits (B, V) plus each row's {token id: bias} (one mapping for all rows, or one per row)."""
+    """logits (B, V) plus each row's {token id: bias} (one mapping for all rows, or one per row).
+
+    A bias of -100 (the API's floor) bans the token outright (-inf): added to a logit of 2^31 a
+    float32 -100 is below the spacing of representable values and would change nothing."""
     rows, vocab = logits.shape
     per_row = [biases] * rows if isinstance(biases, Mapping) else list(biases)
     if len(per_row) != rows:
@@ -112,6 +127,8 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[Mapping[int, float]]
         index = torch.tensor(ids, dtype=torch.long, device=logits.device)
         values = torch.tensor([float(bias[k]) for k in bias], dtype=logits.dtype, device=logits.device)
         out[row].index_add_(0, index, values)
+        banned = index[values <= -LOGIT_BIAS_LIMIT]
+        out[row, banned] = float("-inf")
     return out
 
 
@@ -215,7 +232,7 @@ def logits_to_probs(
     device = logits.device
     temp = _per_row(temperature, rows, logits.dtype, device)
     greedy = temp == 0
-    scaled = _finite_scores(logits / torch.where(greedy, torch.ones_like(temp), temp)[:, None])  # a small temperature can overflow
+    scaled = _scale(logits, torch.where(greedy, torch.ones_like(temp), temp))
     scaled = apply_top_k(scaled, _per_row(top_k, rows, torch.long, device).masked_fill(greedy, 0))
     scaled = apply_top_p(scaled, _per_row(top_p, rows, logits.dtype, device).masked_fill(greedy, 1.0))
     scaled = apply_min_p(scaled, _per_row(min_p, rows, logits.dtype, device).masked_fill(greedy, 0.0))
