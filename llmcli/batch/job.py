@@ -6,7 +6,7 @@ Layout, for `-o OUT.jsonl`:
     OUT.jsonl.parts/job.json                  the manifest: the input's sha256, the kind of job,
                                               the options that change results, the record count
     OUT.jsonl.parts/part-<first>-<last>.jsonl one line per finished record:
-                                              {"index", "tokens", "error", "record"}
+                                              {"index", "tokens", "error", "worker", "record"}
 
 A part is written under a temporary name, fsynced and renamed, so it is whole or absent: a
 crash (kill -9, a power cut) never leaves half a record in a part, and nothing in OUT.jsonl
@@ -51,9 +51,11 @@ class Done:
     record: dict
     tokens: int = 0
     error: bool = False
+    worker: str = ""  # host:pid of the process that ran it, for the people (and tests) tracing a part back
 
     def to_json(self) -> str:
-        return json.dumps({"index": self.index, "tokens": self.tokens, "error": self.error, "record": self.record}, ensure_ascii=False, separators=(",", ":"))
+        value = {"index": self.index, "tokens": self.tokens, "error": self.error, "worker": self.worker, "record": self.record}
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass
@@ -159,7 +161,7 @@ def read_parts(folder: Path) -> list[tuple[Path, list[Done]]]:
         with open(path, encoding="utf-8") as f:
             for text in f:
                 value = json.loads(text)
-                results.append(Done(value["index"], value["record"], value.get("tokens", 0), value.get("error", False)))
+                results.append(Done(value["index"], value["record"], value.get("tokens", 0), value.get("error", False), value.get("worker", "")))
         out.append((path, results))
     return out
 

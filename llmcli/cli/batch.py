@@ -23,10 +23,8 @@ RayOpt = Annotated[
     Optional[str],
     typer.Option(
         "--ray",
-        flag_value="auto",
-        is_flag=False,
-        metavar="[ADDRESS]",
-        help="Run on a Ray cluster (pip install 'llmcli[ray]'): `auto` (the default when --ray comes alone, last) for the cluster `ray start` made here, or its address HOST:PORT.",
+        metavar="ADDRESS",
+        help="Run on a Ray cluster (pip install 'llmcli[ray]'): `auto` for the cluster `ray start` made on this machine, or the head's address HOST:PORT.",
     ),
 ]
 WorkersOpt = Annotated[int, typer.Option(help="Workers, each with its own copy of the model: processes here, or actors on Ray.")]
@@ -71,7 +69,7 @@ def run_job(
     --resume refuses parts made with others. make_spec(fingerprint) builds the workers' spec.
     """
     from llmcli.batch.job import open_job, read_items
-    from llmcli.batch.runner import run_local, run_ray
+    from llmcli.batch.runner import run_local, run_ray, worker_error
     from llmcli.cli.progress import make_progress
 
     start = time.perf_counter()
@@ -101,8 +99,8 @@ def run_job(
                 run_local(spec, pending, on_chunk, workers=workers, chunk_size=chunk_size, threads=threads)
         except LlmcliError:
             raise
-        except Exception as exc:  # a worker's failure as Ray or the process pool report it
-            cause = _llmcli_cause(exc)
+        except Exception as exc:  # a worker's failure as the process pool reports it
+            cause = worker_error(exc)
             if cause is not None:
                 raise cause from None
             raise
@@ -112,16 +110,11 @@ def run_job(
     say(f"llmcli: {records} records ({len(pending)} run now, {errors} errors) in {elapsed:.1f} s, {bar.tokens} tokens at {bar.rate:.1f} tok/s -> {output}")
 
 
-def _llmcli_cause(exc: BaseException) -> LlmcliError | None:
-    """The LlmcliError a worker raised, from the exception chain Ray or the process pool wrap it in."""
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, LlmcliError):
-            return exc
-        cause = getattr(exc, "cause", None)  # Ray's RayTaskError keeps the worker's exception here
-        exc = cause if isinstance(cause, BaseException) else (exc.__cause__ or exc.__context__)
-        seen += 1
-    return None
+def absolute(ref: Optional[str]) -> Optional[str]:
+    """A model path as an absolute path (workers run in other folders); a catalogue name as it is."""
+    if ref is not None and Path(ref).exists():
+        return str(Path(ref).resolve())
+    return ref
 
 
 @app.command()
@@ -163,6 +156,7 @@ def batch(
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
     if max_context is not None and max_context < 2:
         raise UsageError("--max-context must be at least 2", "leave it out to use the model's context")
+    model, embedding_model = absolute(model), absolute(embedding_model)
     # the whole chunk is submitted at once: the queue must hold it (n > 1 bodies make several requests each)
     backend = BackendSpec(model, dtype, device, quantize, batch_size, 1 << 30, max_context, embedding_model, served_model_name)
     options = {"model": model, "embedding_model": embedding_model, "served_model_name": served_model_name, "dtype": dtype, "quantize": quantize, "max_context": max_context}
