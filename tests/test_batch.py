@@ -297,3 +297,18 @@ def test_ray_job_survives_a_killed_actor_and_equals_the_local_run(models, tmp_pa
     want = read_jsonl(local)
     assert [g["id"] for g in got] == [w["id"] for w in want]  # ids come from the input and the options, not from who ran it
     assert [stable(g["response"]["body"]) for g in got] == [stable(w["response"]["body"]) for w in want]
+
+
+def test_generate_records_run_as_a_ray_job(models, tmp_path, ray_cluster, capsys):
+    """`llmcli generate --ray` writes the records plain `llmcli generate` writes (samples, seeds, skipped lines)."""
+    rows = [{"text": "The quick brown fox"}, {"ids": [5, 6, 7], "id": "x"}, {"nothing": 1}, {"text": "To be, or not"}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    flags = ["-m", models["llama"], "-n", "5", "--samples", "2", "--temperature", "0.8", "--seed", "3", "--skip-errors"]
+    plain, on_ray = tmp_path / "plain.jsonl", tmp_path / "ray.jsonl"
+    first = invoke("generate", src, "-o", plain, *flags, capsys=capsys)
+    assert first.exit_code == 0, first.output
+    ran = invoke("generate", src, "-o", on_ray, *flags, "--ray", ray_cluster, "--chunk-size", "2", "--ordered", capsys=capsys)
+    assert ran.exit_code == 0, ran.output
+    assert "4 records (4 run now, 1 errors)" in ran.output
+    assert on_ray.read_text() == plain.read_text()
+    assert len(read_jsonl(on_ray)) == 6  # three good records, two samples each

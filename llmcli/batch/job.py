@@ -48,7 +48,7 @@ class Done:
     """One finished record, as a part holds it."""
 
     index: int
-    record: dict
+    record: dict | list[dict]  # the output record; a stage's records of one input (none for a skipped line)
     tokens: int = 0
     error: bool = False
     worker: str = ""  # host:pid of the process that ran it, for the people (and tests) tracing a part back
@@ -114,7 +114,11 @@ class Job:
                     if r.index not in emitted:
                         emitted.add(r.index)
                         records.append(seen[r.index])
-        write_atomic(self.output, "".join(json.dumps(r.record, ensure_ascii=False, separators=(",", ":")) + "\n" for r in records))
+        lines = []
+        for r in records:
+            for record in r.record if isinstance(r.record, list) else [r.record]:  # a stage may write several records per input (samples), or none (a skipped line)
+                lines.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        write_atomic(self.output, "".join(lines))
         shutil.rmtree(self.parts, ignore_errors=True)
 
     def counts(self) -> tuple[int, int, int]:

@@ -9,6 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
+from llmcli.cli.batch import ChunkOpt, RayOpt, ResumeOpt
 from llmcli.cli.options import (
     DEFAULT_MODEL,
     DeviceOpt,
@@ -25,7 +26,7 @@ from llmcli.cli.options import (
 from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
 from llmcli.core.sampling_params import SamplingParams
 from llmcli.core.threads import apply_threads
-from llmcli.errors import InputError, UsageError
+from llmcli.errors import UsageError
 
 
 @app.command()
@@ -57,30 +58,25 @@ def generate(
     quantize: QuantizeOpt = "none",
     threads: ThreadsOpt = None,
     skip_errors: SkipErrorsOpt = False,
+    ray: RayOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="Run as a batch job with this many workers (processes, or Ray actors with --ray); needs -o.")] = None,
+    chunk_size: ChunkOpt = 64,
+    ordered: Annotated[bool, typer.Option(help="With --ray or --workers: write the output in input order (otherwise: as chunks finish).")] = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Generate tokens for each record's `ids` (or `text`), writing `generated_ids` and `finish_reason`.
 
     Records are written in input order; up to --batch-size prompts are in flight at once.
+    With --ray, --workers or --resume the records run as a batch job (as `llmcli batch` runs):
+    chunks written atomically beside -o, on a Ray cluster or in worker processes, resumable.
 
     Example: echo "The capital of France is" | llmcli tokenize | llmcli generate -n 8 | llmcli decode --text-only
     """
     from llmcli.cli.progress import make_progress
-    from llmcli.core.generate import Request
     from llmcli.core.sampling import check_token_ids
     from llmcli.engine import Engine
-    from llmcli.records import (
-        DELTA,
-        FINISH_REASON,
-        GENERATED_IDS,
-        ID,
-        IDS,
-        LOGPROBS,
-        PROMPT_LOGPROBS,
-        SAMPLE,
-        TEXT,
-        RecordWriter,
-        require_ids,
-    )
+    from llmcli.engine.generate_records import GenerateOptions
+    from llmcli.records import DELTA, ID, SAMPLE, RecordWriter
 
     if n_alias is not None:
         if samples != 1:
@@ -93,6 +89,11 @@ def generate(
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
     params = dataclasses.replace(sampling, logprobs=logprobs)  # checked there: at most MAX_LOGPROBS
+    options = GenerateOptions(params, max_tokens, min_tokens, tuple(stop or ()), tuple(stop_id or ()), ignore_eos, samples, echo, truncate)
+    if ray is not None or workers is not None or resume:
+        if stream or cache is not None:
+            raise UsageError("--stream and --cache do not run as a batch job (--ray, --workers, --resume)", "leave them out, or run without the batch flags")
+        return _generate_job(input, output, model, options, dtype, device, quantize, batch_size, threads, skip_errors, ray, workers or 1, chunk_size, ordered, resume, progress)
     check_output(output, input, cache)
     stream_in, source = open_input(input)
     apply_threads(threads)
@@ -115,25 +116,7 @@ def generate(
             yield from line_requests
 
     def make_requests(record: dict, number: int):
-        if IDS in record:
-            ids = require_ids(record, number, vocab_size=vocab)
-        elif TEXT in record:
-            if not isinstance(record[TEXT], str):
-                raise InputError("`text` must be a string", None, line=number)
-            ids = tokenizer.encode(record[TEXT]).ids
-        else:
-            raise InputError("no `ids` or `text` in the record for generate", "pipe through `llmcli tokenize` first")
-        if not ids:  # the batcher refuses one too, but by then the line it came from is unknown
-            raise InputError("the prompt is empty (no tokens to continue)", "give the record a non-empty `text` or `ids`", line=number)
-        limit = context - 1
-        if len(ids) > limit:
-            if not truncate:
-                raise InputError(
-                    f"the prompt has {len(ids)} tokens but the model's context holds {context}",
-                    "shorten it, or pass --truncate to keep its last tokens",
-                    line=number,
-                )
-            ids = ids[-limit:]
+        ids = options.prompt_ids(record, number, tokenizer, vocab, context)
         kv = None
         if prompt_cache is not None:
             from llmcli.core.kvfile import check_prefix
@@ -141,20 +124,7 @@ def generate(
             k, v, cached_ids = prompt_cache
             check_prefix(cached_ids, ids, cache, number)
             kv = (k, v)
-        for sample in range(samples):
-            req = Request(
-                id=record.get("id", number),
-                prompt_ids=ids,
-                params=params,
-                max_tokens=max_tokens,
-                min_tokens=min_tokens,
-                stop=list(stop or []),
-                stop_token_ids=list(stop_id or []),
-                ignore_eos=ignore_eos,
-                echo=echo,
-                sample_index=sample,
-                prompt_cache=kv,
-            )
+        for req in options.requests(record, number, ids, kv):
             records[id(req)] = (number, record)
             yield req
 
@@ -177,25 +147,23 @@ def generate(
     with make_progress(progress, "generating") as bar:
         for result in engine.iter_results(requests(), on_event=on_event):
             _, record = records.pop(id(result.request))
-            out = dict(record)
-            if samples > 1:
-                out[SAMPLE] = result.request.sample_index
-            out[GENERATED_IDS] = result.generated_ids
-            out[FINISH_REASON] = result.finish_reason
-            if result.logprobs is not None:
-                out[LOGPROBS] = [_named(tokenizer, e) for e in result.logprobs]
-            if result.prompt_logprobs is not None:
-                out[PROMPT_LOGPROBS] = result.prompt_logprobs
-            writer.write(out)
+            writer.write(options.output(record, result, tokenizer))
             if held:
                 writer.write_many(held.pop(next(iter(records), None), []))
             bar.advance(records=1)
     bad.report()
 
 
-def _named(tokenizer, entry: dict) -> dict:
-    """OpenAI-shaped logprob entry with token text beside each id."""
-    out = {"token": tokenizer.id_to_token(entry["id"]), "id": entry["id"], "logprob": entry["logprob"]}
-    out["top_logprobs"] = [{"token": tokenizer.id_to_token(t["id"]), "id": t["id"], "logprob": t["logprob"]} for t in entry.get("top_logprobs", [])]
-    return out
+def _generate_job(input, output, model, options, dtype, device, quantize, batch_size, threads, skip_errors, ray, workers, chunk_size, ordered, resume, progress) -> None:
+    """generate's records as a batch job: the runner of `llmcli batch`, the records of `llmcli generate`."""
+    from llmcli.batch.stages import GenerateSpec
+    from llmcli.cli.batch import absolute, check_job_options, run_job
 
+    path = check_job_options(output, workers, chunk_size)
+    model = absolute(model)
+    spec = GenerateSpec(options, model, dtype, device, quantize, batch_size, skip_errors, DEFAULT_MODEL)
+    job_options = {"model": model, "dtype": dtype, "quantize": quantize, "generate": repr(options)}
+    run_job(
+        input, path, "generate", lambda _record, _line: None, job_options, lambda _fingerprint: spec,
+        ray=ray, workers=workers, chunk_size=chunk_size, threads=threads, ordered=ordered, resume=resume, progress=progress, verb="generating",
+    )

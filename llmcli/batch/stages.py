@@ -1,0 +1,66 @@
+"""The stage commands' records as batch jobs: `generate --ray` / `--workers` / `--resume` run these
+workers through the same runner as `llmcli batch`, and write the records the command writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmcli.batch.job import Done, Item
+from llmcli.engine.generate_records import GenerateOptions
+from llmcli.errors import InputError
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """A batch worker's description of `generate`: the model, its load options and GenerateOptions."""
+
+    options: GenerateOptions
+    model: str | None
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantize: str = "none"
+    batch_size: int = 8
+    skip_errors: bool = False
+    default_model: str = "smollm2-135m-instruct"
+    kind: str = field(default="generate", init=False)
+
+    def make_worker(self) -> "GenerateWorker":
+        return GenerateWorker(self)
+
+
+class GenerateWorker:
+    """One Engine; `run(items)` generates for a chunk of records with continuous batching."""
+
+    def __init__(self, spec: GenerateSpec):
+        from llmcli.engine.engine import Engine
+
+        self.spec = spec
+        self.engine = Engine(spec.model, dtype=spec.dtype, device=spec.device, quantize=spec.quantize, batch_size=spec.batch_size, default_model=spec.default_model)
+
+    def run(self, items: list[Item]) -> list[Done]:
+        engine, options = self.engine, self.spec.options
+        tokenizer, vocab, context = engine.tokenizer, engine.config.vocab_size, engine.context_length
+        owner: dict[int, Any] = {}
+        requests = []
+        done: dict[int, Done] = {}
+        for item in items:
+            try:
+                ids = options.prompt_ids(item.record, item.line, tokenizer, vocab, context)
+            except InputError as exc:
+                if exc.line is None:
+                    exc.line = item.line
+                if not self.spec.skip_errors:
+                    raise
+                done[item.index] = Done(item.index, [], 0, True)  # skipped: no output record, counted as an error
+                continue
+            done[item.index] = Done(item.index, [], 0, False)
+            for req in options.requests(item.record, item.line, ids):
+                owner[id(req)] = item
+                requests.append(req)
+        for result in engine.iter_results(requests):
+            item = owner.pop(id(result.request))
+            entry = done[item.index]
+            entry.record.append(options.output(item.record, result, tokenizer))
+            entry.tokens += len(result.generated_ids)
+        return [done[item.index] for item in items]
