@@ -103,8 +103,10 @@ def test_batch_answers_each_line_as_serve_does(models, tmp_path, capsys):
 
     src = write_jsonl(tmp_path / "in.jsonl", MIXED)
     out = tmp_path / "out.jsonl"
+    ray_before = {m for m in sys.modules if m == "ray" or m.startswith("ray.")}
     result = invoke("batch", src, "-o", out, "-m", models["llama"], "--embedding-model", models["bert"], "--chunk-size", "4", capsys=capsys)
     assert result.exit_code == 0, result.output
+    assert {m for m in sys.modules if m == "ray" or m.startswith("ray.")} == ray_before  # Ray is imported only with --ray
     assert "9 records (9 run now, 6 errors)" in result.output
     assert not (tmp_path / "out.jsonl.parts").exists()
     lines = read_jsonl(out)
