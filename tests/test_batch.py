@@ -314,3 +314,20 @@ def test_generate_records_run_as_a_ray_job(models, tmp_path, ray_cluster, capsys
     assert "4 records (4 run now, 1 errors)" in ran.output
     assert on_ray.read_text() == plain.read_text()
     assert len(read_jsonl(on_ray)) == 6  # three good records, two samples each
+
+
+def test_encode_records_run_as_a_job(models, tmp_path, capsys):
+    """`llmcli encode` as a batch job (here: --resume on a fresh output, the local runner) writes plain encode's records."""
+    from llmcli.core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(models["bert"])
+    rows = [{"ids": tokenizer.encode(text).ids} for text in ["The quick brown fox", "To be, or not", "x"]] + [{"nothing": 1}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    flags = ["-m", models["bert"], "--pool", "mean", "--normalize", "--skip-errors"]
+    plain, job = tmp_path / "plain.jsonl", tmp_path / "job.jsonl"
+    assert invoke("encode", src, "-o", plain, *flags, capsys=capsys).exit_code == 0
+    ran = invoke("encode", src, "-o", job, *flags, "--resume", "--chunk-size", "2", capsys=capsys)
+    assert ran.exit_code == 0, ran.output
+    assert "4 records (4 run now, 1 errors)" in ran.output
+    assert job.read_text() == plain.read_text()
+    assert len(read_jsonl(job)) == 3

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmcli.batch.job import Done, Item
+from llmcli.engine.encode_records import EncodeOptions
 from llmcli.engine.generate_records import GenerateOptions
 from llmcli.errors import InputError
 
@@ -64,3 +65,47 @@ class GenerateWorker:
             entry.record.append(options.output(item.record, result, tokenizer))
             entry.tokens += len(result.generated_ids)
         return [done[item.index] for item in items]
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """A batch worker's description of `encode`: the model, its load options and EncodeOptions."""
+
+    options: EncodeOptions
+    model: str | None
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantize: str = "none"
+    batch_size: int = 32
+    skip_errors: bool = False
+    default_model: str = "smollm2-135m-instruct"
+    kind: str = field(default="encode", init=False)
+
+    def make_worker(self) -> "EncodeWorker":
+        return EncodeWorker(self)
+
+
+class EncodeWorker:
+    """One loaded model; `run(items)` encodes a chunk of records, --batch-size records per call as encode reads them."""
+
+    def __init__(self, spec: EncodeSpec):
+        from llmcli.engine.engine import load_model_ref
+
+        self.spec = spec
+        self.loaded = load_model_ref(spec.model, dtype=spec.dtype, device=spec.device, quantize=spec.quantize, default_model=spec.default_model)
+
+    def run(self, items: list[Item]) -> list[Done]:
+        options, size = self.spec.options, self.spec.batch_size
+        done: list[Done] = []
+        for start in range(0, len(items), size):
+            group = items[start : start + size]
+            for item, result in zip(group, options.encode(self.loaded, [(item.record, item.line) for item in group])):
+                if isinstance(result, InputError):
+                    if result.line is None:
+                        result.line = item.line
+                    if not self.spec.skip_errors:
+                        raise result
+                    done.append(Done(item.index, [], 0, True))  # skipped: no output record, counted as an error
+                else:
+                    done.append(Done(item.index, [result], options.tokens(result), False))
+        return done
