@@ -1,9 +1,10 @@
-"""The stage commands' records as batch jobs: `generate --ray` / `--workers` / `--resume` run these
-workers through the same runner as `llmcli batch`, and write the records the command writes."""
+"""The stage commands' records as batch jobs: `generate` and `encode` with `--ray` / `--workers` /
+`--resume` run these workers through the same runner as `llmcli batch`, and write the records the
+command writes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llmcli.batch.job import Done, Item
@@ -13,10 +14,11 @@ from llmcli.errors import InputError
 
 
 @dataclass(frozen=True)
-class GenerateSpec:
-    """A batch worker's description of `generate`: the model, its load options and GenerateOptions."""
+class StageSpec:
+    """A batch worker's description of a stage command: its record options (GenerateOptions or
+    EncodeOptions), the model and its load options."""
 
-    options: GenerateOptions
+    options: GenerateOptions | EncodeOptions
     model: str | None
     dtype: str = "float32"
     device: str = "cpu"
@@ -24,16 +26,19 @@ class GenerateSpec:
     batch_size: int = 8
     skip_errors: bool = False
     default_model: str = "smollm2-135m-instruct"
-    kind: str = field(default="generate", init=False)
 
-    def make_worker(self) -> "GenerateWorker":
-        return GenerateWorker(self)
+    @property
+    def kind(self) -> str:
+        return "generate" if isinstance(self.options, GenerateOptions) else "encode"
+
+    def make_worker(self) -> "GenerateWorker | EncodeWorker":
+        return GenerateWorker(self) if isinstance(self.options, GenerateOptions) else EncodeWorker(self)
 
 
 class GenerateWorker:
     """One Engine; `run(items)` generates for a chunk of records with continuous batching."""
 
-    def __init__(self, spec: GenerateSpec):
+    def __init__(self, spec: StageSpec):
         from llmcli.engine.engine import Engine
 
         self.spec = spec
@@ -41,6 +46,7 @@ class GenerateWorker:
 
     def run(self, items: list[Item]) -> list[Done]:
         engine, options = self.engine, self.spec.options
+        assert isinstance(options, GenerateOptions)
         tokenizer, vocab, context = engine.tokenizer, engine.config.vocab_size, engine.context_length
         owner: dict[int, Any] = {}
         requests = []
@@ -67,28 +73,10 @@ class GenerateWorker:
         return [done[item.index] for item in items]
 
 
-@dataclass(frozen=True)
-class EncodeSpec:
-    """A batch worker's description of `encode`: the model, its load options and EncodeOptions."""
-
-    options: EncodeOptions
-    model: str | None
-    dtype: str = "float32"
-    device: str = "cpu"
-    quantize: str = "none"
-    batch_size: int = 32
-    skip_errors: bool = False
-    default_model: str = "smollm2-135m-instruct"
-    kind: str = field(default="encode", init=False)
-
-    def make_worker(self) -> "EncodeWorker":
-        return EncodeWorker(self)
-
-
 class EncodeWorker:
     """One loaded model; `run(items)` encodes a chunk of records, --batch-size records per call as encode reads them."""
 
-    def __init__(self, spec: EncodeSpec):
+    def __init__(self, spec: StageSpec):
         from llmcli.engine.engine import load_model_ref
 
         self.spec = spec
@@ -96,6 +84,7 @@ class EncodeWorker:
 
     def run(self, items: list[Item]) -> list[Done]:
         options, size = self.spec.options, self.spec.batch_size
+        assert isinstance(options, EncodeOptions)
         done: list[Done] = []
         for start in range(0, len(items), size):
             group = items[start : start + size]

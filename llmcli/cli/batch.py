@@ -15,7 +15,7 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
-from llmcli.cli.options import DEFAULT_ENCODER, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, ThreadsOpt
+from llmcli.cli.options import DEFAULT_ENCODER, DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, ProgressOpt, QuantizeOpt, ThreadsOpt
 from llmcli.cli.stage import check_output, open_input, say
 from llmcli.errors import LlmcliError, UsageError
 
@@ -108,6 +108,21 @@ def run_job(
     records, errors, tokens = job.counts()
     elapsed = time.perf_counter() - start
     say(f"llmcli: {records} records ({len(pending)} run now, {errors} errors) in {elapsed:.1f} s, {bar.tokens} tokens at {bar.rate:.1f} tok/s -> {output}")
+
+
+def run_stage_job(stage_options, verb: str, input: str, output: Optional[str], model: Optional[str], *, dtype: str, device: str, quantize: str, batch_size: int,
+                  threads: Optional[int], skip_errors: bool, ray: Optional[str], workers: int, chunk_size: int, ordered: bool, resume: bool, progress: Optional[bool]) -> None:
+    """A stage command's records (GenerateOptions or EncodeOptions) as a batch job: the runner of `llmcli batch`, the records of the command."""
+    from llmcli.batch.stages import StageSpec
+
+    path = check_job_options(output, workers, chunk_size)
+    model = absolute(model)
+    spec = StageSpec(stage_options, model, dtype, device, quantize, batch_size, skip_errors, DEFAULT_MODEL)
+    job_options = {"model": model, "dtype": dtype, "quantize": quantize, spec.kind: repr(stage_options)}
+    run_job(
+        input, path, spec.kind, lambda _record, _line: None, job_options, lambda _fingerprint: spec,
+        ray=ray, workers=workers, chunk_size=chunk_size, threads=threads, ordered=ordered, resume=resume, progress=progress, verb=verb,
+    )
 
 
 def absolute(ref: Optional[str]) -> Optional[str]:

@@ -12,7 +12,7 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
-from llmcli.cli.batch import ChunkOpt, RayOpt, ResumeOpt
+from llmcli.cli.batch import ChunkOpt, RayOpt, ResumeOpt, run_stage_job
 from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, FloatsOpt, InputArg, ModelOpt, OutputOpt, ProgressOpt, QuantizeOpt, SkipErrorsOpt, ThreadsOpt
 from llmcli.cli.stage import check_output, run_batched_stage, say
 from llmcli.core.threads import apply_threads
@@ -107,7 +107,10 @@ def encode(
 
     options = EncodeOptions(pool, normalize, floats, truncate)
     if ray is not None or workers is not None or resume:
-        return _encode_job(input, output, model, options, dtype, device, quantize, batch_size, threads, skip_errors, ray, workers or 1, chunk_size, ordered, resume, progress)
+        return run_stage_job(
+            options, "encoding", input, output, model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, threads=threads,
+            skip_errors=skip_errors, ray=ray, workers=workers or 1, chunk_size=chunk_size, ordered=ordered, resume=resume, progress=progress,
+        )
     loaded = load_stage_model(model, dtype, device, quantize, threads)
 
     def transform(items: list[tuple[dict, int]]) -> list:
@@ -118,18 +121,3 @@ def encode(
 
     with make_progress(progress, "encoding") as bar:
         run_batched_stage(input, output, transform, skip_errors=skip_errors, max_batch=batch_size)
-
-
-def _encode_job(input, output, model, options, dtype, device, quantize, batch_size, threads, skip_errors, ray, workers, chunk_size, ordered, resume, progress) -> None:
-    """encode's records as a batch job: the runner of `llmcli batch`, the records of `llmcli encode`."""
-    from llmcli.batch.stages import EncodeSpec
-    from llmcli.cli.batch import absolute, check_job_options, run_job
-
-    path = check_job_options(output, workers, chunk_size)
-    model = absolute(model)
-    spec = EncodeSpec(options, model, dtype, device, quantize, batch_size, skip_errors, DEFAULT_MODEL)
-    job_options = {"model": model, "dtype": dtype, "quantize": quantize, "encode": repr(options)}
-    run_job(
-        input, path, "encode", lambda _record, _line: None, job_options, lambda _fingerprint: spec,
-        ray=ray, workers=workers, chunk_size=chunk_size, threads=threads, ordered=ordered, resume=resume, progress=progress, verb="encoding",
-    )

@@ -9,7 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
-from llmcli.cli.batch import ChunkOpt, RayOpt, ResumeOpt
+from llmcli.cli.batch import ChunkOpt, RayOpt, ResumeOpt, run_stage_job
 from llmcli.cli.options import (
     DEFAULT_MODEL,
     DeviceOpt,
@@ -93,7 +93,10 @@ def generate(
     if ray is not None or workers is not None or resume:
         if stream or cache is not None:
             raise UsageError("--stream and --cache do not run as a batch job (--ray, --workers, --resume)", "leave them out, or run without the batch flags")
-        return _generate_job(input, output, model, options, dtype, device, quantize, batch_size, threads, skip_errors, ray, workers or 1, chunk_size, ordered, resume, progress)
+        return run_stage_job(
+            options, "generating", input, output, model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, threads=threads,
+            skip_errors=skip_errors, ray=ray, workers=workers or 1, chunk_size=chunk_size, ordered=ordered, resume=resume, progress=progress,
+        )
     check_output(output, input, cache)
     stream_in, source = open_input(input)
     apply_threads(threads)
@@ -152,18 +155,3 @@ def generate(
                 writer.write_many(held.pop(next(iter(records), None), []))
             bar.advance(records=1)
     bad.report()
-
-
-def _generate_job(input, output, model, options, dtype, device, quantize, batch_size, threads, skip_errors, ray, workers, chunk_size, ordered, resume, progress) -> None:
-    """generate's records as a batch job: the runner of `llmcli batch`, the records of `llmcli generate`."""
-    from llmcli.batch.stages import GenerateSpec
-    from llmcli.cli.batch import absolute, check_job_options, run_job
-
-    path = check_job_options(output, workers, chunk_size)
-    model = absolute(model)
-    spec = GenerateSpec(options, model, dtype, device, quantize, batch_size, skip_errors, DEFAULT_MODEL)
-    job_options = {"model": model, "dtype": dtype, "quantize": quantize, "generate": repr(options)}
-    run_job(
-        input, path, "generate", lambda _record, _line: None, job_options, lambda _fingerprint: spec,
-        ray=ray, workers=workers, chunk_size=chunk_size, threads=threads, ordered=ordered, resume=resume, progress=progress, verb="generating",
-    )
