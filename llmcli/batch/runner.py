@@ -221,7 +221,8 @@ def run_ray(
         # an actor that cannot even start (llmcli missing on a node, a model it cannot load) fails the job
         # at the second try instead of being replaced forever; a killed actor is restarted by Ray all the same
         context.max_consecutive_actor_init_deaths = 1
-        dataset = ray.data.read_json(f"local://{pending.resolve()}")  # read on this node: the file is here
+        # read on this node (the file is here), with no CPU reserved: the actors may hold every CPU of the cluster
+        dataset = ray.data.read_json(f"local://{pending.resolve()}", ray_remote_args={"num_cpus": 0})
         dataset = dataset.map_batches(
             RayWorker,
             fn_constructor_args=(spec, threads),
