@@ -222,7 +222,11 @@ def run_ray(
         # at the second try instead of being replaced forever; a killed actor is restarted by Ray all the same
         context.max_consecutive_actor_init_deaths = 1
         # read on this node (the file is here), with no CPU reserved: the actors may hold every CPU of the cluster
-        dataset = ray.data.read_json(f"local://{pending.resolve()}", ray_remote_args={"num_cpus": 0})
+        source = f"local://{pending.resolve()}"
+        try:
+            dataset = ray.data.read_json(source, num_cpus=0)
+        except TypeError:  # a Ray Data without the named parameter (it came after ray_remote_args, now deprecated)
+            dataset = ray.data.read_json(source, ray_remote_args={"num_cpus": 0})
         dataset = dataset.map_batches(
             RayWorker,
             fn_constructor_args=(spec, threads),
