@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,8 +100,9 @@ def main() -> None:
     common = ["--batch-size", str(args.batch_size), "--chunk-size", str(max(1, args.requests // 4)), "--ordered"]
     configs = {"local 1 worker": ["--workers", "1", "--threads", "2"], "local 2 workers": ["--workers", "2", "--threads", "1"]}
     head = None
+    ray_temp = Path(tempfile.mkdtemp(prefix="llmcli-ray-", dir="/tmp"))  # short: Ray's socket paths must fit AF_UNIX
     if not args.no_ray:
-        head, address = start_ray(Path(tempfile.mkdtemp(prefix="llmcli-ray-", dir="/tmp")))
+        head, address = start_ray(ray_temp)
         configs["ray 1 worker"] = ["--ray", address, "--workers", "1", "--threads", "2"]
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in configs}
     loads = [os.getloadavg()[0]]
@@ -118,6 +120,8 @@ def main() -> None:
         if head is not None:
             head.send_signal(signal.SIGTERM)
             head.wait(60)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     first = next(iter(outputs.values()))
     same = all(o == first for o in outputs.values())
     base_wall = min(w for w, _ in results["local 1 worker"])
