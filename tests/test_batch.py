@@ -174,7 +174,7 @@ def test_killed_driver_resumes_with_only_the_missing_records(models, tmp_path, m
     and its output equals an uninterrupted run's."""
     from llmcli.batch.openai_batch import OpenAIBatchWorker
 
-    rows = prompts(12, 16)
+    rows = prompts(12, 32)  # long enough that the kill lands mid-job on a fast machine too
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     parts = tmp_path / "out.jsonl.parts"
@@ -274,7 +274,7 @@ def part_workers(parts: Path) -> set[str]:
 def test_ray_job_survives_a_killed_actor_and_equals_the_local_run(models, tmp_path, ray_cluster, capsys):
     """The job on the cluster (read_json -> map_batches on an actor pool): one actor killed (kill -9) mid-job,
     the output still has every custom_id exactly once, in input order (--ordered), equal to the local run."""
-    rows = prompts(8, 8)
+    rows = prompts(8, 48)  # long enough that the kill lands mid-job on a fast machine too
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     local = tmp_path / "local.jsonl"
     assert invoke("batch", src, "-o", local, "-m", models["llama"], "--chunk-size", "8", capsys=capsys).exit_code == 0
