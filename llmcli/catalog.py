@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 Notify = Callable[[str], None]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_ENCODER = "all-minilm-l6-v2"  # the embedding model serve and batch load beside a decoder
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 WORK_PREFIX = ".pull-"
 

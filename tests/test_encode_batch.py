@@ -63,7 +63,7 @@ def test_similar_lengths_bounds_the_padding():
 @pytest.mark.parametrize("pool", ["mean", "last", "cls"])
 @pytest.mark.parametrize("slack", [0.1, 100.0])  # the default, and every batch padded to its longest
 def test_encode_batches_equal_one_at_a_time(kind, pool, slack, tiny_dirs, monkeypatch):
-    monkeypatch.setattr("llmcli.cli.encode.PADDING_SLACK", slack)
+    monkeypatch.setattr("llmcli.engine.encode_records.PADDING_SLACK", slack)
     records = id_records()
     args = ["encode", "-m", str(tiny_dirs[kind]), "--pool", pool, "--normalize"]
     alone = run_ok([*args, "--batch-size", "1"], records)
@@ -181,7 +181,7 @@ def test_chat_progress_over_a_file(tiny_dirs, tmp_path):
 @pytest.mark.real
 @pytest.mark.parametrize("slack", [0.1, 100.0])
 def test_minilm_encode_batches_equal_one_at_a_time(minilm_dir, slack, monkeypatch):
-    monkeypatch.setattr("llmcli.cli.encode.PADDING_SLACK", slack)
+    monkeypatch.setattr("llmcli.engine.encode_records.PADDING_SLACK", slack)
     texts = [
         "The cat sat on the mat.",
         "A man is playing a guitar on the stage while the crowd sings along.",

@@ -55,6 +55,7 @@ COMMANDS = {
     "generate": "generate",
     "chat": "chat",
     "serve": "serve",
+    "batch": "batch",
     "bench": "bench",
     "perplexity": "perplexity",
     "quantize": "quantize",

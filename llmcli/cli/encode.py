@@ -12,10 +12,12 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
+from llmcli.cli.batch import ChunkOpt, RayOpt, ResumeOpt, run_stage_job
 from llmcli.cli.options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, FloatsOpt, InputArg, ModelOpt, OutputOpt, ProgressOpt, QuantizeOpt, SkipErrorsOpt, ThreadsOpt
 from llmcli.cli.stage import check_output, run_batched_stage, say
 from llmcli.core.threads import apply_threads
-from llmcli.errors import ContextLengthError, InputError, UsageError
+from llmcli.engine.encode_records import fit_context, read_ids, similar_lengths  # noqa: F401 - attend and the tests import them from here
+from llmcli.errors import InputError, UsageError
 
 POOLS = ("mean", "cls", "last")
 
@@ -28,30 +30,6 @@ def load_stage_model(model: Optional[str], dtype: str, device: str, quantize: st
 
     apply_threads(threads)
     return load_model_ref(model, dtype=dtype, device=device, quantize=quantize, notify=say, default_model=DEFAULT_MODEL)
-
-
-def fit_context(length: int, limit: int, truncate: bool, line: int | None, what: str = "input") -> int:
-    """How many leading positions to keep, or a ContextLengthError when the input is too long."""
-    if length == 0:
-        raise InputError(f"the {what} is empty", "tokenize a non-empty text", line=line)
-    if length > limit:
-        if not truncate:
-            raise ContextLengthError(
-                f"the {what} has {length} tokens but the model's context holds {limit}",
-                f"shorten it, or pass --truncate to keep the first {limit} tokens",
-                line=line,
-            )
-        return limit
-    return length
-
-
-def read_ids(record: dict, number: int, loaded, truncate: bool) -> list[int]:
-    """The record's `ids`, checked against the vocabulary and the context (truncated with --truncate)."""
-    from llmcli.records import require_ids
-
-    ids = require_ids(record, number, vocab_size=loaded.config.vocab_size)
-    keep = fit_context(len(ids), loaded.config.max_position_embeddings, truncate, number)
-    return ids[:keep]
 
 
 def read_embeddings(record: dict, number: int, loaded, truncate: bool):
@@ -99,6 +77,11 @@ def encode(
     quantize: QuantizeOpt = "none",
     threads: ThreadsOpt = None,
     skip_errors: SkipErrorsOpt = False,
+    ray: RayOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="Run as a batch job with this many workers (processes, or Ray actors with --ray); needs -o.")] = None,
+    chunk_size: ChunkOpt = 256,
+    ordered: Annotated[bool, typer.Option(help="With --ray or --workers: write the output in input order (otherwise: as chunks finish).")] = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Turn each record's `ids` into the model's input vectors, `embeddings` [tokens, d].
 
@@ -107,6 +90,7 @@ def encode(
     written instead: with an encoder such as all-minilm-l6-v2, `--pool mean --normalize` gives
     sentence embeddings. Tensors are base64 float32 objects (see records.md), or nested lists
     with --floats. Records are written in input order, each batch as soon as it is done.
+    With --ray, --workers or --resume the records run as a batch job (as `llmcli batch` runs).
 
     Example: echo "The cat sat." | llmcli tokenize -m all-minilm-l6-v2 | llmcli encode -m all-minilm-l6-v2 --pool mean --normalize
     """
@@ -118,71 +102,22 @@ def encode(
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1", "use --batch-size 1 or more")
 
-    import torch
-
     from llmcli.cli.progress import make_progress
-    from llmcli.core.pooling import pad_batch
-    from llmcli.records import EMBEDDING, EMBEDDINGS, encode_tensor
+    from llmcli.engine.encode_records import EncodeOptions
 
+    options = EncodeOptions(pool, normalize, floats, truncate)
+    if ray is not None or workers is not None or resume:
+        return run_stage_job(
+            options, "encoding", input, output, model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, threads=threads,
+            skip_errors=skip_errors, ray=ray, workers=workers or 1, chunk_size=chunk_size, ordered=ordered, resume=resume, progress=progress,
+        )
     loaded = load_stage_model(model, dtype, device, quantize, threads)
-    module = loaded.module
-    if pool is not None:
-        from llmcli.core.pooling import normalize as l2_normalize
-        from llmcli.core.pooling import pool as pool_hidden
-    pad = loaded.tokenizer.pad_token_id or 0
-
-    @torch.inference_mode()
-    def vectors(batch: list[list[int]]) -> list:
-        """The output tensor of each id list: padded on the right to the longest, masked."""
-        x, mask = pad_batch(batch, pad, loaded.device)  # (B, T)
-        if pool is None:
-            embeddings = module.embed(x).float().cpu().numpy()  # (B, T, d)
-            return [embeddings[b, : len(ids)] for b, ids in enumerate(batch)]
-        hidden = module(x, attention_mask=mask, compute_logits=False).last_hidden  # (B, T, d)
-        pooled = pool_hidden(hidden.float(), mask, pool)  # (B, d)
-        if normalize:
-            pooled = l2_normalize(pooled)
-        return list(pooled.cpu().numpy())
 
     def transform(items: list[tuple[dict, int]]) -> list:
-        results: list = []
-        batch: list[list[int]] = []
-        where: list[int] = []  # the index in results of each id list in batch
-        for record, number in items:
-            try:
-                batch.append(read_ids(record, number, loaded, truncate))
-                where.append(len(results))
-                results.append(record)
-            except InputError as exc:
-                results.append(exc)
-        field = EMBEDDINGS if pool is None else EMBEDDING
-        for group in similar_lengths([len(ids) for ids in batch]):
-            for i, array in zip(group, vectors([batch[i] for i in group])):
-                results[where[i]] = {**results[where[i]], field: encode_tensor(array, floats)}
-        bar.advance(records=len(batch), tokens=sum(map(len, batch)))
+        results = options.encode(loaded, items)
+        done = [r for r in results if not isinstance(r, InputError)]
+        bar.advance(records=len(done), tokens=sum(options.tokens(r) for r in done))
         return results
 
     with make_progress(progress, "encoding") as bar:
         run_batched_stage(input, output, transform, skip_errors=skip_errors, max_batch=batch_size)
-
-
-# Padding a forward may add, as a share of its real tokens: the native kernels cost the same per
-# row, padded or real, so a batch of mixed lengths would be slower than one record at a time.
-PADDING_SLACK = 0.1
-
-
-def similar_lengths(lengths: list[int], slack: float | None = None) -> list[list[int]]:
-    """Indices of lengths in groups to pad together: sorted by length, a group grows while its
-    padding stays within slack (default PADDING_SLACK) x its real tokens. Equal lengths need no padding."""
-    slack = PADDING_SLACK if slack is None else slack
-    groups: list[list[int]] = []
-    real = 0
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        n = lengths[i]  # the longest of its group so far: the order is ascending
-        if groups and n * (len(groups[-1]) + 1) <= (1 + slack) * (real + n):
-            groups[-1].append(i)
-            real += n
-        else:
-            groups.append([i])
-            real = n
-    return groups

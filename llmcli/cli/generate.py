@@ -9,6 +9,7 @@ import typer
 from typing_extensions import Annotated
 
 from llmcli.cli import app
+from llmcli.cli.batch import ChunkOpt, RayOpt, ResumeOpt, run_stage_job
 from llmcli.cli.options import (
     DEFAULT_MODEL,
     DEFAULT_PREFIX_CACHE_MB,
@@ -31,7 +32,7 @@ from llmcli.cli.options import (
 from llmcli.cli.stage import BadLines, check_output, open_input, open_output, say
 from llmcli.core.sampling_params import SamplingParams
 from llmcli.core.threads import apply_threads
-from llmcli.errors import InputError, UsageError
+from llmcli.errors import UsageError
 
 
 @app.command()
@@ -70,6 +71,11 @@ def generate(
     quantize: QuantizeOpt = "none",
     threads: ThreadsOpt = None,
     skip_errors: SkipErrorsOpt = False,
+    ray: RayOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="Run as a batch job with this many workers (processes, or Ray actors with --ray); needs -o.")] = None,
+    chunk_size: ChunkOpt = 64,
+    ordered: Annotated[bool, typer.Option(help="With --ray or --workers: write the output in input order (otherwise: as chunks finish).")] = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Generate tokens for each record's `ids` (or `text`), writing `generated_ids` and `finish_reason`.
 
@@ -77,28 +83,16 @@ def generate(
     --json-schema, --regex, --choice, --grammar and --json constrain every output (a record's own
     `response_format` field, in the server's shapes, wins for that record); an output cut by
     --max-tokens says finish_reason "length".
+    With --ray, --workers or --resume the records run as a batch job (as `llmcli batch` runs):
+    chunks written atomically beside -o, on a Ray cluster or in worker processes, resumable.
 
     Example: echo "The capital of France is" | llmcli tokenize | llmcli generate -n 8 | llmcli decode --text-only
     """
     from llmcli.cli.progress import make_progress
-    from llmcli.core.generate import Request
     from llmcli.core.sampling import check_token_ids
     from llmcli.engine import Engine
-    from llmcli.records import (
-        CACHED_TOKENS,
-        DELTA,
-        FINISH_REASON,
-        GENERATED_IDS,
-        ID,
-        IDS,
-        LOGPROBS,
-        PROMPT_LOGPROBS,
-        RESPONSE_FORMAT,
-        SAMPLE,
-        TEXT,
-        RecordWriter,
-        require_ids,
-    )
+    from llmcli.engine.generate_records import GenerateOptions
+    from llmcli.records import DELTA, ID, SAMPLE, RecordWriter
 
     if n_alias is not None:
         if samples != 1:
@@ -113,6 +107,15 @@ def generate(
     check_max_batched_tokens(max_batched_tokens)
     params = dataclasses.replace(sampling, logprobs=logprobs)  # checked there: at most MAX_LOGPROBS
     flag_grammar = response_format_from_flags(json_schema, regex, choice, grammar, json_object)  # a bad one fails before the model loads
+    options = GenerateOptions(params, max_tokens, min_tokens, tuple(stop or ()), tuple(stop_id or ()), ignore_eos, samples, echo, truncate, flag_grammar)
+    if ray is not None or workers is not None or resume:
+        if stream or cache is not None:
+            raise UsageError("--stream and --cache do not run as a batch job (--ray, --workers, --resume)", "leave them out, or run without the batch flags")
+        return run_stage_job(
+            options, "generating", input, output, model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, threads=threads,
+            skip_errors=skip_errors, ray=ray, workers=workers or 1, chunk_size=chunk_size, ordered=ordered, resume=resume, progress=progress,
+            max_batched_tokens=max_batched_tokens, prefix_cache_mb=prefix_cache_mb,
+        )
     check_output(output, input, cache)
     stream_in, source = open_input(input)
     apply_threads(threads)
@@ -131,49 +134,13 @@ def generate(
         prompt_cache = load_prompt_cache(cache, engine.loaded)
     bad = BadLines(source, skip_errors)
     records: dict[int, tuple[int, dict]] = {}
-    record_grammars: dict[str, object] = {}  # a record's response_format, compiled once per distinct value
-
-    def record_grammar(record: dict, number: int):
-        if RESPONSE_FORMAT not in record:
-            return flag_grammar
-        import json
-
-        from llmcli.core.constrained import parse_response_format
-
-        key = json.dumps(record[RESPONSE_FORMAT], sort_keys=True)
-        if key not in record_grammars:
-            try:
-                record_grammars[key] = parse_response_format(record[RESPONSE_FORMAT])
-            except UsageError as exc:
-                raise InputError(exc.message, exc.hint, line=number) from None
-        return record_grammars[key]
-
     def requests():
         # all the requests of a line are made before the first is yielded, so a bad line yields none
         for _, line_requests in bad.results(stream_in, lambda line: list(make_requests(line.record, line.number))):
             yield from line_requests
 
     def make_requests(record: dict, number: int):
-        if IDS in record:
-            ids = require_ids(record, number, vocab_size=vocab)
-        elif TEXT in record:
-            if not isinstance(record[TEXT], str):
-                raise InputError("`text` must be a string", None, line=number)
-            ids = tokenizer.encode(record[TEXT]).ids
-        else:
-            raise InputError("no `ids` or `text` in the record for generate", "pipe through `llmcli tokenize` first")
-        if not ids:  # the batcher refuses one too, but by then the line it came from is unknown
-            raise InputError("the prompt is empty (no tokens to continue)", "give the record a non-empty `text` or `ids`", line=number)
-        limit = context - 1
-        if len(ids) > limit:
-            if not truncate:
-                raise InputError(
-                    f"the prompt has {len(ids)} tokens but the model's context holds {context}",
-                    "shorten it, or pass --truncate to keep its last tokens",
-                    line=number,
-                )
-            ids = ids[-limit:]
-        grammar = record_grammar(record, number)
+        ids = options.prompt_ids(record, number, tokenizer, vocab, context)
         kv = None
         if prompt_cache is not None:
             from llmcli.core.kvfile import check_prefix
@@ -181,21 +148,7 @@ def generate(
             k, v, cached_ids = prompt_cache
             check_prefix(cached_ids, ids, cache, number)
             kv = (k, v)
-        for sample in range(samples):
-            req = Request(
-                id=record.get("id", number),
-                prompt_ids=ids,
-                params=params,
-                max_tokens=max_tokens,
-                min_tokens=min_tokens,
-                stop=list(stop or []),
-                stop_token_ids=list(stop_id or []),
-                ignore_eos=ignore_eos,
-                echo=echo,
-                sample_index=sample,
-                prompt_cache=kv,
-                grammar=grammar,
-            )
+        for req in options.requests(record, number, ids, kv):
             records[id(req)] = (number, record)
             yield req
 
@@ -218,26 +171,8 @@ def generate(
     with make_progress(progress, "generating") as bar:
         for result in engine.iter_results(requests(), on_event=on_event):
             _, record = records.pop(id(result.request))
-            out = dict(record)
-            if samples > 1:
-                out[SAMPLE] = result.request.sample_index
-            out[GENERATED_IDS] = result.generated_ids
-            out[FINISH_REASON] = result.finish_reason
-            out[CACHED_TOKENS] = result.cached_tokens
-            if result.logprobs is not None:
-                out[LOGPROBS] = [_named(tokenizer, e) for e in result.logprobs]
-            if result.prompt_logprobs is not None:
-                out[PROMPT_LOGPROBS] = result.prompt_logprobs
-            writer.write(out)
+            writer.write(options.output(record, result, tokenizer))
             if held:
                 writer.write_many(held.pop(next(iter(records), None), []))
             bar.advance(records=1)
     bad.report()
-
-
-def _named(tokenizer, entry: dict) -> dict:
-    """OpenAI-shaped logprob entry with token text beside each id."""
-    out = {"token": tokenizer.id_to_token(entry["id"]), "id": entry["id"], "logprob": entry["logprob"]}
-    out["top_logprobs"] = [{"token": tokenizer.id_to_token(t["id"]), "id": t["id"], "logprob": t["logprob"]} for t in entry.get("top_logprobs", [])]
-    return out
-

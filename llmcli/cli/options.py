@@ -14,12 +14,10 @@ from typing import Annotated, Any, Callable, List, Optional
 
 import typer
 
+from llmcli.catalog import DEFAULT_ENCODER, DEFAULT_MODEL  # noqa: F401 - re-exported: the commands take them from here
 from llmcli.core.sampling_params import SamplingParams
 from llmcli.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MB
 from llmcli.errors import UsageError
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_ENCODER = "all-minilm-l6-v2"
 
 InputArg = Annotated[str, typer.Argument(help="Input file of records (JSONL); '-' reads stdin.", show_default=True)]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write records to FILE instead of stdout (never onto an input file: refused).")]

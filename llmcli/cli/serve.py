@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,7 +11,6 @@ from typing_extensions import Annotated
 from llmcli.cli import app
 from llmcli.cli.options import (
     DEFAULT_ENCODER,
-    DEFAULT_MODEL,
     DEFAULT_PREFIX_CACHE_MB,
     DeviceOpt,
     DtypeOpt,
@@ -38,18 +36,6 @@ def parse_size(text: str) -> int:
         raise UsageError(f"bad size {text!r}", "write a number of bytes with an optional unit, e.g. 1MB, 512KiB or 65536")
     number, unit = match.groups()
     return int(float(number) * _UNITS[(unit or "").lower()])
-
-
-def model_name(ref: Optional[str], default: str) -> str:
-    """The name clients use in `model`: the catalogue name, or the file/directory name of a path."""
-    if ref is None:
-        return default
-    path = Path(ref)
-    if path.suffix == ".gguf":
-        return path.stem
-    if path.exists() or "/" in ref:
-        return path.resolve().name if path.exists() else path.name
-    return ref
 
 
 @app.command()
@@ -111,41 +97,22 @@ def serve(
         raise UsageError(f"`llmcli serve` needs {exc.name}", "reinstall llmcli (pip install llmcli): fastapi and uvicorn are among its dependencies") from None
     apply_threads(threads)  # before any thread starts: the engine and loader threads inherit the count
 
-    from llmcli.catalog import resolve_model_path
-    from llmcli.core.loader import load_model
-    from llmcli.engine import Engine
-    from llmcli.engine.service import Embedder, EngineService
+    from llmcli.engine.backend import BackendSpec
     from llmcli.server import make_app, run_server
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
-    name = served_model_name or model_name(model, DEFAULT_MODEL)
-    embed_ref = embedding_model or DEFAULT_ENCODER
-    embed_name = model_name(embedding_model, DEFAULT_ENCODER)
-
-    def load_backend():
-        engine = Engine(
-            model, dtype=dtype, device=device, quantize=quantize, batch_size=batch_size, max_context=max_context, max_batched_tokens=max_batched_tokens,
-            notify=say, default_model=DEFAULT_MODEL, prefix_cache_mb=prefix_cache_mb,
-        )
-        if engine.config.is_encoder:
-            return Embedder(engine.loaded)
-        say(f"llmcli: loaded {name} ({engine.config.model_type}, context {engine.context_length}, batch size {batch_size}, prefix cache {prefix_cache_mb:g} MiB)")
-        return EngineService(engine, batch_size=batch_size, max_queue=max_queue)
-
-    def load_embedder():
-        loaded = load_model(resolve_model_path(embed_ref, say, default=DEFAULT_ENCODER), dtype=dtype, device=device)
-        if not loaded.config.is_encoder:
-            raise UsageError(f"--embedding-model {embed_ref} is a {loaded.config.model_type} decoder", f"use an encoder such as {DEFAULT_ENCODER}")
-        return Embedder(loaded)
-
+    spec = BackendSpec(
+        model, dtype, device, quantize, batch_size, max_queue, max_context, embedding_model, served_model_name,
+        max_batched_tokens=max_batched_tokens, prefix_cache_mb=prefix_cache_mb,
+    )  # fmt: skip
     application = make_app(
-        load_backend,
-        model_name=name,
+        lambda: spec.load_backend(say),
+        model_name=spec.name,
         api_key=api_key,
         max_body=body_limit,
-        embedder=load_embedder,
-        embedding_name=embed_name,
+        embedder=lambda: spec.load_embedder(say),
+        embedding_name=spec.embedding_name,
         # a model named on the command line loads at startup, so a bad one fails there; the default waits for first use
         preload_embedder=embedding_model is not None,
         request_timeout=request_timeout or None,

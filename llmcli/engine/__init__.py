@@ -1,7 +1,7 @@
 """Batching and scheduling shared by `generate`, `chat` and `serve`: one engine, many requests.
 
-The names load on first use, so a command's options can import a torch-free module of this
-package (prefix_cache's default bound) without importing torch.
+The names below load on first use (PEP 562), so that a torch-free submodule (backend.py,
+encode_records.py's checks) can be imported by a command that must start without torch.
 """
 
 from __future__ import annotations
