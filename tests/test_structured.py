@@ -334,27 +334,137 @@ def test_tool_prompt_renders_as_transformers_does(tiny):
     assert read_tools([WEATHER], "auto", (TEMPLATES / "llama3.2.jinja").read_text()).syntax == "llama3_json"
 
 
-def test_tool_calls_parse_whole_and_streamed():
-    from llmcli.server.tools import ToolStream, parse_tool_calls, read_tools
+NOTE = {
+    "type": "function",
+    "function": {"name": "note", "parameters": obj({"text": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}, "score": {"type": "number"}, "meta": {"type": "object"}})},
+}
+# argument text that json.dumps would write otherwise (escapes, an exponent, no spaces): the stream sends the model's own
+NOTE_ARGUMENTS = '{"text": "a \\"quoted\\" {brace} </tool_call> caf\\u00e9 Zürich", "tags": ["x", "y"], "score": -1.5e3,"meta": {"ok": true, "n": null, "deep": [[]]}}'
 
-    plan = read_tools([WEATHER, TIME], "auto", None)
-    text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "cet"}}\n</tool_call>'
-    content, calls = parse_tool_calls(text, plan)
-    assert content == "Let me check."
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"zone": "cet"})]
-    # streamed in 3-character pieces: the same content, the same calls, never a piece of a tag as content
+
+def client_reads(deltas: list[dict], tools: list[dict], finish_reason: str) -> tuple:
+    """The message that the openai client's own stream state accumulates from these deltas, and how
+    many non-empty pieces of arguments each call arrived in."""
+    from collections import Counter
+
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    state, pieces = ChatCompletionStreamState(input_tools=tools), Counter()
+    deltas = [{"role": "assistant", "content": ""}, *deltas, {}]
+    for n, delta in enumerate(deltas):
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason if n == len(deltas) - 1 else None}
+        chunk = ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "tiny", "choices": [choice]})
+        for event in state.handle_chunk(chunk):
+            if event.type == "tool_calls.function.arguments.delta" and event.arguments_delta:
+                pieces[event.index] += 1
+    return state.current_completion_snapshot.choices[0].message, pieces  # (get_final_completion refuses a finish_reason "length")
+
+
+def streamed(plan, pieces: list[str]) -> list[dict]:
+    from llmcli.server.tools import ToolStream
+
     stream = ToolStream(plan)
-    deltas = [d for i in range(0, len(text), 3) for d in stream.feed(text[i : i + 3])] + stream.finish()
-    assert "".join(d.get("content", "") for d in deltas).strip() == "Let me check."
-    streamed = {}
-    for d in deltas:
-        for call in d.get("tool_calls", []):
-            entry = streamed.setdefault(call["index"], {"name": "", "arguments": ""})
-            entry["name"] += call.get("function", {}).get("name") or ""
-            entry["arguments"] += call["function"]["arguments"]
-    assert [(v["name"], json.loads(v["arguments"])) for v in streamed.values()] == [("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"zone": "cet"})]
-    # an unknown function or broken JSON stays text
-    assert parse_tool_calls("<tool_call>\n{\"name\": \"nope\", \"arguments\": {}}\n</tool_call>", plan)[1] == []
+    return [d for piece in pieces for d in stream.feed(piece)] + stream.finish()
+
+
+def token_pieces(tokenizer, text: str) -> list[str]:
+    """`text` in the pieces a server streams it in: one token at a time through the streaming detokenizer."""
+    from llmcli.core.tokenizer import StreamingDetokenizer
+
+    detokenizer = StreamingDetokenizer(tokenizer)
+    pieces = [detokenizer.add(i) for i in tokenizer.encode(text, add_special=False).ids] + [detokenizer.finalize()]
+    assert "".join(pieces) == text
+    return pieces
+
+
+def test_tool_calls_parse_whole_and_streamed(tiny):
+    from llmcli.core.tokenizer import load_tokenizer
+    from llmcli.server.tools import parse_tool_calls, read_tools
+
+    tokenizer = load_tokenizer(tiny[0])
+    tools = [WEATHER, TIME, NOTE]
+    hermes, llama3 = read_tools(tools, "auto", None), read_tools(tools, "auto", (TEMPLATES / "llama3.2.jinja").read_text())
+    text = (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>\n'
+        f'<tool_call>\n{{"arguments": {NOTE_ARGUMENTS}, "name": "note"}}\n</tool_call>\n<tool_call>\n{{"name": "get_time", "arguments": {{"zone": "cet"}}}}\n</tool_call>'
+    )
+    expected = [("get_weather", {"city": "Paris", "unit": "c"}), ("note", json.loads(NOTE_ARGUMENTS)), ("get_time", {"zone": "cet"})]
+    # (the syntax, the answer, its content, its calls, which calls name their tool after the arguments: those come in one piece, after the name)
+    cases = [(hermes, text, "Let me check.", expected, {1}), (llama3, f' {{"name": "note", "parameters": {NOTE_ARGUMENTS}}}\n', None, expected[1:2], set())]
+    for plan, answer, content, calls, name_last in cases:
+        whole_content, whole = parse_tool_calls(answer, plan)
+        assert whole_content == content and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole] == calls
+        assert whole[-1 if plan is hermes else 0]["function"]["arguments"] != json.dumps(json.loads(NOTE_ARGUMENTS), ensure_ascii=False)  # the model's text, kept
+        for pieces in (list(answer), token_pieces(tokenizer, answer), [answer]):
+            message, argument_pieces = client_reads(streamed(plan, pieces), tools, "tool_calls")
+            assert (message.content.strip() or None) == content
+            # the streamed arguments add up to the non-streamed ones, in many pieces when the text came in many
+            assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [(c["function"]["name"], c["function"]["arguments"]) for c in whole]
+            many = [argument_pieces[i] > 1 for i in range(len(whole))]
+            assert many == [len(pieces) > 1 and i not in name_last for i in range(len(whole))], argument_pieces
+            for call, (_, arguments) in zip(message.tool_calls, calls):
+                assert json.loads(call.function.arguments) == arguments
+
+
+def test_tool_call_lookalikes_stay_content_and_a_cut_call_closes(tiny):
+    from llmcli.core.tokenizer import load_tokenizer
+    from llmcli.server.tools import parse_tool_calls, read_tools
+
+    tokenizer = load_tokenizer(tiny[0])
+    tools = [WEATHER, TIME]
+    hermes, llama3 = read_tools(tools, "auto", None), read_tools(tools, "auto", (TEMPLATES / "llama3.2.jinja").read_text())
+    lookalikes = [
+        (hermes, 'See <tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call> and <tool_ca'),  # unknown function
+        (hermes, '<tool_call>\n{"name": "get_time", "arguments": "utc"}\n</tool_call>'),  # arguments not an object
+        (hermes, '<tool_call>\n{"name": "get_time", "arguments": ["utc"]}\n</tool_call>'),
+        (hermes, '<tool_call>\n{"name": 5, "arguments": {}}\n</tool_call>'),
+        (hermes, '<tool_call>\n{"name": "get_time"}\n</tool_call>'),  # no arguments
+        (hermes, '<tool_call>\n["get_time", {}]\n</tool_call>'),
+        (llama3, '{"name": "Ada", "age": 36}'),  # a JSON answer, no call
+        (llama3, '{"zone": "utc", "name": "get_time"}'),
+        (llama3, 'Call {"name": "get_time", "parameters": {}}'),
+    ]
+    for plan, text in lookalikes:
+        assert parse_tool_calls(text, plan) == (text, []), text
+        for pieces in (list(text), token_pieces(tokenizer, text)):
+            message, _ = client_reads(streamed(plan, pieces), tools, "stop")
+            assert message.content == text and not message.tool_calls, (text, message)
+    # cut off (finish_reason "length") or broken after the head went out: the call stays, its arguments
+    # closed into a JSON object, the rest of its block dropped (as vLLM does); the whole answer is no call
+    head = '<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+    broken = [
+        (head + '"Pa', "length", {"city": "Pa"}),
+        (head + '"Paris", "un', "length", {"city": "Paris"}),
+        (head + '"Paris", "unit": NaN}}\n</tool_call> after', "stop", {"city": "Paris"}),  # json.loads takes NaN, JSON does not
+        (head + '["Paris", 1.}}\n</tool_call> after', "stop", {"city": ["Paris", 1]}),
+    ]
+    for text, reason, arguments in broken:
+        assert parse_tool_calls(text, hermes) == (text, [])
+        message, _ = client_reads(streamed(hermes, list(text)), tools, reason)
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [("get_weather", arguments)]
+        assert (message.content or "").strip() == ("after" if text.endswith("after") else "")
+
+
+def test_json_prefix_closes_every_prefix_and_refuses_what_json_refuses():
+    from llmcli.server.json_prefix import JsonPrefix
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
+
+    text = ' {"a": "x\\"\\u00e9\\n}", "b": [1, -0.5, 2e-3, true, false, null, {}], "c": {"d": [[]], "e": 10}}'
+    for cut in range(len(text) + 1):
+        scan = JsonPrefix()
+        assert scan.feed(text[:cut]) == cut and not scan.broken
+        if scan.safe:
+            strict(scan.text[: scan.safe] + scan.closing())  # raises if the closed prefix is not JSON
+    assert scan.done and {k: strict(text[a:b]) for k, (a, b) in scan.members.items()} == strict(text)
+    for bad in ['{"a": 01}', '{"a": tru }', '{"a": NaN}', '{"a" 1}', '{"a": 1,}', '{"a": "x\ny"}', '{"a": "\\x"}', '[1 2]', '{"a": 1]', '{"a": 1.}', '{"a": "\\u12g4"}']:
+        scan = JsonPrefix()
+        scan.feed(bad)
+        assert scan.broken, bad
+        with pytest.raises(ValueError):
+            strict(bad)
 
 
 # ---------------------------------------------------------------- the server, through the openai client

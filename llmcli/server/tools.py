@@ -29,9 +29,9 @@ from llmcli.core import constrained
 from llmcli.core.constrained import Grammar
 from llmcli.errors import UsageError
 from llmcli.server.errors import ApiError
+from llmcli.server.json_prefix import JsonPrefix
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-_HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 FALLBACK_PROMPT = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -198,89 +198,226 @@ def _plain_turn(m: dict) -> dict:
 # ---------------------------------------------------------------- the answer
 
 
-def _call(name: str, arguments: Any) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+def _call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def _one_call(text: str, plan: ToolPlan) -> dict | None:
-    """The call a JSON text describes, if it names one of the tools and has object arguments."""
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _call_so_far(scan: JsonPrefix, plan: ToolPlan) -> tuple[str | None, tuple[str, int, int | None] | None] | None:
+    """What a (partly written) call object says so far: (its tool's name once read, its arguments
+    object's key, start and end once begun), or None when it cannot become a call of one of the tools."""
+    if scan.broken or scan.duplicate or (scan.start is not None and scan.text[scan.start] != "{"):
+        return None
+    name = None
+    if "name" in scan.members:
+        start, end = scan.members["name"]
+        name = json.loads(scan.text[start:end])
+        if not isinstance(name, str) or name not in {t.name for t in plan.tools}:
+            return None
+    keys = ("parameters", "arguments") if plan.syntax == "llama3_json" else ("arguments",)
+    spans = [(key, *span) for key in keys if (span := scan.span(key)) is not None]
+    if len(spans) > 1 or (spans and scan.text[spans[0][1]] != "{"):
+        return None  # both "parameters" and "arguments" is no call either: which would it be?
+    arguments = spans[0] if spans else None
+    if scan.done and (name is None or arguments is None):
+        return None
+    return name, arguments
+
+
+def _one_call(text: str, plan: ToolPlan) -> tuple[dict, int] | None:
+    """The call that the JSON object at the start of `text` describes, if it names one of the tools
+    and has object arguments, and where that object ends.
+
+    The arguments are the model's own text of the object, not json.dumps of it, so that a stream
+    can send them while they are written (ToolStream) and its pieces add up to this same string;
+    a re-serialisation could only be sent once the object is whole (json.dumps writes numbers and
+    escapes its own way)."""
+    scan = JsonPrefix()
+    end = scan.feed(text)
+    parts = _call_so_far(scan, plan) if scan.done else None
+    if parts is None:
+        return None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        json.loads(scan.text, parse_constant=_refuse_constant)  # the scanner shapes the call; json, independently, checks it is JSON
+    except ValueError:
         return None
-    if not isinstance(data, dict):
-        return None
-    arguments = data.get("parameters" if plan.syntax == "llama3_json" and "parameters" in data else "arguments")
-    if not isinstance(data.get("name"), str) or not isinstance(arguments, dict) or data["name"] not in {t.name for t in plan.tools}:
-        return None
-    return _call(data["name"], arguments)
+    name, (_key, start, stop) = parts
+    return _call(name, scan.text[start:stop]), end
 
 
 def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
-    """(the content left, the calls) of a whole answer; text that is no valid call stays content."""
+    """(the content left, the calls) of a whole answer; text that is no valid call stays content.
+
+    A hermes block is read as ToolStream reads it, the JSON first and then `</tool_call>`, so a
+    `</tool_call>` inside a JSON string does not end it (a regex up to the first one would)."""
     if plan.syntax == "llama3_json":
-        call = _one_call(text.strip(), plan)
-        return (None, [call]) if call else (text, [])
-    calls, rest, last = [], [], 0
-    for match in _HERMES_BLOCK.finditer(text):
-        call = _one_call(match.group(1), plan)
-        if call is None:
-            continue
-        rest.append(text[last : match.start()])
-        calls.append(call)
-        last = match.end()
+        found = _one_call(text.lstrip(), plan)
+        return (None, [found[0]]) if found and not text.lstrip()[found[1] :].strip() else (text, [])
+    calls, rest, last, at = [], [], 0, text.find(HERMES_OPEN)
+    while at >= 0:
+        body = at + len(HERMES_OPEN)
+        found = _one_call(text[body:], plan)
+        after = text[body + found[1] :].lstrip() if found else ""
+        if found and after.startswith(HERMES_CLOSE):
+            rest.append(text[last:at])
+            calls.append(found[0])
+            last = len(text) - len(after) + len(HERMES_CLOSE)
+        at = text.find(HERMES_OPEN, last if found and last > at else body)
     rest.append(text[last:])
     content = "".join(rest).strip() if calls else text
     return (content or None), calls
 
 
+@dataclass
+class _StreamedCall:
+    opening: str  # the text before the JSON ("<tool_call>" for hermes), content again if this is no call
+    scan: JsonPrefix
+    index: int | None = None  # set once the head went out
+    key: str = ""  # the member that holds the arguments ("arguments", or "parameters" in llama3_json)
+    sent: int = 0  # how much of scan.text went out as arguments
+
+
 class ToolStream:
-    """A streamed answer as OpenAI deltas: content as it comes (held back while it may be the start
-    of a call), each call as two deltas (id, type and name; then its arguments) once it is complete."""
+    """A streamed answer as OpenAI deltas. Content goes out as it comes, held back while it may be
+    the start of a call. A call goes out as a head (index, id, type, name, arguments "") as soon
+    as its name is read and names one of the tools and its arguments object has begun, then as
+    pieces of the arguments' text as the model writes them: all of it but what closing() could
+    not yet end (a key without its value, a comma, half a number or escape). The pieces add up to
+    parse_tool_calls' `function.arguments` for the same text.
+
+    Text that began like a call and turns out not to be one (an unknown name, arguments that are
+    no object, broken JSON) goes out as content if its head has not gone out. Once it has, the
+    call stays a call, as in vLLM (whose serving_chat ends a call that the text broke off or cut
+    short by sending what its partial-JSON parse needs to close the arguments): the arguments sent
+    so far are closed into a JSON object (`JsonPrefix.closing`) and the rest of the block is
+    dropped. Only a cut-off answer (finish_reason "length") or an unconstrained model that breaks
+    its own JSON gets there; a forced call's grammar writes the whole call.
+    """
 
     def __init__(self, plan: ToolPlan):
         self.plan = plan
         self.buffer = ""
-        self.in_call = False
+        self.mode = "start" if plan.syntax == "llama3_json" else "text"
+        self.call: _StreamedCall | None = None
         self.calls = 0
         self.seen_content = False
 
     def feed(self, text: str) -> list[dict]:
         self.buffer += text
-        if self.plan.syntax == "llama3_json":
-            # the whole answer is one call or plain text: decided by its first character
-            stripped = self.buffer.lstrip()
-            if stripped and not stripped.startswith("{"):
-                return self._content(self._take(len(self.buffer)))
-            return []
         out: list[dict] = []
-        while True:
-            if not self.in_call:
-                at = self.buffer.find(HERMES_OPEN)
-                if at < 0:
-                    keep = _held(self.buffer, HERMES_OPEN)
-                    out += self._content(self._take(len(self.buffer) - keep))
-                    return out
-                out += self._content(self._take(at))
-                self.in_call = True
-            end = self.buffer.find(HERMES_CLOSE)
-            if end < 0:
-                return out
-            block = self._take(end + len(HERMES_CLOSE))
-            match = _HERMES_BLOCK.fullmatch(block.strip())
-            call = _one_call(match.group(1), self.plan) if match else None
-            out += self._call_deltas(call) if call else self._content(block)
-            self.in_call = False
+        steps = {"start": self._start, "content": self._plain, "text": self._text, "call": self._read_call, "close": self._close, "trailing": self._trailing, "skip": self._skip}
+        while self.buffer:
+            before = (self.mode, len(self.buffer))
+            out += steps[self.mode]()
+            if (self.mode, len(self.buffer)) == before:
+                break  # waiting for more text
+        return out
 
     def finish(self) -> list[dict]:
-        """Whatever is left: a last call, or the text as content."""
+        """Whatever is left: held text as content, or the end of a call cut short."""
         rest, self.buffer = self.buffer, ""
-        if not rest:
+        call, self.call = self.call, None
+        if self.mode == "call" and call is not None:
+            if call.index is None:
+                return self._content(call.opening + call.scan.text + rest)
+            return self._more_arguments(call, closing=True)
+        if self.mode in ("start", "content", "text"):
+            return self._content(rest)
+        return []  # after a whole call ("close", "trailing") or inside a dropped one ("skip")
+
+    # the llama3_json answer: one call, or plain text decided by its first character
+
+    def _start(self) -> list[dict]:
+        stripped = self.buffer.lstrip()
+        if stripped:
+            self.mode = "call" if stripped.startswith("{") else "content"
+            self.call = _StreamedCall("", JsonPrefix()) if self.mode == "call" else None
+        return []
+
+    def _plain(self) -> list[dict]:
+        return self._content(self._take(len(self.buffer)))
+
+    def _trailing(self) -> list[dict]:
+        # after the call object only whitespace may follow
+        stripped = self.buffer.lstrip()
+        self.buffer = stripped
+        return self._give_up() if stripped else []
+
+    # hermes: <tool_call> blocks among content
+
+    def _text(self) -> list[dict]:
+        at = self.buffer.find(HERMES_OPEN)
+        if at < 0:
+            return self._content(self._take(len(self.buffer) - _held(self.buffer, HERMES_OPEN)))
+        out = self._content(self._take(at))
+        self.call = _StreamedCall(self._take(len(HERMES_OPEN)), JsonPrefix())
+        self.mode = "call"
+        return out
+
+    def _close(self) -> list[dict]:
+        # after the call object: whitespace, then </tool_call> (held back until it is whole)
+        stripped = self.buffer.lstrip()
+        if stripped.startswith(HERMES_CLOSE):
+            self.buffer = stripped[len(HERMES_CLOSE) :]
+            self.call, self.mode = None, "text"
             return []
-        if self.plan.syntax == "llama3_json":
-            call = _one_call(rest.strip(), self.plan)
-            return self._call_deltas(call) if call else self._content(rest)
-        return self._content(rest)
+        if HERMES_CLOSE.startswith(stripped):
+            return []
+        return self._give_up()
+
+    def _skip(self) -> list[dict]:
+        at = self.buffer.find(HERMES_CLOSE) if self.plan.syntax != "llama3_json" else -1
+        if at < 0:
+            self._take(len(self.buffer) - (_held(self.buffer, HERMES_CLOSE) if self.plan.syntax != "llama3_json" else 0))
+            return []
+        self._take(at + len(HERMES_CLOSE))
+        self.mode = "text"
+        return []
+
+    # both syntaxes: the call object
+
+    def _read_call(self) -> list[dict]:
+        call = self.call
+        assert call is not None
+        self._take(call.scan.feed(self.buffer))
+        parts = _call_so_far(call.scan, self.plan)
+        if parts is None:
+            return self._give_up()
+        name, arguments = parts
+        out = []
+        if call.index is None and name is not None and arguments is not None:
+            call.index, self.calls = self.calls, self.calls + 1
+            call.key, call.sent = arguments[0], arguments[1]
+            out.append({"tool_calls": [{"index": call.index, **_call(name, "")}]})
+        if call.index is not None:
+            out += self._more_arguments(call)
+        if call.scan.done:
+            self.mode = "trailing" if self.plan.syntax == "llama3_json" else "close"
+        return out
+
+    def _give_up(self) -> list[dict]:
+        """The text is no call (see the class docstring for one whose head went out)."""
+        call, self.call = self.call, None
+        assert call is not None
+        if call.index is None:
+            self.mode = "content" if self.plan.syntax == "llama3_json" else "text"
+            return self._content(call.opening + call.scan.text)
+        self.mode = "skip"
+        return self._more_arguments(call, closing=True)
+
+    def _more_arguments(self, call: _StreamedCall, closing: bool = False) -> list[dict]:
+        """The arguments' text not yet sent: up to their end, or up to what `closing` (for a call
+        the text broke or cut off) or a later character can end."""
+        span = call.scan.span(call.key)
+        end = span[1] if span is not None and span[1] is not None else None
+        piece = call.scan.text[call.sent : end if end is not None else call.scan.safe]
+        if end is None and closing:
+            piece += call.scan.closing(depth=1)  # the call object itself is depth 0
+        call.sent += len(piece)
+        return [{"tool_calls": [{"index": call.index, "function": {"arguments": piece}}]}] if piece else []
 
     def _take(self, n: int) -> str:
         piece, self.buffer = self.buffer[:n], self.buffer[n:]
@@ -291,11 +428,6 @@ class ToolStream:
             return []  # whitespace before a call is not content
         self.seen_content = True
         return [{"content": text}]
-
-    def _call_deltas(self, call: dict) -> list[dict]:
-        index, self.calls = self.calls, self.calls + 1
-        head = {"index": index, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
-        return [{"tool_calls": [head]}, {"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]}]
 
 
 def _held(text: str, tag: str) -> int:

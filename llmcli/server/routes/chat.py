@@ -84,7 +84,7 @@ async def _stream_choices(plan: Plan, body: ChatCompletionRequest, request: Requ
             if event.text or lp is not None:
                 yield [{"index": choice.index, "delta": {"content": event.text}, "logprobs": lp, "finish_reason": None}]
         else:
-            # content as it comes, each tool call once it is complete (the logprobs ride on the first delta)
+            # content as it comes, each tool call as its head and then its arguments as written (the logprobs ride on the first delta)
             deltas = parser.feed(event.text) + (parser.finish() if event.finish_reason is not None else [])
             for n, delta in enumerate(deltas or ([{"content": ""}] if lp is not None else [])):
                 yield [{"index": choice.index, "delta": delta, "logprobs": lp if n == 0 else None, "finish_reason": None}]
