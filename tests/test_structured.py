@@ -502,26 +502,31 @@ def test_server_response_formats_validate(client):
 def test_server_forced_tool_calls(client):
     api, _ = client
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    params = WEATHER["function"]["parameters"]
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    forced = dict(model="tiny", messages=messages, tools=[WEATHER, TIME], max_tokens=400, temperature=1, seed=5)
+    answers = {}
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        out = api.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=400, temperature=1, seed=5)
-        message = out.choices[0].message
+        out = api.chat.completions.create(**forced, tool_choice=choice)
+        message = answers[str(choice)] = out.choices[0].message
         assert out.choices[0].finish_reason == "tool_calls", message
         assert message.content is None and len(message.tool_calls) == 1
         call = message.tool_calls[0]
         assert call.type == "function" and call.id.startswith("call_")
-        if choice != "required":
-            assert call.function.name == "get_weather"
-            jsonschema.validate(json.loads(call.function.arguments), params)
-    stream = api.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=400, temperature=1, seed=5, stream=True)
-    chunks = [c for c in stream if c.choices]
-    calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
-    assert calls[0].id and calls[0].function.name == "get_weather" and calls[0].type == "function"
-    jsonschema.validate(json.loads("".join(t.function.arguments or "" for t in calls)), params)
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    assert not any(c.choices[0].delta.content for c in chunks)
+        assert choice == "required" or call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), parameters[call.function.name])
+    # streamed, through the openai client's own stream helper: the arguments grow over many deltas,
+    # and what the client accumulates is the non-streamed call of the same seed
+    with api.chat.completions.stream(**forced, tool_choice="required") as stream:
+        argument_deltas = [e.arguments_delta for e in stream if e.type == "tool_calls.function.arguments.delta" and e.arguments_delta]
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.finish_reason == "tool_calls" and not streamed.message.content and len(streamed.message.tool_calls) == 1
+    call, whole = streamed.message.tool_calls[0], answers["required"].tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    assert (call.function.name, call.function.arguments) == (whole.function.name, whole.function.arguments)
+    assert len(argument_deltas) > 1 and "".join(argument_deltas) == call.function.arguments
+    jsonschema.validate(json.loads(call.function.arguments), parameters[call.function.name])
     # the conversation goes on with the call and its result (the fallback writes them into the turns)
-    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [{"id": calls[0].id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]}, {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C"}]
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [{"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]}, {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
     after = api.chat.completions.create(model="tiny", messages=follow, tools=[WEATHER], tool_choice="none", max_tokens=3, temperature=0)
     assert after.choices[0].message.tool_calls is None
 

@@ -254,8 +254,9 @@ def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]
     A hermes block is read as ToolStream reads it, the JSON first and then `</tool_call>`, so a
     `</tool_call>` inside a JSON string does not end it (a regex up to the first one would)."""
     if plan.syntax == "llama3_json":
-        found = _one_call(text.lstrip(), plan)
-        return (None, [found[0]]) if found and not text.lstrip()[found[1] :].strip() else (text, [])
+        answer = text.lstrip()
+        found = _one_call(answer, plan)
+        return (None, [found[0]]) if found and not answer[found[1] :].strip() else (text, [])
     calls, rest, last, at = [], [], 0, text.find(HERMES_OPEN)
     while at >= 0:
         body = at + len(HERMES_OPEN)
@@ -265,7 +266,9 @@ def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]
             rest.append(text[last:at])
             calls.append(found[0])
             last = len(text) - len(after) + len(HERMES_CLOSE)
-        at = text.find(HERMES_OPEN, last if found and last > at else body)
+            at = text.find(HERMES_OPEN, last)
+        else:
+            at = text.find(HERMES_OPEN, body)  # no call: the block stays content, a later <tool_call> may still be one
     rest.append(text[last:])
     content = "".join(rest).strip() if calls else text
     return (content or None), calls
@@ -308,7 +311,11 @@ class ToolStream:
     def feed(self, text: str) -> list[dict]:
         self.buffer += text
         out: list[dict] = []
-        steps = {"start": self._start, "content": self._plain, "text": self._text, "call": self._read_call, "close": self._close, "trailing": self._trailing, "skip": self._skip}
+        steps = {
+            "start": self._start, "content": self._plain, "trailing": self._trailing,  # llama3_json
+            "text": self._text, "close": self._close, "skip": self._skip,  # hermes ("skip" also llama3_json)
+            "call": self._read_call,
+        }  # fmt: skip
         while self.buffer:
             before = (self.mode, len(self.buffer))
             out += steps[self.mode]()
@@ -369,12 +376,14 @@ class ToolStream:
         return self._give_up()
 
     def _skip(self) -> list[dict]:
-        at = self.buffer.find(HERMES_CLOSE) if self.plan.syntax != "llama3_json" else -1
+        # the rest of a call dropped after its head went out: up to </tool_call>, or (llama3_json) all of it
+        hermes = self.plan.syntax != "llama3_json"
+        at = self.buffer.find(HERMES_CLOSE) if hermes else -1
         if at < 0:
-            self._take(len(self.buffer) - (_held(self.buffer, HERMES_CLOSE) if self.plan.syntax != "llama3_json" else 0))
-            return []
-        self._take(at + len(HERMES_CLOSE))
-        self.mode = "text"
+            self._take(len(self.buffer) - (_held(self.buffer, HERMES_CLOSE) if hermes else 0))
+        else:
+            self._take(at + len(HERMES_CLOSE))
+            self.mode = "text"
         return []
 
     # both syntaxes: the call object
