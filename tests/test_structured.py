@@ -342,6 +342,15 @@ NOTE = {
 NOTE_ARGUMENTS = '{"text": "a \\"quoted\\" {brace} </tool_call> caf\\u00e9 Zürich", "tags": ["x", "y"], "score": -1.5e3,"meta": {"ok": true, "n": null, "deep": [[]]}}'
 
 
+def strict_json(text: str):
+    """json.loads without the NaN and Infinity that Python's json takes and JSON does not."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def client_reads(deltas: list[dict], tools: list[dict], finish_reason: str) -> tuple:
     """The message that the openai client's own stream state accumulates from these deltas, and how
     many non-empty pieces of arguments each call arrived in."""
@@ -446,25 +455,66 @@ def test_tool_call_lookalikes_stay_content_and_a_cut_call_closes(tiny):
         assert (message.content or "").strip() == ("after" if text.endswith("after") else "")
 
 
+def test_tool_stream_agrees_with_the_whole_answer_on_random_calls():
+    """Random calls (values of every JSON type, either key order, compact or spaced, sometimes
+    corrupted) in random pieces: a call the whole answer has is streamed with the same arguments;
+    every streamed call names a tool and its arguments are a strict JSON object."""
+    import random
+
+    from llmcli.server.tools import parse_tool_calls, read_tools
+
+    rng = random.Random(0)
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}} for name in ("f", "g")]
+    hermes, llama3 = read_tools(tools, "auto", None), read_tools(tools, "auto", (TEMPLATES / "llama3.2.jinja").read_text())
+
+    def value(depth: int = 0):
+        leaves = [rng.choice(["a", 'é"\\\n', "</tool_call>", "{", ""]), rng.choice([0, -1.5, 1e21, 3]), rng.choice([True, False, None])]
+        if depth < 3:
+            leaves += [[value(depth + 1) for _ in range(rng.randrange(3))], {f"k{i}": value(depth + 1) for i in range(rng.randrange(3))}]
+        return rng.choice(leaves)
+
+    only_streamed = 0
+    for _ in range(200):
+        plan = rng.choice([hermes, llama3])
+        call = {"name": rng.choice("fgh"), ("parameters" if plan is llama3 and rng.random() < 0.5 else "arguments"): {f"p{i}": value() for i in range(rng.randrange(4))}}
+        if rng.random() < 0.3:
+            call = dict(reversed(call.items()))
+        written = json.dumps(call, separators=rng.choice([(", ", ": "), (",", ":")]), ensure_ascii=rng.random() < 0.5)
+        text = rng.choice(["", "Hi "]) + f"<tool_call>\n{written}\n</tool_call>" + rng.choice(["", " bye"]) if plan is hermes else written
+        if rng.random() < 0.3:
+            at = rng.randrange(len(text))
+            text = text[:at] + rng.choice(["", "x", "}", '"', ",", "NaN"]) + text[at + rng.randrange(3) :]
+        _, whole = parse_tool_calls(text, plan)
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, len(text) // 3)))
+        message, _ = client_reads(streamed(plan, [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]), tools, "tool_calls" if whole else "stop")
+        calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        for name, arguments in calls:
+            assert name in "fg" and isinstance(strict_json(arguments), dict), (text, calls)
+        if whole:
+            assert calls == [(c["function"]["name"], c["function"]["arguments"]) for c in whole], text
+        elif calls:
+            only_streamed += 1  # broken after its head went out: the call stays, closed (see ToolStream)
+        else:
+            assert (message.content or "").strip() == text.strip(), text
+    assert 0 < only_streamed < 100
+
+
 def test_json_prefix_closes_every_prefix_and_refuses_what_json_refuses():
     from llmcli.server.json_prefix import JsonPrefix
-
-    def strict(text: str):
-        return json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
 
     text = ' {"a": "x\\"\\u00e9\\n}", "b": [1, -0.5, 2e-3, true, false, null, {}], "c": {"d": [[]], "e": 10}}'
     for cut in range(len(text) + 1):
         scan = JsonPrefix()
         assert scan.feed(text[:cut]) == cut and not scan.broken
         if scan.safe:
-            strict(scan.text[: scan.safe] + scan.closing())  # raises if the closed prefix is not JSON
-    assert scan.done and {k: strict(text[a:b]) for k, (a, b) in scan.members.items()} == strict(text)
+            strict_json(scan.text[: scan.safe] + scan.closing())  # raises if the closed prefix is not JSON
+    assert scan.done and {k: strict_json(text[a:b]) for k, (a, b) in scan.members.items()} == strict_json(text)
     for bad in ['{"a": 01}', '{"a": tru }', '{"a": NaN}', '{"a" 1}', '{"a": 1,}', '{"a": "x\ny"}', '{"a": "\\x"}', '[1 2]', '{"a": 1]', '{"a": 1.}', '{"a": "\\u12g4"}']:
         scan = JsonPrefix()
         scan.feed(bad)
         assert scan.broken, bad
         with pytest.raises(ValueError):
-            strict(bad)
+            strict_json(bad)
 
 
 # ---------------------------------------------------------------- the server, through the openai client
