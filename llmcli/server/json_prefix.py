@@ -42,18 +42,22 @@ class JsonPrefix:
         self._escape = 0  # -1 right after a backslash, 1..4: hex digits of a \u escape still to come
         self._token = ""  # the number or literal being read
         self._key_start = 0
+        self._chunk = ""  # the piece being read (text holds the pieces before it)
 
     def feed(self, text: str) -> int:
         """Read `text`; returns how many of its characters were read (fewer when the value ended or broke)."""
+        base, read = len(self.text), len(text)
+        self._chunk = text
         for n, c in enumerate(text):
             if self.done or self.broken:
-                return n
-            i = len(self.text)
-            self._step(i, c)
+                read = n
+                break
+            self._step(base + n, c)
             if self.broken:
-                return n
-            self.text += c
-        return len(text)
+                read = n
+                break
+        self.text += text[:read]  # once per piece: a long argument read character by character stays linear
+        return read
 
     def span(self, key: str) -> tuple[int, int | None] | None:
         """Where the top-level member `key`'s value lies: (start, end), end None while it is being read."""
@@ -111,7 +115,7 @@ class JsonPrefix:
                 return
             self._expect = "colon"
             if len(self._stack) == 1:
-                self.key = json.loads(self.text[self._key_start :] + c)
+                self.key = json.loads((self.text + self._chunk)[self._key_start : i + 1])
                 self.duplicate = self.duplicate or self.key in self.members
         elif c < " ":
             self.broken = True
