@@ -33,6 +33,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.served import free_port  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 TOPICS = ["the sea", "a library", "winter", "bread", "a train", "the moon", "music", "a garden", "rain", "mountains", "a river", "coffee", "the city", "a cat", "maps", "light"]
@@ -43,12 +47,6 @@ def write_requests(path: Path, count: int, new: int) -> None:
         for i in range(count):
             body = {"messages": [{"role": "user", "content": f"Write one sentence about {TOPICS[i % len(TOPICS)]} ({i})."}], "max_tokens": new, "temperature": 0, "ignore_eos": True}
             f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_ray(temp: Path) -> tuple[subprocess.Popen, str]:

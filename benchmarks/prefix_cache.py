@@ -22,14 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.served import ServerProcess, free_port  # noqa: E402
 
 SYSTEM_PARAGRAPH = (
     "You are the help desk of a small public library. Be brief, friendly and exact. The library opens at nine "
@@ -45,12 +47,6 @@ QUESTIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def system_prompt(path: Path, tokens: int) -> tuple[str, int]:
     """The paragraph repeated until the prompt holds about `tokens` tokens (by the model's own tokenizer)."""
     from llmcli.core.tokenizer import load_tokenizer
@@ -60,22 +56,6 @@ def system_prompt(path: Path, tokens: int) -> tuple[str, int]:
     while len(tok.encode(text + SYSTEM_PARAGRAPH, add_special=False).ids) <= tokens:
         text += SYSTEM_PARAGRAPH
     return text, len(tok.encode(text, add_special=False).ids)
-
-
-def start(cmd: list[str], base: str, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{cmd[:4]} exited with {proc.returncode}; log: {log}")
-        try:
-            if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    sys.exit(f"{cmd[:4]} did not answer within 600 s; log: {log}")
 
 
 def bench(base: str, dataset: Path, n: int, concurrency: int, output_len: int, work: Path) -> dict:
@@ -126,8 +106,7 @@ def main() -> None:
     for name in args.servers.split(","):
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        proc = start(commands[name](port), base, work / f"{name}.log")
-        try:
+        with ServerProcess(name, commands[name](port), port, timeout=600, log=work / f"{name}.log"):
             row = {"load_average_before": os.getloadavg()[0]}
             row["first"] = bench(base, first, 1, 1, args.output_len, work)
             row["repeat"] = bench(base, first, 1, 1, args.output_len, work)
@@ -137,12 +116,6 @@ def main() -> None:
                 row["metrics"] = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in httpx.get(base + "/metrics").text.splitlines()
                                   if line.startswith("llmcli_prefix_cache")}
             results[name] = row
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
         print(f"{name}: first {row['first']['median_ttft_ms']:.0f} ms, repeat {row['repeat']['median_ttft_ms']:.0f} ms, "
               f"load p50 {row['load']['median_ttft_ms']:.0f} ms (load average {row['load_average_after']:.1f})", file=sys.stderr)
     lines = [

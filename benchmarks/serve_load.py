@@ -23,15 +23,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.served import ServerProcess, free_port  # noqa: E402
 from llmcli.cli.bench_serve import percentile  # `llmcli bench serve`'s (numpy's linear) percentile, q in 0..100
 
 QUESTIONS = [
@@ -52,12 +52,6 @@ QUESTIONS = [
     "What is the square root of 81?",
     "In which continent is Kenya?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def chat_stream(client: httpx.AsyncClient, model: str, question: str, max_tokens: int) -> dict:
@@ -162,43 +156,24 @@ async def concurrent(base: str, model: str, args) -> dict:
     }
 
 
-class Served:
-    """`python -m llmcli serve` in a subprocess, for the length of a with-block."""
+class Served(ServerProcess):
+    """`python -m llmcli serve` in a subprocess, for the length of a with-block; `model` is the name it serves."""
 
     def __init__(self, args, batch_size: int):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="serve-load-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
-        cmd = [sys.executable, "-m", "llmcli", "serve", "--port", str(self.port), "--batch-size", str(batch_size)]
+        port = free_port()
+        cmd = [sys.executable, "-m", "llmcli", "serve", "--port", str(port), "--batch-size", str(batch_size)]
         cmd += ["--max-queue", str(args.concurrency * 2), "--max-context", str(args.max_context), "--device", args.device]
         if args.model:
             cmd += ["--model", args.model]
-        self.cmd = cmd
-        self.env = env
+        super().__init__("llmcli serve", cmd, port, env=env, ready="/health")
 
     def __enter__(self) -> "Served":
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + 900
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited:\n{Path(self.log.name).read_text()}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not become healthy in 900 s")
-            time.sleep(0.5)
+        super().__enter__()
         self.model = httpx.get(self.base + "/v1/models").json()["data"][0]["id"]
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(120)
 
 
 def main() -> int:

@@ -32,12 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve_load import free_port  # noqa: E402
+from benchmarks.served import ServerProcess, free_port  # noqa: E402
 
 
 def pp512_rates(gguf: Path, threads: int) -> dict[str, float]:
@@ -96,32 +94,6 @@ def chunk_rates(gguf: Path, threads: int, sizes: list[int], reps: int = 3) -> di
     return best
 
 
-class Server:
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int):
-        self.name, self.cmd, self.env, self.port = name, cmd, env, port
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"serve-ttft-{name}-", suffix=".log", delete=False)
-
-    def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + 900
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited:\n{Path(self.log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(self.base + "/v1/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{self.name} did not answer in 900 s")
-            time.sleep(0.5)
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(120)
-
-
 def bench(base: str, n: int, args) -> dict:
     cmd = [sys.executable, "-m", "llmcli", "bench", "serve", base, "--endpoint", "/v1/completions", "-N", str(n)]
     cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--seed", "0"]
@@ -177,7 +149,7 @@ def main() -> int:
             server_env = env
         else:
             raise SystemExit(f"unknown server {name}")
-        with Server(name, cmd, server_env, port) as server:
+        with ServerProcess(name, cmd, port, env=server_env) as server:
             bench(server.base, 4, args)  # warm-up: kernels, caches, first allocations
             for n in streams:
                 load = os.getloadavg()[0]

@@ -31,16 +31,17 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.served import ServerProcess, free_port  # noqa: E402
 
 SYSTEM = (
     "You are a patient tutor for a class of curious children. Answer in one or two short sentences, "
@@ -48,12 +49,6 @@ SYSTEM = (
 ) * 4
 TOPICS = "rain volcanoes bees the moon magnets rainbows clouds whales bread bicycles trains ice deserts owls stars tides".split()
 WORDS = "red blue quiet fast old new small large bright dark happy tired early late warm cold soft loud".split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -176,21 +171,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "llmcli", "serve", "--host", "127.0.0.1", "--port", str(port), "--batch-size", str(args.batch_size), "--max-queue", str(4 * args.clients)]
     cmd += ["--model", args.model] if args.model else []
     cmd += args.serve_arg
-    log = tempfile.NamedTemporaryFile(prefix="llmcli-soak-", suffix=".log", delete=False)
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                sys.exit(f"the server exited with {server.returncode}; log: {log.name}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                sys.exit(f"the server was not healthy after 600 s; log: {log.name}")
-            time.sleep(0.5)
+    with ServerProcess("llmcli serve", cmd, port, ready="/health", timeout=600) as server:
         counts: Counter = Counter()
         statuses: Counter = Counter()
         samples: list[tuple[float, int]] = []
@@ -246,12 +227,6 @@ def main() -> None:
             "load_average": os.getloadavg(),
             "rss_samples": [(round(t, 1), rss) for t, rss in samples[:: max(1, len(samples) // 120)]],
         }
-    finally:
-        server.terminate()
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
     text = json.dumps(summary, indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)
