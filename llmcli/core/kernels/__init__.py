@@ -238,7 +238,10 @@ def _sources() -> list[Path]:
 def _compile_commands(cc: str, level: str, extra_flags: tuple[str, ...], objdir: Path) -> list[list[str]]:
     """One command per source: matvec.c for this machine, the block sources for `level`, without contraction."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    matvec_flags = ["-O3", "-march=native"] + (["-mno-avx512f"] if x86 and level != "avx512" else [])
+    # matvec.c's float32 decode step sums in the order its widest vectors give: built with AVX-512 it
+    # answered differently from an AVX2 machine (SmolLM2's README answer flipped on a near tie), so
+    # it is built for AVX2 on every x86 CPU and a model's answer does not depend on having AVX-512.
+    matvec_flags = ["-O3", "-march=native"] + (["-mno-avx512f"] if x86 else [])
     block_flags = ["-O3", *(_X86_PORTABLE if x86 and level == "portable" else ()), *ISA_FLAGS[level], "-ffp-contract=off"]
     cmds = []
     for src in _sources():
@@ -257,7 +260,9 @@ def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = (), level: str 
         stamp = os.stat(compiler)
     except OSError:
         return None
-    identity = f"{compiler} {stamp.st_size} {stamp.st_mtime_ns} {_cpu_signature()} {level} {' '.join(extra_flags)}"
+    # the flags themselves too: a library built with other flags is another library
+    flags = " ".join(" ".join(cmd[1:-4]) for cmd in _compile_commands(cc, level, extra_flags, folder))
+    identity = f"{compiler} {stamp.st_size} {stamp.st_mtime_ns} {_cpu_signature()} {level} {flags}"
     code = b"".join(path.name.encode() + path.read_bytes() for path in [*_sources(), *(HERE / h for h in HEADERS)])
     digest = hashlib.sha256(code + identity.encode()).hexdigest()[:20]
     target = folder / f"matvec-{digest}.so"
