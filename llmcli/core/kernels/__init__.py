@@ -235,19 +235,20 @@ def _sources() -> list[Path]:
     return [SOURCE] + [HERE / name for name in BLOCK_SOURCES if (HERE / name).is_file()]
 
 
-def _compile_commands(cc: str, level: str, extra_flags: tuple[str, ...], objdir: Path) -> list[list[str]]:
-    """One command per source: matvec.c for this machine, the block sources for `level`, without contraction."""
+def _compile_flags(level: str, extra_flags: tuple[str, ...]) -> dict[Path, list[str]]:
+    """Each source's compiler flags: matvec.c for this machine, the block sources for `level`, without contraction."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     # matvec.c's float32 decode step sums in the order its widest vectors give: built with AVX-512 it
     # answered differently from an AVX2 machine (SmolLM2's README answer flipped on a near tie), so
     # it is built for AVX2 on every x86 CPU and a model's answer does not depend on having AVX-512.
     matvec_flags = ["-O3", "-march=native"] + (["-mno-avx512f"] if x86 else [])
     block_flags = ["-O3", *(_X86_PORTABLE if x86 and level == "portable" else ()), *ISA_FLAGS[level], "-ffp-contract=off"]
-    cmds = []
-    for src in _sources():
-        flags = matvec_flags if src == SOURCE else block_flags
-        cmds.append([cc, *flags, *extra_flags, "-fopenmp", "-fPIC", "-c", str(src), "-o", str(objdir / (src.stem + ".o"))])
-    return cmds
+    return {src: [*(matvec_flags if src == SOURCE else block_flags), *extra_flags, "-fopenmp", "-fPIC"] for src in _sources()}
+
+
+def _compile_commands(cc: str, level: str, extra_flags: tuple[str, ...], objdir: Path) -> list[list[str]]:
+    """One command per source, each into its object file in objdir."""
+    return [[cc, *flags, "-c", str(src), "-o", str(objdir / (src.stem + ".o"))] for src, flags in _compile_flags(level, extra_flags).items()]
 
 
 def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = (), level: str = "portable") -> Kernels | None:
@@ -261,7 +262,7 @@ def _build_and_load(folder: Path, extra_flags: tuple[str, ...] = (), level: str 
     except OSError:
         return None
     # the flags themselves too: a library built with other flags is another library
-    flags = " ".join(" ".join(cmd[1:-4]) for cmd in _compile_commands(cc, level, extra_flags, folder))
+    flags = " ".join(" ".join(each) for each in _compile_flags(level, extra_flags).values())
     identity = f"{compiler} {stamp.st_size} {stamp.st_mtime_ns} {_cpu_signature()} {level} {flags}"
     code = b"".join(path.name.encode() + path.read_bytes() for path in [*_sources(), *(HERE / h for h in HEADERS)])
     digest = hashlib.sha256(code + identity.encode()).hexdigest()[:20]
