@@ -17,7 +17,7 @@ arithmetic as llmcli's, up to summation order), layer by layer and at the logits
   multiplied by it pair after pair (not base^(-2i/d) per pair), libm's cosf / sinf, and the
   rotation as gcc contracts it: fma(x0, cos, -(x1 * sin)), fma(x0, sin, x1 * cos).
 
-Everything else stays llmcli's (torch SDPA for attention, the silu kernel, adds). The point is
+Everything else stays llmcli's (attention.c for attention, the silu kernel, adds). The point is
 the cascade: llama.cpp rounds every matmul input to 8 bits, so a last-bit difference anywhere
 moves a rounding somewhere, and SmolLM2's activation outliers turn one moved rounding into a
 visibly different row two layers later. benchmarks/README.md ("Agreement with llama.cpp") has

@@ -289,6 +289,33 @@ def test_portable_and_simd_builds_give_the_same_bits(pair, t):
         assert np.array_equal(bits(run(portable)), bits(run(simd)))
 
 
+def test_float32_attention_and_gelu_give_the_same_bits_on_every_build(pair):
+    """attention.c and activations.c (what a prefill runs besides the matmuls): portable against
+    AVX2 paths, GQA, a window, rows at different positions."""
+    rng = np.random.default_rng(11)
+    N, nq, nk, D, S = 9, 6, 2, 40, 30
+    q = rng.standard_normal((N, nq, D)).astype(np.float32)
+    kc, vc = (rng.standard_normal((3, nk, S, D)).astype(np.float32) for _ in range(2))
+    rows = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2], dtype=np.int64)
+    pos = np.array([0, 1, 2, 17, 18, 25, 26, 27, 29], dtype=np.int64)
+    gate_up = (rng.standard_normal((7, 2 * 333)) * 4).astype(np.float32)
+
+    def attention(k, window):
+        out = np.zeros_like(q)
+        st = [s // 4 for s in kc.strides[:3]]
+        assert k.attn_tokens_f32(ptr(q), ptr(rows), ptr(pos), ptr(kc), ptr(vc), *st, N, nq, nk, D, window, 0.0, ptr(out)) == 0
+        return out
+
+    def gelu(k):
+        out = np.zeros((7, 333), dtype=np.float32)
+        k.gelu_tanh_mul_f32(ptr(gate_up), ptr(out), 7, 333)
+        return out
+
+    portable, simd = pair
+    for run in (lambda k: attention(k, 0), lambda k: attention(k, 7), gelu):
+        assert np.array_equal(bits(run(portable)), bits(run(simd)))
+
+
 def test_k_that_is_not_whole_blocks_and_unknown_types_are_refused(kernels):
     x = np.zeros((1, 40), dtype=np.float32)
     w = np.zeros(100, dtype=np.uint8)

@@ -35,8 +35,8 @@ from llmcli.tempfiles import owned_tmp
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "matvec.c"
-BLOCK_SOURCES = ("blocks.c", "kquants.c", "attention.c")  # the sources built per ISA level without contraction
-HEADERS = ("blocks.h", "attention.h")
+BLOCK_SOURCES = ("blocks.c", "kquants.c", "attention.c", "activations.c")  # the sources built per ISA level without contraction
+HEADERS = ("blocks.h", "attention.h", "vexp.h")
 
 # the compiler flags of each ISA level for the block sources (x86-64 levels build on the baseline)
 ISA_FLAGS = {
@@ -102,6 +102,9 @@ class Kernels:
         self.silu_mul_f32 = lib.silu_mul_f32
         self.silu_mul_f32.argtypes = [vp, vp, i, i]
         self.silu_mul_f32.restype = None
+        self.gelu_tanh_mul_f32 = lib.gelu_tanh_mul_f32  # activations.c: one order on every ISA
+        self.gelu_tanh_mul_f32.argtypes = [vp, vp, i, i]
+        self.gelu_tanh_mul_f32.restype = None
         i64 = ctypes.c_int64
         self.attn_decode_f32 = lib.attn_decode_f32
         self.attn_decode_f32.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, vp]

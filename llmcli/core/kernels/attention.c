@@ -6,12 +6,14 @@
  * own keys and values only. torch's SDPA does not promise that (its CPU kernel tiles queries and
  * keys by the call's shapes), so attention runs here:
  *
- *   - every (token, head) pair is computed on its own: scores over keys lo..pos of the token's
+ *   - every (token, head) pair is computed as on its own: scores over keys lo..pos of the token's
  *     cache row in key order, max, exp, sum and the weighted sum of values, each in one written
  *     order. The thread, the number of tokens in the call and where a chunk starts do not enter.
+ *     The loops of a tile (the query heads of one key head, a few tokens of one row) are only
+ *     interleaved, so that each key and value is read once for all of them.
  *   - the AVX2 and portable paths give the same bits: both accumulate dot products in 8 lanes
  *     (lane j takes elements j, j+8, ...) and combine the lanes in one order, exp is one
- *     polynomial written with the same operations in both, and this file is compiled with
+ *     polynomial written with the same operations in both (vexp.h), and this file is compiled with
  *     -ffp-contract=off (no fused multiply-add anywhere).
  *   - a decode step (attn_decode_f32, which matvec.c's decode_blocks_f32 calls) runs the same row
  *     function after roping in C with separately rounded products, which is exactly what torch's
@@ -25,11 +27,8 @@
 #include <omp.h>
 
 #include "attention.h"
+#include "vexp.h"
 
-#if defined(__AVX2__) && !defined(LLMCLI_PORTABLE)
-#include <immintrin.h>
-#define ATTN_AVX2 1
-#endif
 
 int matvec_threads(void); /* matvec.c: --threads, shared by every parallel region */
 
@@ -41,9 +40,14 @@ static inline float combine_lanes(const float *a) { return ((a[0] + a[4]) + (a[2
 static float dot_lanes(const float *x, const float *y, int n) {
     float lanes[LANES];
     int i = 0;
-#ifdef ATTN_AVX2
+#ifdef VEC_AVX2
     __m256 acc = _mm256_setzero_ps();
     for (; i + LANES <= n; i += LANES) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    if (i == n) { /* combine_lanes' order in registers: (a0+a4, a1+a5, a2+a6, a3+a7), then halves, then the two */
+        __m128 quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+    }
     _mm256_storeu_ps(lanes, acc);
 #else
     for (int j = 0; j < LANES; j++) lanes[j] = 0.0f;
@@ -54,50 +58,11 @@ static float dot_lanes(const float *x, const float *y, int n) {
     return combine_lanes(lanes);
 }
 
-/* exp(x) for x <= 0 (scores minus their max): x = n ln2 + f, |f| <= ln2 / 2, a degree-6
- * polynomial for exp(f) (Cephes' expf coefficients), times 2^n built from its bits. Inputs below
- * -87 give exp(-87) ~ 1.6e-38, which adds nothing next to the max's 1. Relative error ~2e-7. */
-#define EXP_LOW -87.0f
-#define EXP_LOG2E 1.44269504088896341f
-#define EXP_LN2_HI 0.693359375f
-#define EXP_LN2_LO -2.12194440e-4f
-#define EXP_ROUND 12582912.0f /* 1.5 * 2^23: adding and subtracting it rounds to the nearest integer */
-static const float EXP_P[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
-static inline float exp_scalar(float x) {
-    x = x < EXP_LOW ? EXP_LOW : x;
-    float n = (x * EXP_LOG2E + EXP_ROUND) - EXP_ROUND;
-    float f = x - n * EXP_LN2_HI;
-    f = f - n * EXP_LN2_LO;
-    float p = EXP_P[0];
-    for (int i = 1; i < 6; i++) p = p * f + EXP_P[i];
-    p = p * (f * f) + (f + 1.0f);
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-#ifdef ATTN_AVX2
-static inline __m256 exp_avx2(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(EXP_LOW));
-    const __m256 round = _mm256_set1_ps(EXP_ROUND);
-    __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(EXP_LOG2E)), round), round);
-    __m256 f = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(EXP_LN2_HI)));
-    f = _mm256_sub_ps(f, _mm256_mul_ps(n, _mm256_set1_ps(EXP_LN2_LO)));
-    __m256 p = _mm256_set1_ps(EXP_P[0]);
-    for (int i = 1; i < 6; i++) p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(EXP_P[i]));
-    p = _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(f, f)), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-#endif
-
 /* a[i] = exp(a[i] - top) for i < n; returns their sum (8 lanes, combined in one order) */
 static float softmax_numerators(float *a, int n, float top) {
     float lanes[LANES];
     int i = 0;
-#ifdef ATTN_AVX2
+#ifdef VEC_AVX2
     __m256 sum = _mm256_setzero_ps(), t = _mm256_set1_ps(top);
     for (; i + LANES <= n; i += LANES) {
         __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(a + i), t));
@@ -117,27 +82,57 @@ static float softmax_numerators(float *a, int n, float top) {
 /* acc[d] += p * v[d]: element by element (no reduction), so both paths round alike */
 static void axpy(float *acc, float p, const float *v, int D) {
     int i = 0;
-#ifdef ATTN_AVX2
+#ifdef VEC_AVX2
     __m256 pv = _mm256_set1_ps(p);
     for (; i + LANES <= D; i += LANES) _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_mul_ps(pv, _mm256_loadu_ps(v + i))));
 #endif
     for (; i < D; i++) acc[i] = acc[i] + p * v[i];
 }
 
-/* One query row: out = softmax(scale * q . k[lo..hi)) v[lo..hi); scores: scratch of hi - lo */
-static void attend_row(const float *q, const float *kh, const float *vh, int64_t ss, int64_t lo, int64_t hi, int D, float scale, float *scores,
-                       float *out) {
-    float top = -INFINITY;
-    for (int64_t s = lo; s < hi; s++) {
-        float score = dot_lanes(q, kh + s * ss, D) * scale;
-        scores[s - lo] = score;
-        top = score > top ? score : top;
+/* A tile: the `nqt` queries that read the same keys, the query heads of one key head for up to
+ * TILE_TOKENS consecutive tokens of one cache row. Each query is computed exactly as on its own:
+ * scores over its keys lo..hi in key order, max, exp and sum, the weighted sum of values in key
+ * order; only the loops are interleaved, so that every key and value is read once per tile. */
+#define TILE_TOKENS 4
+
+typedef struct {
+    const float *q; /* the query, D values */
+    float *out;     /* its output, D values */
+    float *scores;  /* its scratch, hi - lo values */
+    int64_t lo, hi; /* its keys */
+    float top, total;
+} Query;
+
+static void attend_tile(Query *qs, int nqt, const float *kh, const float *vh, int64_t ss, int D, float scale) {
+    int64_t lo = qs[0].lo, hi = qs[0].hi;
+    for (int j = 0; j < nqt; j++) {
+        lo = qs[j].lo < lo ? qs[j].lo : lo;
+        hi = qs[j].hi > hi ? qs[j].hi : hi;
+        qs[j].top = -INFINITY;
     }
-    float total = softmax_numerators(scores, (int)(hi - lo), top);
-    for (int i = 0; i < D; i++) out[i] = 0.0f;
-    for (int64_t s = lo; s < hi; s++) axpy(out, scores[s - lo], vh + s * ss, D);
-    float inv = 1.0f / total;
-    for (int i = 0; i < D; i++) out[i] = out[i] * inv;
+    for (int64_t s = lo; s < hi; s++) {
+        const float *k = kh + s * ss;
+        for (int j = 0; j < nqt; j++) {
+            Query *p = &qs[j];
+            if (s < p->lo || s >= p->hi) continue;
+            float score = dot_lanes(p->q, k, D) * scale;
+            p->scores[s - p->lo] = score;
+            p->top = score > p->top ? score : p->top;
+        }
+    }
+    for (int j = 0; j < nqt; j++) {
+        qs[j].total = softmax_numerators(qs[j].scores, (int)(qs[j].hi - qs[j].lo), qs[j].top);
+        for (int i = 0; i < D; i++) qs[j].out[i] = 0.0f;
+    }
+    for (int64_t s = lo; s < hi; s++) {
+        const float *v = vh + s * ss;
+        for (int j = 0; j < nqt; j++)
+            if (s >= qs[j].lo && s < qs[j].hi) axpy(qs[j].out, qs[j].scores[s - qs[j].lo], v, D);
+    }
+    for (int j = 0; j < nqt; j++) {
+        float inv = 1.0f / qs[j].total;
+        for (int i = 0; i < D; i++) qs[j].out[i] = qs[j].out[i] * inv;
+    }
 }
 
 int attn_tokens_f32(const float *q, const int64_t *row, const int64_t *pos, const float *kc, const float *vc, int64_t sb, int64_t sh, int64_t ss,
@@ -150,23 +145,40 @@ int attn_tokens_f32(const float *q, const int64_t *row, const int64_t *pos, cons
         longest = span > longest ? span : longest;
     }
     if (!(scale > 0.0f)) scale = 1.0f / sqrtf((float)D);
+    /* token runs: up to TILE_TOKENS consecutive tokens of one row start at first[r] */
+    int *first = (int *)malloc(sizeof(int) * ((size_t)N + 1));
+    if (first == NULL) return -1;
+    int runs = 0;
+    for (int t = 0; t < N; t++)
+        if (t == 0 || t - first[runs - 1] == TILE_TOKENS || (row ? row[t] != row[t - 1] : 1)) first[runs++] = t;
+    first[runs] = N;
     int group = nq / nk, failed = 0;
-    int pairs = N * nq;
-#pragma omp parallel num_threads(matvec_threads()) reduction(| : failed) if (pairs > 1)
+    int tiles = runs * nk, per_tile = TILE_TOKENS * group;
+#pragma omp parallel num_threads(matvec_threads()) reduction(| : failed) if (tiles > 1)
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)longest);
-        const int mine = scores == NULL; /* every thread runs the loop below: no thread may skip the worksharing */
+        float *scores = (float *)malloc(sizeof(float) * (size_t)longest * per_tile);
+        Query *qs = (Query *)malloc(sizeof(Query) * per_tile);
+        const int mine = scores == NULL || qs == NULL; /* every thread runs the loop below: no thread may skip the worksharing */
         failed |= mine;
-#pragma omp for schedule(static)
-        for (int th = 0; th < pairs; th++) {
+        /* round robin: a causal prefill's later tiles read more keys, so contiguous halves would leave one thread most of the work */
+#pragma omp for schedule(static, 1)
+        for (int tile = 0; tile < tiles; tile++) {
             if (mine) continue;
-            int t = th / nq, h = th % nq, g = h / group;
-            int64_t b = row ? row[t] : t;
-            int64_t hi = pos[t] + 1, lo = (window > 0 && hi > window) ? hi - window : 0;
-            attend_row(q + (size_t)th * D, kc + b * sb + g * sh, vc + b * sb + g * sh, ss, lo, hi, D, scale, scores, out + (size_t)th * D);
+            int r = tile / nk, g = tile % nk, nqt = 0;
+            int64_t b = row ? row[first[r]] : first[r];
+            for (int t = first[r]; t < first[r + 1]; t++) {
+                int64_t hi = pos[t] + 1, lo = (window > 0 && hi > window) ? hi - window : 0;
+                for (int h = g * group; h < (g + 1) * group; h++, nqt++) {
+                    size_t at = ((size_t)t * nq + h) * D;
+                    qs[nqt] = (Query){q + at, out + at, scores + (size_t)nqt * longest, lo, hi, 0.0f, 0.0f};
+                }
+            }
+            attend_tile(qs, nqt, kc + b * sb + g * sh, vc + b * sb + g * sh, ss, D, scale);
         }
         free(scores);
+        free(qs);
     }
+    free(first);
     return failed ? -1 : 0;
 }
 

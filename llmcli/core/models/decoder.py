@@ -5,7 +5,10 @@ what differs: its blocks, its embedding, its final norm and output, and per laye
 `AttentionSpec` (sliding window or none, which rope). `Decoder.forward` is the one loop: positions
 from the KV cache, a `Step` that tells each layer whether SDPA's plain causal flag is its mask
 (mlx-lm's `create_attention_mask` decision, made once), the rope tables each spec needs, the hidden
-states and attention maps asked for, the cache advance and the logits.
+states and attention maps asked for, the cache advance and the logits. With the native kernels
+(float32 on the CPU) every step's attention runs on attention.c, one fixed summation order per
+(token, head): a model's numbers then do not depend on the ISA torch's SDPA would dispatch to
+(AVX-512 or AVX2), nor on the batch a sequence shares. Without them, SDPA with that mask choice.
 
 `Decoder.forward_packed` is the scheduler's forward: the tokens of many sequences (decode tokens
 and prompt chunks, each at its own cache row and position) flattened into one (1, N) batch, so
@@ -56,17 +59,8 @@ class Packed:
         cache.k[layer][self.rows, :, self.positions] = k[0]  # (N, Hkv, hd) at (row, :, position)
         cache.v[layer][self.rows, :, self.positions] = v[0]
         kc, vc = cache.k[layer], cache.v[layer]
-        if self.kernels is not None and q.dtype == torch.float32 and q.device.type == "cpu" and kc.dtype == torch.float32:
-            qc = q[0].contiguous()  # (N, H, hd)
-            out = torch.empty_like(qc)
-            sb, sh, ss, _ = kc.stride()
-            status = self.kernels.attn_tokens_f32(
-                qc.data_ptr(), self.rows.data_ptr(), self.positions.data_ptr(), kc.data_ptr(), vc.data_ptr(), sb, sh, ss,
-                N, H, kc.shape[1], hd, window or 0, scale or 0.0, out.data_ptr(),
-            )  # fmt: skip
-            if status != 0:
-                raise MemoryError(f"not enough memory for the attention scratch of {N} tokens")
-            return out.view(1, N, H * hd)
+        if native_attention_fits(self.kernels, q, kc, vc):
+            return native_attention(self.kernels, q[0], self.rows, self.positions, kc, vc, window, scale).view(1, N, H * hd)
         return self._attend_torch(kc, vc, q, window, scale)
 
     def _attend_torch(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, window: int | None, scale: float | None) -> torch.Tensor:
@@ -83,6 +77,37 @@ class Packed:
         return out.view(1, N, H * hd)
 
 
+def native_attention_fits(kernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether attention.c can run these tensors: float32 on the CPU."""
+    return (
+        kernels is not None
+        and q.device.type == "cpu"
+        and q.dtype == k.dtype == v.dtype == torch.float32
+    )
+
+
+def native_attention(
+    kernels, q: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None
+) -> torch.Tensor:
+    """attention.c for tokens q (N, H, hd): token t attends to keys 0..positions[t] (the last `window`
+    of them) of row rows[t] of k, v (B, Hkv, S, hd), the key at index s being position s.
+    Returns (N, H, hd). Each (token, head) is summed in one written order, the same bits with or
+    without AVX-512 and whatever the batch or chunking (attention.c)."""
+    qc = q.contiguous()
+    if k.stride(-1) != 1 or k.stride() != v.stride():  # one set of strides for both (a cache's already are)
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty_like(qc)
+    N, H, hd = qc.shape
+    sb, sh, ss, _ = k.stride()
+    status = kernels.attn_tokens_f32(
+        qc.data_ptr(), rows.contiguous().data_ptr(), positions.contiguous().data_ptr(), k.data_ptr(), v.data_ptr(), sb, sh, ss,
+        N, H, k.shape[1], hd, window or 0, scale or 0.0, out.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"not enough memory for the attention scratch of {N} tokens")
+    return out
+
+
 @dataclass
 class Step:
     """One forward's view of the sequence, shared by every layer."""
@@ -93,6 +118,7 @@ class Step:
     span: int  # keys 0..span-1 exist after this step
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # spec.rope -> cos, sin (B, T, rot)
     packed: Packed | None = None  # a packed step (forward_packed): B = 1, tokens of many rows
+    kernels: object | None = None  # the native kernels: attention runs on attention.c (float32, CPU)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, want_probs: bool):
         """A layer's cache write and attention: q (B, T, H, hd), k, v (B, T, Hkv, hd) after rope.
@@ -100,10 +126,17 @@ class Step:
         B, T, H, hd = q.shape
         if self.packed is not None:
             return self.packed.attend(self.cache, layer, q, k, v, window, scale), None
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        qt, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if self.cache is not None:
             k, v = self.cache.update(layer, k, v, self.positions)  # (B, Hkv, S, hd)
-        out, probs = attend(q, k, v, self, window, want_probs, scale)
+        if not want_probs and native_attention_fits(self.kernels, q, k, v):
+            # not SDPA: its CPU kernels sum in an order that depends on the ISA torch dispatches to
+            # (AVX-512 or AVX2) and on the call's shapes, and a quantized model's 8-bit activation
+            # rounding turns those last bits into different perplexities on different machines
+            rows = torch.arange(B, device=q.device).repeat_interleave(T)
+            out = native_attention(self.kernels, q.reshape(B * T, H, hd), rows, self.positions.reshape(-1), k, v, window, scale)
+            return out.view(B, T, H * hd), None
+        out, probs = attend(qt, k, v, self, window, want_probs, scale)
         return out.transpose(1, 2).reshape(B, T, H * hd), probs  # (B, T, H*hd)
 
     def plain(self, window: int | None) -> bool:
@@ -159,7 +192,7 @@ class Decoder(nn.Module):
 
     config: object
     specs: list[AttentionSpec]
-    _kernels = None  # the native kernels (use_kernels): packed steps' attention runs on attention.c
+    _kernels = None  # the native kernels (use_kernels): every step's attention runs on attention.c
 
     def use_kernels(self, kernels) -> None:
         self._kernels = kernels
@@ -249,7 +282,7 @@ class Decoder(nn.Module):
         span = int(positions.max()) + 1
         self.check_length(span)
         x = self.add_positions(x, positions)
-        step = Step(positions, cache, uniform, span, self.rope_tables(positions, x.dtype))
+        step = Step(positions, cache, uniform, span, self.rope_tables(positions, x.dtype), kernels=self._kernels)
         hidden: dict[int, torch.Tensor] = {}
         attentions: dict[int, torch.Tensor] = {}
         if 0 in output_hidden:

@@ -128,6 +128,17 @@ class Attention(nn.Module):
         return self.o_proj(out), probs
 
 
+# hidden_act -> the native kernel for act(gate) * up: matvec.c's silu, activations.c's tanh gelu
+# (the one order on every ISA; torch's tanh depends on the vector library it dispatches to)
+NATIVE_GATED = {
+    "silu": "silu_mul_f32",
+    "swish": "silu_mul_f32",
+    "gelu_pytorch_tanh": "gelu_tanh_mul_f32",
+    "gelu_new": "gelu_tanh_mul_f32",
+    "gelu_fast": "gelu_tanh_mul_f32",
+}
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -137,7 +148,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
         self.act = activation(config.hidden_act)
-        self.kernels = None  # set by Model.use_kernels (silu only: the native kernel is silu(gate) * up)
+        self.native_act = NATIVE_GATED.get(config.hidden_act)  # the kernel computing act(gate) * up, if any
+        self.kernels = None  # set by Model.use_kernels when native_act is not None
 
     def fuse(self) -> None:
         self.gate_up_proj = fuse_linears([self.gate_proj, self.up_proj])
@@ -148,7 +160,7 @@ class MLP(nn.Module):
             gate_up = self.gate_up_proj(x).contiguous()  # (..., 2 I)
             inter = gate_up.shape[-1] // 2
             h = torch.empty((*gate_up.shape[:-1], inter), dtype=torch.float32)
-            self.kernels.silu_mul_f32(gate_up.data_ptr(), h.data_ptr(), gate_up.numel() // gate_up.shape[-1], inter)
+            getattr(self.kernels, self.native_act)(gate_up.data_ptr(), h.data_ptr(), gate_up.numel() // gate_up.shape[-1], inter)
             return self.down_proj(h)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -247,11 +259,11 @@ class Model(Decoder):
             block.mlp.fuse()
 
     def use_kernels(self, kernels) -> None:
-        """Run norms, the MLP activation and whole decode steps on the native kernels (float32, CPU)."""
+        """Run norms, the gated MLP activation and whole decode steps on the native kernels (float32, CPU)."""
         self._kernels = kernels
         self._blocks_desc = None
         for module in self.modules():
-            if isinstance(module, RMSNorm) or (isinstance(module, MLP) and self.config.hidden_act == "silu"):
+            if isinstance(module, RMSNorm) or (isinstance(module, MLP) and module.native_act is not None):
                 module.kernels = kernels
 
     def _native_blocks(self):
@@ -266,7 +278,7 @@ class Model(Decoder):
             for block in self.model.layers:
                 attn, mlp = block.self_attn, block.mlp
                 parts = [describe(p) if p is not None else None for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-                if any(p is None for p in parts) or mlp.kernels is None:
+                if any(p is None for p in parts) or mlp.kernels is None or mlp.native_act != "silu_mul_f32":  # the fused block knows silu only
                     self._blocks_desc = False
                     return None
                 norms = block.input_layernorm.weight.data_ptr(), block.post_attention_layernorm.weight.data_ptr()
