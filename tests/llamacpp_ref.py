@@ -67,13 +67,30 @@ def llamacpp_tokenize(path: Path | str, text: str, add_bos: bool = False) -> lis
         vocab.close()
 
 
-def perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    """exp(mean negative log-likelihood) of ids[1:] under logits[:-1] (float64 log-softmax)."""
+def token_nll(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """The negative log-likelihood of each of ids[1:] under logits[:-1] (float64 log-softmax)."""
     x = np.asarray(logits[:-1], dtype=np.float64)
     top = x.max(axis=-1, keepdims=True)
     log_z = top[:, 0] + np.log(np.exp(x - top).sum(axis=-1))
-    targets = x[np.arange(len(ids) - 1), np.asarray(ids[1:])]
-    return math.exp(float(np.mean(log_z - targets)))
+    return log_z - x[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+
+
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of ids[1:] under logits[:-1]."""
+    return math.exp(float(np.mean(token_nll(logits, ids))))
+
+
+def log_perplexity_allowance(ours: np.ndarray, reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """(|log ppl ours - log ppl reference|, what that may be) from per-token NLLs on the same ids.
+
+    With 8-bit activation rounding, any change in the last bits upstream (an F16 K/V cache, another
+    summation order) moves a quantized model's perplexity by a few tenths of a percent, so a fixed
+    bound is a coin flip. llmcli may differ from llama.cpp's reference run (F32 K/V) as much as
+    llama.cpp's other run (its default, F16 K/V) does, plus three standard errors of the mean of
+    the paired per-token differences (the sampling error of N tokens)."""
+    diff = ours - reference
+    allowed = abs(float(np.mean(other - reference))) + 3 * float(np.std(diff, ddof=1)) / math.sqrt(len(diff))
+    return abs(float(np.mean(diff))), allowed
 
 
 def top1_agreement(ours: np.ndarray, reference: np.ndarray) -> float:

