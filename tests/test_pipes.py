@@ -226,6 +226,41 @@ def test_tokenize_streams_record_by_record(tiny, env):
     assert json.loads(lines.get(timeout=10))["id"] == 2
 
 
+@pytest.mark.parametrize("flags", [[], ["--stream"], ["--skip-errors", "--samples", "2"]])
+def test_generate_answers_each_line_before_the_next_arrives(tiny, env, flags):
+    """A line's answer comes back while stdin stays open with nothing more on it: generate reads
+    its input on a read-ahead thread and never waits for the next line with an answer due (it used
+    to wait for the next line, or the end of the input). With --skip-errors a bad line between two
+    good ones is skipped without holding up the first one either."""
+    proc = subprocess.Popen(llmcli("generate", "-m", tiny, "-n", "3", "--temperature", "0", *flags), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    samples = 2 if "--samples" in flags else 1
+
+    def answers_of(record_id: int) -> list[dict]:
+        got = []
+        while len(got) < samples:
+            record = json.loads(lines.get(timeout=120))  # stdin is still open: the answer came back on its own
+            if "delta" not in record:
+                got.append(record)
+        assert all(r["id"] == record_id and len(r["generated_ids"]) == 3 for r in got), got
+        return got
+
+    try:
+        proc.stdin.write(json.dumps({"id": 1, "ids": [5, 6, 7]}) + "\n" + ("not json\n" if "--skip-errors" in flags else ""))
+        proc.stdin.flush()
+        first = answers_of(1)
+        assert proc.poll() is None
+        proc.stdin.write(json.dumps({"id": 2, "ids": [5, 6, 7]}) + "\n")
+        proc.stdin.flush()
+        second = answers_of(2)
+    finally:
+        proc.stdin.close()
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert [r["generated_ids"] for r in first] == [r["generated_ids"] for r in second]  # greedy, the same prompt
+    assert lines.empty()
+
+
 def test_generate_into_head_exits_quietly(tiny, env, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": TEXTS[i % 3]}) + "\n" for i in range(200)))

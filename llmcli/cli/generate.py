@@ -133,11 +133,19 @@ def generate(
 
         prompt_cache = load_prompt_cache(cache, engine.loaded)
     bad = BadLines(source, skip_errors)
+    # requests are made on the engine's read-ahead thread (reading, parsing, tokenizing) and put
+    # in `made`; `records` (in admission order, the order results are written) is kept on this
+    # thread only, by on_admit, so nothing iterates a dict that the other thread changes
+    made: dict[int, tuple[int, dict]] = {}
     records: dict[int, tuple[int, dict]] = {}
+
     def requests():
         # all the requests of a line are made before the first is yielded, so a bad line yields none
         for _, line_requests in bad.results(stream_in, lambda line: list(make_requests(line.record, line.number))):
             yield from line_requests
+
+    def on_admit(request) -> None:
+        records[id(request)] = made.pop(id(request))
 
     def make_requests(record: dict, number: int):
         ids = options.prompt_ids(record, number, tokenizer, vocab, context)
@@ -149,7 +157,7 @@ def generate(
             check_prefix(cached_ids, ids, cache, number)
             kv = (k, v)
         for req in options.requests(record, number, ids, kv):
-            records[id(req)] = (number, record)
+            made[id(req)] = (number, record)
             yield req
 
     writer = RecordWriter(open_output(output))
@@ -169,7 +177,8 @@ def generate(
         bar.on_event(event)
 
     with make_progress(progress, "generating") as bar:
-        for result in engine.iter_results(requests(), on_event=on_event):
+        # read ahead: a line still on its way never holds up the answers to the lines before it
+        for result in engine.iter_results(requests(), on_event=on_event, on_admit=on_admit, read_ahead=True):
             _, record = records.pop(id(result.request))
             writer.write(options.output(record, result, tokenizer))
             if held:
