@@ -77,6 +77,11 @@ CASES = {
     "gemma3 attention soft-capping": (edit_config(model_type="gemma3_text", attn_logit_softcapping=50.0), ["config.json", "attn_logit_softcapping=50.0"]),
     "gemma3 layer types": (edit_config(model_type="gemma3_text", layer_types=["full_attention", "chunked_attention"]), ["config.json", "layer_types", "chunked_attention"]),
     "multimodal gemma3": (edit_config(model_type="gemma3"), ["unknown architecture 'gemma3'", "gemma3_text"]),
+    # a lying config.json is refused before a module is built from it (a million layers took minutes)
+    "a million layers": (edit_config(num_hidden_layers=10**6), ["config.json", "num_hidden_layers=1000000", "download the model again"]),
+    "more layers than weights": (edit_config(num_hidden_layers=5), ["config.json", "declares 5 layers but holds tensors for 2"]),
+    "a huge hidden size": (edit_config(hidden_size=2**20), ["config.json", "hidden_size=1048576"]),
+    "heads not in groups": (edit_config(num_key_value_heads=3), ["config.json", "4 attention heads in groups of 3 KV heads"]),
 }
 
 

@@ -15,6 +15,7 @@ import torch
 
 from llmcli.core.config import ModelConfig
 from llmcli.core.models import family_module
+from llmcli.core.models.registry import REDOWNLOAD_HF, check_sizes
 from llmcli.core.tokenizer import Tokenizer, load_tokenizer
 from llmcli.errors import ModelError, UsageError
 
@@ -109,6 +110,7 @@ def load_model(
     elif path.is_dir():
         config = read_config(path)
         tensors = weights.read_safetensors(path)
+        check_sizes(config, tensors, str(path / "config.json"), REDOWNLOAD_HF)
         family = family_module(config)
         with torch.device("meta"), _skip_init():
             module = family.Model(config)

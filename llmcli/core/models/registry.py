@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterable
 
 from llmcli.errors import ModelError
 
@@ -141,22 +141,27 @@ SIZE_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 17, "num_hidden_layers
                "num_key_value_heads": 1 << 12, "head_dim": 1 << 14, "max_position_embeddings": 1 << 24}
 
 
-def check_sizes(config, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """The sizes a GGUF's metadata declares, checked before any module is built from them: whole
-    positive numbers within SIZE_LIMITS, heads in whole groups, and no more layers than the
-    file holds tensors for (a lying block_count would otherwise build millions of layers)."""
+REDOWNLOAD_HF = "its config.json does not describe the weights beside it; download the model again"
+
+
+def check_sizes(config, names: Iterable[str], source: str, hint: str = REDOWNLOAD_GGUF) -> None:
+    """The sizes a GGUF's metadata or an HF directory's config.json declares, checked before any
+    module is built from them: whole positive numbers within SIZE_LIMITS, heads in whole groups,
+    and no more layers than the weights hold tensors for (a lying block_count or
+    num_hidden_layers would otherwise build millions of layers). names: the weights' tensor names,
+    whose first all-digit part is the layer (GGUF blk.N.*, HF model.layers.N.*, h.N.*, layer.N.*)."""
     for key, limit in SIZE_LIMITS.items():
         value = getattr(config, key, None)
         if value is None and key == "head_dim":
             continue
         if type(value) is not int or not 1 <= value <= limit:
-            raise ModelError(f"{source} declares {key}={value!r}, not a whole number from 1 to {limit}", REDOWNLOAD_GGUF)
+            raise ModelError(f"{source} declares {key}={value!r}, not a whole number from 1 to {limit}", hint)
     if config.num_attention_heads % config.num_key_value_heads:
-        raise ModelError(f"{source} declares {config.num_attention_heads} attention heads in groups of {config.num_key_value_heads} KV heads, which do not divide", REDOWNLOAD_GGUF)
-    if shapes:
-        layers = {name.split(".")[1] for name in shapes if name.startswith("blk.") and name.count(".") >= 2}
-        if config.num_hidden_layers > len(layers):
-            raise ModelError(f"{source} declares {config.num_hidden_layers} layers but holds tensors for {len(layers)}", REDOWNLOAD_GGUF)
+        raise ModelError(f"{source} declares {config.num_attention_heads} attention heads in groups of {config.num_key_value_heads} KV heads, which do not divide", hint)
+    names = list(names)
+    layers = {next((part for part in name.split(".") if part.isdigit()), None) for name in names} - {None}
+    if names and config.num_hidden_layers > len(layers):  # no names: only the metadata is read
+        raise ModelError(f"{source} declares {config.num_hidden_layers} layers but holds tensors for {len(layers)}", hint)
 
 
 def rope_dimensions(get: MetadataGetter, head_dim: int, source: str, arch: str) -> None:
