@@ -5,18 +5,18 @@
 
 Tools (each repetition runs every tool once, one fresh subprocess per tool and repetition, so
 the peak RSS of one tool never includes another's, and slow drifts of the machine hit all alike):
-  llmcli           the engine on the GGUF dequantized to float32 (core prefill; Engine greedy decode)
+  llmcli           the engine on the GGUF's own blocks, mapped from the file (core prefill; Engine greedy decode)
   llmcli int8      the same with --quantize int8 (Q8_0-style 8-bit weights, float32 activations)
   transformers     AutoModelForCausalLM.from_pretrained(dir, gguf_file=...), float32 (forward; generate)
   llama.cpp Q4_1   llama_cpp.Llama on the original Q4_1 GGUF
   llama.cpp Q8_0   llama_cpp.Llama on a Q8_0 GGUF made from it with llama.cpp's own quantizer
 
-Same file (issue 13, item 7): for every GGUF in --files, llmcli (whatever its loader does with the
-file: today it dequantizes to float32) and llama.cpp on that very file, one after the other in each
+Same file (issue 13, item 7): for every GGUF in --files, llmcli (its blocks mapped from the file,
+activations rounded to 8-bit blocks as ggml does) and llama.cpp on that very file, one after the other in each
 repetition: SmolLM2 Q4_1, a Q8_0 and a Q4_K_M that llama.cpp's quantizer makes of it, and the
 random-weight Llama-3.2-1B-shaped Q4_K_M of benchmarks/make_random_gguf.py. llmcli loads each file
-once before the repetitions, untimed (today its first load dequantizes and writes its cache; the
-measured loads are the later ones every command sees). Each row also has the
+once before the repetitions, untimed (its first load compiles the kernels and writes the
+tokenizer cache; the measured loads are the later ones every command sees). Each row also has the
 load time, the time to first token (start of the load to the argmax of a cold --prompt-token
 prefill, page cache warm) and peak RSS against issue 13's budget, 1.25 x file + KV cache + 200 MiB.
 
