@@ -291,7 +291,7 @@ def test_portable_and_simd_builds_give_the_same_bits(pair, t):
 
 def test_float32_attention_and_gelu_give_the_same_bits_on_every_build(pair):
     """attention.c and activations.c (what a prefill runs besides the matmuls): portable against
-    AVX2 paths, GQA, a window, rows at different positions."""
+    AVX2 paths, GQA, a window, rows at different positions, GeGLU, LayerNorm and plain gelu."""
     rng = np.random.default_rng(11)
     N, nq, nk, D, S = 9, 6, 2, 40, 30
     q = rng.standard_normal((N, nq, D)).astype(np.float32)
@@ -311,8 +311,20 @@ def test_float32_attention_and_gelu_give_the_same_bits_on_every_build(pair):
         k.gelu_tanh_mul_f32(ptr(gate_up), ptr(out), 7, 333)
         return out
 
+    def layer_norm(k):
+        out = np.zeros((7, 333), dtype=np.float32)
+        x, w, b = gate_up[:, :333].copy(), gate_up[0, :333].copy(), gate_up[1, :333].copy()  # held: ptr() keeps no reference
+        k.layer_norm_f32(ptr(x), ptr(w), ptr(b), ptr(out), 7, 333, 1e-5)
+        return out
+
+    def plain_gelu(k):
+        x = gate_up[:, :333].copy()
+        out = np.zeros_like(x)
+        k.gelu_tanh_f32(ptr(x), ptr(out), 7, 333)
+        return out
+
     portable, simd = pair
-    for run in (lambda k: attention(k, 0), lambda k: attention(k, 7), gelu):
+    for run in (lambda k: attention(k, 0), lambda k: attention(k, 7), gelu, layer_norm, plain_gelu):
         assert np.array_equal(bits(run(portable)), bits(run(simd)))
 
 

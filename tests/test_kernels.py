@@ -117,6 +117,18 @@ def test_rms_norm_and_silu_mul(kernels):
     torch.testing.assert_close(h, F.silu(gu[:, :1536]) * gu[:, 1536:], atol=1e-5, rtol=1e-5)
 
 
+def test_layer_norm_and_gelu_tanh(kernels):
+    """activations.c's LayerNorm and plain tanh gelu (GPT-2's) against torch's in float64."""
+    x = rand(6, 770, seed=5) * 3 + 1.5
+    w, b = rand(770, seed=6), rand(770, seed=7)
+    out = torch.empty_like(x)
+    kernels.layer_norm_f32(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), 6, 770, 1e-5)
+    torch.testing.assert_close(out.double(), F.layer_norm(x.double(), (770,), w.double(), b.double(), 1e-5), atol=1e-5, rtol=1e-5)
+    h = torch.empty_like(x)
+    kernels.gelu_tanh_f32(x.data_ptr(), h.data_ptr(), 6, 770)
+    torch.testing.assert_close(h.double(), F.gelu(x.double(), approximate="tanh"), atol=1e-5, rtol=2e-6)
+
+
 def test_gelu_tanh_mul(kernels):
     """activations.c's GeGLU against torch's tanh gelu in float64, tails past exp's clamps included."""
     gu = rand(5, 2 * 1030, seed=4) * 4
@@ -202,9 +214,9 @@ torch.save([first, second, step, loaded.module(ids).logits], sys.argv[4])
 """
 
 
-# GPT-2 is not here: its LayerNorm and plain gelu still run on torch
 @pytest.mark.parametrize(
-    "kind, quantize", [("llama", "q4_k"), ("qwen2", "none"), ("qwen3", "q4_k"), ("mistral-window", "none"), ("phi3", "q4_k"), ("gemma3", "none"), ("gemma3", "q4_k")]
+    "kind, quantize",
+    [("llama", "q4_k"), ("qwen2", "none"), ("qwen3", "q4_k"), ("mistral-window", "none"), ("phi3", "q4_k"), ("gemma3", "none"), ("gemma3", "q4_k"), ("gpt2", "none")],
 )
 def test_kernels_forward_does_not_depend_on_torchs_vector_isa(kind, quantize, tmp_path):
     """The same bits whether torch dispatches to its AVX-512, AVX2 or unvectorized CPU kernels

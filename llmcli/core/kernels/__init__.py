@@ -105,6 +105,12 @@ class Kernels:
         self.gelu_tanh_mul_f32 = lib.gelu_tanh_mul_f32  # activations.c: one order on every ISA
         self.gelu_tanh_mul_f32.argtypes = [vp, vp, i, i]
         self.gelu_tanh_mul_f32.restype = None
+        self.gelu_tanh_f32 = lib.gelu_tanh_f32
+        self.gelu_tanh_f32.argtypes = [vp, vp, i, i]
+        self.gelu_tanh_f32.restype = None
+        self.layer_norm_f32 = lib.layer_norm_f32
+        self.layer_norm_f32.argtypes = [vp, vp, vp, vp, i, i, ctypes.c_float]
+        self.layer_norm_f32.restype = None
         i64 = ctypes.c_int64
         self.attn_decode_f32 = lib.attn_decode_f32
         self.attn_decode_f32.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, vp]

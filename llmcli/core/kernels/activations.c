@@ -1,4 +1,4 @@
-/* Gated activations that are not silu, in one written order on every ISA.
+/* Activations and GPT-2's LayerNorm, in one written order on every ISA.
  *
  * Gemma 3's GeGLU runs gelu with the tanh approximation on the gate. torch computes its tanh with
  * the vector library of the ISA it dispatches to (AVX-512, AVX2 or none), so the last bits of
@@ -8,7 +8,10 @@
  *
  * gelu_tanh(x) = x / 2 (1 + tanh(y)), y = sqrt(2 / pi) (x + 0.044715 x^3), is written
  * x / (1 + exp(-2 y)): the same function, without the cancellation of 1 + tanh(y) for y < 0.
+ * GPT-2's LayerNorm sums in 8 lanes (lane j takes elements j, j+8, ...) combined in one order,
+ * mean first, then the squared deviations from it, as the AVX2 and portable paths both do.
  */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 
@@ -19,28 +22,83 @@ int matvec_threads(void); /* matvec.c: --threads, shared by every parallel regio
 #define GELU_2C 1.5957691216057308f /* 2 sqrt(2 / pi) */
 #define GELU_A 0.044715f
 
+#define LANES 8
+
+static inline float combine_lanes(const float *a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+
 static inline float gelu_tanh_scalar(float x) {
     float y = (x * x) * (x * GELU_A) + x; /* x + 0.044715 x^3 */
     return x / (1.0f + exp_scalar(-(y * GELU_2C)));
 }
 
-/* gate_up (M, 2I) = [gate | up] -> out (M, I) = gelu_tanh(gate) * up */
-static void gelu_tanh_mul_row(const float *g, float *o, int I) {
-    const float *u = g + I;
+#ifdef VEC_AVX2
+static inline __m256 gelu_tanh_avx2(__m256 x) {
+    const __m256 a = _mm256_set1_ps(GELU_A), c = _mm256_set1_ps(GELU_2C);
+    __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_mul_ps(x, a)), x);
+    __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(y, c)));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+#endif
+
+/* gate_up (M, 2I) = [gate | up] -> out (M, I) = gelu_tanh(gate) * up; up == NULL: out = gelu_tanh(gate), gate (M, I) */
+static void gelu_tanh_row(const float *g, const float *u, float *o, int I) {
     int i = 0;
 #ifdef VEC_AVX2
-    const __m256 a = _mm256_set1_ps(GELU_A), c = _mm256_set1_ps(GELU_2C), one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
-    for (; i + 8 <= I; i += 8) {
-        __m256 x = _mm256_loadu_ps(g + i);
-        __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_mul_ps(x, a)), x);
-        __m256 e = exp_avx2(_mm256_sub_ps(zero, _mm256_mul_ps(y, c)));
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    for (; i + LANES <= I; i += LANES) {
+        __m256 h = gelu_tanh_avx2(_mm256_loadu_ps(g + i));
+        _mm256_storeu_ps(o + i, u ? _mm256_mul_ps(h, _mm256_loadu_ps(u + i)) : h);
     }
 #endif
-    for (; i < I; i++) o[i] = gelu_tanh_scalar(g[i]) * u[i];
+    for (; i < I; i++) o[i] = u ? gelu_tanh_scalar(g[i]) * u[i] : gelu_tanh_scalar(g[i]);
 }
+
+static void gelu_tanh_mul_row(const float *g, float *o, int I) { gelu_tanh_row(g, g + I, o, I); }
 
 void gelu_tanh_mul_f32(const float *gate_up, float *out, int M, int I) {
 #pragma omp parallel for schedule(static) num_threads(matvec_threads()) if ((int64_t)M * I > 65536)
     for (int m = 0; m < M; m++) gelu_tanh_mul_row(gate_up + (size_t)m * 2 * I, out + (size_t)m * I, I);
+}
+
+/* x (M, I) -> out (M, I) = gelu_tanh(x), GPT-2's MLP activation */
+void gelu_tanh_f32(const float *x, float *out, int M, int I) {
+#pragma omp parallel for schedule(static) num_threads(matvec_threads()) if ((int64_t)M * I > 65536)
+    for (int m = 0; m < M; m++) gelu_tanh_row(x + (size_t)m * I, NULL, out + (size_t)m * I, I);
+}
+
+/* the sum of a[i] - shift (squared when square) over i < n, in 8 lanes combined in one order */
+static float sum_lanes(const float *a, int n, float shift, int square) {
+    float lanes[LANES];
+    int i = 0;
+#ifdef VEC_AVX2
+    __m256 acc = _mm256_setzero_ps(), s = _mm256_set1_ps(shift);
+    for (; i + LANES <= n; i += LANES) {
+        __m256 d = _mm256_sub_ps(_mm256_loadu_ps(a + i), s);
+        acc = _mm256_add_ps(acc, square ? _mm256_mul_ps(d, d) : d);
+    }
+    _mm256_storeu_ps(lanes, acc);
+#else
+    for (int j = 0; j < LANES; j++) lanes[j] = 0.0f;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) {
+            float d = a[i + j] - shift;
+            lanes[j] = lanes[j] + (square ? d * d : d);
+        }
+#endif
+    for (int j = 0; i < n; i++, j++) {
+        float d = a[i] - shift;
+        lanes[j] = lanes[j] + (square ? d * d : d);
+    }
+    return combine_lanes(lanes);
+}
+
+/* out[m] = (x[m] - mean) / sqrt(var + eps) * w + b, the biased variance, as torch's LayerNorm */
+void layer_norm_f32(const float *x, const float *w, const float *b, float *out, int M, int K, float eps) {
+#pragma omp parallel for schedule(static) num_threads(matvec_threads()) if ((int64_t)M * K > 65536)
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * K;
+        float *om = out + (size_t)m * K;
+        float mean = sum_lanes(xm, K, 0.0f, 0) / (float)K;
+        float rstd = 1.0f / sqrtf(sum_lanes(xm, K, mean, 1) / (float)K + eps);
+        for (int k = 0; k < K; k++) om[k] = (xm[k] - mean) * rstd * w[k] + b[k];
+    }
 }

@@ -33,6 +33,9 @@ CAUSAL = True
 # Conv1D weights in a GPT-2 checkpoint, stored (in, out): the ones sanitize transposes.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
+# hidden_act names of the tanh approximation of gelu (GPT-2's gelu_new): what the native kernel computes
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
 # Buffers older transformers versions saved with the weights: the causal mask and its fill value.
 _STALE_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
@@ -54,23 +57,51 @@ class Attention(nn.Module):
         return self.c_proj(out), probs
 
 
+def _native(kernels, x: torch.Tensor) -> bool:
+    return kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's LayerNorm, on activations.c's kernel when the kernels are on (float32, CPU): one
+    summation order on every ISA, where torch's follows the vector width it dispatches to."""
+
+    kernels = None  # set by Model.use_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _native(self.kernels, x):
+            return super().forward(x)
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        K = x.shape[-1]
+        self.kernels.layer_norm_f32(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), out.data_ptr(), x.numel() // K, K, self.eps)
+        return out
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = activation(config.hidden_act)
+        self.native_act = config.hidden_act in TANH_GELU  # activations.c's gelu_tanh_f32 computes it
+        self.kernels = None  # set by Model.use_kernels when native_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        h = self.c_fc(x)
+        if _native(self.kernels, h):
+            h = h.contiguous()
+            out = torch.empty_like(h)
+            self.kernels.gelu_tanh_f32(h.data_ptr(), out.data_ptr(), h.numel() // h.shape[-1], h.shape[-1])
+            return self.c_proj(out)
+        return self.c_proj(self.act(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ln_1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attn = Attention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ln_2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, step: Step, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,7 +119,7 @@ class Backbone(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 class Model(Decoder):
@@ -113,6 +144,13 @@ class Model(Decoder):
 
     def add_positions(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return x + self.transformer.wpe(positions)  # (B, T, d)
+
+    def use_kernels(self, kernels) -> None:
+        """Attention (decoder), the LayerNorms and a tanh gelu on the native kernels (float32, CPU)."""
+        super().use_kernels(kernels)
+        for module in self.modules():
+            if isinstance(module, LayerNorm) or (isinstance(module, MLP) and module.native_act):
+                module.kernels = kernels
 
     def blocks(self) -> nn.ModuleList:
         return self.transformer.h
