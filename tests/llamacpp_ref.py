@@ -80,6 +80,20 @@ def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     return math.exp(float(np.mean(token_nll(logits, ids))))
 
 
+def agreement_floor(itself: float, n: int, most: float = 0.99) -> float:
+    """The top-1 agreement llmcli is held to on a real quantized file: llama.cpp's with itself (F16
+    against F32 K/V cache) over n positions, less two binomial standard errors, never above `most`
+    (the issue's 99%)."""
+    return min(most, itself - 2 * math.sqrt(itself * (1 - itself) / n))
+
+
+def assert_perplexity_agrees(ours: np.ndarray, f32_kv: np.ndarray, default: np.ndarray) -> None:
+    """log_perplexity_allowance's check on per-token NLLs, with all three perplexities in the message."""
+    off, allowed = log_perplexity_allowance(ours, f32_kv, default)
+    ppls = {name: f"{math.exp(v.mean()):.4f}" for name, v in (("ours", ours), ("f32_kv", f32_kv), ("default", default))}
+    assert off <= allowed, f"log perplexity {off:.5f} from llama.cpp's, more than {allowed:.5f} ({ppls})"
+
+
 def log_perplexity_allowance(ours: np.ndarray, reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
     """(|log ppl ours - log ppl reference|, what that may be) from per-token NLLs on the same ids.
 

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.llamacpp_ref import agreement_floor, assert_perplexity_agrees
+
 N = 512
 
 
@@ -69,11 +71,9 @@ def ours_logits(gemma3, hamlet_ids) -> tuple[torch.Tensor, torch.Tensor, np.ndar
     return torch.cat(values), torch.cat(indices), np.concatenate(nll)
 
 
-def agreement_floor(runs: dict[str, np.ndarray]) -> float:
-    """The top-1 agreement llmcli is held to: llama.cpp's with itself (F16 against F32 K/V cache)
-    less two binomial standard errors over the N positions, and never above issue 14's 99%."""
-    itself = float((runs["default"] == runs["f32_kv"]).mean())
-    return min(0.99, itself - 2 * math.sqrt(itself * (1 - itself) / N))
+def floor_of(runs: dict[str, np.ndarray]) -> float:
+    """tests/llamacpp_ref.agreement_floor of llama.cpp's two runs over the N positions."""
+    return agreement_floor(float((runs["default"] == runs["f32_kv"]).mean()), N)
 
 
 def test_gemma3_config_from_the_gguf(gemma3):
@@ -87,11 +87,11 @@ def test_gemma3_config_from_the_gguf(gemma3):
 def test_disagreements_with_llama_cpp_are_near_ties(ours_logits, llama_cpp_runs):
     """Where llmcli's next token is not llama.cpp's, llama.cpp's pick is among llmcli's top 5 and
     less than one logit below llmcli's own first choice: a near-tie, not a wrong model. There are
-    no more such places than llama.cpp's own two runs allow (agreement_floor)."""
+    no more such places than llama.cpp's own two runs allow (floor_of)."""
     values, indices, _ = ours_logits
     reference = llama_cpp_runs["f32_kv"]
     differ = np.nonzero(indices[:, 0].numpy() != reference)[0]
-    assert len(differ) <= (1 - agreement_floor(llama_cpp_runs)) * N
+    assert len(differ) <= (1 - floor_of(llama_cpp_runs)) * N
     for i in differ:
         rank = np.nonzero(indices[i].numpy() == reference[i])[0]
         assert len(rank) == 1, i
@@ -105,18 +105,13 @@ def test_agrees_with_llama_cpp_as_llama_cpp_agrees_with_itself(ours_logits, llam
     reproducibility (less two binomial standard errors), and its log perplexity to as far from
     llama.cpp's as llama.cpp's two runs are from each other, plus three standard errors
     (tests/llamacpp_ref.log_perplexity_allowance: a fixed 0.5% was a coin flip, see there)."""
-    from tests.llamacpp_ref import log_perplexity_allowance
-
     _, indices, nll_ours = ours_logits
     itself = float((llama_cpp_runs["default"] == llama_cpp_runs["f32_kv"]).mean())
-    floor = agreement_floor(llama_cpp_runs)
+    floor = floor_of(llama_cpp_runs)
     top1 = float((indices[:, 0].numpy() == llama_cpp_runs["f32_kv"]).mean())
     assert top1 >= floor, f"top-1 agreement {top1:.4f} < {floor:.4f} (llama.cpp with itself: {itself:.4f})"
-    nll = {"ours": nll_ours, "default": llama_cpp_runs["default_nll"], "f32_kv": llama_cpp_runs["f32_kv_nll"]}
-    assert 1 < math.exp(nll["f32_kv"].mean()) < 200  # a trained model on English text
-    off, allowed = log_perplexity_allowance(nll["ours"], nll["f32_kv"], nll["default"])
-    ppls = {name: f"{math.exp(v.mean()):.4f}" for name, v in nll.items()}
-    assert off <= allowed, f"log perplexity {off:.5f} from llama.cpp's, more than {allowed:.5f} ({ppls})"
+    assert 1 < math.exp(llama_cpp_runs["f32_kv_nll"].mean()) < 200  # a trained model on English text
+    assert_perplexity_agrees(nll_ours, llama_cpp_runs["f32_kv_nll"], llama_cpp_runs["default_nll"])
 
 
 def test_generate_and_attend_stages_run_on_gemma3(gemma3_gguf, run_llmcli):

@@ -50,7 +50,7 @@ import pytest
 import torch
 
 from benchmarks.make_random_gguf import Shape, quantize_gguf, tensor_plan, write_random_llama
-from tests.llamacpp_ref import llamacpp_logits, llamacpp_tokenize, log_perplexity_allowance, perplexity, token_nll, top1_agreement
+from tests.llamacpp_ref import agreement_floor, assert_perplexity_agrees, llamacpp_logits, llamacpp_tokenize, perplexity, token_nll, top1_agreement
 
 N_TOKENS = 512
 MIN_TOP1 = 0.99
@@ -248,14 +248,12 @@ def test_smollm2_agrees_with_llamacpp_as_llamacpp_agrees_with_itself(smollm2_fil
     ours = smollm2_logits(preset)
     default, f32_kv = llamacpp_logits(path, smollm2_ids), llamacpp_logits(path, smollm2_ids, f32_kv=True)
     itself = top1_agreement(default, f32_kv)
-    floor = min(MIN_TOP1, itself - 2 * math.sqrt(itself * (1 - itself) / len(smollm2_ids)))
+    floor = agreement_floor(itself, len(smollm2_ids), MIN_TOP1)
     top1 = top1_agreement(ours, f32_kv)
     assert top1 >= floor, f"top-1 agreement {top1:.4f} < {floor:.4f} (llama.cpp with itself: {itself:.4f})"
     nll = {name: token_nll(logits, smollm2_ids) for name, logits in (("ours", ours), ("default", default), ("f32_kv", f32_kv))}
     assert 1 < math.exp(nll["f32_kv"].mean()) < 100  # a real model on English text
-    off, allowed = log_perplexity_allowance(nll["ours"], nll["f32_kv"], nll["default"])
-    ppls = {name: f"{math.exp(v.mean()):.4f}" for name, v in nll.items()}
-    assert off <= allowed, f"log perplexity {off:.5f} from llama.cpp's, more than {allowed:.5f} ({ppls})"
+    assert_perplexity_agrees(nll["ours"], nll["f32_kv"], nll["default"])
 
 
 @pytest.mark.real

@@ -22,10 +22,6 @@ int matvec_threads(void); /* matvec.c: --threads, shared by every parallel regio
 #define GELU_2C 1.5957691216057308f /* 2 sqrt(2 / pi) */
 #define GELU_A 0.044715f
 
-#define LANES 8
-
-static inline float combine_lanes(const float *a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
-
 static inline float gelu_tanh_scalar(float x) {
     float y = (x * x) * (x * GELU_A) + x; /* x + 0.044715 x^3 */
     return x / (1.0f + exp_scalar(-(y * GELU_2C)));

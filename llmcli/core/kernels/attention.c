@@ -32,10 +32,6 @@
 
 int matvec_threads(void); /* matvec.c: --threads, shared by every parallel region */
 
-#define LANES 8
-
-/* the 8 lane sums combined in one order, the same in both paths */
-static inline float combine_lanes(const float *a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
 
 static float dot_lanes(const float *x, const float *y, int n) {
     float lanes[LANES];

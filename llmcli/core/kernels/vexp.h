@@ -1,5 +1,5 @@
-/* exp in float32 written once with the same operations for the AVX2 and the portable paths, so
- * both give the same bits (the sources that include it are compiled with -ffp-contract=off: no
+/* exp in float32 and the 8-lane sum order, written once with the same operations for the AVX2
+ * and the portable paths, so both give the same bits (the sources that include it are compiled with -ffp-contract=off: no
  * fused multiply-add). Included by attention.c and activations.c; VEC_AVX2 selects the vectors. */
 #ifndef LLMCLI_VEXP_H
 #define LLMCLI_VEXP_H
@@ -11,6 +11,10 @@
 #include <immintrin.h>
 #define VEC_AVX2 1
 #endif
+
+/* sums in 8 lanes (lane j takes elements j, j+8, ...), combined in this one order in both paths */
+#define LANES 8
+static inline float combine_lanes(const float *a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
 
 /* exp(x): x = n ln2 + f, |f| <= ln2 / 2, a degree-6 polynomial for exp(f) (Cephes' expf
  * coefficients), times 2^n built from its bits. x is clamped to [-87, 88], where 2^n is a normal

@@ -35,14 +35,20 @@ import torch.nn.functional as F
 
 from llmcli.errors import ContextLengthError, ModelError
 
+# hidden_act names of gelu's tanh approximation: the ones the native tanh gelu kernels compute
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def runs_natively(kernels, *tensors: torch.Tensor) -> bool:
+    """Whether the native kernels (when loaded) can take these tensors: float32 on the CPU."""
+    return kernels is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """HF `hidden_act` / `activation_function` name -> the function (every family's MLP)."""
     table: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "gelu": F.gelu,  # exact erf form
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+        **{name: lambda x: F.gelu(x, approximate="tanh") for name in TANH_GELU},  # GPT-2's gelu_new, Gemma's
         "relu": F.relu,
         "silu": F.silu,
         "swish": F.silu,

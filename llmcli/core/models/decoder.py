@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention, rows_view
+from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention, rows_view, runs_natively
 from llmcli.errors import ContextLengthError
 
 
@@ -59,7 +59,7 @@ class Packed:
         cache.k[layer][self.rows, :, self.positions] = k[0]  # (N, Hkv, hd) at (row, :, position)
         cache.v[layer][self.rows, :, self.positions] = v[0]
         kc, vc = cache.k[layer], cache.v[layer]
-        if native_attention_fits(self.kernels, q, kc, vc):
+        if runs_natively(self.kernels, q, kc, vc):
             return native_attention(self.kernels, q[0], self.rows, self.positions, kc, vc, window, scale).view(1, N, H * hd)
         return self._attend_torch(kc, vc, q, window, scale)
 
@@ -75,15 +75,6 @@ class Packed:
             res = masked_attention(qr, kc[row : row + 1, :, :S], vc[row : row + 1, :, :S], pos, window, kc.shape[1] != H, scale)
             out[at] = res[0].transpose(0, 1)
         return out.view(1, N, H * hd)
-
-
-def native_attention_fits(kernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether attention.c can run these tensors: float32 on the CPU."""
-    return (
-        kernels is not None
-        and q.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype == torch.float32
-    )
 
 
 def native_attention(
@@ -129,7 +120,7 @@ class Step:
         qt, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if self.cache is not None:
             k, v = self.cache.update(layer, k, v, self.positions)  # (B, Hkv, S, hd)
-        if not want_probs and native_attention_fits(self.kernels, q, k, v):
+        if not want_probs and runs_natively(self.kernels, q, k, v):
             # not SDPA: its CPU kernels sum in an order that depends on the ISA torch dispatches to
             # (AVX-512 or AVX2) and on the call's shapes, and a quantized model's 8-bit activation
             # rounding turns those last bits into different perplexities on different machines

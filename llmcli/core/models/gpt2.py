@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.core.config import ModelConfig, refuse_unsupported
-from llmcli.core.models.base import activation
+from llmcli.core.models.base import TANH_GELU, activation, runs_natively
 from llmcli.core.models.decoder import AttentionSpec, Decoder, Step
 from llmcli.core.models.registry import GGUFNames, MetadataGetter
 from llmcli.errors import ContextLengthError, ModelError
@@ -32,9 +32,6 @@ CAUSAL = True
 
 # Conv1D weights in a GPT-2 checkpoint, stored (in, out): the ones sanitize transposes.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-# hidden_act names of the tanh approximation of gelu (GPT-2's gelu_new): what the native kernel computes
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 # Buffers older transformers versions saved with the weights: the causal mask and its fill value.
 _STALE_BUFFERS = (".attn.bias", ".attn.masked_bias")
@@ -57,10 +54,6 @@ class Attention(nn.Module):
         return self.c_proj(out), probs
 
 
-def _native(kernels, x: torch.Tensor) -> bool:
-    return kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-
-
 class LayerNorm(nn.LayerNorm):
     """torch's LayerNorm, on activations.c's kernel when the kernels are on (float32, CPU): one
     summation order on every ISA, where torch's follows the vector width it dispatches to."""
@@ -68,7 +61,7 @@ class LayerNorm(nn.LayerNorm):
     kernels = None  # set by Model.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _native(self.kernels, x):
+        if not runs_natively(self.kernels, x):
             return super().forward(x)
         x = x.contiguous()
         out = torch.empty_like(x)
@@ -88,7 +81,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
-        if _native(self.kernels, h):
+        if runs_natively(self.kernels, h):
             h = h.contiguous()
             out = torch.empty_like(h)
             self.kernels.gelu_tanh_f32(h.data_ptr(), out.data_ptr(), h.numel() // h.shape[-1], h.shape[-1])

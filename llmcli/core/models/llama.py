@@ -18,7 +18,7 @@ from torch import nn
 
 from llmcli.core.config import ModelConfig
 from llmcli.core.formats import fuse_linears
-from llmcli.core.models.base import KVCache, activation
+from llmcli.core.models.base import TANH_GELU, KVCache, activation, runs_natively
 from llmcli.core.models.decoder import AttentionSpec, Decoder, Step, apply_rope, layer_specs
 from llmcli.core.models.registry import LLAMA_NAMES, MetadataGetter, gguf_rope_scaling, rope_dimensions
 from llmcli.errors import ModelError
@@ -70,7 +70,7 @@ class RMSNorm(nn.Module):
         self.kernels = None  # set by Model.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        if runs_natively(self.kernels, x):
             x = x.contiguous()
             out = torch.empty_like(x)
             self.kernels.rms_norm_f32(x.data_ptr(), self.weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], self.eps)
@@ -130,13 +130,7 @@ class Attention(nn.Module):
 
 # hidden_act -> the native kernel for act(gate) * up: matvec.c's silu, activations.c's tanh gelu
 # (the one order on every ISA; torch's tanh depends on the vector library it dispatches to)
-NATIVE_GATED = {
-    "silu": "silu_mul_f32",
-    "swish": "silu_mul_f32",
-    "gelu_pytorch_tanh": "gelu_tanh_mul_f32",
-    "gelu_new": "gelu_tanh_mul_f32",
-    "gelu_fast": "gelu_tanh_mul_f32",
-}
+NATIVE_GATED = {"silu": "silu_mul_f32", "swish": "silu_mul_f32", **dict.fromkeys(TANH_GELU, "gelu_tanh_mul_f32")}
 
 
 class MLP(nn.Module):
