@@ -27,11 +27,6 @@
 
 const BlockType *block_type_get(int type);
 
-typedef struct { /* blocks.c's activation block (block_q8a) */
-    float d, s;
-    int8_t qs[32];
-} act_block;
-
 typedef struct { /* ggml's block_q8_1 (block_q8_0 is its d and qs: the first 2 and last 32 bytes) */
     ggml_half d, s;
     int8_t qs[32];
@@ -78,13 +73,16 @@ int main(int argc, char **argv) {
         unsigned char *g0 = malloc(34 * (K / 32));
         for (int n = 0; n < N; n++) bt->quantize_row(wf + (size_t)n * K, w + n * wrow, K);
         for (int m = 0; m < M; m++) bt->quantize_act(x + (size_t)m * K, xq + m * xrow, K);
-        const act_block *a = (const act_block *)xq;
-        for (int b = 0; b < K / 32; b++) {
-            g1[b].d = float_to_half(a[b].d);
-            g1[b].s = float_to_half(a[b].s);
-            memcpy(g1[b].qs, a[b].qs, 32);
+        /* blocks.c's activation row: int8 qs[nb][32], then float d[nb], s[nb] (and int32 sums) */
+        const int nb = K / 32;
+        const int8_t *aqs = (const int8_t *)xq;
+        const float *ad = (const float *)(xq + 32 * nb), *as = (const float *)(xq + 36 * nb);
+        for (int b = 0; b < nb; b++) {
+            g1[b].d = float_to_half(ad[b]);
+            g1[b].s = float_to_half(as[b]);
+            memcpy(g1[b].qs, aqs + 32 * b, 32);
             memcpy(g0 + 34 * b, &g1[b].d, 2);
-            memcpy(g0 + 34 * b + 2, a[b].qs, 32);
+            memcpy(g0 + 34 * b + 2, aqs + 32 * b, 32);
         }
         const void *gact = types[t].act[3] == '1' ? (const void *)g1 : (const void *)g0;
         double best[5] = {1e9, 1e9, 1e9, 1e9, 1e9};

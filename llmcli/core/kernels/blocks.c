@@ -8,26 +8,29 @@
  * weight rows is sized to stay in L2 while the activation rows of its task stream past it; for one
  * activation row (decode) the threads split the weight rows and each row is read once. Inside a
  * task a type's `tile` computes up to 4 weight rows x 4 activation rows, unpacking each weight
- * block once for all of them.
+ * block once for all of them; for 8 rows or more the 32-value types take the activation rows 8 at
+ * a time, interleaved (`tile8`: one vector lane per row).
  *
- * The 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) take the activation as block_q8a: a float32
+ * The 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) take the activation as 8-bit blocks: a float32
  * delta d = amax / 127, 32 int8 values round(x / d) (round half to even) and s = d * sum(q) for the
  * types with a min. Their dot product, on every ISA, is this one sequence of float operations:
  *
- *     for each block b in order, e = b mod 2 (two sets, so consecutive blocks do not wait on
- *     each other's additions):
- *         p = dw * da                                   (dw: the weight block's delta)
- *         for lane j = 0..7:  acc[e][j] = acc[e][j] + (float)isum_j * p
- *                             (isum_j: the exact int32 sum of products of values 4j..4j+3)
- *         types with a min:   msum[e] = msum[e] + mw * sa
- *     result = hsum8(acc[0] + acc[1]) + (msum[0] + msum[1]),
- *     hsum8(a) = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))
+ *     for each block b in order, j = b mod 8 (8 accumulators, so consecutive blocks do not wait
+ *     on each other):
+ *         acc[j] = fma((float)isum, dw * da, acc[j])    (isum: the exact int32 sum of the block's
+ *                                                        32 products; dw: the weight's delta)
+ *         types with a min:  acc[j] = fma(mw, sa, acc[j])
+ *     result = hsum8(acc),  hsum8(a) = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))
+ *
+ * A fused multiply-add is one rounding on every ISA (fmaf in C). Decode vectorizes this over 8
+ * consecutive blocks of one row pair, a prompt over 8 activation rows (one block at a time): the
+ * same operations on the same values.
  *
  * F32/F16/BF16 take float32 activations: 32 lanes, lane j summing w[32i+j]*x[32i+j] over i in
  * order (mul, then add; the last chunk zero-padded), then lanes l, l+8, l+16, l+24 combined as
  * (a_l + a_{l+8}) + (a_{l+16} + a_{l+24}) and hsum8 of those 8.
  *
- * No fused multiply-add anywhere (this file is compiled with -ffp-contract=off), so the portable C,
+ * No other fused multiply-add (this file is compiled with -ffp-contract=off), so the portable C,
  * AVX2, AVX-512 and NEON paths give the same bits, and an output element never depends on the
  * number of rows, the tile or the thread (blocks.h's contract).
  */
@@ -289,7 +292,13 @@ static inline __m256i bits32(const uint8_t *qh) {
 
 /* unsigned bytes a . signed bytes b: 8 int32 lanes, lane j = the sum over bytes 4j..4j+3 (exact: pairs stay below 2^15) */
 static inline __m256i dot_us8(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
 }
 
 /* signed . signed through the sign trick (|a| as unsigned, b with a's sign) */
@@ -318,17 +327,36 @@ static inline int32x4_t dot_s8x16(int8x16_t a, int8x16_t b) {
 }
 #endif
 
-/* ------------------------------------------------------------------ 8-bit activation blocks */
+/* ------------------------------------------------------------------ 8-bit activation rows
+ * One activation row of K values (nb = K / 32 blocks) quantized for the 32-value types, laid out
+ * as arrays so that 8 consecutive blocks' deltas load as one vector:
+ *     int8_t qs[nb][32]; float d[nb]; float s[nb]; int32_t sum[nb];      (44 bytes a block)
+ * d: delta amax / 127 rounded to binary16 as ggml keeps it (the values are rounded with the exact
+ * one); s = d * sum(q) rounded to binary16 (the min term of Q4_1 / Q5_1); sum: sum(q) itself. */
+
+#define Q8A_BLOCK_BYTES 44
 
 typedef struct {
-    float d;           /* delta, a binary16 value as ggml keeps it (the values are rounded with the exact one) */
-    float s;           /* d * sum(qs), a binary16 value: the min term of Q4_1 / Q5_1 */
-    int8_t qs[32];
-} block_q8a;           /* 40 bytes */
+    const int8_t *qs;
+    const float *d, *s;
+    const int32_t *sum;
+} q8a_row;
+
+static inline q8a_row q8a_view(const void *row, int nb) {
+    const char *base = (const char *)row;
+    q8a_row v = {(const int8_t *)base, (const float *)(base + (size_t)32 * nb), (const float *)(base + (size_t)36 * nb),
+                 (const int32_t *)(base + (size_t)40 * nb)};
+    return v;
+}
 
 static void quantize_act_q8a(const float *x, void *vy, int K) {
-    block_q8a *y = (block_q8a *)vy;
-    for (int b = 0; b < K / 32; b++, x += 32) {
+    const int nb = K / 32;
+    char *base = (char *)vy;
+    int8_t *qs = (int8_t *)base;
+    float *dd = (float *)(base + (size_t)32 * nb), *ss = (float *)(base + (size_t)36 * nb);
+    int32_t *sums = (int32_t *)(base + (size_t)40 * nb);
+    for (int b = 0; b < nb; b++, x += 32) {
+        int8_t *q = qs + (size_t)32 * b;
 #if defined(USE_AVX2)
         const __m256 sign = _mm256_set1_ps(-0.0f);
         __m256 v[4], mx = _mm256_setzero_ps();
@@ -342,19 +370,19 @@ static void quantize_act_q8a(const float *x, void *vy, int K) {
         const float amax = _mm_cvtss_f32(m4);
         const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
         const __m256 idv = _mm256_set1_ps(id);
-        __m256i q[4], sum = _mm256_setzero_si256();
+        __m256i qv[4], sum = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
-            q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            sum = _mm256_add_epi32(sum, q[i]);
+            qv[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            sum = _mm256_add_epi32(sum, qv[i]);
         }
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
         const int isum = _mm_cvtsi128_si32(s4);
         /* packs work per 128-bit lane: put the values back in order */
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)y[b].qs, p);
+        __m256i pk = _mm256_packs_epi16(_mm256_packs_epi32(qv[0], qv[1]), _mm256_packs_epi32(qv[2], qv[3]));
+        pk = _mm256_permutevar8x32_epi32(pk, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)q, pk);
 #elif defined(USE_NEON)
         float32x4_t v[8], mx = vdupq_n_f32(0.0f);
         for (int i = 0; i < 8; i++) {
@@ -369,7 +397,7 @@ static void quantize_act_q8a(const float *x, void *vy, int K) {
             isum += vaddvq_s32(qi);
             int16x4_t q16 = vmovn_s32(qi);
             int8x8_t q8 = vmovn_s16(vcombine_s16(q16, q16));
-            vst1_lane_s32((int32_t *)(void *)(y[b].qs + 4 * i), vreinterpret_s32_s8(q8), 0);
+            vst1_lane_s32((int32_t *)(void *)(q + 4 * i), vreinterpret_s32_s8(q8), 0);
         }
 #else
         float amax = 0.0f;
@@ -377,19 +405,19 @@ static void quantize_act_q8a(const float *x, void *vy, int K) {
         const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
         int isum = 0;
         for (int j = 0; j < 32; j++) {
-            const int q = (int)round_even(x[j] * id);
-            y[b].qs[j] = (int8_t)q;
-            isum += q;
+            const int qj = (int)round_even(x[j] * id);
+            q[j] = (int8_t)qj;
+            isum += qj;
         }
 #endif
         /* ggml keeps these two in binary16 (block_q8_0.d, block_q8_1.d and .s): rounded the same
          * way, the products with the weights equal llama.cpp's up to summation order */
-        y[b].d = half_to_float(float_to_half(d));
-        y[b].s = half_to_float(float_to_half(d * (float)isum));
+        dd[b] = half_to_float(float_to_half(d));
+        ss[b] = half_to_float(float_to_half(d * (float)isum));
+        sums[b] = isum;
     }
 }
 
-/* float32 activations, as they are */
 static void quantize_act_f32(const float *x, void *y, int K) { memcpy(y, x, sizeof(float) * (size_t)K); }
 
 /* ------------------------------------------------------------------ weight rows -> floats */
@@ -740,141 +768,276 @@ static inline void unpack_neon(int kind, const uint8_t *blk, int8x16_t *lo, int8
 }
 #endif
 
+/* The sequence of float operations of one (weight row, activation row) pair, on every ISA (the
+ * header comment): block b's exact integer sum goes into accumulator b mod 8 with one fused
+ * multiply-add, the min term (Q4_1, Q5_1) with a second one, and the 8 accumulators are summed
+ * by hsum8. Decode vectorizes over 8 consecutive blocks of one pair (lane j = accumulator j);
+ * prompts over 8 activation rows (lane c = row c, tile8); both give these bits. */
+
+#define LANES8 8
+
 #if defined(USE_AVX2)
-/* the min terms' products m * s of block b for NX activation rows, one lane per row (a vector
- * keeps the 4 rows' sums in one register instead of 4: the 4x4 tile then needs no spills) */
-static inline __attribute__((always_inline)) __m128 min_terms(const int NX, float m, const block_q8a *const *xa, int b) {
-    if (NX == 1) return _mm_mul_ss(_mm_set_ss(m), _mm_set_ss(xa[0][b].s));
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int c = 0; c < NX; c++) s[c] = xa[c][b].s;
-    return _mm_mul_ps(_mm_set1_ps(m), _mm_loadu_ps(s));
+/* the 8 lane sums of v[0..7] as one vector: lane j = sum of v[j]'s lanes (exact: int32 adds) */
+static inline __m256i reduce8_epi32(const __m256i *v) {
+    const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i a2 = _mm256_hadd_epi32(v[4], v[5]), a3 = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
 }
 
-/* block b of one weight row into one accumulator set (acc, msum) of NX activation rows */
-static inline __attribute__((always_inline)) void q_block_avx2(const int kind, const int NX, const uint8_t *blk, const block_q8a *const *xa, int b,
-                                                               __m256 *acc, __m128 *msum) {
-    const int is_signed = !HAS_MIN(kind);
-    float d, m = 0.0f;
-    const __m256i qw = unpack_avx2(kind, blk, &d, &m);
-    const __m256i aw = is_signed ? _mm256_sign_epi8(qw, qw) : qw;
-    for (int c = 0; c < NX; c++) {
-        const block_q8a *a = &xa[c][b];
-        const __m256i qa = _mm256_loadu_si256((const __m256i *)a->qs);
-        const __m256i isum = dot_us8(aw, is_signed ? _mm256_sign_epi8(qa, qw) : qa);
-        acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * a->d)));
+/* the weight block as 32 unsigned bytes for tile8, and what to subtract (off * sum(a)) to get the
+ * signed product: Q4_0 q = nibble - 8, Q5_0 q = 5 bits - 16; Q8_0 q ^ 0x80 = q + 128 where the
+ * product is exact (VNNI: no 16-bit saturation), else signed (*off = -1: the sign trick) */
+static inline __m256i unpack_u8_avx2(int kind, const uint8_t *blk, float *d, float *m, int *off) {
+    switch (kind) {
+    case KIND_Q8_0: {
+        const block_q8_0 *w = (const block_q8_0 *)blk;
+        *d = H2F(w->d);
+        const __m256i q = _mm256_loadu_si256((const __m256i *)w->qs);
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+        *off = 128;
+        return _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
+#else
+        *off = -1;
+        return q;
+#endif
     }
-    if (HAS_MIN(kind)) *msum = _mm_add_ps(*msum, min_terms(NX, m, xa, b));
+    case KIND_Q4_0:
+    case KIND_Q4_1:
+        *off = kind == KIND_Q4_0 ? 8 : 0;
+        if (kind == KIND_Q4_0) {
+            const block_q4_0 *w = (const block_q4_0 *)blk;
+            *d = H2F(w->d);
+            return nibbles32(w->qs);
+        } else {
+            const block_q4_1 *w = (const block_q4_1 *)blk;
+            *d = H2F(w->d), *m = H2F(w->m);
+            return nibbles32(w->qs);
+        }
+    case KIND_Q5_0: {
+        const block_q5_0 *w = (const block_q5_0 *)blk;
+        *d = H2F(w->d), *off = 16;
+        return _mm256_or_si256(nibbles32(w->qs), _mm256_and_si256(bits32(w->qh), _mm256_set1_epi8(0x10)));
+    }
+    default: {
+        const block_q5_1 *w = (const block_q5_1 *)blk;
+        *d = H2F(w->d), *m = H2F(w->m), *off = 0;
+        return _mm256_or_si256(nibbles32(w->qs), _mm256_and_si256(bits32(w->qh), _mm256_set1_epi8(0x10)));
+    }
+    }
+}
+
+/* the deltas (and mins) of the n <= 8 weight blocks at w, w + wb, ... as vectors: one gather of
+ * each block's first 4 bytes (d, then m or the next field) */
+static inline __attribute__((always_inline)) void block_scales8(const uint8_t *w, __m256i offsets, int n, __m256 *d, __m256 *m) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes);
+    const __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)w, offsets, live, 1);
+    const __m256i lo = _mm256_and_si256(g, _mm256_set1_epi32(0xFFFF)), hi = _mm256_srli_epi32(g, 16);
+    const __m256i halves = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8); /* d0..d7, m0..m7 */
+    *d = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+    *m = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+}
+
+/* NX activation rows . one weight row: 8 blocks at a time, lane j of acc[c] is accumulator j */
+static inline __attribute__((always_inline)) void q_dot_rows(const int kind, const int NX, int nb, const uint8_t *w, const q8a_row *xa,
+                                                             float *out, size_t ldo) {
+    const int wb = (int)q_block_bytes(kind);
+    const __m256i offsets = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(wb));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 acc[4];
+    for (int c = 0; c < NX; c++) acc[c] = _mm256_setzero_ps();
+    for (int b0 = 0; b0 < nb; b0 += LANES8) {
+        const int n = nb - b0 < LANES8 ? nb - b0 : LANES8;
+        const uint8_t *wg = w + (size_t)b0 * wb;
+        __m256 dw, mw;
+        block_scales8(wg, offsets, n, &dw, &mw);
+        const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes); /* a missing block adds fma(0, 0, acc) = acc: acc is never -0 */
+        for (int c = 0; c < NX; c++) {
+            __m256i v[LANES8];
+            int off = 0;
+#pragma GCC unroll 8
+            for (int j = 0; j < LANES8; j++) {
+                if (j < n) {
+                    float d_, m_;
+                    const __m256i qw = unpack_u8_avx2(kind, wg + (size_t)j * wb, &d_, &m_, &off);
+                    const __m256i qa = _mm256_loadu_si256((const __m256i *)(xa[c].qs + (size_t)(b0 + j) * 32));
+                    v[j] = off < 0 ? dot_us8(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw)) : dot_us8(qw, qa);
+                } else {
+                    v[j] = _mm256_setzero_si256();
+                }
+            }
+            __m256i isum = reduce8_epi32(v);
+            if (off > 0) /* the unsigned weights' offset times each block's sum(a) */
+                isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(_mm256_set1_epi32(off), _mm256_maskload_epi32(xa[c].sum + b0, live)));
+            const __m256 dx = _mm256_maskload_ps(xa[c].d + b0, live);
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), acc[c]);
+            if (HAS_MIN(kind)) acc[c] = _mm256_fmadd_ps(mw, _mm256_maskload_ps(xa[c].s + b0, live), acc[c]);
+        }
+    }
+    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(acc[c]);
+}
+
+/* acc += a . b over 4-byte groups, a unsigned, b signed (exact) */
+static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
 }
 #endif
 
+/* ------------------------------------------------------------------ 8 activation rows interleaved
+ * For a prompt the 32-value types take 8 activation rows at a time as one group, interleaved so
+ * that a vector holds 4 values of each of the 8 rows: per block b,
+ *     int8_t qs[8][8][4] (4-value group g, row c); float d[8], s[8]; int32_t sum[8] (by row),
+ * 352 bytes a block. A weight row then meets 8 rows with 8 multiply-adds of a broadcast weight
+ * group, and the 8 rows' float operations run in one vector (lane c = row c). */
+
+#define GROUP_ROWS 8
+#define GROUP_BLOCK_BYTES 352
+
+/* rows m0 .. m0+nx-1 (nx <= 8; the missing rows zero) of the q8a rows -> one group */
+static void q8a_group(const char *xq, size_t xrow, int nx, int nb, char *group) {
+    for (int b = 0; b < nb; b++) {
+        char *g = group + (size_t)b * GROUP_BLOCK_BYTES;
+        int32_t *qs = (int32_t *)g;
+        float *d = (float *)(g + 256), *s = (float *)(g + 288);
+        int32_t *sum = (int32_t *)(g + 320);
+        for (int c = 0; c < GROUP_ROWS; c++) {
+            if (c < nx) {
+                const q8a_row r = q8a_view(xq + (size_t)c * xrow, nb);
+                int32_t v[8];
+                memcpy(v, r.qs + (size_t)b * 32, 32);
+                for (int k = 0; k < 8; k++) qs[k * GROUP_ROWS + c] = v[k];
+                d[c] = r.d[b], s[c] = r.s[b], sum[c] = r.sum[b];
+            } else {
+                for (int k = 0; k < 8; k++) qs[k * GROUP_ROWS + c] = 0;
+                d[c] = s[c] = 0.0f, sum[c] = 0;
+            }
+        }
+    }
+}
+
+#if defined(USE_AVX2)
+/* nw weight rows x one group of 8 activation rows (nx of them stored) */
+static inline __attribute__((always_inline)) void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const void *group, int nx,
+                                                          float *y, size_t ldy) {
+    const int nb = K / 32;
+    const size_t wb = q_block_bytes(kind);
+    for (int r = 0; r < nw; r++) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * wrb;
+        __m256 acc[LANES8];
+        for (int j = 0; j < LANES8; j++) acc[j] = _mm256_setzero_ps();
+        for (int b0 = 0; b0 < nb; b0 += LANES8) {
+#pragma GCC unroll 8
+            for (int j = 0; j < LANES8; j++) {
+                if (b0 + j >= nb) break;
+                const int b = b0 + j;
+                const char *g = (const char *)group + (size_t)b * GROUP_BLOCK_BYTES;
+                float d, m = 0.0f;
+                int off;
+                const __m256i qw = unpack_u8_avx2(kind, wr + (size_t)b * wb, &d, &m, &off);
+                int32_t wq[8] __attribute__((aligned(32)));
+                _mm256_store_si256((__m256i *)wq, qw);
+                __m256i i0 = _mm256_setzero_si256(), i1 = _mm256_setzero_si256();
+                for (int k = 0; k < 8; k += 2) {
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(g + 32 * k)), x1 = _mm256_loadu_si256((const __m256i *)(g + 32 * k + 32));
+                    const __m256i w0 = _mm256_set1_epi32(wq[k]), w1 = _mm256_set1_epi32(wq[k + 1]);
+                    if (kind == KIND_Q8_0 && off < 0) { /* signed . signed: |w| and x with w's sign */
+                        i0 = dpbusd_avx2(i0, _mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0));
+                        i1 = dpbusd_avx2(i1, _mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1));
+                    } else {
+                        i0 = dpbusd_avx2(i0, w0, x0);
+                        i1 = dpbusd_avx2(i1, w1, x1);
+                    }
+                }
+                __m256i isum = _mm256_add_epi32(i0, i1);
+                if (off > 0) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(_mm256_set1_epi32(off), _mm256_loadu_si256((const __m256i *)(g + 320))));
+                const __m256 p = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps((const float *)(g + 256)));
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), p, acc[j]);
+                if (HAS_MIN(kind)) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps((const float *)(g + 288)), acc[j]);
+            }
+        }
+        /* hsum8 of each row's 8 accumulators: lanes are rows, so the same adds vertically */
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6])),
+                                         _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7])));
+        float out[8];
+        _mm256_storeu_ps(out, sum);
+        for (int c = 0; c < nx; c++) y[c * ldy + r] = out[c];
+    }
+}
+#endif
+
+#if !defined(USE_AVX2)
+/* the exact integer sum of one weight block . one activation block */
+static inline int q_block_isum(int kind, const uint8_t *blk, const int8_t *a, float *d, float *m) {
 #if defined(USE_NEON)
-static inline __attribute__((always_inline)) void q_block_neon(const int kind, const int NX, const uint8_t *blk, const block_q8a *const *xa, int b,
-                                                               float32x4_t *lo, float32x4_t *hi, float *msum) {
-    float d, m = 0.0f;
     int8x16_t wl, wh;
-    unpack_neon(kind, blk, &wl, &wh, &d, &m);
-    for (int c = 0; c < NX; c++) {
-        const block_q8a *a = &xa[c][b];
-        const int32x4_t s0 = dot_s8x16(wl, vld1q_s8(a->qs)), s1 = dot_s8x16(wh, vld1q_s8(a->qs + 16));
-        const float32x4_t p = vdupq_n_f32(d * a->d);
-        lo[c] = vaddq_f32(lo[c], vmulq_f32(vcvtq_f32_s32(s0), p));
-        hi[c] = vaddq_f32(hi[c], vmulq_f32(vcvtq_f32_s32(s1), p));
-        if (HAS_MIN(kind)) msum[c] = msum[c] + m * a->s;
-    }
-}
+    unpack_neon(kind, blk, &wl, &wh, d, m);
+    return vaddvq_s32(vaddq_s32(dot_s8x16(wl, vld1q_s8(a)), dot_s8x16(wh, vld1q_s8(a + 16))));
+#else
+    int q[32];
+    unpack_q(kind, blk, q, d, m);
+    int s = 0;
+    for (int j = 0; j < 32; j++) s += q[j] * a[j];
+    return s;
 #endif
+}
 
-/* NX activation rows . one weight row of `nb` blocks of kind `kind`: two accumulator sets (even
- * and odd blocks), so that consecutive blocks do not wait for each other's additions */
-static inline __attribute__((always_inline)) void q_dot_rows(const int kind, const int NX, int nb, const uint8_t *w, const block_q8a *const *xa,
+/* NX activation rows . one weight row, the sequence written out */
+static inline __attribute__((always_inline)) void q_dot_rows(const int kind, const int NX, int nb, const uint8_t *w, const q8a_row *xa,
                                                              float *out, size_t ldo) {
     const size_t wb = q_block_bytes(kind);
-#if defined(USE_AVX2)
-    __m128 msum_e = _mm_setzero_ps(), msum_o = _mm_setzero_ps(); /* lane c: activation row c */
-    int b = 0;
-#if defined(USE_AVX512)
-    /* an even and an odd block per 512-bit register: lanes 0-7 are the even set, 8-15 the odd one */
-    __m512 acc[4];
-    for (int c = 0; c < NX; c++) acc[c] = _mm512_setzero_ps();
-    for (; b + 1 < nb; b += 2) {
-        float d0, d1, m0 = 0.0f, m1 = 0.0f;
-        const __m256i w0 = unpack_avx2(kind, w + (size_t)b * wb, &d0, &m0);
-        const __m256i w1 = unpack_avx2(kind, w + (size_t)(b + 1) * wb, &d1, &m1);
-        const __m512i qw = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
-        const int is_signed = !HAS_MIN(kind);
-        const __m512i aw = is_signed ? _mm512_abs_epi8(qw) : qw;
-        const __mmask64 neg = is_signed ? _mm512_movepi8_mask(qw) : 0; /* where the weight is negative */
-        for (int c = 0; c < NX; c++) {
-            const block_q8a *a = &xa[c][b];
-            __m512i qa = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a[0].qs)),
-                                            _mm256_loadu_si256((const __m256i *)a[1].qs), 1);
-            if (is_signed) qa = _mm512_mask_sub_epi8(qa, neg, _mm512_setzero_si512(), qa); /* a with the weight's sign (|w| = 0 covers w = 0) */
-            const __m512i isum = _mm512_madd_epi16(_mm512_maddubs_epi16(aw, qa), _mm512_set1_epi16(1));
-            const __m512 p = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(d0 * a[0].d)), _mm256_set1_ps(d1 * a[1].d), 1);
-            acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), p));
-        }
-        if (HAS_MIN(kind)) {
-            msum_e = _mm_add_ps(msum_e, min_terms(NX, m0, xa, b));
-            msum_o = _mm_add_ps(msum_o, min_terms(NX, m1, xa, b + 1));
-        }
-    }
-    __m256 even[4], odd[4];
-    for (int c = 0; c < NX; c++) even[c] = _mm512_castps512_ps256(acc[c]), odd[c] = _mm512_extractf32x8_ps(acc[c], 1);
-#else
-    __m256 even[4], odd[4];
-    for (int c = 0; c < NX; c++) even[c] = odd[c] = _mm256_setzero_ps();
-#endif
-    for (; b + 1 < nb; b += 2) { /* unrolled by two: the sets are registers, not indexed memory */
-        q_block_avx2(kind, NX, w + (size_t)b * wb, xa, b, even, &msum_e);
-        q_block_avx2(kind, NX, w + (size_t)(b + 1) * wb, xa, b + 1, odd, &msum_o);
-    }
-    if (b < nb) q_block_avx2(kind, NX, w + (size_t)b * wb, xa, b, even, &msum_e);
-    float ms[4];
-    _mm_storeu_ps(ms, _mm_add_ps(msum_e, msum_o));
-    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(_mm256_add_ps(even[c], odd[c])) + ms[c];
-#elif defined(USE_NEON)
-    float msum_e[4] = {0.0f, 0.0f, 0.0f, 0.0f}, msum_o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float32x4_t lo_e[4], hi_e[4], lo_o[4], hi_o[4]; /* lanes 0-3 and 4-7 of the even and odd sets */
-    for (int c = 0; c < NX; c++) lo_e[c] = hi_e[c] = lo_o[c] = hi_o[c] = vdupq_n_f32(0.0f);
-    int b = 0;
-    for (; b + 1 < nb; b += 2) {
-        q_block_neon(kind, NX, w + (size_t)b * wb, xa, b, lo_e, hi_e, msum_e);
-        q_block_neon(kind, NX, w + (size_t)(b + 1) * wb, xa, b + 1, lo_o, hi_o, msum_o);
-    }
-    if (b < nb) q_block_neon(kind, NX, w + (size_t)b * wb, xa, b, lo_e, hi_e, msum_e);
+    float acc[4][LANES8];
     for (int c = 0; c < NX; c++)
-        out[c * ldo] = hsum8_neon(vaddq_f32(lo_e[c], lo_o[c]), vaddq_f32(hi_e[c], hi_o[c])) + (msum_e[c] + msum_o[c]);
-#else
-    float acc[4][2][8] = {{{0}}}, msum[4][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}};
+        for (int j = 0; j < LANES8; j++) acc[c][j] = 0.0f;
     for (int b = 0; b < nb; b++) {
-        int q[32];
-        float d, m = 0.0f;
-        unpack_q(kind, w + (size_t)b * wb, q, &d, &m);
-        const int par = b & 1;
+        const int j = b % LANES8;
         for (int c = 0; c < NX; c++) {
-            const block_q8a *a = &xa[c][b];
-            const float p = d * a->d;
-            for (int j = 0; j < 8; j++) {
-                const int s = q[4 * j] * a->qs[4 * j] + q[4 * j + 1] * a->qs[4 * j + 1] + q[4 * j + 2] * a->qs[4 * j + 2] + q[4 * j + 3] * a->qs[4 * j + 3];
-                acc[c][par][j] = acc[c][par][j] + (float)s * p;
-            }
-            if (HAS_MIN(kind)) msum[c][par] = msum[c][par] + m * a->s;
+            float d, m = 0.0f;
+            const int s = q_block_isum(kind, w + (size_t)b * wb, xa[c].qs + (size_t)b * 32, &d, &m);
+            acc[c][j] = fmaf((float)s, d * xa[c].d[b], acc[c][j]);
+            if (HAS_MIN(kind)) acc[c][j] = fmaf(m, xa[c].s[b], acc[c][j]);
         }
     }
-    for (int c = 0; c < NX; c++) {
-        float v[8];
-        for (int j = 0; j < 8; j++) v[j] = acc[c][0][j] + acc[c][1][j];
-        out[c * ldo] = hsum8_scalar(v) + (msum[c][0] + msum[c][1]);
-    }
-#endif
+    for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_scalar(acc[c]);
 }
+
+/* the portable tile8: each row of the group as q_dot_rows computes it */
+static inline void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const void *group, int nx, float *y, size_t ldy) {
+    const int nb = K / 32;
+    const size_t wb = q_block_bytes(kind);
+    for (int r = 0; r < nw; r++) {
+        const uint8_t *wr = (const uint8_t *)w + (size_t)r * wrb;
+        float acc[GROUP_ROWS][LANES8] = {{0.0f}};
+        for (int b = 0; b < nb; b++) {
+            const char *g = (const char *)group + (size_t)b * GROUP_BLOCK_BYTES;
+            const float *dx = (const float *)(g + 256), *sx = (const float *)(g + 288);
+            const int j = b % LANES8;
+            for (int c = 0; c < nx; c++) {
+                int8_t a[32];
+                for (int k = 0; k < 8; k++) memcpy(a + 4 * k, g + 32 * k + 4 * c, 4);
+                float d, m = 0.0f;
+                const int s = q_block_isum(kind, wr + (size_t)b * wb, a, &d, &m);
+                acc[c][j] = fmaf((float)s, d * dx[c], acc[c][j]);
+                if (HAS_MIN(kind)) acc[c][j] = fmaf(m, sx[c], acc[c][j]);
+            }
+        }
+        for (int c = 0; c < nx; c++) y[c * ldy + r] = hsum8_scalar(acc[c]);
+    }
+}
+#endif
 
 /* nw weight rows x nx activation rows: each weight row's blocks unpacked once for the nx rows */
 static inline __attribute__((always_inline)) void q_tile(const int kind, int K, const void *w, size_t w_row_bytes, int nw, const void *xq,
                                                          size_t xq_row_bytes, int nx, float *y, size_t ldy) {
     const int nb = K / 32;
-    const block_q8a *xa[4];
-    for (int c = 0; c < nx; c++) xa[c] = (const block_q8a *)((const char *)xq + (size_t)c * xq_row_bytes);
+    q8a_row xa[4];
+    for (int c = 0; c < nx; c++) xa[c] = q8a_view((const char *)xq + (size_t)c * xq_row_bytes, nb);
     for (int r = 0; r < nw; r++) {
         const uint8_t *wr = (const uint8_t *)w + (size_t)r * w_row_bytes;
         switch (nx) { /* constant row counts: the accumulators stay in registers */
@@ -888,11 +1051,14 @@ static inline __attribute__((always_inline)) void q_tile(const int kind, int K, 
 
 #define Q_KERNELS(name, kind)                                                                                                    \
     static void vec_dot_##name(int K, float *s, const void *w, const void *xq) {                                                 \
-        const block_q8a *xa[1] = {(const block_q8a *)xq};                                                                        \
+        const q8a_row xa[1] = {q8a_view(xq, K / 32)};                                                                            \
         q_dot_rows(kind, 1, K / 32, (const uint8_t *)w, xa, s, 1);                                                               \
     }                                                                                                                            \
     static void tile_##name(int K, const void *w, size_t wrb, int nw, const void *xq, size_t xrb, int nx, float *y, size_t ldy) { \
         q_tile(kind, K, w, wrb, nw, xq, xrb, nx, y, ldy);                                                                        \
+    }                                                                                                                            \
+    static void tile8_##name(int K, const void *w, size_t wrb, int nw, const void *group, int nx, float *y, size_t ldy) {         \
+        q_tile8(kind, K, w, wrb, nw, group, nx, y, ldy);                                                                         \
     }
 
 Q_KERNELS(q8_0, KIND_Q8_0)
@@ -973,7 +1139,7 @@ static void vec_dot_bf16(int K, float *s, const void *w, const void *x) { *s = f
 #define FLOAT_TYPE(t, name, bytes) \
     {t, 1, bytes, 4, quantize_act_f32, vec_dot_##name, dequantize_row_##name, quantize_row_##name, NULL}
 #define Q32_TYPE(t, name, blk) \
-    {t, 32, (int)sizeof(blk), (int)sizeof(block_q8a), quantize_act_q8a, vec_dot_##name, dequantize_row_##name, quantize_row_##name, tile_##name}
+    {t, 32, (int)sizeof(blk), Q8A_BLOCK_BYTES, quantize_act_q8a, vec_dot_##name, dequantize_row_##name, quantize_row_##name, tile_##name, tile8_##name}
 
 static const BlockType block_type_f32 = FLOAT_TYPE(GGML_TYPE_F32, f32, 4);
 static const BlockType block_type_f16 = FLOAT_TYPE(GGML_TYPE_F16, f16, 2);
@@ -1028,6 +1194,7 @@ typedef struct {
     size_t xrow[MAXP];   /* bytes per activation row in that buffer */
     int fmt_part[MAXP];  /* the first part of each format */
     char *xq[MAXP];      /* the quantized activations, one buffer per format */
+    char *xg[MAXP];      /* the same interleaved in groups of 8 rows (types with tile8, M >= 8), or NULL */
     int chunk[MAXP], first[MAXP + 1];
     const float *x;
     float *y;
@@ -1040,6 +1207,19 @@ static void quantize_task(void *ctx, int t, int worker) {
     const MatmulJob *j = (const MatmulJob *)ctx;
     const int f = t / j->M, m = t % j->M, p = j->fmt_part[f];
     j->bt[p]->quantize_act(j->x + (size_t)m * j->K, j->xq[f] + (size_t)m * j->xrow[p], j->K);
+}
+
+/* task t: group t % groups of the format t / groups (formats with xg) */
+static void group_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const MatmulJob *j = (const MatmulJob *)ctx;
+    const int groups = (j->M + GROUP_ROWS - 1) / GROUP_ROWS, nb = j->K / 32;
+    int f = 0;
+    for (int k = t / groups;; f++) /* the k-th format with groups */
+        if (j->xg[f] != NULL && k-- == 0) break;
+    const int g = t % groups, p = j->fmt_part[f], m0 = g * GROUP_ROWS;
+    const int nx = j->M - m0 < GROUP_ROWS ? j->M - m0 : GROUP_ROWS;
+    q8a_group(j->xq[f] + (size_t)m0 * j->xrow[p], j->xrow[p], nx, nb, j->xg[f] + (size_t)g * nb * GROUP_BLOCK_BYTES);
 }
 
 /* task t: (chunk of a part's weight rows) x (chunk of activation rows); consecutive tasks share a
@@ -1055,14 +1235,17 @@ static void product_task(void *ctx, int t, int worker) {
     const size_t wrb = row_bytes(b, K), xrow = j->xrow[p];
     const int n0 = (nc - j->first[p]) * j->chunk[p], n1 = n0 + j->chunk[p] < part->n ? n0 + j->chunk[p] : part->n;
     const int m0 = mc * j->mrows, m1 = m0 + j->mrows < j->M ? m0 + j->mrows : j->M;
-    const char *xb = j->xq[j->fmt[p]];
+    const char *xb = j->xq[j->fmt[p]], *xg = j->xg[j->fmt[p]];
+    const int step = xg ? GROUP_ROWS : TILE; /* m0 is a multiple of 8: mrows is M or ROWS_PER_TASK */
     for (int n = n0; n < n1; n += TILE) {
         const int nw = n1 - n < TILE ? n1 - n : TILE;
         const char *wn = (const char *)part->w + (size_t)n * wrb;
-        for (int m = m0; m < m1; m += TILE) {
-            const int nx = m1 - m < TILE ? m1 - m : TILE;
+        for (int m = m0; m < m1; m += step) {
+            const int nx = m1 - m < step ? m1 - m : step;
             float *yt = j->y + (size_t)m * N_ld + part->col + n;
-            if (b->tile) {
+            if (xg) {
+                b->tile8(K, wn, wrb, nw, xg + (size_t)(m / GROUP_ROWS) * (K / 32) * GROUP_BLOCK_BYTES, nx, yt, (size_t)N_ld);
+            } else if (b->tile) {
                 b->tile(K, wn, wrb, nw, xb + (size_t)m * xrow, xrow, nx, yt, (size_t)N_ld);
             } else {
                 for (int c = 0; c < nx; c++)
@@ -1098,10 +1281,15 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
         }
         j->xrow[p] = (size_t)(K / bp->block) * (size_t)bp->act_block_bytes;
     }
+    const int groups = (M + GROUP_ROWS - 1) / GROUP_ROWS;
+    int grouped = 0; /* formats with interleaved groups */
     for (int f = 0; f < nfmt; f++) {
+        const int use_groups = M >= GROUP_ROWS && j->bt[j->fmt_part[f]]->tile8 != NULL;
         j->xq[f] = (char *)malloc(j->xrow[j->fmt_part[f]] * (size_t)M);
-        if (j->xq[f] == NULL) {
-            while (f-- > 0) free(j->xq[f]);
+        j->xg[f] = use_groups ? (char *)malloc((size_t)groups * (size_t)(K / 32) * GROUP_BLOCK_BYTES) : NULL;
+        grouped += use_groups;
+        if (j->xq[f] == NULL || (use_groups && j->xg[f] == NULL)) {
+            for (; f >= 0; f--) free(j->xq[f]), free(j->xg[f]);
             return -1;
         }
     }
@@ -1112,6 +1300,7 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
     } else { /* a few rows (decode) are quantized faster than helpers wake up */
         for (int t = 0; t < qtasks; t++) quantize_task(j, t, 0);
     }
+    if (grouped) block_tasks_run(M, grouped * groups, threads, group_task, j);
 
     /* the task grid: (chunk of a part's weight rows) x (chunk of activation rows) */
     j->mrows = M > ROWS_PER_TASK ? ROWS_PER_TASK : M;
@@ -1129,7 +1318,7 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
         j->first[p + 1] = j->first[p] + (parts[p].n + j->chunk[p] - 1) / j->chunk[p];
     }
     block_tasks_run(M, j->first[nparts] * j->mchunks, threads, product_task, j);
-    for (int f = 0; f < nfmt; f++) free(j->xq[f]);
+    for (int f = 0; f < nfmt; f++) free(j->xq[f]), free(j->xg[f]);
     return 0;
 }
 

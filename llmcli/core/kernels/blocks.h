@@ -210,6 +210,9 @@ typedef struct {
     void (*quantize_row)(const float *x, void *w, int K);           /* K floats -> weight blocks; bytes identical to llama.cpp's quantize_row_<t>_ref */
     /* optional (NULL if absent): nw (<= 4) weight rows x nx (<= 4) activation rows at once, every element bit-identical to vec_dot */
     void (*tile)(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes, int nx, float *y, size_t ldy);
+    /* optional (NULL if absent; the 32-value types): nw (<= 4) weight rows x one group of 8
+     * activation rows interleaved by blocks.c (nx of them stored), every element bit-identical to vec_dot */
+    void (*tile8)(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y, size_t ldy);
 } BlockType;
 
 /* ------------------------------------------------------------------ the driver (blocks.c)
