@@ -8,8 +8,9 @@ higher of transformers' float32 pp512 and llmcli's pp512, both measured here, in
 Servers, each started in turn on the same GGUF with 2 threads, then loaded with -N 32 and -N 64
 requests sent at once (/v1/completions, greedy, ignore_eos):
   - llmcli: this tree's `llmcli serve` (the chunked-prefill scheduler), --batch-size 64;
-  - llmcli-main: the same command from `git archive main` (one whole-prompt prefill per
-    admission), --batch-size 64: the old scheduler's output tokens/s and TTFT;
+  - llmcli-before: the same command from `git archive a3c8005^` (--before-rev: the last commit
+    before the chunked-prefill scheduler, one whole-prompt prefill per admission), --batch-size 64:
+    the old scheduler's output tokens/s and TTFT;
   - llama-cpp-python: `python -m llama_cpp.server --model FILE --n_threads 2`.
 
 `--chunk-rates 8,32,128,256,512` instead measures llmcli's prompt rate for one forward of each
@@ -94,9 +95,11 @@ def chunk_rates(gguf: Path, threads: int, sizes: list[int], reps: int = 3) -> di
     return best
 
 
-def bench(base: str, n: int, args) -> dict:
+def bench(base: str, n: int, args, seed: int) -> dict:
+    """One round of n simultaneous requests. Each round of a server gets its own seed: prompts of an
+    earlier round would be served from the prefix cache."""
     cmd = [sys.executable, "-m", "llmcli", "bench", "serve", base, "--endpoint", "/v1/completions", "-N", str(n)]
-    cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--seed", "0"]
+    cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len), "--seed", str(seed)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if done.returncode != 0:
         raise SystemExit(f"bench serve failed:\n{done.stderr[-3000:]}")
@@ -110,7 +113,8 @@ def main() -> int:
     parser.add_argument("--streams", default="32,64", help="simultaneous requests, comma-separated")
     parser.add_argument("--input-len", type=int, default=120, help="words per synthetic prompt (about as many tokens)")
     parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--servers", default="llmcli,llmcli-main,llama-cpp-python")
+    parser.add_argument("--servers", default="llmcli,llmcli-before,llama-cpp-python")
+    parser.add_argument("--before-rev", default="a3c8005^", help="the tree llmcli-before serves from (default: the last commit before the chunked-prefill scheduler)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--chunk-rates", default=None, help="only measure the prompt rate of one forward of each of these sizes")
     args = parser.parse_args()
@@ -131,29 +135,29 @@ def main() -> int:
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(args.threads))
     serve = ["-m", "llmcli", "serve", "--model", str(gguf), "--threads", str(args.threads), "--batch-size", str(max(streams)), "--max-queue", str(2 * max(streams))]
-    main_tree = Path(tempfile.mkdtemp(prefix="llmcli-main-"))
+    before_tree = Path(tempfile.mkdtemp(prefix="llmcli-before-"))
     results: list[dict] = []
     prompt_tokens: dict[int, int] = {}  # per N: the same seeded prompts for every server; a server that reports no usage takes these
     for name in args.servers.split(","):
         port = free_port()
         if name == "llmcli":
             cmd, server_env = [sys.executable, *serve, "--port", str(port)], dict(env, PYTHONPATH=str(ROOT))
-        elif name == "llmcli-main":
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", "main"], capture_output=True, check=True).stdout
+        elif name == "llmcli-before":
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before_rev], capture_output=True, check=True).stdout
             with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-                tar.extractall(main_tree, filter="data")
-            # main has no --max-batched-tokens; everything else is the same command
-            cmd, server_env = [sys.executable, *serve, "--port", str(port)], dict(env, PYTHONPATH=str(main_tree))
+                tar.extractall(before_tree, filter="data")
+            # that tree has no --max-batched-tokens; everything else is the same command
+            cmd, server_env = [sys.executable, *serve, "--port", str(port)], dict(env, PYTHONPATH=str(before_tree))
         elif name == "llama-cpp-python":
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads), "--n_ctx", "2048", "--port", str(port)]
             server_env = env
         else:
             raise SystemExit(f"unknown server {name}")
         with ServerProcess(name, cmd, port, env=server_env) as server:
-            bench(server.base, 4, args)  # warm-up: kernels, caches, first allocations
+            bench(server.base, 4, args, seed=1_000_000)  # warm-up: kernels, caches, first allocations
             for n in streams:
                 load = os.getloadavg()[0]
-                summary = bench(server.base, n, args)
+                summary = bench(server.base, n, args, seed=n)
                 tokens = summary["total_input_tokens"] or prompt_tokens.get(n, 0)
                 prompt_tokens.setdefault(n, tokens)
                 limit = tokens / limit_rate

@@ -98,10 +98,12 @@ def serve(
     apply_threads(threads)  # before any thread starts: the engine and loader threads inherit the count
 
     from llmcli.engine.backend import BackendSpec
+    from llmcli.engine.batcher import bound_allocator_growth
     from llmcli.server import make_app, run_server
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
+    bound_allocator_growth()  # before the model and the server threads allocate
     spec = BackendSpec(
         model, dtype, device, quantize, batch_size, max_queue, max_context, embedding_model, served_model_name,
         max_batched_tokens=max_batched_tokens, prefix_cache_mb=prefix_cache_mb,
