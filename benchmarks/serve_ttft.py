@@ -115,6 +115,7 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--servers", default="llmcli,llmcli-before,llama-cpp-python")
     parser.add_argument("--before-rev", default="a3c8005^", help="the tree llmcli-before serves from (default: the last commit before the chunked-prefill scheduler)")
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for the llmcli server of this tree (repeatable)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--chunk-rates", default=None, help="only measure the prompt rate of one forward of each of these sizes")
     args = parser.parse_args()
@@ -141,7 +142,7 @@ def main() -> int:
     for name in args.servers.split(","):
         port = free_port()
         if name == "llmcli":
-            cmd, server_env = [sys.executable, *serve, "--port", str(port)], dict(env, PYTHONPATH=str(ROOT))
+            cmd, server_env = [sys.executable, *serve, *args.serve_arg, "--port", str(port)], dict(env, PYTHONPATH=str(ROOT))
         elif name == "llmcli-before":
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before_rev], capture_output=True, check=True).stdout
             with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
