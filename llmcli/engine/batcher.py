@@ -382,7 +382,7 @@ def release_free_memory() -> None:
     A long prompt's activations and cache are freed after it, but glibc keeps freed blocks of a
     few MB inside its heaps, where the process's RSS would carry them until it exits.
     """
-    trim = _malloc_trim()
+    trim = _glibc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -398,27 +398,25 @@ def bound_allocator_growth() -> bool:
     a server's activations and cache rows, a few MB each, end up inside its heaps, one heap per
     thread that allocates (uvicorn's, the engine's, OpenMP's: up to 8 per core), where freed space
     fragments and RSS creeps up. Measured with benchmarks/soak.py (10 minutes, 12 clients): RSS
-    985 MiB after warm-up and +5.5% by the end with glibc's defaults; 758 MiB and +1.2% with a
+    985 MiB after warm-up and +5.5% by the end with glibc's defaults; 773 MiB and +1.0% with a
     fixed 256 KiB mmap threshold (larger blocks go back to the system when freed), trimming above
     1 MiB and 2 heaps. Returns False where the C library is not glibc (nothing changed).
     """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError):  # not glibc
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     done = [mallopt(M_MMAP_THRESHOLD, 256 * 1024), mallopt(M_TRIM_THRESHOLD, 1024 * 1024), mallopt(M_ARENA_MAX, 2)]
     return all(done)
 
 
 @functools.cache
-def _malloc_trim():
+def _glibc_function(name: str):
+    """The C library's function `name` (malloc_trim, mallopt), or None where it has none (not glibc)."""
     import ctypes
 
     try:
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError, TypeError):  # not glibc
+        return getattr(ctypes.CDLL(None), name)
+    except (AttributeError, OSError, TypeError):
         return None
 
 

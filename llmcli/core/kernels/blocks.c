@@ -290,30 +290,23 @@ static inline __m256i bits32(const uint8_t *qh) {
     return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
 }
 
-/* unsigned bytes a . signed bytes b: 8 int32 lanes, lane j = the sum over bytes 4j..4j+3 (exact: pairs stay below 2^15) */
-static inline __m256i dot_us8(__m256i a, __m256i b) {
+/* acc + unsigned bytes a . signed bytes b: lane j adds the sum over bytes 4j..4j+3 (exact: without
+ * VNNI the byte pairs' sums must stay below 2^15, which the callers' value ranges guarantee) */
+static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+    return _mm256_dpbusd_epi32(acc, a, b);
 #elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+    return _mm256_dpbusd_avx_epi32(acc, a, b);
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
 #endif
 }
 
-/* signed . signed through the sign trick (|a| as unsigned, b with a's sign) */
-static inline __m256i dot_s8(__m256i a, __m256i b) {
-    return dot_us8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-}
+/* unsigned bytes a . signed bytes b: 8 int32 lanes, lane j = the sum over bytes 4j..4j+3 */
+static inline __m256i dot_us8(__m256i a, __m256i b) { return dpbusd_avx2(_mm256_setzero_si256(), a, b); }
 #endif
 
 #if defined(USE_NEON)
-static inline float hsum8_neon(float32x4_t lo, float32x4_t hi) {
-    float32x4_t v4 = vaddq_f32(lo, hi);
-    float32x2_t v2 = vadd_f32(vget_low_f32(v4), vget_high_f32(v4));
-    return vget_lane_f32(v2, 0) + vget_lane_f32(v2, 1);
-}
-
 /* 16 signed bytes . 16 signed bytes: 4 int32 lanes, lane j = bytes 4j..4j+3 */
 static inline int32x4_t dot_s8x16(int8x16_t a, int8x16_t b) {
 #if defined(__ARM_FEATURE_DOTPROD)
@@ -351,10 +344,10 @@ static inline q8a_row q8a_view(const void *row, int nb) {
 
 static void quantize_act_q8a(const float *x, void *vy, int K) {
     const int nb = K / 32;
-    char *base = (char *)vy;
-    int8_t *qs = (int8_t *)base;
-    float *dd = (float *)(base + (size_t)32 * nb), *ss = (float *)(base + (size_t)36 * nb);
-    int32_t *sums = (int32_t *)(base + (size_t)40 * nb);
+    const q8a_row row = q8a_view(vy, nb); /* the layout in one place; this function writes it */
+    int8_t *qs = (int8_t *)row.qs;
+    float *dd = (float *)row.d, *ss = (float *)row.s;
+    int32_t *sums = (int32_t *)row.sum;
     for (int b = 0; b < nb; b++, x += 32) {
         int8_t *q = qs + (size_t)32 * b;
 #if defined(USE_AVX2)
@@ -678,40 +671,6 @@ static inline void unpack_q(int kind, const uint8_t *blk, int *q, float *d, floa
 }
 #endif
 
-#if defined(USE_AVX2)
-/* the weight block as 32 bytes in value order: signed for Q8_0/Q4_0/Q5_0, unsigned for Q4_1/Q5_1 */
-static inline __m256i unpack_avx2(int kind, const uint8_t *blk, float *d, float *m) {
-    switch (kind) {
-    case KIND_Q8_0: {
-        const block_q8_0 *w = (const block_q8_0 *)blk;
-        *d = H2F(w->d);
-        return _mm256_loadu_si256((const __m256i *)w->qs);
-    }
-    case KIND_Q4_0: {
-        const block_q4_0 *w = (const block_q4_0 *)blk;
-        *d = H2F(w->d);
-        return _mm256_sub_epi8(nibbles32(w->qs), _mm256_set1_epi8(8));
-    }
-    case KIND_Q4_1: {
-        const block_q4_1 *w = (const block_q4_1 *)blk;
-        *d = H2F(w->d), *m = H2F(w->m);
-        return nibbles32(w->qs);
-    }
-    case KIND_Q5_0: {
-        const block_q5_0 *w = (const block_q5_0 *)blk;
-        *d = H2F(w->d);
-        /* bit clear: the value is nibble - 16, i.e. the byte nibble | 0xF0 */
-        return _mm256_or_si256(nibbles32(w->qs), _mm256_andnot_si256(bits32(w->qh), _mm256_set1_epi8((char)0xF0)));
-    }
-    default: {
-        const block_q5_1 *w = (const block_q5_1 *)blk;
-        *d = H2F(w->d), *m = H2F(w->m);
-        return _mm256_or_si256(nibbles32(w->qs), _mm256_and_si256(bits32(w->qh), _mm256_set1_epi8(0x10)));
-    }
-    }
-}
-#endif
-
 #if defined(USE_NEON)
 /* the weight block as two 16-byte halves in value order (signed for every kind: the unsigned
  * values of Q4_1 / Q5_1 are below 32) */
@@ -785,7 +744,7 @@ static inline __m256i reduce8_epi32(const __m256i *v) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
 }
 
-/* the weight block as 32 unsigned bytes for tile8, and what to subtract (off * sum(a)) to get the
+/* the weight block as 32 unsigned bytes, and what to subtract (off * sum(a)) to get the
  * signed product: Q4_0 q = nibble - 8, Q5_0 q = 5 bits - 16; Q8_0 q ^ 0x80 = q + 128 where the
  * product is exact (VNNI: no 16-bit saturation), else signed (*off = -1: the sign trick) */
 static inline __m256i unpack_u8_avx2(int kind, const uint8_t *blk, float *d, float *m, int *off) {
@@ -802,18 +761,16 @@ static inline __m256i unpack_u8_avx2(int kind, const uint8_t *blk, float *d, flo
         return q;
 #endif
     }
-    case KIND_Q4_0:
-    case KIND_Q4_1:
-        *off = kind == KIND_Q4_0 ? 8 : 0;
-        if (kind == KIND_Q4_0) {
-            const block_q4_0 *w = (const block_q4_0 *)blk;
-            *d = H2F(w->d);
-            return nibbles32(w->qs);
-        } else {
-            const block_q4_1 *w = (const block_q4_1 *)blk;
-            *d = H2F(w->d), *m = H2F(w->m);
-            return nibbles32(w->qs);
-        }
+    case KIND_Q4_0: {
+        const block_q4_0 *w = (const block_q4_0 *)blk;
+        *d = H2F(w->d), *off = 8;
+        return nibbles32(w->qs);
+    }
+    case KIND_Q4_1: {
+        const block_q4_1 *w = (const block_q4_1 *)blk;
+        *d = H2F(w->d), *m = H2F(w->m), *off = 0;
+        return nibbles32(w->qs);
+    }
     case KIND_Q5_0: {
         const block_q5_0 *w = (const block_q5_0 *)blk;
         *d = H2F(w->d), *off = 16;
@@ -827,11 +784,9 @@ static inline __m256i unpack_u8_avx2(int kind, const uint8_t *blk, float *d, flo
     }
 }
 
-/* the deltas (and mins) of the n <= 8 weight blocks at w, w + wb, ... as vectors: one gather of
- * each block's first 4 bytes (d, then m or the next field) */
-static inline __attribute__((always_inline)) void block_scales8(const uint8_t *w, __m256i offsets, int n, __m256 *d, __m256 *m) {
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes);
+/* the deltas (and mins) of the weight blocks at w, w + wb, ... (the lanes set in `live`) as
+ * vectors: one gather of each block's first 4 bytes (d, then m or the next field) */
+static inline __attribute__((always_inline)) void block_scales8(const uint8_t *w, __m256i offsets, __m256i live, __m256 *d, __m256 *m) {
     const __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)w, offsets, live, 1);
     const __m256i lo = _mm256_and_si256(g, _mm256_set1_epi32(0xFFFF)), hi = _mm256_srli_epi32(g, 16);
     const __m256i halves = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8); /* d0..d7, m0..m7 */
@@ -850,9 +805,9 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
     for (int b0 = 0; b0 < nb; b0 += LANES8) {
         const int n = nb - b0 < LANES8 ? nb - b0 : LANES8;
         const uint8_t *wg = w + (size_t)b0 * wb;
-        __m256 dw, mw;
-        block_scales8(wg, offsets, n, &dw, &mw);
         const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes); /* a missing block adds fma(0, 0, acc) = acc: acc is never -0 */
+        __m256 dw, mw;
+        block_scales8(wg, offsets, live, &dw, &mw);
         for (int c = 0; c < NX; c++) {
             __m256i v[LANES8];
             int off = 0;
@@ -878,45 +833,37 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
     for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_avx(acc[c]);
 }
 
-/* acc += a . b over 4-byte groups, a unsigned, b signed (exact) */
-static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, a, b);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, a, b);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
-#endif
-}
 #endif
 
 /* ------------------------------------------------------------------ 8 activation rows interleaved
  * For a prompt the 32-value types take 8 activation rows at a time as one group, interleaved so
  * that a vector holds 4 values of each of the 8 rows: per block b,
- *     int8_t qs[8][8][4] (4-value group g, row c); float d[8], s[8]; int32_t sum[8] (by row),
- * 352 bytes a block. A weight row then meets 8 rows with 8 multiply-adds of a broadcast weight
+ * q8a_group_block (4 values of row c in qs[g][c]; d, s and sum by row), 352 bytes a block. A weight row then meets 8 rows with 8 multiply-adds of a broadcast weight
  * group, and the 8 rows' float operations run in one vector (lane c = row c). */
 
 #define GROUP_ROWS 8
-#define GROUP_BLOCK_BYTES 352
+
+typedef struct {
+    int32_t qs[8][GROUP_ROWS]; /* [4-value group][row]: values 4g..4g+3 of row c */
+    float d[GROUP_ROWS], s[GROUP_ROWS];
+    int32_t sum[GROUP_ROWS];
+} q8a_group_block; /* one block of a group */
+_Static_assert(sizeof(q8a_group_block) == 352, "q8a_group_block layout");
 
 /* rows m0 .. m0+nx-1 (nx <= 8; the missing rows zero) of the q8a rows -> one group */
-static void q8a_group(const char *xq, size_t xrow, int nx, int nb, char *group) {
+static void q8a_group(const char *xq, size_t xrow, int nx, int nb, q8a_group_block *group) {
     for (int b = 0; b < nb; b++) {
-        char *g = group + (size_t)b * GROUP_BLOCK_BYTES;
-        int32_t *qs = (int32_t *)g;
-        float *d = (float *)(g + 256), *s = (float *)(g + 288);
-        int32_t *sum = (int32_t *)(g + 320);
+        q8a_group_block *g = &group[b];
         for (int c = 0; c < GROUP_ROWS; c++) {
             if (c < nx) {
                 const q8a_row r = q8a_view(xq + (size_t)c * xrow, nb);
                 int32_t v[8];
                 memcpy(v, r.qs + (size_t)b * 32, 32);
-                for (int k = 0; k < 8; k++) qs[k * GROUP_ROWS + c] = v[k];
-                d[c] = r.d[b], s[c] = r.s[b], sum[c] = r.sum[b];
+                for (int k = 0; k < 8; k++) g->qs[k][c] = v[k];
+                g->d[c] = r.d[b], g->s[c] = r.s[b], g->sum[c] = r.sum[b];
             } else {
-                for (int k = 0; k < 8; k++) qs[k * GROUP_ROWS + c] = 0;
-                d[c] = s[c] = 0.0f, sum[c] = 0;
+                for (int k = 0; k < 8; k++) g->qs[k][c] = 0;
+                g->d[c] = g->s[c] = 0.0f, g->sum[c] = 0;
             }
         }
     }
@@ -924,8 +871,8 @@ static void q8a_group(const char *xq, size_t xrow, int nx, int nb, char *group) 
 
 #if defined(USE_AVX2)
 /* nw weight rows x one group of 8 activation rows (nx of them stored) */
-static inline __attribute__((always_inline)) void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const void *group, int nx,
-                                                          float *y, size_t ldy) {
+static inline __attribute__((always_inline)) void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group,
+                                                          int nx, float *y, size_t ldy) {
     const int nb = K / 32;
     const size_t wb = q_block_bytes(kind);
     for (int r = 0; r < nw; r++) {
@@ -937,7 +884,7 @@ static inline __attribute__((always_inline)) void q_tile8(const int kind, int K,
             for (int j = 0; j < LANES8; j++) {
                 if (b0 + j >= nb) break;
                 const int b = b0 + j;
-                const char *g = (const char *)group + (size_t)b * GROUP_BLOCK_BYTES;
+                const q8a_group_block *g = &group[b];
                 float d, m = 0.0f;
                 int off;
                 const __m256i qw = unpack_u8_avx2(kind, wr + (size_t)b * wb, &d, &m, &off);
@@ -945,7 +892,7 @@ static inline __attribute__((always_inline)) void q_tile8(const int kind, int K,
                 _mm256_store_si256((__m256i *)wq, qw);
                 __m256i i0 = _mm256_setzero_si256(), i1 = _mm256_setzero_si256();
                 for (int k = 0; k < 8; k += 2) {
-                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(g + 32 * k)), x1 = _mm256_loadu_si256((const __m256i *)(g + 32 * k + 32));
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)g->qs[k]), x1 = _mm256_loadu_si256((const __m256i *)g->qs[k + 1]);
                     const __m256i w0 = _mm256_set1_epi32(wq[k]), w1 = _mm256_set1_epi32(wq[k + 1]);
                     if (kind == KIND_Q8_0 && off < 0) { /* signed . signed: |w| and x with w's sign */
                         i0 = dpbusd_avx2(i0, _mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0));
@@ -956,10 +903,10 @@ static inline __attribute__((always_inline)) void q_tile8(const int kind, int K,
                     }
                 }
                 __m256i isum = _mm256_add_epi32(i0, i1);
-                if (off > 0) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(_mm256_set1_epi32(off), _mm256_loadu_si256((const __m256i *)(g + 320))));
-                const __m256 p = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps((const float *)(g + 256)));
+                if (off > 0) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(_mm256_set1_epi32(off), _mm256_loadu_si256((const __m256i *)g->sum)));
+                const __m256 p = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(g->d));
                 acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), p, acc[j]);
-                if (HAS_MIN(kind)) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps((const float *)(g + 288)), acc[j]);
+                if (HAS_MIN(kind)) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps(g->s), acc[j]);
             }
         }
         /* hsum8 of each row's 8 accumulators: lanes are rows, so the same adds vertically */
@@ -1008,23 +955,23 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
 }
 
 /* the portable tile8: each row of the group as q_dot_rows computes it */
-static inline void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const void *group, int nx, float *y, size_t ldy) {
+static inline void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group, int nx, float *y,
+                           size_t ldy) {
     const int nb = K / 32;
     const size_t wb = q_block_bytes(kind);
     for (int r = 0; r < nw; r++) {
         const uint8_t *wr = (const uint8_t *)w + (size_t)r * wrb;
         float acc[GROUP_ROWS][LANES8] = {{0.0f}};
         for (int b = 0; b < nb; b++) {
-            const char *g = (const char *)group + (size_t)b * GROUP_BLOCK_BYTES;
-            const float *dx = (const float *)(g + 256), *sx = (const float *)(g + 288);
+            const q8a_group_block *g = &group[b];
             const int j = b % LANES8;
             for (int c = 0; c < nx; c++) {
                 int8_t a[32];
-                for (int k = 0; k < 8; k++) memcpy(a + 4 * k, g + 32 * k + 4 * c, 4);
+                for (int k = 0; k < 8; k++) memcpy(a + 4 * k, &g->qs[k][c], 4);
                 float d, m = 0.0f;
                 const int s = q_block_isum(kind, wr + (size_t)b * wb, a, &d, &m);
-                acc[c][j] = fmaf((float)s, d * dx[c], acc[c][j]);
-                if (HAS_MIN(kind)) acc[c][j] = fmaf(m, sx[c], acc[c][j]);
+                acc[c][j] = fmaf((float)s, d * g->d[c], acc[c][j]);
+                if (HAS_MIN(kind)) acc[c][j] = fmaf(m, g->s[c], acc[c][j]);
             }
         }
         for (int c = 0; c < nx; c++) y[c * ldy + r] = hsum8_scalar(acc[c]);
@@ -1058,7 +1005,7 @@ static inline __attribute__((always_inline)) void q_tile(const int kind, int K, 
         q_tile(kind, K, w, wrb, nw, xq, xrb, nx, y, ldy);                                                                        \
     }                                                                                                                            \
     static void tile8_##name(int K, const void *w, size_t wrb, int nw, const void *group, int nx, float *y, size_t ldy) {         \
-        q_tile8(kind, K, w, wrb, nw, group, nx, y, ldy);                                                                         \
+        q_tile8(kind, K, w, wrb, nw, (const q8a_group_block *)group, nx, y, ldy);                                                                         \
     }
 
 Q_KERNELS(q8_0, KIND_Q8_0)
@@ -1137,7 +1084,7 @@ static void vec_dot_bf16(int K, float *s, const void *w, const void *x) { *s = f
 /* ------------------------------------------------------------------ the type table */
 
 #define FLOAT_TYPE(t, name, bytes) \
-    {t, 1, bytes, 4, quantize_act_f32, vec_dot_##name, dequantize_row_##name, quantize_row_##name, NULL}
+    {t, 1, bytes, 4, quantize_act_f32, vec_dot_##name, dequantize_row_##name, quantize_row_##name, NULL, NULL}
 #define Q32_TYPE(t, name, blk) \
     {t, 32, (int)sizeof(blk), Q8A_BLOCK_BYTES, quantize_act_q8a, vec_dot_##name, dequantize_row_##name, quantize_row_##name, tile_##name, tile8_##name}
 
@@ -1219,7 +1166,7 @@ static void group_task(void *ctx, int t, int worker) {
         if (j->xg[f] != NULL && k-- == 0) break;
     const int g = t % groups, p = j->fmt_part[f], m0 = g * GROUP_ROWS;
     const int nx = j->M - m0 < GROUP_ROWS ? j->M - m0 : GROUP_ROWS;
-    q8a_group(j->xq[f] + (size_t)m0 * j->xrow[p], j->xrow[p], nx, nb, j->xg[f] + (size_t)g * nb * GROUP_BLOCK_BYTES);
+    q8a_group(j->xq[f] + (size_t)m0 * j->xrow[p], j->xrow[p], nx, nb, (q8a_group_block *)j->xg[f] + (size_t)g * nb);
 }
 
 /* task t: (chunk of a part's weight rows) x (chunk of activation rows); consecutive tasks share a
@@ -1244,7 +1191,7 @@ static void product_task(void *ctx, int t, int worker) {
             const int nx = m1 - m < step ? m1 - m : step;
             float *yt = j->y + (size_t)m * N_ld + part->col + n;
             if (xg) {
-                b->tile8(K, wn, wrb, nw, xg + (size_t)(m / GROUP_ROWS) * (K / 32) * GROUP_BLOCK_BYTES, nx, yt, (size_t)N_ld);
+                b->tile8(K, wn, wrb, nw, xg + (size_t)(m / GROUP_ROWS) * (K / 32) * sizeof(q8a_group_block), nx, yt, (size_t)N_ld);
             } else if (b->tile) {
                 b->tile(K, wn, wrb, nw, xb + (size_t)m * xrow, xrow, nx, yt, (size_t)N_ld);
             } else {
@@ -1286,7 +1233,7 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
     for (int f = 0; f < nfmt; f++) {
         const int use_groups = M >= GROUP_ROWS && j->bt[j->fmt_part[f]]->tile8 != NULL;
         j->xq[f] = (char *)malloc(j->xrow[j->fmt_part[f]] * (size_t)M);
-        j->xg[f] = use_groups ? (char *)malloc((size_t)groups * (size_t)(K / 32) * GROUP_BLOCK_BYTES) : NULL;
+        j->xg[f] = use_groups ? (char *)malloc((size_t)groups * (size_t)(K / 32) * sizeof(q8a_group_block)) : NULL;
         grouped += use_groups;
         if (j->xq[f] == NULL || (use_groups && j->xg[f] == NULL)) {
             for (; f >= 0; f--) free(j->xq[f]), free(j->xg[f]);
