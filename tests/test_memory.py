@@ -199,3 +199,49 @@ def test_results_do_not_change_when_the_cache_shrinks_under_running_sequences(lo
         shrunk = shrunk or (0 in results and len(results) < 4 and batcher.cache.capacity == 256)
     assert shrunk
     assert [results[i] for i in range(4)] == alone
+
+
+LAZY_CACHE_SCRIPT = r"""
+import re, threading, torch
+from llmcli.core.models.base import cache_zeros
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+def grow_cache(out):
+    # glibc maps a large block and, once that block is freed, raises its mapping threshold above its
+    # size; a calloc below the threshold then comes from a heap, and on a thread's heap (the engine
+    # runs on its own thread) calloc writes every zero, which makes the whole capacity resident
+    scratch = torch.empty(8 << 20, dtype=torch.uint8)
+    scratch.fill_(1)
+    del scratch
+    before = rss_kib()
+    layers = [cache_zeros((16, 3, 256, 64), torch.float32, "cpu") for _ in range(30)]  # SmolLM2's keys for 16 rows
+    allocated = rss_kib() - before
+    for t in layers:
+        t[:, :, 0] = 1.0  # one position of every row written: one page per (row, head) resident
+    out.extend([allocated, rss_kib() - before, all(float(t[:, :, 1:].abs().sum()) == 0.0 for t in layers)])
+
+out = []
+worker = threading.Thread(target=grow_cache, args=(out,))
+worker.start()
+worker.join()
+print(*out)
+"""
+
+
+def test_kv_cache_memory_is_resident_only_where_written():
+    """A cache grown to 16 rows x 256 positions holds memory for the positions written, not for its
+    capacity. Through calloc, glibc wrote zeros into heap blocks once its mapping threshold had
+    risen (here a part of the capacity was resident at allocation; in the engine, a batch of 16
+    made all 184 MiB of SmolLM2's 256 positions resident at admission)."""
+    out = subprocess.run([sys.executable, "-c", LAZY_CACHE_SCRIPT], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    allocated, written, zeros = out.stdout.split()
+    allocated, written = int(allocated), int(written)
+    assert zeros == "True"
+    capacity = 30 * 16 * 3 * 256 * 64 * 4 // 1024
+    pages = 30 * 16 * 3 * 4  # one 4 KiB page per (layer, row, head)
+    assert allocated < capacity // 50, (allocated, capacity)
+    assert written < 2 * pages + capacity // 50, (written, pages, capacity)

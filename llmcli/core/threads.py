@@ -9,6 +9,8 @@ logical CPUs that torch counts.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SYS_CPU = Path("/sys/devices/system/cpu")
@@ -56,3 +58,24 @@ def use_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     kernels.set_threads(n)
+
+
+@contextmanager
+def serial_torch_ops() -> Iterator[None]:
+    """torch ops inside run on the calling thread alone (the native kernels keep their count).
+
+    For the small ops around a forward (sampling over a vocabulary, bookkeeping): torch runs an op
+    above 32768 values on its OpenMP team, whose threads then spin for milliseconds (libgomp's
+    default wait policy) on the cores the next native kernels' task pool needs. Setting torch's
+    count costs a fraction of a microsecond (no threads are created or stopped)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

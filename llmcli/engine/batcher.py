@@ -37,6 +37,7 @@ from llmcli.core import sampling
 from llmcli.core.constrained import Constraint, mask_logits
 from llmcli.core.generate import Request, TextStream
 from llmcli.core.models.base import KVCache
+from llmcli.core.threads import serial_torch_ops
 from llmcli.engine.prefix_cache import PrefixCache
 from llmcli.engine.scheduler import DEFAULT_MAX_BATCHED_TOKENS, Scheduler
 from llmcli.errors import ContextLengthError
@@ -139,7 +140,27 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """One scheduled step: decode tokens, prompt chunks and admissions in one forward."""
+        """One scheduled step: decode tokens, prompt chunks and admissions in one forward.
+
+        The bookkeeping around the forward (admissions, sampling over (B, V) logits, moving rows)
+        runs torch's ops on this thread alone: a parallel torch op leaves torch's OpenMP threads
+        spinning for milliseconds (libgomp's default wait) on the cores that the native kernels'
+        task pool needs next, which cost SmolLM2 Q4_1 a third of its decode speed."""
+        with serial_torch_ops():
+            planned = self._plan_step()
+        if planned is None:
+            return []
+        ids, rows, logits_at, wanted, chunked = planned
+        device = self.last_token.device
+        logits = self.model.forward_packed(
+            torch.tensor(ids, device=device), torch.tensor(rows, device=device), self.cache, torch.tensor(logits_at, dtype=torch.long, device=device)
+        )  # (len(logits_at), V)
+        with serial_torch_ops():
+            return self._after_forward(logits, wanted, chunked)
+
+    def _plan_step(self) -> tuple[list[int], list[int], list[int], list[tuple[_Sequence, int, int]], list[_Sequence]] | None:
+        """Admit what the scheduler plans and lay out the step's tokens: (ids, rows, logits_at, wanted,
+        chunked), or None when there is nothing to run."""
         running = [seq for seq in self.rows if seq is not None]
         free = self.batch_size - len(running)
         plan = self.scheduler.plan(running, self._waiting_prompts(free), free)
@@ -154,7 +175,7 @@ class ContinuousBatcher:
             seq = self._admit(self.waiting.popleft(), self.rows.index(None))
             work[seq.row] = (seq, n)
         if not work:
-            return []
+            return None
         ids: list[int] = []
         rows: list[int] = []
         logits_at: list[int] = []  # indices into ids whose logits this step needs
@@ -175,10 +196,10 @@ class ContinuousBatcher:
             if take:
                 wanted.append((seq, len(logits_at), take))
                 logits_at.extend(range(first + n - take, first + n))
-        device = self.last_token.device
-        logits = self.model.forward_packed(
-            torch.tensor(ids, device=device), torch.tensor(rows, device=device), self.cache, torch.tensor(logits_at, dtype=torch.long, device=device)
-        )  # (len(logits_at), V)
+        return ids, rows, logits_at, wanted, chunked
+
+    def _after_forward(self, logits: torch.Tensor, wanted: list[tuple[_Sequence, int, int]], chunked: list[_Sequence]) -> list[Event]:
+        """Store completed prompt blocks, sample each wanting sequence's next token, retire the finished."""
         for seq in chunked:  # the prompt's blocks completed by this chunk, for the requests after it
             self._store_prefix(seq, seq.request.prompt_ids)
         sampled: list[_Sequence] = []
@@ -196,7 +217,7 @@ class ContinuousBatcher:
             last_rows.append(start + take - 1)
         events: list[Event] = []
         if sampled:
-            tokens, entries = self._choose(sampled, logits[last_rows])
+            tokens, entries = self._choose(sampled, logits if last_rows == list(range(logits.shape[0])) else logits[last_rows])
             for seq, token, entry in zip(sampled, tokens, entries):
                 event = self._accept(seq, token, entry)
                 event.prompt_logprobs = echo_events.get(id(seq))

@@ -12,12 +12,10 @@
  * mean first, then the squared deviations from it, as the AVX2 and portable paths both do.
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 
+#include "blocks.h" /* block_tasks_run: the task pool for a decode step, OpenMP for a prompt */
 #include "vexp.h"
-
-int matvec_threads(void); /* matvec.c: --threads, shared by every parallel region */
 
 #define GELU_2C 1.5957691216057308f /* 2 sqrt(2 / pi) */
 #define GELU_A 0.044715f
@@ -48,17 +46,43 @@ static void gelu_tanh_row(const float *g, const float *u, float *o, int I) {
     for (; i < I; i++) o[i] = u ? gelu_tanh_scalar(g[i]) * u[i] : gelu_tanh_scalar(g[i]);
 }
 
-static void gelu_tanh_mul_row(const float *g, float *o, int I) { gelu_tanh_row(g, g + I, o, I); }
+/* a row-wise op over M rows as tasks (block_tasks_run): out row m from in row m */
+typedef struct {
+    const float *in, *w, *b;
+    float *out;
+    int M, in_ld, out_ld, n, rows; /* rows per task */
+    float eps;
+    void (*row)(const void *job, int m);
+} RowJob;
+
+static void row_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const RowJob *j = (const RowJob *)ctx;
+    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++) j->row(j, m);
+}
+
+static void run_rows(RowJob *job, long cost) { block_tasks_run(job->M, block_row_tasks(job->M, cost, &job->rows), 0, row_task, job); }
+
+static void gelu_tanh_mul_at(const void *ctx, int m) {
+    const RowJob *j = (const RowJob *)ctx;
+    const float *g = j->in + (size_t)m * j->in_ld;
+    gelu_tanh_row(g, g + j->n, j->out + (size_t)m * j->out_ld, j->n);
+}
+
+static void gelu_tanh_at(const void *ctx, int m) {
+    const RowJob *j = (const RowJob *)ctx;
+    gelu_tanh_row(j->in + (size_t)m * j->in_ld, NULL, j->out + (size_t)m * j->out_ld, j->n);
+}
 
 void gelu_tanh_mul_f32(const float *gate_up, float *out, int M, int I) {
-#pragma omp parallel for schedule(static) num_threads(matvec_threads()) if ((int64_t)M * I > 65536)
-    for (int m = 0; m < M; m++) gelu_tanh_mul_row(gate_up + (size_t)m * 2 * I, out + (size_t)m * I, I);
+    RowJob job = {gate_up, NULL, NULL, out, M, 2 * I, I, I, 0, 0.0f, gelu_tanh_mul_at};
+    run_rows(&job, I);
 }
 
 /* x (M, I) -> out (M, I) = gelu_tanh(x), GPT-2's MLP activation */
 void gelu_tanh_f32(const float *x, float *out, int M, int I) {
-#pragma omp parallel for schedule(static) num_threads(matvec_threads()) if ((int64_t)M * I > 65536)
-    for (int m = 0; m < M; m++) gelu_tanh_row(x + (size_t)m * I, NULL, out + (size_t)m * I, I);
+    RowJob job = {x, NULL, NULL, out, M, I, I, I, 0, 0.0f, gelu_tanh_at};
+    run_rows(&job, I);
 }
 
 /* the sum of a[i] - shift (squared when square) over i < n, in 8 lanes combined in one order */
@@ -87,14 +111,18 @@ static float sum_lanes(const float *a, int n, float shift, int square) {
     return combine_lanes(lanes);
 }
 
+static void layer_norm_at(const void *ctx, int m) {
+    const RowJob *j = (const RowJob *)ctx;
+    const int K = j->n;
+    const float *xm = j->in + (size_t)m * K;
+    float *om = j->out + (size_t)m * K;
+    float mean = sum_lanes(xm, K, 0.0f, 0) / (float)K;
+    float rstd = 1.0f / sqrtf(sum_lanes(xm, K, mean, 1) / (float)K + j->eps);
+    for (int k = 0; k < K; k++) om[k] = (xm[k] - mean) * rstd * j->w[k] + j->b[k];
+}
+
 /* out[m] = (x[m] - mean) / sqrt(var + eps) * w + b, the biased variance, as torch's LayerNorm */
 void layer_norm_f32(const float *x, const float *w, const float *b, float *out, int M, int K, float eps) {
-#pragma omp parallel for schedule(static) num_threads(matvec_threads()) if ((int64_t)M * K > 65536)
-    for (int m = 0; m < M; m++) {
-        const float *xm = x + (size_t)m * K;
-        float *om = out + (size_t)m * K;
-        float mean = sum_lanes(xm, K, 0.0f, 0) / (float)K;
-        float rstd = 1.0f / sqrtf(sum_lanes(xm, K, mean, 1) / (float)K + eps);
-        for (int k = 0; k < K; k++) om[k] = (xm[k] - mean) * rstd * w[k] + b[k];
-    }
+    RowJob job = {x, w, b, out, M, K, K, K, 0, eps, layer_norm_at};
+    run_rows(&job, K);
 }

@@ -73,7 +73,7 @@
  * test harness) runs on OpenMP's own count, or on one thread without OpenMP. */
 int matvec_threads(void) __attribute__((weak));
 
-static int block_threads(void) {
+int block_threads(void) {
     if (matvec_threads) return matvec_threads();
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -225,11 +225,9 @@ void block_pool_run(int ntasks, int threads, block_task_fn fn, void *ctx) {
  * step, where OpenMP's barriers cost the most), OpenMP's team for prompts, whose few large regions
  * alternate with torch's own OpenMP ops (attention): the same runtime then keeps its threads, where
  * two pools would spin against each other on the same cores. */
-#define POOL_MAX_ROWS 16
-
 void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx) {
 #ifdef _OPENMP
-    if (M > POOL_MAX_ROWS && ntasks > 1) {
+    if (M > BLOCK_POOL_MAX_ROWS && ntasks > 1) {
         const int n = threads > 0 ? threads : block_threads();
 #pragma omp parallel for schedule(static) num_threads(n)
         for (int t = 0; t < ntasks; t++) fn(ctx, t, omp_get_thread_num());
@@ -238,6 +236,17 @@ void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx
 #endif
     (void)M;
     block_pool_run(ntasks, threads, fn, ctx);
+}
+
+int block_row_tasks(int M, long cost, int *rows) {
+    if (M <= 0) { /* a packed step may ask for no rows (no logits wanted): nothing to run */
+        *rows = 1;
+        return 0;
+    }
+    const int threads = block_threads();
+    const int tasks = (long)M * cost < 65536 ? 1 : M < 4 * threads ? M : 4 * threads;
+    *rows = (M + tasks - 1) / tasks;
+    return (M + *rows - 1) / *rows;
 }
 
 /* ------------------------------------------------------------------ shared pieces */

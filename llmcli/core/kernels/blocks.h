@@ -241,9 +241,16 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
  * kernels' thread count) of blocks.c's task pool and returns when every task has finished.
  * worker: 0 for the calling thread, 1..threads-1 for the pool's helpers (an index for per-thread
  * scratch). Tasks must write disjoint outputs. */
+/* the kernels' thread count: matvec.c's (--threads) when it is linked in, else OpenMP's, else 1 */
+int block_threads(void);
 typedef void (*block_task_fn)(void *ctx, int task, int worker);
 void block_pool_run(int ntasks, int threads, block_task_fn fn, void *ctx);
-/* The same for a call on M activation rows: the pool up to 16 rows (decode), OpenMP above (prompts). */
+/* The same for a call on M activation rows: the pool up to BLOCK_POOL_MAX_ROWS rows (decode),
+ * OpenMP above (prompts). */
+#define BLOCK_POOL_MAX_ROWS 16
+/* The number of tasks for M rows of `cost` work each (*rows: rows per task); one task when
+ * splitting would cost more than it saves, none for M = 0. */
+int block_row_tasks(int M, long cost, int *rows);
 void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx);
 
 /* the K-quants, defined in kquants.c */

@@ -198,20 +198,9 @@ static void rms_norm_task(void *ctx, int t, int worker) {
         rms_norm_row(j->x + (size_t)m * j->K, j->w, j->out + (size_t)m * j->K, j->K, j->eps);
 }
 
-/* the number of tasks for M rows of `cost` work each: one when splitting would cost more than it saves */
-static int row_tasks(int M, long cost, int *rows) {
-    if (M <= 0) { /* a packed step may ask for no rows (no logits wanted): nothing to run */
-        *rows = 1;
-        return 0;
-    }
-    const int tasks = (long)M * cost < 65536 ? 1 : M < 4 * THREADS ? M : 4 * THREADS;
-    *rows = (M + tasks - 1) / tasks;
-    return (M + *rows - 1) / *rows;
-}
-
 void rms_norm_f32(const float *x, const float *w, float *out, int M, int K, float eps) {
     RmsJob job = {x, w, out, M, K, 0, eps};
-    block_tasks_run(M, row_tasks(M, K, &job.rows), 0, rms_norm_task, &job);
+    block_tasks_run(M, block_row_tasks(M, K, &job.rows), 0, rms_norm_task, &job);
 }
 
 #ifdef __AVX512F__
@@ -263,7 +252,7 @@ static void silu_mul_task(void *ctx, int t, int worker) {
 
 void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
     SiluJob job = {gate_up, out, M, I, 0};
-    block_tasks_run(M, row_tasks(M, 8L * I, &job.rows), 0, silu_mul_task, &job); /* expf: about 8 times a norm's work per value */
+    block_tasks_run(M, block_row_tasks(M, 8L * I, &job.rows), 0, silu_mul_task, &job); /* expf: about 8 times a norm's work per value */
 }
 
 /* attention: attention.c (attn_decode_f32), one fixed order per query row on every ISA */
