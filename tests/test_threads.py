@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from llmcli import catalog
 from llmcli.cli import COMMANDS, app
 from llmcli.core import kernels
-from llmcli.core.threads import physical_cores
+from llmcli.core.threads import physical_cores, serial_torch_ops
 from llmcli.errors import UsageError
 from tests.tiny import make_tiny
 
@@ -96,3 +96,21 @@ def test_every_model_command_has_threads():
         result = runner.invoke(app, [name, "--help"])
         assert "--threads" in result.stdout and "-t" in result.stdout, name
 
+
+
+@pytest.mark.parametrize("explicit", [0, 3])
+def test_serial_torch_ops_keeps_the_kernels_count(explicit, restore_threads):
+    """Inside, torch runs on one thread while the kernels keep the count they had (torch's, when
+    they follow OpenMP's); both come back after, also when the block raises."""
+    loaded = kernels.load_kernels(catalog.cache_root() / "kernels")
+    if loaded is None:
+        pytest.fail("the kernels did not build: this check needs them")
+    torch.set_num_threads(2)
+    kernels.set_threads(explicit)
+    with pytest.raises(RuntimeError), serial_torch_ops():
+        assert torch.get_num_threads() == 1
+        assert loaded.threads() == (explicit or 2)
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2
+    assert kernels.explicit_threads() == explicit
+    assert loaded.threads() == (explicit or 2)

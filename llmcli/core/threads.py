@@ -62,20 +62,28 @@ def use_threads(n: int) -> None:
 
 @contextmanager
 def serial_torch_ops() -> Iterator[None]:
-    """torch ops inside run on the calling thread alone (the native kernels keep their count).
+    """torch ops inside run on the calling thread alone; the native kernels keep their count.
 
-    For the small ops around a forward (sampling over a vocabulary, bookkeeping): torch runs an op
-    above 32768 values on its OpenMP team, whose threads then spin for milliseconds (libgomp's
-    default wait policy) on the cores the next native kernels' task pool needs. Setting torch's
-    count costs a fraction of a microsecond (no threads are created or stopped)."""
+    For the small ops around a forward (sampling over a vocabulary, bookkeeping) and a native
+    decode step: torch runs an op above 32768 values on its OpenMP team, whose threads then spin
+    for milliseconds (libgomp's default wait policy) on the cores the next native kernels' task
+    pool needs. Setting the counts costs a fraction of a microsecond (no threads are created or
+    stopped). Kernels that follow OpenMP's count (no --threads) are held at torch's meanwhile."""
     import torch
+
+    from llmcli.core import kernels
 
     threads = torch.get_num_threads()
     if threads == 1:
         yield
         return
+    follows_openmp = kernels.explicit_threads() == 0
+    if follows_openmp:
+        kernels.set_threads(threads)
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        if follows_openmp:
+            kernels.set_threads(0)

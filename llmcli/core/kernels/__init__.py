@@ -177,6 +177,11 @@ def set_threads(n: int) -> None:
                 kernels.set_threads(n)
 
 
+def explicit_threads() -> int:
+    """The count set_threads gave the kernels; 0 while they follow the calling thread's OpenMP count."""
+    return _threads
+
+
 def enabled() -> bool:
     return os.environ.get("LLMCLI_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 

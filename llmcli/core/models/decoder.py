@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcli.core.models.base import ForwardOutput, KVCache, causal_mask, masked_attention, reference_attention, rows_view, runs_natively
+from llmcli.core.threads import serial_torch_ops
 from llmcli.errors import ContextLengthError
 
 
@@ -316,21 +317,24 @@ class Decoder(nn.Module):
         gives the same bits as the torch blocks (attention.c's row function, torch's rope order).
         """
         N = ids.shape[0]
-        counts = torch.bincount(rows, minlength=cache.batch_size)  # (batch,) tokens per row
-        starts = torch.cumsum(counts, 0) - counts  # index of each row's first token (rows are consecutive)
-        positions = cache.lengths[rows] + (torch.arange(N, device=ids.device) - starts[rows])  # (N,)
-        need = int(positions.max()) + 1
-        if need > cache.max_len:
-            raise ContextLengthError(f"the sequence needs {need} positions but the cache holds {cache.max_len}", "shorten the prompt or lower --max-tokens")
-        cache.reserve(need, int(rows.max()) + 1)
-        self.check_length(need)
-        x = self.embed(ids[None])  # (1, N, d)
-        native = None
-        if self._kernels is not None and x.dtype == torch.float32 and bool((rows == torch.arange(N, device=rows.device)).all()):
-            view = rows_view(cache, 0, N)
-            decode_positions = positions[:, None]  # (N, 1)
-            step = Step(decode_positions, view, False, need, self.rope_tables(decode_positions, x.dtype))
-            native = self.decode_natively(self.add_positions(x.view(N, 1, -1), decode_positions), step)
+        # The bookkeeping and a native decode step run torch on this thread alone (serial_torch_ops:
+        # small ops, and a parallel one would leave torch's threads spinning on the kernels' cores).
+        with serial_torch_ops():
+            counts = torch.bincount(rows, minlength=cache.batch_size)  # (batch,) tokens per row
+            starts = torch.cumsum(counts, 0) - counts  # index of each row's first token (rows are consecutive)
+            positions = cache.lengths[rows] + (torch.arange(N, device=ids.device) - starts[rows])  # (N,)
+            need = int(positions.max()) + 1
+            if need > cache.max_len:
+                raise ContextLengthError(f"the sequence needs {need} positions but the cache holds {cache.max_len}", "shorten the prompt or lower --max-tokens")
+            cache.reserve(need, int(rows.max()) + 1)
+            self.check_length(need)
+            x = self.embed(ids[None])  # (1, N, d)
+            native = None
+            if self._kernels is not None and x.dtype == torch.float32 and bool((rows == torch.arange(N, device=rows.device)).all()):
+                view = rows_view(cache, 0, N)
+                decode_positions = positions[:, None]  # (N, 1)
+                step = Step(decode_positions, view, False, need, self.rope_tables(decode_positions, x.dtype))
+                native = self.decode_natively(self.add_positions(x.view(N, 1, -1), decode_positions), step)
         if native is not None:
             x = native.view(1, N, -1)
         else:
@@ -339,8 +343,9 @@ class Decoder(nn.Module):
             step = Step(positions[None], cache, False, need, self.rope_tables(positions[None], x.dtype), packed)
             for block in self.blocks():
                 x, _ = block(x, step, False)
-        h = self.final_norm(x[0, logits_at])  # (M, d): a row-wise norm, so only the rows asked for
-        cache.lengths += counts
+        with serial_torch_ops():
+            h = self.final_norm(x[0, logits_at])  # (M, d): a row-wise norm, so only the rows asked for
+            cache.lengths += counts
         return self.output(h)
 
 
