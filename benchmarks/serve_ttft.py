@@ -166,18 +166,19 @@ def main() -> int:
                     "server": name, "streams": n, "prompt_tokens": tokens, "limit_s": limit,
                     "ttft_p99_s": summary["p99_ttft_ms"] / 1000, "ttft_p50_s": summary["median_ttft_ms"] / 1000,
                     "ttft_p99_over_limit": summary["p99_ttft_ms"] / 1000 / limit, "output_tok_s": summary["output_throughput"],
+                    "itl_p50_ms": summary["median_itl_ms"], "itl_p99_ms": summary["p99_itl_ms"],
                     "failed": summary["failed"], "load_1min": load,
                 }  # fmt: skip
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)
     print(f"\nload average before: {load_before[0]:.1f} {load_before[1]:.1f} {load_before[2]:.1f}; after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}", file=sys.stderr)
     print(f"pp512: llmcli {rates['llmcli']:.0f} tok/s, transformers float32 {rates['transformers']:.0f} tok/s\n", file=sys.stderr)
-    print("| server | streams | prompt tokens | limit (s) | TTFT p50 (s) | TTFT p99 (s) | p99 / limit | output tok/s | failed | load (1 min) |", file=sys.stderr)
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", file=sys.stderr)
+    print("| server | streams | prompt tokens | limit (s) | TTFT p50 (s) | TTFT p99 (s) | p99 / limit | output tok/s | ITL p50 / p99 (ms) | failed | load (1 min) |", file=sys.stderr)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", file=sys.stderr)
     for r in results:
         print(
             f"| {r['server']} | {r['streams']} | {r['prompt_tokens']} | {r['limit_s']:.1f} | {r['ttft_p50_s']:.1f} | {r['ttft_p99_s']:.1f} | "
-            f"{r['ttft_p99_over_limit']:.2f} | {r['output_tok_s']:.1f} | {r['failed']} | {r['load_1min']:.1f} |",
+            f"{r['ttft_p99_over_limit']:.2f} | {r['output_tok_s']:.1f} | {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | {r['failed']} | {r['load_1min']:.1f} |",
             file=sys.stderr,
         )
     report = {"pp512": rates, "load_before": load_before, "rows": results}

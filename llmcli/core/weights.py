@@ -13,6 +13,7 @@ models/registry.config_from_gguf.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -415,7 +416,20 @@ def map_gguf(path: Path | str) -> GGUFBlocks:
             extra[info.name] = mapped
         else:
             tensors[name] = _unpermute_if_qk(mapped, config) if permuted else mapped
+            if tensors[name] is not mapped:  # the rows were copied: the file's pages of them are not needed again
+                _release_pages(mm, info.offset, nbytes)
     return GGUFBlocks(config=config, metadata=header.metadata, tensors=tensors, extra=extra)
+
+
+def _release_pages(mm: np.memmap, offset: int, nbytes: int) -> None:
+    """Drop the whole pages of mm[offset : offset + nbytes] from this process's RSS (they stay in
+    the page cache, and a later read maps them again). The copied Q/K rows' source pages would
+    otherwise count twice: 36 MiB for a 1B Llama, about 380 MiB for an 8B in Q4_K_M."""
+    handle = getattr(mm, "_mmap", None)
+    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if handle is not None and last > first and hasattr(mmap, "MADV_DONTNEED"):
+        handle.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _unpermute_if_qk(t: MappedTensor, config: ModelConfig) -> MappedTensor:
