@@ -33,8 +33,6 @@
 #include "vexp.h"
 
 
-
-
 static float dot_lanes(const float *x, const float *y, int n) {
     float lanes[LANES];
     int i = 0;
@@ -133,8 +131,8 @@ static void attend_tile(Query *qs, int nqt, const float *kh, const float *vh, in
     }
 }
 
-/* one call's tiles, run as tasks on blocks.c's pool (a decode step: no OpenMP team spinning
- * beside the pool's helpers on the same cores) or OpenMP's team (a prompt), per block_tasks_run */
+/* one call's tiles as tasks: on blocks.c's pool for a decode step, on OpenMP's team for a prompt
+ * (attn_tokens_f32 says why); scratch per worker */
 typedef struct {
     const float *q;
     const int64_t *row, *pos;
@@ -195,10 +193,9 @@ int attn_tokens_f32(const float *q, const int64_t *row, const int64_t *pos, cons
      * go round robin to OpenMP's team: a causal prefill's later tiles read more keys, so contiguous
      * halves would leave one thread most of the work. */
     const int tiles = runs * nk;
-    if (failed) {
-    } else if (N <= BLOCK_POOL_MAX_ROWS || tiles == 1) {
+    if (!failed && (N <= BLOCK_POOL_MAX_ROWS || tiles == 1)) {
         block_pool_run(tiles, threads, attend_task, &job);
-    } else {
+    } else if (!failed) {
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
         for (int tile = 0; tile < tiles; tile++) attend_task(&job, tile, omp_get_thread_num());

@@ -221,10 +221,12 @@ void block_pool_run(int ntasks, int threads, block_task_fn fn, void *ctx) {
     pthread_mutex_unlock(&pool.lock);
 }
 
-/* Tasks of a product of M activation rows: the pool for decode-sized calls (many small calls a
- * step, where OpenMP's barriers cost the most), OpenMP's team for prompts, whose few large regions
- * alternate with torch's own OpenMP ops (attention): the same runtime then keeps its threads, where
- * two pools would spin against each other on the same cores. */
+/* Tasks of a call on M activation rows: the pool for decode-sized calls (many small calls a step,
+ * where OpenMP's barriers cost the most), OpenMP's team for prompts, whose few large regions
+ * alternate with torch's own OpenMP ops: the same runtime then keeps its threads. A decode step
+ * must then start no OpenMP region at all (attention, activations and norms run here too, torch
+ * on one thread: threads.serial_torch_ops): a team's threads spin for milliseconds after a region,
+ * on the cores the pool's helpers need. */
 void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx) {
 #ifdef _OPENMP
     if (M > BLOCK_POOL_MAX_ROWS && ntasks > 1) {
