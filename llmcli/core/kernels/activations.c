@@ -14,7 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "blocks.h" /* block_tasks_run: the task pool for a decode step, OpenMP for a prompt */
+#include "blocks.h" /* block_rows_run: the task pool for a decode step, OpenMP for a prompt */
 #include "vexp.h"
 
 #define GELU_2C 1.5957691216057308f /* 2 sqrt(2 / pi) */
@@ -46,43 +46,34 @@ static void gelu_tanh_row(const float *g, const float *u, float *o, int I) {
     for (; i < I; i++) o[i] = u ? gelu_tanh_scalar(g[i]) * u[i] : gelu_tanh_scalar(g[i]);
 }
 
-/* a row-wise op over M rows as tasks (block_tasks_run): out row m from in row m */
+/* the arguments of a row-wise op (block_rows_run): out row m from in row m */
 typedef struct {
     const float *in, *w, *b;
     float *out;
-    int M, in_ld, out_ld, n, rows; /* rows per task */
+    int in_ld, out_ld, n;
     float eps;
-    void (*row)(const void *job, int m);
 } RowJob;
 
-static void row_task(void *ctx, int t, int worker) {
-    (void)worker;
-    const RowJob *j = (const RowJob *)ctx;
-    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++) j->row(j, m);
-}
-
-static void run_rows(RowJob *job, long cost) { block_tasks_run(job->M, block_row_tasks(job->M, cost, &job->rows), 0, row_task, job); }
-
-static void gelu_tanh_mul_at(const void *ctx, int m) {
+static void gelu_tanh_mul_at(void *ctx, int m) {
     const RowJob *j = (const RowJob *)ctx;
     const float *g = j->in + (size_t)m * j->in_ld;
     gelu_tanh_row(g, g + j->n, j->out + (size_t)m * j->out_ld, j->n);
 }
 
-static void gelu_tanh_at(const void *ctx, int m) {
+static void gelu_tanh_at(void *ctx, int m) {
     const RowJob *j = (const RowJob *)ctx;
     gelu_tanh_row(j->in + (size_t)m * j->in_ld, NULL, j->out + (size_t)m * j->out_ld, j->n);
 }
 
 void gelu_tanh_mul_f32(const float *gate_up, float *out, int M, int I) {
-    RowJob job = {gate_up, NULL, NULL, out, M, 2 * I, I, I, 0, 0.0f, gelu_tanh_mul_at};
-    run_rows(&job, I);
+    RowJob job = {gate_up, NULL, NULL, out, 2 * I, I, I, 0.0f};
+    block_rows_run(M, I, gelu_tanh_mul_at, &job);
 }
 
 /* x (M, I) -> out (M, I) = gelu_tanh(x), GPT-2's MLP activation */
 void gelu_tanh_f32(const float *x, float *out, int M, int I) {
-    RowJob job = {x, NULL, NULL, out, M, I, I, I, 0, 0.0f, gelu_tanh_at};
-    run_rows(&job, I);
+    RowJob job = {x, NULL, NULL, out, I, I, I, 0.0f};
+    block_rows_run(M, I, gelu_tanh_at, &job);
 }
 
 /* the sum of a[i] - shift (squared when square) over i < n, in 8 lanes combined in one order */
@@ -111,7 +102,7 @@ static float sum_lanes(const float *a, int n, float shift, int square) {
     return combine_lanes(lanes);
 }
 
-static void layer_norm_at(const void *ctx, int m) {
+static void layer_norm_at(void *ctx, int m) {
     const RowJob *j = (const RowJob *)ctx;
     const int K = j->n;
     const float *xm = j->in + (size_t)m * K;
@@ -123,6 +114,6 @@ static void layer_norm_at(const void *ctx, int m) {
 
 /* out[m] = (x[m] - mean) / sqrt(var + eps) * w + b, the biased variance, as torch's LayerNorm */
 void layer_norm_f32(const float *x, const float *w, const float *b, float *out, int M, int K, float eps) {
-    RowJob job = {x, w, b, out, M, K, K, K, 0, eps, layer_norm_at};
-    run_rows(&job, K);
+    RowJob job = {x, w, b, out, K, K, K, eps};
+    block_rows_run(M, K, layer_norm_at, &job);
 }

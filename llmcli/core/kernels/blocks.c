@@ -240,15 +240,25 @@ void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx
     block_pool_run(ntasks, threads, fn, ctx);
 }
 
-int block_row_tasks(int M, long cost, int *rows) {
-    if (M <= 0) { /* a packed step may ask for no rows (no logits wanted): nothing to run */
-        *rows = 1;
-        return 0;
-    }
+typedef struct {
+    block_row_fn fn;
+    void *ctx;
+    int M, rows; /* rows per task */
+} RowsJob;
+
+static void rows_task(void *ctx, int t, int worker) {
+    (void)worker;
+    const RowsJob *j = (const RowsJob *)ctx;
+    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++) j->fn(j->ctx, m);
+}
+
+void block_rows_run(int M, long cost, block_row_fn fn, void *ctx) {
+    if (M <= 0) return; /* a packed step may ask for no rows (no logits wanted): nothing to run */
+    /* one task when splitting would cost more than it saves */
     const int threads = block_threads();
     const int tasks = (long)M * cost < 65536 ? 1 : M < 4 * threads ? M : 4 * threads;
-    *rows = (M + tasks - 1) / tasks;
-    return (M + *rows - 1) / *rows;
+    RowsJob job = {fn, ctx, M, (M + tasks - 1) / tasks};
+    block_tasks_run(M, (M + job.rows - 1) / job.rows, 0, rows_task, &job);
 }
 
 /* ------------------------------------------------------------------ shared pieces */

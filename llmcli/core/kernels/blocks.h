@@ -248,9 +248,10 @@ void block_pool_run(int ntasks, int threads, block_task_fn fn, void *ctx);
 /* The same for a call on M activation rows: the pool up to BLOCK_POOL_MAX_ROWS rows (decode),
  * OpenMP above (prompts). */
 #define BLOCK_POOL_MAX_ROWS 16
-/* The number of tasks for M rows of `cost` work each (*rows: rows per task); one task when
- * splitting would cost more than it saves, none for M = 0. */
-int block_row_tasks(int M, long cost, int *rows);
+/* A row-wise op: fn(ctx, m) for m = 0..M-1, rows of `cost` work each, split into tasks run by
+ * block_tasks_run (one task when splitting would cost more than it saves; nothing for M = 0). */
+typedef void (*block_row_fn)(void *ctx, int m);
+void block_rows_run(int M, long cost, block_row_fn fn, void *ctx);
 void block_tasks_run(int M, int ntasks, int threads, block_task_fn fn, void *ctx);
 
 /* the K-quants, defined in kquants.c */

@@ -187,20 +187,18 @@ static void rms_norm_row(const float *xm, const float *w, float *om, int K, floa
 typedef struct {
     const float *x, *w;
     float *out;
-    int M, K, rows; /* rows per task */
+    int K;
     float eps;
 } RmsJob;
 
-static void rms_norm_task(void *ctx, int t, int worker) {
-    (void)worker;
+static void rms_norm_at(void *ctx, int m) {
     const RmsJob *j = (const RmsJob *)ctx;
-    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++)
-        rms_norm_row(j->x + (size_t)m * j->K, j->w, j->out + (size_t)m * j->K, j->K, j->eps);
+    rms_norm_row(j->x + (size_t)m * j->K, j->w, j->out + (size_t)m * j->K, j->K, j->eps);
 }
 
 void rms_norm_f32(const float *x, const float *w, float *out, int M, int K, float eps) {
-    RmsJob job = {x, w, out, M, K, 0, eps};
-    block_tasks_run(M, block_row_tasks(M, K, &job.rows), 0, rms_norm_task, &job);
+    RmsJob job = {x, w, out, K, eps};
+    block_rows_run(M, K, rms_norm_at, &job);
 }
 
 #ifdef __AVX512F__
@@ -241,18 +239,17 @@ static void silu_mul_row(const float *g, float *o, int I) {
 typedef struct {
     const float *gate_up;
     float *out;
-    int M, I, rows;
+    int I;
 } SiluJob;
 
-static void silu_mul_task(void *ctx, int t, int worker) {
-    (void)worker;
+static void silu_mul_at(void *ctx, int m) {
     const SiluJob *j = (const SiluJob *)ctx;
-    for (int m = t * j->rows; m < j->M && m < (t + 1) * j->rows; m++) silu_mul_row(j->gate_up + (size_t)m * 2 * j->I, j->out + (size_t)m * j->I, j->I);
+    silu_mul_row(j->gate_up + (size_t)m * 2 * j->I, j->out + (size_t)m * j->I, j->I);
 }
 
 void silu_mul_f32(const float *gate_up, float *out, int M, int I) {
-    SiluJob job = {gate_up, out, M, I, 0};
-    block_tasks_run(M, block_row_tasks(M, 8L * I, &job.rows), 0, silu_mul_task, &job); /* expf: about 8 times a norm's work per value */
+    SiluJob job = {gate_up, out, I};
+    block_rows_run(M, 8L * I, silu_mul_at, &job); /* expf: about 8 times a norm's work per value */
 }
 
 /* attention: attention.c (attn_decode_f32), one fixed order per query row on every ISA */

@@ -74,7 +74,7 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     has freed a mapped block its threshold for mapping rises past the cache's layer size, calloc
     then takes heap memory and writes its zeros, and a batch of 16 made all 256 positions of its
     rows resident at admission (184 MiB for SmolLM2, twice what 129 positions a row hold)."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type == "cpu" and nbytes > 0 and hasattr(mmap, "MAP_PRIVATE"):  # not on Windows
         return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)  # the tensor keeps the mapping
     return torch.zeros(shape, dtype=dtype, device=device)
