@@ -7,7 +7,8 @@
  *   ggml vec_dot   the same with ggml_vec_dot_<t>_q8_K (llama.cpp's SIMD path for this CPU)
  *   ggml generic   ggml_vec_dot_<t>_q8_K_generic (llama.cpp's scalar loop)
  *   ours tile 4x1  N x 1 products with the tile on 4 weight rows (how blocks.c runs decode)
- *   ours tile 4x4  N x 4 products with the 4x4 tile (prefill), per activation row
+ *   ours tile 4x4  N x 4 products with the 4x4 tile (a prompt's last rows), per activation row
+ *   ours tile8     N x 8 products with tile8 on one interleaved group of 8 rows (prompts), per row
  * and checks that ours and ggml agree within 1e-4 relative to the row's scale (they sum in
  * different orders, so bits differ). Then quantize_row (64 rows of 4096 floats) against
  * llama.cpp's quantize_row_<t>_ref from libggml-base.so beside libggml-cpu.so, in ns a value,
@@ -33,7 +34,7 @@ static uint32_t rnd(void) {
     return (uint32_t)(rng_state >> 16);
 }
 
-enum { N = 2048, K = 8192, M = 4 };
+enum { N = 2048, K = 8192, M = 8 }; /* the 4x4 tile takes the first 4 rows */
 
 int main(int argc, char **argv) {
     int repeat;
@@ -49,8 +50,8 @@ int main(int argc, char **argv) {
     float *x = malloc(sizeof(float) * M * K);
     for (int i = 0; i < M * K; i++) x[i] = (float)((int)(rnd() % 2001) - 1000) / 1000.f;
     float *y = malloc(sizeof(float) * N * M), *yg = malloc(sizeof(float) * N);
-    printf("%-5s %13s %13s %13s %13s %13s %10s %10s\n", "type", "ours vec_dot", "ours tile4x1", "ggml vec_dot",
-           "ggml generic", "tile4x4/row", "ggml/ours", "4x4 gain");
+    printf("%-5s %13s %13s %13s %13s %13s %13s %10s %10s %10s\n", "type", "ours vec_dot", "ours tile4x1", "ggml vec_dot",
+           "ggml generic", "tile4x4/row", "tile8/row", "ggml/ours", "4x4 gain", "tile8 gain");
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
         const BlockType *bt = types[t].bt;
         char name[64];
@@ -68,8 +69,11 @@ int main(int argc, char **argv) {
             }
         uint8_t *xq = malloc(xrow * M);
         for (int m = 0; m < M; m++) bt->quantize_act(x + (size_t)m * K, xq + m * xrow, K);
+        char *group = bt->group_act ? malloc((size_t)K / QK_K * bt->group_bytes) : NULL;
+        if (group) bt->group_act(xq, xrow, M, K, group);
+        float *y8 = malloc(sizeof(float) * N * M);
 
-        double best[5] = {1e30, 1e30, 1e30, 1e30, 1e30};
+        double best[6] = {1e30, 1e30, 1e30, 1e30, 1e30, 1e30};
         for (int r = 0; r < repeat; r++) {
             double t0 = now();
             for (int n = 0; n < N; n++) bt->vec_dot(K, &y[n], w + n * row, xq);
@@ -88,9 +92,15 @@ int main(int argc, char **argv) {
                 best[2] = t1 - t0;
             }
             t0 = now();
-            for (int n = 0; n < N; n += 4) bt->tile(K, w + n * row, row, 4, xq, xrow, M, y + n, N);
+            for (int n = 0; n < N; n += 4) bt->tile(K, w + n * row, row, 4, xq, xrow, 4, y + n, N);
             t1 = now();
-            if ((t1 - t0) / M < best[3]) best[3] = (t1 - t0) / M;
+            if ((t1 - t0) / 4 < best[3]) best[3] = (t1 - t0) / 4;
+            if (group) {
+                t0 = now();
+                for (int n = 0; n < N; n += 4) bt->tile8(K, w + n * row, row, 4, group, M, y8 + n, N);
+                t1 = now();
+                if ((t1 - t0) / M < best[5]) best[5] = (t1 - t0) / M;
+            }
             t0 = now();
             for (int n = 0; n < N; n += 4) bt->tile(K, w + n * row, row, 4, xq, xrow, 1, y + n, N);
             t1 = now();
@@ -109,11 +119,19 @@ int main(int argc, char **argv) {
                 return 1;
             }
         }
+        /* tile8's first 4 rows are the 4x4 tile's, bit for bit */
+        if (group && memcmp(y8, y, sizeof(float) * N) != 0) {
+            fprintf(stderr, "error: %s tile8 differs from the tile\n", types[t].name);
+            return 1;
+        }
         const double decode = best[0] < best[4] ? best[0] : best[4];
-        printf("%-5s %10.3f ms %10.3f ms %10.3f ms %10.3f ms %10.3f ms %9.2fx %9.2fx\n", types[t].name, 1e3 * best[0],
-               1e3 * best[4], 1e3 * best[1], 1e3 * best[2], 1e3 * best[3], best[1] / decode, decode / best[3]);
+        printf("%-5s %10.3f ms %10.3f ms %10.3f ms %10.3f ms %10.3f ms %10.3f ms %9.2fx %9.2fx %9.2fx\n", types[t].name,
+               1e3 * best[0], 1e3 * best[4], 1e3 * best[1], 1e3 * best[2], 1e3 * best[3], group ? 1e3 * best[5] : 0.0,
+               best[1] / decode, decode / best[3], group ? decode / best[5] : 0.0);
         free(w);
         free(xq);
+        free(group);
+        free(y8);
     }
 
     char base[4096];

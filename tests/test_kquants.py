@@ -44,6 +44,9 @@ VEC_DOT = ctypes.CFUNCTYPE(None, _I, _FP, _VP, _VP)
 DEQUANTIZE = ctypes.CFUNCTYPE(None, _VP, _FP, _I)
 QUANTIZE = ctypes.CFUNCTYPE(None, _FP, _VP, _I)
 TILE = ctypes.CFUNCTYPE(None, _I, _VP, _SZ, _I, _VP, _SZ, _I, _FP, _SZ)
+TILE8 = ctypes.CFUNCTYPE(None, _I, _VP, _SZ, _I, _VP, _I, _FP, _SZ)
+GROUP_ACT = ctypes.CFUNCTYPE(None, _VP, _SZ, _I, _I, _VP)
+GROUP_ROWS = 8  # blocks.h's BLOCK_GROUP_ROWS
 
 
 class BlockType(ctypes.Structure):
@@ -57,6 +60,9 @@ class BlockType(ctypes.Structure):
         ("dequantize_row", DEQUANTIZE),
         ("quantize_row", QUANTIZE),
         ("tile", TILE),
+        ("tile8", TILE8),
+        ("group_act", GROUP_ACT),
+        ("group_bytes", _SZ),
     ]
 
 
@@ -101,6 +107,18 @@ class Kernels:
             for n in range(w.shape[0]):
                 self.types[t].vec_dot(k, _fp(s), w[n].ctypes.data, xq[m].ctypes.data)
                 y[m, n] = s[0]
+        return y
+
+    def has_tile8(self, t: str) -> bool:
+        return bool(ctypes.cast(self.types[t].tile8, ctypes.c_void_p).value)
+
+    def tile8(self, t: str, w: np.ndarray, xq: np.ndarray, k: int, ldy: int) -> np.ndarray:
+        """one group of xq's rows (at most 8), interleaved by group_act, against w's rows (at most 4)"""
+        bt = self.types[t]
+        group = np.zeros(k // QK_K * bt.group_bytes, np.uint8)
+        bt.group_act(xq.ctypes.data, xq.strides[0], xq.shape[0], k, group.ctypes.data)
+        y = np.full((xq.shape[0], ldy), np.nan, np.float32)
+        bt.tile8(k, w.ctypes.data, w.strides[0], w.shape[0], group.ctypes.data, xq.shape[0], _fp(y), ldy)
         return y
 
     def tile(self, t: str, w: np.ndarray, xq: np.ndarray, k: int, ldy: int) -> np.ndarray:
@@ -334,6 +352,30 @@ def test_tile_elements_equal_vec_dot(builds, t):
                 assert np.all(np.isnan(y[:, nw:]))
 
 
+@pytest.mark.parametrize("t", TYPES)
+def test_tile8_elements_equal_vec_dot(builds, t):
+    """Prompts' kernel (8 activation rows interleaved): on every x86 SIMD build, every element is
+    vec_dot's bits, for 1-4 weight rows and 1-8 activation rows; 9 super-blocks, so the 8 float
+    accumulators wrap around. The portable and NEON builds have none (the driver runs the tile)."""
+    k = 9 * QK_K
+    simd = [name for name in builds if name != "portable"]
+    assert simd or not _cpu_has("avx2"), "an AVX2 CPU built no SIMD library"
+    for name in simd:
+        build = builds[name]
+        assert build.has_tile8(t), name
+        w = build.quantize(t, _weights(8, k, seed=21))
+        xq = build.quantize_act(_weights(16, k, seed=22))
+        full = build.vec_dot(t, w, xq, k)
+        for nw in range(1, 5):
+            for nx in (1, 3, 7, GROUP_ROWS):
+                # weight rows taken with a stride, output into a wider row (ldy = 7)
+                wr, xr = w[1 : 1 + 2 * nw : 2], xq[nx : 2 * nx]
+                y = build.tile8(t, wr, xr, k, 7)
+                assert np.array_equal(y[:, :nw].view(np.uint32), full[nx : 2 * nx, 1 : 1 + 2 * nw : 2].view(np.uint32)), (name, nw, nx)
+                assert np.all(np.isnan(y[:, nw:]))
+    assert not builds["portable"].has_tile8(t)
+
+
 def test_avx512_build_compiles(compiled):
     result = compiled[1]
     assert result.returncode == 0, result.stderr
@@ -474,13 +516,13 @@ int main(int argc, char **argv) {
 def test_driver_runs_kquants_with_the_same_bits(builds, ggml):
     """Through blocks.c's exported API (the library llmcli builds): the K-quants are supported, quantize
     to llama.cpp's bytes, dequantize to gguf-py's floats, and block_matmul gives vec_dot's bits for every
-    row whatever the number of rows (1 or 7). On the ISA level this run selects (LLMCLI_ISA, else the
+    row whatever the number of rows (1, or 19: two interleaved groups of 8 and 3 rows on the tile). On the ISA level this run selects (LLMCLI_ISA, else the
     best one), in the library the other kernel tests share."""
     from llmcli.core import kernels
 
     lib = kernels.load_kernels()
     assert lib is not None and lib.isa == kernels.select_isa()
-    n, k, m = 9, 2 * QK_K, 7
+    n, k, m = 9, 2 * QK_K, 19
     x = _weights(m, k, seed=15)
     for t, (type_id, nbytes, _) in TYPES.items():
         assert lib.block_type_supported(type_id) == 1

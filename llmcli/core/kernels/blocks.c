@@ -311,18 +311,6 @@ static inline __m256i bits32(const uint8_t *qh) {
     return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
 }
 
-/* acc + unsigned bytes a . signed bytes b: lane j adds the sum over bytes 4j..4j+3 (exact: without
- * VNNI the byte pairs' sums must stay below 2^15, which the callers' value ranges guarantee) */
-static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, a, b);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, a, b);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
-#endif
-}
-
 /* unsigned bytes a . signed bytes b: 8 int32 lanes, lane j = the sum over bytes 4j..4j+3 */
 static inline __m256i dot_us8(__m256i a, __m256i b) { return dpbusd_avx2(_mm256_setzero_si256(), a, b); }
 #endif
@@ -757,13 +745,6 @@ static inline void unpack_neon(int kind, const uint8_t *blk, int8x16_t *lo, int8
 #define LANES8 8
 
 #if defined(USE_AVX2)
-/* the 8 lane sums of v[0..7] as one vector: lane j = sum of v[j]'s lanes (exact: int32 adds) */
-static inline __m256i reduce8_epi32(const __m256i *v) {
-    const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
-    const __m256i a2 = _mm256_hadd_epi32(v[4], v[5]), a3 = _mm256_hadd_epi32(v[6], v[7]);
-    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
-}
 
 /* the weight block as 32 unsigned bytes, and what to subtract (off * sum(a)) to get the
  * signed product: Q4_0 q = nibble - 8, Q5_0 q = 5 bits - 16; Q8_0 q ^ 0x80 = q + 128 where the
@@ -862,20 +843,22 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
  * q8a_group_block (4 values of row c in qs[g][c]; d, s and sum by row), 352 bytes a block. A weight row then meets 8 rows with 8 multiply-adds of a broadcast weight
  * group, and the 8 rows' float operations run in one vector (lane c = row c). */
 
-#define GROUP_ROWS 8
-
 typedef struct {
-    int32_t qs[8][GROUP_ROWS]; /* [4-value group][row]: values 4g..4g+3 of row c */
-    float d[GROUP_ROWS], s[GROUP_ROWS];
-    int32_t sum[GROUP_ROWS];
+    int32_t qs[8][BLOCK_GROUP_ROWS]; /* [4-value group][row]: values 4g..4g+3 of row c */
+    float d[BLOCK_GROUP_ROWS], s[BLOCK_GROUP_ROWS];
+    int32_t sum[BLOCK_GROUP_ROWS];
 } q8a_group_block; /* one block of a group */
 _Static_assert(sizeof(q8a_group_block) == 352, "q8a_group_block layout");
 
 /* rows m0 .. m0+nx-1 (nx <= 8; the missing rows zero) of the q8a rows -> one group */
-static void q8a_group(const char *xq, size_t xrow, int nx, int nb, q8a_group_block *group) {
+/* BlockType.group_act of the 32-value types */
+static void q8a_group(const void *xqv, size_t xrow, int nx, int K, void *groupv) {
+    const char *xq = (const char *)xqv;
+    q8a_group_block *group = (q8a_group_block *)groupv;
+    const int nb = K / 32;
     for (int b = 0; b < nb; b++) {
         q8a_group_block *g = &group[b];
-        for (int c = 0; c < GROUP_ROWS; c++) {
+        for (int c = 0; c < BLOCK_GROUP_ROWS; c++) {
             if (c < nx) {
                 const q8a_row r = q8a_view(xq + (size_t)c * xrow, nb);
                 int32_t v[8];
@@ -982,7 +965,7 @@ static inline void q_tile8(const int kind, int K, const void *w, size_t wrb, int
     const size_t wb = q_block_bytes(kind);
     for (int r = 0; r < nw; r++) {
         const uint8_t *wr = (const uint8_t *)w + (size_t)r * wrb;
-        float acc[GROUP_ROWS][LANES8] = {{0.0f}};
+        float acc[BLOCK_GROUP_ROWS][LANES8] = {{0.0f}};
         for (int b = 0; b < nb; b++) {
             const q8a_group_block *g = &group[b];
             const int j = b % LANES8;
@@ -1105,9 +1088,9 @@ static void vec_dot_bf16(int K, float *s, const void *w, const void *x) { *s = f
 /* ------------------------------------------------------------------ the type table */
 
 #define FLOAT_TYPE(t, name, bytes) \
-    {t, 1, bytes, 4, quantize_act_f32, vec_dot_##name, dequantize_row_##name, quantize_row_##name, NULL, NULL}
+    {t, 1, bytes, 4, quantize_act_f32, vec_dot_##name, dequantize_row_##name, quantize_row_##name, NULL, NULL, NULL, 0}
 #define Q32_TYPE(t, name, blk) \
-    {t, 32, (int)sizeof(blk), Q8A_BLOCK_BYTES, quantize_act_q8a, vec_dot_##name, dequantize_row_##name, quantize_row_##name, tile_##name, tile8_##name}
+    {t, 32, (int)sizeof(blk), Q8A_BLOCK_BYTES, quantize_act_q8a, vec_dot_##name, dequantize_row_##name, quantize_row_##name, tile_##name, tile8_##name, q8a_group, sizeof(q8a_group_block)}
 
 static const BlockType block_type_f32 = FLOAT_TYPE(GGML_TYPE_F32, f32, 4);
 static const BlockType block_type_f16 = FLOAT_TYPE(GGML_TYPE_F16, f16, 2);
@@ -1146,6 +1129,9 @@ static size_t row_bytes(const BlockType *bt, int K) {
     return K > 0 && K % bt->block == 0 ? (size_t)(K / bt->block) * (size_t)bt->block_bytes : 0;
 }
 
+/* bytes of one group of BLOCK_GROUP_ROWS activation rows of K values (types with group_act) */
+static size_t group_bytes(const BlockType *bt, int K) { return (size_t)(K / bt->block) * bt->group_bytes; }
+
 /* ------------------------------------------------------------------ the driver */
 
 #define TILE 4                 /* weight rows and activation rows per tile */
@@ -1181,13 +1167,14 @@ static void quantize_task(void *ctx, int t, int worker) {
 static void group_task(void *ctx, int t, int worker) {
     (void)worker;
     const MatmulJob *j = (const MatmulJob *)ctx;
-    const int groups = (j->M + GROUP_ROWS - 1) / GROUP_ROWS, nb = j->K / 32;
+    const int groups = (j->M + BLOCK_GROUP_ROWS - 1) / BLOCK_GROUP_ROWS;
     int f = 0;
     for (int k = t / groups;; f++) /* the k-th format with groups */
         if (j->xg[f] != NULL && k-- == 0) break;
-    const int g = t % groups, p = j->fmt_part[f], m0 = g * GROUP_ROWS;
-    const int nx = j->M - m0 < GROUP_ROWS ? j->M - m0 : GROUP_ROWS;
-    q8a_group(j->xq[f] + (size_t)m0 * j->xrow[p], j->xrow[p], nx, nb, (q8a_group_block *)j->xg[f] + (size_t)g * nb);
+    const int g = t % groups, p = j->fmt_part[f], m0 = g * BLOCK_GROUP_ROWS;
+    const int nx = j->M - m0 < BLOCK_GROUP_ROWS ? j->M - m0 : BLOCK_GROUP_ROWS;
+    const BlockType *b = j->bt[p];
+    b->group_act(j->xq[f] + (size_t)m0 * j->xrow[p], j->xrow[p], nx, j->K, j->xg[f] + (size_t)g * group_bytes(b, j->K));
 }
 
 /* task t: (chunk of a part's weight rows) x (chunk of activation rows); consecutive tasks share a
@@ -1203,8 +1190,8 @@ static void product_task(void *ctx, int t, int worker) {
     const size_t wrb = row_bytes(b, K), xrow = j->xrow[p];
     const int n0 = (nc - j->first[p]) * j->chunk[p], n1 = n0 + j->chunk[p] < part->n ? n0 + j->chunk[p] : part->n;
     const int m0 = mc * j->mrows, m1 = m0 + j->mrows < j->M ? m0 + j->mrows : j->M;
-    const char *xb = j->xq[j->fmt[p]], *xg = j->xg[j->fmt[p]];
-    const int step = xg ? GROUP_ROWS : TILE; /* m0 is a multiple of 8: mrows is M or ROWS_PER_TASK */
+    const char *xb = j->xq[j->fmt[p]], *xg = b->tile8 != NULL ? j->xg[j->fmt[p]] : NULL;
+    const int step = xg ? BLOCK_GROUP_ROWS : TILE; /* m0 is a multiple of 8: mrows is M or ROWS_PER_TASK */
     for (int n = n0; n < n1; n += TILE) {
         const int nw = n1 - n < TILE ? n1 - n : TILE;
         const char *wn = (const char *)part->w + (size_t)n * wrb;
@@ -1212,7 +1199,7 @@ static void product_task(void *ctx, int t, int worker) {
             const int nx = m1 - m < step ? m1 - m : step;
             float *yt = j->y + (size_t)m * N_ld + part->col + n;
             if (xg) {
-                b->tile8(K, wn, wrb, nw, xg + (size_t)(m / GROUP_ROWS) * (K / 32) * sizeof(q8a_group_block), nx, yt, (size_t)N_ld);
+                b->tile8(K, wn, wrb, nw, xg + (size_t)(m / BLOCK_GROUP_ROWS) * group_bytes(b, K), nx, yt, (size_t)N_ld);
             } else if (b->tile) {
                 b->tile(K, wn, wrb, nw, xb + (size_t)m * xrow, xrow, nx, yt, (size_t)N_ld);
             } else {
@@ -1249,12 +1236,13 @@ int block_matmul_parts(const BlockPart *parts, int nparts, const float *x, float
         }
         j->xrow[p] = (size_t)(K / bp->block) * (size_t)bp->act_block_bytes;
     }
-    const int groups = (M + GROUP_ROWS - 1) / GROUP_ROWS;
+    const int groups = (M + BLOCK_GROUP_ROWS - 1) / BLOCK_GROUP_ROWS;
     int grouped = 0; /* formats with interleaved groups */
     for (int f = 0; f < nfmt; f++) {
-        const int use_groups = M >= GROUP_ROWS && j->bt[j->fmt_part[f]]->tile8 != NULL;
+        const BlockType *bf = j->bt[j->fmt_part[f]];
+        const int use_groups = M >= BLOCK_GROUP_ROWS && bf->tile8 != NULL && bf->group_act != NULL;
         j->xq[f] = (char *)malloc(j->xrow[j->fmt_part[f]] * (size_t)M);
-        j->xg[f] = use_groups ? (char *)malloc((size_t)groups * (size_t)(K / 32) * sizeof(q8a_group_block)) : NULL;
+        j->xg[f] = use_groups ? (char *)malloc((size_t)groups * group_bytes(bf, K)) : NULL;
         grouped += use_groups;
         if (j->xq[f] == NULL || (use_groups && j->xg[f] == NULL)) {
             for (; f >= 0; f--) free(j->xq[f]), free(j->xg[f]);

@@ -23,6 +23,29 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
+#if defined(__AVX2__) && !defined(LLMCLI_PORTABLE)
+#include <immintrin.h>
+
+/* acc + unsigned bytes a . signed bytes b: lane j adds the sum over bytes 4j..4j+3 (exact: without
+ * VNNI the byte pairs' sums must stay below 2^15, which the callers' value ranges guarantee) */
+static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, a, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* the 8 lane sums of v[0..7] as one vector: lane j = sum of v[j]'s lanes (exact: int32 adds) */
+static inline __m256i reduce8_epi32(const __m256i *v) {
+    const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i a2 = _mm256_hadd_epi32(v[4], v[5]), a3 = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+#endif
 
 typedef uint16_t ggml_half; /* IEEE binary16 bits */
 
@@ -210,10 +233,18 @@ typedef struct {
     void (*quantize_row)(const float *x, void *w, int K);           /* K floats -> weight blocks; bytes identical to llama.cpp's quantize_row_<t>_ref */
     /* optional (NULL if absent): nw (<= 4) weight rows x nx (<= 4) activation rows at once, every element bit-identical to vec_dot */
     void (*tile)(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes, int nx, float *y, size_t ldy);
-    /* optional (NULL if absent; the 32-value types): nw (<= 4) weight rows x one group of 8
-     * activation rows interleaved by blocks.c (nx of them stored), every element bit-identical to vec_dot */
+    /* optional (NULL if absent), for prompts: nw (<= 4) weight rows x one group of
+     * BLOCK_GROUP_ROWS activation rows that group_act interleaved (nx of them stored), every
+     * element bit-identical to vec_dot */
     void (*tile8)(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y, size_t ldy);
+    /* nx (<= BLOCK_GROUP_ROWS) quantized activation rows, xq_row_bytes apart -> one group of
+     * K / block blocks of group_bytes each (the missing rows zero) */
+    void (*group_act)(const void *xq, size_t xq_row_bytes, int nx, int K, void *group);
+    size_t group_bytes;
 } BlockType;
+
+/* activation rows per group of tile8 */
+#define BLOCK_GROUP_ROWS 8
 
 /* ------------------------------------------------------------------ the driver (blocks.c)
  * Beside the exported API (block_matmul, block_dequantize_rows, block_quantize_rows,

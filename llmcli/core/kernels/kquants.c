@@ -10,20 +10,21 @@
  * How a dot product is summed, on every ISA (blocks.h's contract). Every K-quant super-block is
  * 16 groups of 16 values; value v of group g is  d * sc[g] * q[v]  -  dmin * mn[g]  with small
  * integers q, sc, mn (mn = 0 for Q3_K and Q6_K, which have no mins). Against a q8_K block
- * (float dx, int8 a[256], int16 bsums[16] = sums of each group of 16 a) a super-block gives 8
- * exact int32 lanes isum[l] (products in bytes 4l..4l+3 of each chunk of 32 values, times their
- * scale: what AVX2's maddubs + madd leave in lane l) and 8 lanes msum[l] of mins times bsums
- * (the exact partition is written at sb_lanes). The row's float result is 8 float lanes,
- * super-block after super-block, in this order:
- *     acc[l] = acc[l] + (d * dx) * (float)isum[l];
- *     acc[l] = acc[l] - (dmin * dx) * (float)msum[l];    (types with mins only)
- * from acc = 0, then ((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7)). The integer lanes
- * are exact whatever the order of their terms (at most 256 * 63 * 127 * 128 < 2^31), the float
- * operations are lane-wise the same and compiled with -ffp-contract=off, so the portable, AVX2,
- * AVX-512 and NEON paths give the same bits, and a tile element equals vec_dot of its row pair.
+ * (float dx, int8 a[256], int16 bsums[16] = sums of each group of 16 a) super-block i gives two
+ * exact integers, isum = sum over g of sc[g] * (q . a over group g) and msum = sum over g of
+ * mn[g] * bsums[g] (at most 256 * 63 * 127 * 128 < 2^31 in magnitude, so exact whatever the order
+ * of their terms). The row's float result is 8 float accumulators, super-block i into acc[i % 8]:
+ *     acc[j] = acc[j] + (d * dx) * (float)isum;
+ *     acc[j] = acc[j] - (dmin * dx) * (float)msum;    (types with mins only)
+ * from acc = 0, then ((acc0+acc4) + (acc2+acc6)) + ((acc1+acc5) + (acc3+acc7)), as the 32-value
+ * types sum their blocks. The float operations are compiled with -ffp-contract=off, so the
+ * portable, AVX2, AVX-512 and NEON paths give the same bits, and every tile or tile8 element
+ * equals vec_dot of its row pair. Because a super-block's result is one integer, a prompt's rows
+ * can sit in vector lanes (tile8: 8 activation rows interleaved, one lane each), and the group
+ * scales multiply 8 rows' sums at once.
  *
- * Paths: AVX2; AVX-512 (Q4_K, Q5_K, Q6_K two chunks of 32 values per 512-bit register, folded
- * into the same 8 integer lanes; Q2_K and Q3_K run the AVX2 code); NEON (vdotq_s32 with
+ * Paths: AVX2 (and tile8 for prompts); AVX-512 (Q4_K, Q5_K, Q6_K two chunks of 32 values per
+ * 512-bit register in vec_dot and tile; Q2_K and Q3_K run the AVX2 code); NEON (vdotq_s32 with
  * __ARM_FEATURE_DOTPROD, widening multiplies otherwise) on the unpacked super-block; portable C
  * otherwise. KQ_AVX512_EMULATED (tests only) runs the AVX-512 code on AVX2 with its intrinsics
  * written in C (tests/kquants_avx512_emul.h).
@@ -676,13 +677,13 @@ static void quantize_row_q6_K(const float *x, void *vy, int K) {
 
 /* ================================================================== dot products */
 
-/* The 8 lanes (see the header comment): lane l of a super-block's isum takes bytes 4l..4l+3 of
- * each of its 8 chunks of 32 values, each product times its group's scale, on the quants as
- * stored unsigned (Q3_K: q + 4, Q6_K: q + 32), less off * (sc[2l] bsums[2l] + sc[2l+1] bsums[2l+1]);
- * lane l of msum takes groups 2l, 2l+1 (Q2_K) or 4l..4l+3 (Q4_K, Q5_K, lanes 4..7 zero). This
- * is what AVX2's maddubs/madd give; the other paths compute the same integers. */
+/* The integer lanes each path sums a super-block in before adding them up into isum and msum
+ * (see the header comment): lane l takes bytes 4l..4l+3 of each of the 8 chunks of 32 values,
+ * each product times its group's scale, on the quants as stored unsigned (Q3_K: q + 4, Q6_K:
+ * q + 32), less off * (sc[2l] bsums[2l] + sc[2l+1] bsums[2l+1]); msum's lane l takes groups 2l,
+ * 2l+1 (Q2_K) or 4l..4l+3 (Q4_K, Q5_K, lanes 4..7 zero). This is what AVX2's maddubs/madd give. */
 
-/* ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7)): the final sum of the 8 float lanes */
+/* ((v0+v4) + (v2+v6)) + ((v1+v5) + (v3+v7)): the final sum of the 8 float accumulators */
 static inline float kq_hsum8(const float v[8]) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
@@ -824,13 +825,12 @@ static void sb_lanes(const kq_unpacked *u, const block_q8_K *x, int32_t il[8], i
                 const float d = half_to_float(b->d), dmin = has_min ? half_to_float(DMIN) : 0.f;                   \
                 for (int c = 0; c < nx; c++) {                                                                     \
                     const block_q8_K *a = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i;           \
-                    int32_t il[8], ml[8];                                                                          \
+                    int32_t il[8], ml[8], isum = 0, msum = 0;                                                      \
                     sb_lanes(&u, a, il, ml);                                                                       \
-                    const float dd = d * a->d, dm = dmin * a->d;                                                   \
-                    for (int l = 0; l < 8; l++) {                                                                  \
-                        acc[r][c][l] = acc[r][c][l] + dd * (float)il[l];                                           \
-                        if (has_min) acc[r][c][l] = acc[r][c][l] - dm * (float)ml[l];                              \
-                    }                                                                                              \
+                    for (int l = 0; l < 8; l++) isum += il[l], msum += ml[l];                                      \
+                    float *s = &acc[r][c][i % 8];                                                                  \
+                    *s = *s + (d * a->d) * (float)isum;                                                            \
+                    if (has_min) *s = *s - (dmin * a->d) * (float)msum;                                            \
                 }                                                                                                  \
             }                                                                                                      \
         }                                                                                                          \
@@ -1122,57 +1122,103 @@ KQ_INLINE void sb_q2_K(const block_q2_K *w, const block_q8_K *const *xs, const i
     for (int c = 0; c < NX; c++) m[c] = _mm256_madd_epi16(mins16, _mm256_loadu_si256((const __m256i *)xs[c]->bsums));
 }
 
-/* kq_hsum8 on a vector: [v0+v4 .. v3+v7], then (0+2) and (1+3), then their sum */
-KQ_INLINE float kq_hsum8_avx(__m256 v) {
-    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+/* lane c: the sum of v[c]'s 8 int32 lanes (exact), for 4 vectors */
+KQ_INLINE __m128i kq_row_sums4(const __m256i *v) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
 }
 
-/* The tile for nw weight rows and NX activation rows: per element the 8 float lanes of the
- * header comment, one ymm per activation row. Decode (NX = 1) takes one weight row at a time: a
- * two-row interleave ran 30-70% slower per row than this in kquant_dots (2048 x 8192, AVX2). */
+/* ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7)) lane by lane: kq_hsum8 of each lane's accumulators */
+#define KQ_HSUM8_LANES(add, a) add(add(add(a[0], a[4]), add(a[2], a[6])), add(add(a[1], a[5]), add(a[3], a[7])))
+
+/* The tile for nw weight rows and NX activation rows. A super-block's integer lanes (one ymm per
+ * activation row) become isum and msum, the float steps run with lane c = activation row c.
+ * Decode (NX = 1) takes one weight row at a time: a two-row interleave ran 30-70% slower per row
+ * than this in kquant_dots (2048 x 8192, AVX2). */
 #define KQ_AVX2_TILE(t, has_min, DMIN)                                                                              \
-    KQ_INLINE void tile_##t##_n(int K, const void *w, size_t w_row_bytes, int nw, const void *xq,                   \
-                                size_t xq_row_bytes, const int NX, float *y, size_t ldy) {                          \
+    KQ_INLINE void tile_##t##_rows(int K, const void *w, size_t w_row_bytes, int nw, const void *xq,                \
+                                   size_t xq_row_bytes, const int NX, float *y, size_t ldy) {                       \
         const int nb = K / QK_K;                                                                                    \
         for (int r = 0; r < nw; r++) {                                                                              \
             const block_##t *row = (const block_##t *)((const char *)w + r * w_row_bytes);                          \
-            __m256 accf[4];                                                                                         \
-            for (int c = 0; c < NX; c++) accf[c] = _mm256_setzero_ps();                                             \
-            for (int i = 0; i < nb; i++) {                                                                          \
-                const block_q8_K *xs[4];                                                                            \
-                for (int c = 0; c < NX; c++) xs[c] = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i; \
-                const block_##t *bb = row + i;                                                                      \
-                __m256i acc[4], m[4];                                                                               \
-                sb_##t(bb, xs, NX, acc, m);                                                                         \
-                const float d = kq_half(bb->d);                                                                     \
-                for (int c = 0; c < NX; c++) {                                                                      \
-                    const __m256 dd = _mm256_set1_ps(d * xs[c]->d);                                                 \
-                    accf[c] = _mm256_add_ps(accf[c], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(acc[c])));                \
-                }                                                                                                   \
-                if (has_min) {                                                                                      \
-                    const float dmin = kq_half(DMIN);                                                               \
-                    for (int c = 0; c < NX; c++) {                                                                  \
-                        const __m256 dm = _mm256_set1_ps(dmin * xs[c]->d);                                          \
-                        accf[c] = _mm256_sub_ps(accf[c], _mm256_mul_ps(dm, _mm256_cvtepi32_ps(m[c])));              \
+            __m128 accf[8];                                                                                         \
+            for (int j = 0; j < 8; j++) accf[j] = _mm_setzero_ps();                                                 \
+            for (int i0 = 0; i0 < nb; i0 += 8) {                                                                    \
+                for (int j = 0; j < 8; j++) {                                               \
+                    const int i = i0 + j;                                                                           \
+                    if (i >= nb) break;                                                                             \
+                    const block_q8_K *xs[4];                                                                        \
+                    for (int c = 0; c < NX; c++) xs[c] = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i; \
+                    /* lane c = row c's scale (built in registers: a vector load of 4 scalar stores stalls) */      \
+                    __m128 vdx = _mm_load_ss(&xs[0]->d);                                                            \
+                    if (NX > 1) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 1 ? 1 : 0]->d), 0x10);                \
+                    if (NX > 2) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 2 ? 2 : 0]->d), 0x20);                \
+                    if (NX > 3) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 3 ? 3 : 0]->d), 0x30);                \
+                    const block_##t *bb = row + i;                                                                  \
+                    __m256i acc[4], m[4];                                                                           \
+                    sb_##t(bb, xs, NX, acc, m);                                                                     \
+                    for (int c = NX; c < 4; c++) acc[c] = m[c] = _mm256_setzero_si256();                            \
+                    const __m128i isum = kq_row_sums4(acc), msum = has_min ? kq_row_sums4(m) : isum;               \
+                    const __m128 dd = _mm_mul_ps(_mm_set1_ps(kq_half(bb->d)), vdx);                                 \
+                    accf[j] = _mm_add_ps(accf[j], _mm_mul_ps(dd, _mm_cvtepi32_ps(isum)));                           \
+                    if (has_min) {                                                                                  \
+                        const __m128 dm = _mm_mul_ps(_mm_set1_ps(kq_half(DMIN)), vdx);                              \
+                        accf[j] = _mm_sub_ps(accf[j], _mm_mul_ps(dm, _mm_cvtepi32_ps(msum)));                       \
                     }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
-            for (int c = 0; c < NX; c++) y[c * ldy + r] = kq_hsum8_avx(accf[c]);                                    \
+            float out[4];                                                                                           \
+            _mm_storeu_ps(out, KQ_HSUM8_LANES(_mm_add_ps, accf));                                                   \
+            for (int c = 0; c < NX; c++) y[c * ldy + r] = out[c];                                                   \
+        }                                                                                                           \
+    }                                                                                                               \
+    /* Decode, one activation row: 8 super-blocks at a time, whose integers (lane j = super-block   \
+     * i0 + j, so accumulator j) then take the float steps as one vector, as the 32-value types do */ \
+    __attribute__((noinline)) static void vec_dot_##t(int K, float *y, const void *w, const void *xq) {             \
+        const int nb = K / QK_K;                                                                                    \
+        {                                                                                                           \
+            const block_##t *row = (const block_##t *)w;                                                            \
+            __m256 accf = _mm256_setzero_ps();                                                                      \
+            for (int i0 = 0; i0 < nb; i0 += 8) {                                                                    \
+                __m256i ia[8], ma[8];                                                                               \
+                float dd[8], dm[8];                                                                                 \
+                _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {                                               \
+                    const int i = i0 + j;                                                                           \
+                    if (i >= nb) { /* no super-block: 0 * 0 leaves the accumulator as it is */                      \
+                        ia[j] = ma[j] = _mm256_setzero_si256();                                                     \
+                        dd[j] = dm[j] = 0.f;                                                                        \
+                        continue;                                                                                   \
+                    }                                                                                               \
+                    const block_q8_K *xs[1] = {(const block_q8_K *)xq + i};                                         \
+                    const block_##t *bb = row + i;                                                                  \
+                    __m256i m[1];                                                                                   \
+                    sb_##t(bb, xs, 1, &ia[j], m);                                                                   \
+                    ma[j] = has_min ? m[0] : _mm256_setzero_si256();                                                \
+                    dd[j] = kq_half(bb->d) * xs[0]->d;                                                              \
+                    dm[j] = has_min ? kq_half(DMIN) * xs[0]->d : 0.f;                                               \
+                }                                                                                                   \
+                const __m256 vdd = _mm256_setr_ps(dd[0], dd[1], dd[2], dd[3], dd[4], dd[5], dd[6], dd[7]);          \
+                accf = _mm256_add_ps(accf, _mm256_mul_ps(vdd, _mm256_cvtepi32_ps(reduce8_epi32(ia))));              \
+                if (has_min) {                                                                                      \
+                    const __m256 vdm = _mm256_setr_ps(dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7]);      \
+                    accf = _mm256_sub_ps(accf, _mm256_mul_ps(vdm, _mm256_cvtepi32_ps(reduce8_epi32(ma))));          \
+                }                                                                                                   \
+            }                                                                                                       \
+            float a[8];                                                                                             \
+            _mm256_storeu_ps(a, accf);                                                                              \
+            *y = kq_hsum8(a);                                                                                       \
         }                                                                                                           \
     }                                                                                                               \
     static void tile_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes,     \
                          int nx, float *y, size_t ldy) {                                                            \
         switch (nx) {                                                                                               \
-        case 1: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 1, y, ldy); break;                            \
-        case 2: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 2, y, ldy); break;                            \
-        case 3: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 3, y, ldy); break;                            \
-        default: tile_##t##_n(K, w, w_row_bytes, nw, xq, xq_row_bytes, 4, y, ldy); break;                           \
+        case 1: /* one call per weight row: inlined into a loop over rows, Q3_K ran at half speed */              \
+            for (int r = 0; r < nw; r++) vec_dot_##t(K, y + r, (const char *)w + r * w_row_bytes, xq);               \
+            break;                                                                                                  \
+        case 2: tile_##t##_rows(K, w, w_row_bytes, nw, xq, xq_row_bytes, 2, y, ldy); break;                         \
+        case 3: tile_##t##_rows(K, w, w_row_bytes, nw, xq, xq_row_bytes, 3, y, ldy); break;                         \
+        default: tile_##t##_rows(K, w, w_row_bytes, nw, xq, xq_row_bytes, 4, y, ldy); break;                        \
         }                                                                                                           \
-    }                                                                                                               \
-    static void vec_dot_##t(int K, float *s, const void *w, const void *xq) {                                       \
-        tile_##t##_n(K, w, 0, 1, xq, 0, 1, s, 1);                                                                   \
     }
 
 KQ_AVX2_TILE(q2_K, true, bb->dmin)
@@ -1181,9 +1227,268 @@ KQ_AVX2_TILE(q4_K, true, bb->dmin)
 KQ_AVX2_TILE(q5_K, true, bb->dmin)
 KQ_AVX2_TILE(q6_K, false, bb->d)
 
+/* ------------------------------------------------------------------ tile8: prompts
+ * A prompt's activation rows 8 at a time, interleaved (group_q8_K), so that a ymm holds 4 values
+ * of each of 8 rows: a weight super-block is unpacked once, each 4 of its values broadcast meet
+ * the 8 rows in one dpbusd, and a group's scale multiplies the 8 rows' sums at once. Per row the
+ * integers and float steps are those of the header comment, so every element is vec_dot's. */
+
+/* one super-block of 8 activation rows (rows past the stored ones are zero) */
+typedef struct {
+    int32_t qs[QK_K / 4][BLOCK_GROUP_ROWS]; /* [4-value group k][row c]: values 4k..4k+3 of row c */
+    int16_t bsums[BLOCK_GROUP_ROWS][16];    /* row c's bsums */
+    float d[BLOCK_GROUP_ROWS];
+} kq_group_block;
+
+/* BlockType.group_act: nx (<= 8) q8_K rows, xq_row_bytes apart -> K / 256 kq_group_blocks */
+static void group_q8_K(const void *xq, size_t xq_row_bytes, int nx, int K, void *group) {
+    kq_group_block *g = (kq_group_block *)group;
+    for (int i = 0; i < K / QK_K; i++, g++) {
+        for (int c = 0; c < BLOCK_GROUP_ROWS; c++) {
+            if (c >= nx) {
+                for (int k = 0; k < QK_K / 4; k++) g->qs[k][c] = 0;
+                memset(g->bsums[c], 0, sizeof g->bsums[c]);
+                g->d[c] = 0.f;
+                continue;
+            }
+            const block_q8_K *x = (const block_q8_K *)((const char *)xq + (size_t)c * xq_row_bytes) + i;
+            int32_t v[QK_K / 4];
+            memcpy(v, x->qs, sizeof v);
+            for (int k = 0; k < QK_K / 4; k++) g->qs[k][c] = v[k];
+            memcpy(g->bsums[c], x->bsums, sizeof g->bsums[c]);
+            g->d[c] = x->d;
+        }
+    }
+}
+
+/* A weight super-block for tile8: the quants as stored unsigned, in value order (written with
+ * vector stores, read back by 4-byte broadcasts); the scale of each GS-value group as int32; the
+ * 16 per-16 scales and mins as int16 (against bsums); the offset the stored quants carry. */
+typedef struct {
+    int8_t q[QK_K] __attribute__((aligned(32)));
+    int32_t sc[16] __attribute__((aligned(32)));
+    __m256i sc16, mn16;
+    int off;
+} kq_unpacked8;
+
+/* Q4_K, Q5_K: 8 scales and 8 mins (scales_mins_k4), each for 32 values */
+KQ_INLINE void unpack8_k4_scales(const uint8_t *packed, kq_unpacked8 *u) {
+    uint8_t sm[16];
+    scales_mins_k4(packed, sm);
+    const __m128i v = _mm_loadu_si128((const __m128i *)sm);
+    _mm256_store_si256((__m256i *)u->sc, _mm256_cvtepu8_epi32(v));
+    const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(v, 8));
+    u->mn16 = _mm256_set_m128i(_mm_unpackhi_epi16(mins, mins), _mm_unpacklo_epi16(mins, mins));
+    u->off = 0;
+}
+
+/* the per-16 types: 16 signed scales */
+KQ_INLINE void unpack8_scales16(__m128i sc8, kq_unpacked8 *u) {
+    _mm256_store_si256((__m256i *)u->sc, _mm256_cvtepi8_epi32(sc8));
+    _mm256_store_si256((__m256i *)(u->sc + 8), _mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)));
+    u->sc16 = _mm256_cvtepi8_epi16(sc8);
+}
+
+KQ_INLINE void unpack8_q4_K(const block_q4_K *w, kq_unpacked8 *u) {
+    unpack8_k4_scales(w->scales, u);
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    for (int j = 0; j < 4; j++) {
+        const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
+        _mm256_store_si256((__m256i *)(u->q + 64 * j), _mm256_and_si256(bits, m4));
+        _mm256_store_si256((__m256i *)(u->q + 64 * j + 32), _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4));
+    }
+}
+
+KQ_INLINE void unpack8_q5_K(const block_q5_K *w, kq_unpacked8 *u) {
+    unpack8_k4_scales(w->scales, u);
+    const __m256i m4 = _mm256_set1_epi8(0xF), m1 = _mm256_set1_epi8(1);
+    __m256i hb = _mm256_loadu_si256((const __m256i *)w->qh);
+    for (int j = 0; j < 4; j++) {
+        const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * j));
+        /* hb shifted right by 2j in 16-bit lanes: bits 0 and 1 of each byte are still its own */
+        const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(hb, m1), 4);
+        const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), m1), 4);
+        hb = _mm256_srli_epi16(hb, 2);
+        _mm256_store_si256((__m256i *)(u->q + 64 * j), _mm256_or_si256(_mm256_and_si256(bits, m4), h1));
+        _mm256_store_si256((__m256i *)(u->q + 64 * j + 32), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bits, 4), m4), h2));
+    }
+}
+
+KQ_INLINE void unpack8_q6_K(const block_q6_K *w, kq_unpacked8 *u) {
+    unpack8_scales16(_mm_loadu_si128((const __m128i *)w->scales), u);
+    u->off = 32;
+    const __m256i m15 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    for (int n = 0; n < 2; n++) {
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * n));
+        const __m256i b2 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * n + 32));
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * n));
+        int8_t *q = u->q + 128 * n;
+        _mm256_store_si256((__m256i *)q, _mm256_or_si256(_mm256_and_si256(b1, m15), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4)));
+        _mm256_store_si256((__m256i *)(q + 32), _mm256_or_si256(_mm256_and_si256(b2, m15),
+                                                                _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi8(12)), 2)));
+        _mm256_store_si256((__m256i *)(q + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m15),
+                                                                _mm256_and_si256(h, _mm256_set1_epi8(48))));
+        _mm256_store_si256((__m256i *)(q + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m15),
+                                                                _mm256_srli_epi16(_mm256_and_si256(h, _mm256_set1_epi8((char)0xC0)), 2)));
+    }
+}
+
+KQ_INLINE void unpack8_q2_K(const block_q2_K *w, kq_unpacked8 *u) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)w->scales), m4 = _mm_set1_epi8(0xF);
+    unpack8_scales16(_mm_and_si128(raw, m4), u);
+    u->mn16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+    u->off = 0;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int n = 0; n < 2; n++) {
+        const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * n));
+        for (int s = 0; s < 4; s++) _mm256_store_si256((__m256i *)(u->q + 128 * n + 32 * s), _mm256_and_si256(kq_field2(bits, s), m3));
+    }
+}
+
+KQ_INLINE void unpack8_q3_K(const block_q3_K *w, kq_unpacked8 *u) {
+    int8_t sc[16];
+    scales_q3_K(w->scales, sc);
+    unpack8_scales16(_mm_loadu_si128((const __m128i *)sc), u);
+    u->off = 4;
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    const __m256i hm = _mm256_loadu_si256((const __m256i *)w->hmask);
+    for (int n = 0; n < 2; n++) {
+        const __m256i bits = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * n));
+        for (int s = 0; s < 4; s++) { /* the high bit moved to bit 2, as in sb_q3_K */
+            const int k = 4 * n + s;
+            const __m256i hk = k < 2 ? _mm256_slli_epi16(hm, 2 - k) : k == 2 ? hm : _mm256_srli_epi16(hm, k - 2);
+            _mm256_store_si256((__m256i *)(u->q + 32 * k),
+                               _mm256_or_si256(_mm256_and_si256(kq_field2(bits, s), m3), _mm256_and_si256(hk, m4)));
+        }
+    }
+}
+
+/* lane c: row c's bsums . v (16 int16), exact */
+KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
+    __m256i p[BLOCK_GROUP_ROWS];
+    for (int c = 0; c < BLOCK_GROUP_ROWS; c++) p[c] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)g->bsums[c]), v);
+    return reduce8_epi32(p);
+}
+
+/* Scale groups summed side by side per pass: with nw weight rows that many independent dpbusd
+ * chains each. AVX-512VL has 32 vector registers for the 4 x 4 of them, AVX2 16 for 4 x 2. */
+#if defined(__AVX512VL__)
+#define KQ_T8_PARTS 4
+#else
+#define KQ_T8_PARTS 2
+#endif
+
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define KQ_VNNI 1
+#endif
+
+/* NW weight rows x one group: each activation vector loaded once for the NW rows, each 4 quants
+ * of a row broadcast to the 8 activation rows (lane c = row c). GS: values per scale (32 for
+ * Q4_K and Q5_K, whose two 16-value groups share one, else 16); QMAX: the largest stored quant.
+ * With VNNI a scale group's sums run in int32 (dpbusd) and the scale multiplies them once; without,
+ * maddubs' int16 pair sums (at most 2 * QMAX * 127) are added in int16 while they cannot overflow
+ * (KQ_RUN16 steps: 8 for Q4_K, 2 for Q6_K) and madd applies the scale, which saves AVX2 the
+ * widening madd of each step and the 32-bit multiply. The integers are the same either way. */
+#define KQ_RUN16(GS, QMAX) (32767 / (2 * (QMAX) * 127) < (GS) / 4 ? 32767 / (2 * (QMAX) * 127) : (GS) / 4)
+#if defined(KQ_VNNI)
+#define KQ_T8_INT32 1
+#define KQ_T8_STEP(acc, w, a) dpbusd_avx2((acc), (w), (a))
+#else
+#define KQ_T8_INT32 0
+#define KQ_T8_STEP(acc, w, a) _mm256_add_epi16((acc), _mm256_maddubs_epi16((w), (a)))
+#endif
+
+#define KQ_TILE8(t, has_min, DMIN, GS, QMAX)                                                                            \
+    KQ_INLINE void tile8_##t##_rows(int K, const void *w, size_t w_row_bytes, const int NW, const kq_group_block *gb, \
+                                    int nx, float *y, size_t ldy) {                                                 \
+        const int nb = K / QK_K;                                                                                    \
+        __m256 accf[4][8];                                                                                          \
+        for (int r = 0; r < NW; r++)                                                                                \
+            for (int j = 0; j < 8; j++) accf[r][j] = _mm256_setzero_ps();                                           \
+        kq_unpacked8 un[4];                                                                                         \
+        for (int i = 0; i < nb; i++) {                                                                              \
+            const kq_group_block *g = gb + i;                                                                       \
+            const block_##t *bb[4];                                                                                 \
+            for (int r = 0; r < NW; r++) {                                                                          \
+                bb[r] = (const block_##t *)((const char *)w + r * w_row_bytes) + i;                                 \
+                unpack8_##t(bb[r], &un[r]);                                                                         \
+            }                                                                                                       \
+            /* the broadcasts below then load from memory, not extract from the stored registers */                 \
+            __asm__ __volatile__("" : : "r"(un) : "memory");                                                        \
+            __m256i isum[4];                                                                                        \
+            for (int r = 0; r < NW; r++) isum[r] = _mm256_setzero_si256();                                          \
+            for (int s0 = 0; s0 < QK_K / (GS); s0 += KQ_T8_PARTS) {                                                 \
+                __m256i part[4][KQ_T8_PARTS];                                                                       \
+                for (int r = 0; r < NW; r++)                                                                        \
+                    for (int s = 0; s < KQ_T8_PARTS; s++) part[r][s] = _mm256_setzero_si256();                      \
+                _Pragma("GCC unroll 8") for (int k = 0; k < (GS) / 4; k++) {                                        \
+                    _Pragma("GCC unroll 4") for (int s = 0; s < KQ_T8_PARTS; s++) {                                 \
+                        const int e = (GS) / 4 * (s0 + s) + k; /* the 4-value group */                              \
+                        __m256i a = _mm256_loadu_si256((const __m256i *)g->qs[e]);                                  \
+                        KQ_PIN(a); /* one load for the NW rows, not a memory operand of each step */                \
+                        _Pragma("GCC unroll 4") for (int r = 0; r < NW; r++) {                                      \
+                            int32_t q;                                                                              \
+                            memcpy(&q, un[r].q + 4 * e, 4);                                                         \
+                            part[r][s] = KQ_T8_STEP(part[r][s], _mm256_set1_epi32(q), a);                           \
+                        }                                                                                           \
+                    }                                                                                               \
+                    if (!KQ_T8_INT32 && (k + 1) % KQ_RUN16(GS, QMAX) == 0) /* the int16 sums, scaled, into isum */ \
+                        for (int r = 0; r < NW; r++)                                                                \
+                            for (int s = 0; s < KQ_T8_PARTS; s++) {                                                 \
+                                const __m256i sc = _mm256_set1_epi16((short)un[r].sc[s0 + s]);                      \
+                                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(part[r][s], sc));             \
+                                part[r][s] = _mm256_setzero_si256();                                                \
+                            }                                                                                       \
+                }                                                                                                   \
+                if (KQ_T8_INT32)                                                                                    \
+                    for (int r = 0; r < NW; r++)                                                                    \
+                        for (int s = 0; s < KQ_T8_PARTS; s++)                                                       \
+                            isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(part[r][s], _mm256_set1_epi32(un[r].sc[s0 + s]))); \
+            }                                                                                                       \
+            const __m256 vdx = _mm256_loadu_ps(g->d);                                                               \
+            const int j = i % 8;                                                                                    \
+            for (int r = 0; r < NW; r++) {                                                                          \
+                if (un[r].off)                                                                                      \
+                    isum[r] = _mm256_sub_epi32(isum[r], _mm256_mullo_epi32(kq_bsums_dot(g, un[r].sc16), _mm256_set1_epi32(un[r].off))); \
+                const __m256 dd = _mm256_mul_ps(_mm256_set1_ps(kq_half(bb[r]->d)), vdx);                            \
+                accf[r][j] = _mm256_add_ps(accf[r][j], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(isum[r])));             \
+                if (has_min) {                                                                                      \
+                    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(kq_half(DMIN)), vdx);                            \
+                    accf[r][j] = _mm256_sub_ps(accf[r][j], _mm256_mul_ps(dm, _mm256_cvtepi32_ps(kq_bsums_dot(g, un[r].mn16)))); \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+        for (int r = 0; r < NW; r++) {                                                                              \
+            float out[BLOCK_GROUP_ROWS];                                                                            \
+            _mm256_storeu_ps(out, KQ_HSUM8_LANES(_mm256_add_ps, accf[r]));                                          \
+            for (int c = 0; c < nx; c++) y[c * ldy + r] = out[c];                                                   \
+        }                                                                                                           \
+    }                                                                                                               \
+    static void tile8_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y,    \
+                          size_t ldy) {                                                                             \
+        const kq_group_block *gb = (const kq_group_block *)group;                                                   \
+        if (nw == 4) {                                                                                              \
+            tile8_##t##_rows(K, w, w_row_bytes, 4, gb, nx, y, ldy);                                                 \
+            return;                                                                                                 \
+        }                                                                                                           \
+        for (int r = 0; r < nw; r++) tile8_##t##_rows(K, (const char *)w + r * w_row_bytes, 0, 1, gb, nx, y + r, ldy); \
+    }
+
+KQ_TILE8(q2_K, true, bb[r]->dmin, 16, 3)
+KQ_TILE8(q3_K, false, bb[r]->d, 16, 7)
+KQ_TILE8(q4_K, true, bb[r]->dmin, 32, 15)
+KQ_TILE8(q5_K, true, bb[r]->dmin, 32, 31)
+KQ_TILE8(q6_K, false, bb[r]->d, 16, 63)
+
 #endif /* KQ_AVX2 */
 
 /* ================================================================== the BlockTypes */
+
+#if defined(KQ_AVX2)
+#define KQ_PROMPT_KERNELS(t) .tile8 = tile8_##t, .group_act = group_q8_K, .group_bytes = sizeof(kq_group_block),
+#else
+#define KQ_PROMPT_KERNELS(t)
+#endif
 
 #define KQ_BLOCK_TYPE(t, T)                                                                                         \
     const BlockType block_type_##t = {                                                                              \
@@ -1196,6 +1501,7 @@ KQ_AVX2_TILE(q6_K, false, bb->d)
         .dequantize_row = dequantize_row_##t,                                                                       \
         .quantize_row = quantize_row_##t,                                                                           \
         .tile = tile_##t,                                                                                           \
+        KQ_PROMPT_KERNELS(t)                                                                                        \
     };
 
 KQ_BLOCK_TYPE(q2_K, Q2_K)
