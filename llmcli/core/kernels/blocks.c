@@ -8,8 +8,9 @@
  * weight rows is sized to stay in L2 while the activation rows of its task stream past it; for one
  * activation row (decode) the threads split the weight rows and each row is read once. Inside a
  * task a type's `tile` computes up to 4 weight rows x 4 activation rows, unpacking each weight
- * block once for all of them; for 8 rows or more the 32-value types take the activation rows 8 at
- * a time, interleaved (`tile8`: one vector lane per row).
+ * block once for all of them; for 8 rows or more the types with a `tile8` (the 32-value types on
+ * every ISA, the K-quants on x86) take the activation rows 8 at a time, interleaved once per call
+ * by the type's `group_act` (`tile8`: one vector lane per row).
  *
  * The 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) take the activation as 8-bit blocks: a float32
  * delta d = amax / 127, 32 int8 values round(x / d) (round half to even) and s = d * sum(q) for the
@@ -838,8 +839,9 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
 #endif
 
 /* ------------------------------------------------------------------ 8 activation rows interleaved
- * For a prompt the 32-value types take 8 activation rows at a time as one group, interleaved so
- * that a vector holds 4 values of each of the 8 rows: per block b,
+ * For a prompt the 32-value types take 8 activation rows at a time as one group (q8a_group, their
+ * group_act; kquants.c has the K-quants' own), interleaved so that a vector holds 4 values of
+ * each of the 8 rows: per block b,
  * q8a_group_block (4 values of row c in qs[g][c]; d, s and sum by row), 352 bytes a block. A weight row then meets 8 rows with 8 multiply-adds of a broadcast weight
  * group, and the 8 rows' float operations run in one vector (lane c = row c). */
 
