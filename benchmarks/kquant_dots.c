@@ -8,7 +8,7 @@
  *   ggml generic   ggml_vec_dot_<t>_q8_K_generic (llama.cpp's scalar loop)
  *   ours tile 4x1  N x 1 products with the tile on 4 weight rows (how blocks.c runs decode)
  *   ours tile 4x4  N x 4 products with the 4x4 tile (a prompt's last rows), per activation row
- *   ours tile8     N x 8 products with tile8 on one interleaved group of 8 rows (prompts), per row
+ *   ours tile8     N x 16 products with tile8 on two interleaved groups of 8 rows (prompts), per row
  * and checks that ours and ggml agree within 1e-4 relative to the row's scale (they sum in
  * different orders, so bits differ). Then quantize_row (64 rows of 4096 floats) against
  * llama.cpp's quantize_row_<t>_ref from libggml-base.so beside libggml-cpu.so, in ns a value,
@@ -34,7 +34,7 @@ static uint32_t rnd(void) {
     return (uint32_t)(rng_state >> 16);
 }
 
-enum { N = 2048, K = 8192, M = 8 }; /* the 4x4 tile takes the first 4 rows */
+enum { N = 2048, K = 8192, M = 16 }; /* the 4x4 tile takes the first 4 rows */
 
 int main(int argc, char **argv) {
     int repeat;
@@ -69,8 +69,10 @@ int main(int argc, char **argv) {
             }
         uint8_t *xq = malloc(xrow * M);
         for (int m = 0; m < M; m++) bt->quantize_act(x + (size_t)m * K, xq + m * xrow, K);
-        char *group = bt->group_act ? malloc((size_t)K / QK_K * bt->group_bytes) : NULL;
-        if (group) bt->group_act(xq, xrow, M, K, group);
+        const size_t gsize = (size_t)K / QK_K * bt->group_bytes;
+        char *group = bt->group_act ? malloc(2 * gsize) : NULL;
+        if (group)
+            for (int h = 0; h < 2; h++) bt->group_act(xq + (size_t)8 * h * xrow, xrow, 8, K, group + h * gsize);
         float *y8 = malloc(sizeof(float) * N * M);
 
         double best[6] = {1e30, 1e30, 1e30, 1e30, 1e30, 1e30};

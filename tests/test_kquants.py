@@ -113,10 +113,14 @@ class Kernels:
         return bool(ctypes.cast(self.types[t].tile8, ctypes.c_void_p).value)
 
     def tile8(self, t: str, w: np.ndarray, xq: np.ndarray, k: int, ldy: int) -> np.ndarray:
-        """one group of xq's rows (at most 8), interleaved by group_act, against w's rows (at most 4)"""
+        """xq's rows (at most 16) in groups of 8 interleaved by group_act, one after the other, against
+        w's rows (at most 4)"""
         bt = self.types[t]
-        group = np.zeros(k // QK_K * bt.group_bytes, np.uint8)
-        bt.group_act(xq.ctypes.data, xq.strides[0], xq.shape[0], k, group.ctypes.data)
+        size = k // QK_K * bt.group_bytes
+        group = np.zeros(2 * size, np.uint8)
+        for h in range(0, xq.shape[0], GROUP_ROWS):
+            rows = xq[h : h + GROUP_ROWS]
+            bt.group_act(rows.ctypes.data, xq.strides[0], rows.shape[0], k, group[h // GROUP_ROWS * size :].ctypes.data)
         y = np.full((xq.shape[0], ldy), np.nan, np.float32)
         bt.tile8(k, w.ctypes.data, w.strides[0], w.shape[0], group.ctypes.data, xq.shape[0], _fp(y), ldy)
         return y
@@ -354,9 +358,10 @@ def test_tile_elements_equal_vec_dot(builds, t):
 
 @pytest.mark.parametrize("t", TYPES)
 def test_tile8_elements_equal_vec_dot(builds, t):
-    """Prompts' kernel (8 activation rows interleaved): on every x86 SIMD build, every element is
-    vec_dot's bits, for 1-4 weight rows and 1-8 activation rows; 9 super-blocks, so the 8 float
-    accumulators wrap around. The portable and NEON builds have none (the driver runs the tile)."""
+    """Prompts' kernel (8 activation rows interleaved, one or two groups a call): on every x86 SIMD
+    build, every element is vec_dot's bits, for 1-4 weight rows and 1-16 activation rows; 9
+    super-blocks, so the 8 float accumulators wrap around. The portable and NEON builds have none
+    (the driver runs the tile)."""
     k = 9 * QK_K
     simd = [name for name in builds if name != "portable"]
     assert simd or not _cpu_has("avx2"), "an AVX2 CPU built no SIMD library"
@@ -364,10 +369,10 @@ def test_tile8_elements_equal_vec_dot(builds, t):
         build = builds[name]
         assert build.has_tile8(t), name
         w = build.quantize(t, _weights(8, k, seed=21))
-        xq = build.quantize_act(_weights(16, k, seed=22))
+        xq = build.quantize_act(_weights(32, k, seed=22))
         full = build.vec_dot(t, w, xq, k)
         for nw in range(1, 5):
-            for nx in (1, 3, 7, GROUP_ROWS):
+            for nx in (1, 3, 7, GROUP_ROWS, GROUP_ROWS + 1, 13, 2 * GROUP_ROWS):
                 # weight rows taken with a stride, output into a wider row (ldy = 7)
                 wr, xr = w[1 : 1 + 2 * nw : 2], xq[nx : 2 * nx]
                 y = build.tile8(t, wr, xr, k, 7)

@@ -1011,7 +1011,10 @@ static inline __attribute__((always_inline)) void q_tile(const int kind, int K, 
         q_tile(kind, K, w, wrb, nw, xq, xrb, nx, y, ldy);                                                                        \
     }                                                                                                                            \
     static void tile8_##name(int K, const void *w, size_t wrb, int nw, const void *group, int nx, float *y, size_t ldy) {         \
-        q_tile8(kind, K, w, wrb, nw, (const q8a_group_block *)group, nx, y, ldy);                                                                         \
+        for (int h = 0; BLOCK_GROUP_ROWS * h < nx; h++) /* group by group */                                                     \
+            q_tile8(kind, K, w, wrb, nw, (const q8a_group_block *)group + h * (K / 32),                                         \
+                    nx - BLOCK_GROUP_ROWS * h < BLOCK_GROUP_ROWS ? nx - BLOCK_GROUP_ROWS * h : BLOCK_GROUP_ROWS,                  \
+                    y + (size_t)BLOCK_GROUP_ROWS * h * ldy, ldy);                                                                \
     }
 
 Q_KERNELS(q8_0, KIND_Q8_0)
@@ -1193,7 +1196,8 @@ static void product_task(void *ctx, int t, int worker) {
     const int n0 = (nc - j->first[p]) * j->chunk[p], n1 = n0 + j->chunk[p] < part->n ? n0 + j->chunk[p] : part->n;
     const int m0 = mc * j->mrows, m1 = m0 + j->mrows < j->M ? m0 + j->mrows : j->M;
     const char *xb = j->xq[j->fmt[p]], *xg = b->tile8 != NULL ? j->xg[j->fmt[p]] : NULL;
-    const int step = xg ? BLOCK_GROUP_ROWS : TILE; /* m0 is a multiple of 8: mrows is M or ROWS_PER_TASK */
+    /* tile8 takes two groups at a time (m0 is a multiple of 16: mrows is M or ROWS_PER_TASK) */
+    const int step = xg ? 2 * BLOCK_GROUP_ROWS : TILE;
     for (int n = n0; n < n1; n += TILE) {
         const int nw = n1 - n < TILE ? n1 - n : TILE;
         const char *wn = (const char *)part->w + (size_t)n * wrb;

@@ -233,9 +233,10 @@ typedef struct {
     void (*quantize_row)(const float *x, void *w, int K);           /* K floats -> weight blocks; bytes identical to llama.cpp's quantize_row_<t>_ref */
     /* optional (NULL if absent): nw (<= 4) weight rows x nx (<= 4) activation rows at once, every element bit-identical to vec_dot */
     void (*tile)(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes, int nx, float *y, size_t ldy);
-    /* optional (NULL if absent), for prompts: nw (<= 4) weight rows x one group of
-     * BLOCK_GROUP_ROWS activation rows that group_act interleaved (nx of them stored), every
-     * element bit-identical to vec_dot */
+    /* optional (NULL if absent), for prompts: nw (<= 4) weight rows x one or two consecutive
+     * groups of BLOCK_GROUP_ROWS activation rows that group_act interleaved (nx <= 2 *
+     * BLOCK_GROUP_ROWS of them stored; group 1 follows group 0's K / block blocks), every element
+     * bit-identical to vec_dot */
     void (*tile8)(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y, size_t ldy);
     /* nx (<= BLOCK_GROUP_ROWS) quantized activation rows, xq_row_bytes apart -> one group of
      * K / block blocks of group_bytes each (the missing rows zero) */

@@ -1370,25 +1370,27 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
     return reduce8_epi32(p);
 }
 
-/* Scale groups summed side by side per pass: with nw weight rows that many independent dpbusd
- * chains each. AVX-512VL has 32 vector registers for the 4 x 4 of them, AVX2 16 for 4 x 2. */
+/* Scale groups summed side by side per pass, with NW weight rows and NG groups that many
+ * independent chains each: AVX-512VL has 32 vector registers for 4 x 2 x 2 of them, AVX2 16 for
+ * 4 x 2 x 1. */
 #if defined(__AVX512VL__)
-#define KQ_T8_PARTS 4
-#else
 #define KQ_T8_PARTS 2
+#else
+#define KQ_T8_PARTS 1
 #endif
 
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
 #define KQ_VNNI 1
 #endif
 
-/* NW weight rows x one group: each activation vector loaded once for the NW rows, each 4 quants
- * of a row broadcast to the 8 activation rows (lane c = row c). GS: values per scale (32 for
- * Q4_K and Q5_K, whose two 16-value groups share one, else 16); QMAX: the largest stored quant.
- * With VNNI a scale group's sums run in int32 (dpbusd) and the scale multiplies them once; without,
- * maddubs' int16 pair sums (at most 2 * QMAX * 127) are added in int16 while they cannot overflow
- * (KQ_RUN16 steps: 8 for Q4_K, 2 for Q6_K) and madd applies the scale, which saves AVX2 the
- * widening madd of each step and the 32-bit multiply. The integers are the same either way. */
+/* NW weight rows x NG consecutive groups (8 activation rows each, lane c = row c): each activation
+ * vector is loaded once for the NW rows, each 4 quants of a weight row broadcast once for the
+ * NG groups. GS: values per scale (32 for Q4_K and Q5_K, whose two 16-value groups share one,
+ * else 16); QMAX: the largest stored quant. With VNNI a scale group's sums run in int32 (dpbusd)
+ * and the scale multiplies them once; without, maddubs' int16 pair sums (at most 2 * QMAX * 127)
+ * are added in int16 while they cannot overflow (KQ_RUN16 steps: 8 for Q4_K, 2 for Q6_K) and madd
+ * applies the scale, which saves AVX2 the widening madd of each step and the 32-bit multiply.
+ * The integers are the same either way. */
 #define KQ_RUN16(GS, QMAX) (32767 / (2 * (QMAX) * 127) < (GS) / 4 ? 32767 / (2 * (QMAX) * 127) : (GS) / 4)
 #if defined(KQ_VNNI)
 #define KQ_T8_INT32 1
@@ -1399,15 +1401,16 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
 #endif
 
 #define KQ_TILE8(t, has_min, DMIN, GS, QMAX)                                                                            \
-    KQ_INLINE void tile8_##t##_rows(int K, const void *w, size_t w_row_bytes, const int NW, const kq_group_block *gb, \
-                                    int nx, float *y, size_t ldy) {                                                 \
+    KQ_INLINE void tile8_##t##_rows(int K, const void *w, size_t w_row_bytes, const int NW, const int NG,           \
+                                    const kq_group_block *gb, int nx, float *y, size_t ldy) {                       \
         const int nb = K / QK_K;                                                                                    \
-        __m256 accf[4][8];                                                                                          \
-        for (int r = 0; r < NW; r++)                                                                                \
-            for (int j = 0; j < 8; j++) accf[r][j] = _mm256_setzero_ps();                                           \
+        __m256 accf[2][4][8];                                                                                       \
+        for (int h = 0; h < NG; h++)                                                                                \
+            for (int r = 0; r < NW; r++)                                                                            \
+                for (int j = 0; j < 8; j++) accf[h][r][j] = _mm256_setzero_ps();                                    \
         kq_unpacked8 un[4];                                                                                         \
         for (int i = 0; i < nb; i++) {                                                                              \
-            const kq_group_block *g = gb + i;                                                                       \
+            const kq_group_block *g[2] = {gb + i, gb + (NG > 1 ? nb : 0) + i}; /* group h's super-block i */        \
             const block_##t *bb[4];                                                                                 \
             for (int r = 0; r < NW; r++) {                                                                          \
                 bb[r] = (const block_##t *)((const char *)w + r * w_row_bytes) + i;                                 \
@@ -1415,63 +1418,84 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
             }                                                                                                       \
             /* the broadcasts below then load from memory, not extract from the stored registers */                 \
             __asm__ __volatile__("" : : "r"(un) : "memory");                                                        \
-            __m256i isum[4];                                                                                        \
-            for (int r = 0; r < NW; r++) isum[r] = _mm256_setzero_si256();                                          \
+            __m256i isum[2][4];                                                                                     \
+            for (int h = 0; h < NG; h++)                                                                            \
+                for (int r = 0; r < NW; r++) isum[h][r] = _mm256_setzero_si256();                                   \
             for (int s0 = 0; s0 < QK_K / (GS); s0 += KQ_T8_PARTS) {                                                 \
-                __m256i part[4][KQ_T8_PARTS];                                                                       \
-                for (int r = 0; r < NW; r++)                                                                        \
-                    for (int s = 0; s < KQ_T8_PARTS; s++) part[r][s] = _mm256_setzero_si256();                      \
+                __m256i part[2][4][KQ_T8_PARTS];                                                                    \
+                for (int h = 0; h < NG; h++)                                                                        \
+                    for (int r = 0; r < NW; r++)                                                                    \
+                        for (int s = 0; s < KQ_T8_PARTS; s++) part[h][r][s] = _mm256_setzero_si256();               \
                 _Pragma("GCC unroll 8") for (int k = 0; k < (GS) / 4; k++) {                                        \
-                    _Pragma("GCC unroll 4") for (int s = 0; s < KQ_T8_PARTS; s++) {                                 \
+                    _Pragma("GCC unroll 2") for (int s = 0; s < KQ_T8_PARTS; s++) {                                 \
                         const int e = (GS) / 4 * (s0 + s) + k; /* the 4-value group */                              \
-                        __m256i a = _mm256_loadu_si256((const __m256i *)g->qs[e]);                                  \
-                        KQ_PIN(a); /* one load for the NW rows, not a memory operand of each step */                \
+                        __m256i a[2];                                                                               \
+                        for (int h = 0; h < NG; h++) {                                                              \
+                            a[h] = _mm256_loadu_si256((const __m256i *)g[h]->qs[e]);                                \
+                            KQ_PIN(a[h]); /* one load for the NW rows, not a memory operand of each step */         \
+                        }                                                                                           \
                         _Pragma("GCC unroll 4") for (int r = 0; r < NW; r++) {                                      \
                             int32_t q;                                                                              \
                             memcpy(&q, un[r].q + 4 * e, 4);                                                         \
-                            part[r][s] = KQ_T8_STEP(part[r][s], _mm256_set1_epi32(q), a);                           \
+                            const __m256i wq = _mm256_set1_epi32(q);                                                \
+                            for (int h = 0; h < NG; h++) {                                                          \
+                                part[h][r][s] = KQ_T8_STEP(part[h][r][s], wq, a[h]);                                \
+                                KQ_PIN(part[h][r][s]); /* without VNNI GCC would do every maddubs first, spilling */ \
+                            }                                                                                       \
                         }                                                                                           \
                     }                                                                                               \
                     if (!KQ_T8_INT32 && (k + 1) % KQ_RUN16(GS, QMAX) == 0) /* the int16 sums, scaled, into isum */ \
-                        for (int r = 0; r < NW; r++)                                                                \
-                            for (int s = 0; s < KQ_T8_PARTS; s++) {                                                 \
-                                const __m256i sc = _mm256_set1_epi16((short)un[r].sc[s0 + s]);                      \
-                                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(part[r][s], sc));             \
-                                part[r][s] = _mm256_setzero_si256();                                                \
-                            }                                                                                       \
+                        for (int h = 0; h < NG; h++)                                                                \
+                            for (int r = 0; r < NW; r++)                                                            \
+                                for (int s = 0; s < KQ_T8_PARTS; s++) {                                             \
+                                    const __m256i sc = _mm256_set1_epi16((short)un[r].sc[s0 + s]);                  \
+                                    isum[h][r] = _mm256_add_epi32(isum[h][r], _mm256_madd_epi16(part[h][r][s], sc)); \
+                                    part[h][r][s] = _mm256_setzero_si256();                                         \
+                                }                                                                                   \
                 }                                                                                                   \
                 if (KQ_T8_INT32)                                                                                    \
-                    for (int r = 0; r < NW; r++)                                                                    \
-                        for (int s = 0; s < KQ_T8_PARTS; s++)                                                       \
-                            isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(part[r][s], _mm256_set1_epi32(un[r].sc[s0 + s]))); \
+                    for (int h = 0; h < NG; h++)                                                                    \
+                        for (int r = 0; r < NW; r++)                                                                \
+                            for (int s = 0; s < KQ_T8_PARTS; s++)                                                   \
+                                isum[h][r] = _mm256_add_epi32(isum[h][r], _mm256_mullo_epi32(part[h][r][s], _mm256_set1_epi32(un[r].sc[s0 + s]))); \
             }                                                                                                       \
-            const __m256 vdx = _mm256_loadu_ps(g->d);                                                               \
             const int j = i % 8;                                                                                    \
-            for (int r = 0; r < NW; r++) {                                                                          \
-                if (un[r].off)                                                                                      \
-                    isum[r] = _mm256_sub_epi32(isum[r], _mm256_mullo_epi32(kq_bsums_dot(g, un[r].sc16), _mm256_set1_epi32(un[r].off))); \
-                const __m256 dd = _mm256_mul_ps(_mm256_set1_ps(kq_half(bb[r]->d)), vdx);                            \
-                accf[r][j] = _mm256_add_ps(accf[r][j], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(isum[r])));             \
-                if (has_min) {                                                                                      \
-                    const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(kq_half(DMIN)), vdx);                            \
-                    accf[r][j] = _mm256_sub_ps(accf[r][j], _mm256_mul_ps(dm, _mm256_cvtepi32_ps(kq_bsums_dot(g, un[r].mn16)))); \
+            for (int h = 0; h < NG; h++) {                                                                          \
+                const __m256 vdx = _mm256_loadu_ps(g[h]->d);                                                        \
+                for (int r = 0; r < NW; r++) {                                                                      \
+                    __m256i is = isum[h][r];                                                                        \
+                    if (un[r].off)                                                                                  \
+                        is = _mm256_sub_epi32(is, _mm256_mullo_epi32(kq_bsums_dot(g[h], un[r].sc16), _mm256_set1_epi32(un[r].off))); \
+                    const __m256 dd = _mm256_mul_ps(_mm256_set1_ps(kq_half(bb[r]->d)), vdx);                        \
+                    accf[h][r][j] = _mm256_add_ps(accf[h][r][j], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(is)));        \
+                    if (has_min) {                                                                                  \
+                        const __m256 dm = _mm256_mul_ps(_mm256_set1_ps(kq_half(DMIN)), vdx);                        \
+                        accf[h][r][j] = _mm256_sub_ps(accf[h][r][j], _mm256_mul_ps(dm, _mm256_cvtepi32_ps(kq_bsums_dot(g[h], un[r].mn16)))); \
+                    }                                                                                               \
                 }                                                                                                   \
             }                                                                                                       \
         }                                                                                                           \
-        for (int r = 0; r < NW; r++) {                                                                              \
-            float out[BLOCK_GROUP_ROWS];                                                                            \
-            _mm256_storeu_ps(out, KQ_HSUM8_LANES(_mm256_add_ps, accf[r]));                                          \
-            for (int c = 0; c < nx; c++) y[c * ldy + r] = out[c];                                                   \
-        }                                                                                                           \
+        for (int h = 0; h < NG; h++)                                                                                \
+            for (int r = 0; r < NW; r++) {                                                                          \
+                float out[BLOCK_GROUP_ROWS];                                                                        \
+                _mm256_storeu_ps(out, KQ_HSUM8_LANES(_mm256_add_ps, accf[h][r]));                                   \
+                for (int c = 0; c < BLOCK_GROUP_ROWS && BLOCK_GROUP_ROWS * h + c < nx; c++)                         \
+                    y[(BLOCK_GROUP_ROWS * h + c) * ldy + r] = out[c];                                               \
+            }                                                                                                       \
     }                                                                                                               \
     static void tile8_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y,    \
                           size_t ldy) {                                                                             \
         const kq_group_block *gb = (const kq_group_block *)group;                                                   \
-        if (nw == 4) {                                                                                              \
-            tile8_##t##_rows(K, w, w_row_bytes, 4, gb, nx, y, ldy);                                                 \
-            return;                                                                                                 \
+        if (nw == 4 && nx > BLOCK_GROUP_ROWS) {                                                                     \
+            tile8_##t##_rows(K, w, w_row_bytes, 4, 2, gb, nx, y, ldy);                                              \
+        } else if (nw == 4) {                                                                                       \
+            tile8_##t##_rows(K, w, w_row_bytes, 4, 1, gb, nx, y, ldy);                                              \
+        } else {                                                                                                    \
+            for (int h = 0; BLOCK_GROUP_ROWS * h < nx; h++)                                                         \
+                for (int r = 0; r < nw; r++)                                                                        \
+                    tile8_##t##_rows(K, (const char *)w + r * w_row_bytes, 0, 1, 1, gb + h * (K / QK_K),            \
+                                     nx - BLOCK_GROUP_ROWS * h, y + BLOCK_GROUP_ROWS * h * ldy + r, ldy);           \
         }                                                                                                           \
-        for (int r = 0; r < nw; r++) tile8_##t##_rows(K, (const char *)w + r * w_row_bytes, 0, 1, gb, nx, y + r, ldy); \
     }
 
 KQ_TILE8(q2_K, true, bb[r]->dmin, 16, 3)
