@@ -1400,6 +1400,16 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
 #define KQ_T8_STEP(acc, w, a) _mm256_add_epi16((acc), _mm256_maddubs_epi16((w), (a)))
 #endif
 
+/* The same super-block of the weight rows the driver's next call takes (rows are contiguous, NW at
+ * a time): a batch of 16 rows uses each weight byte once, and the hardware prefetcher alone kept
+ * tile8 at 2.8 GB/s a thread from memory (Q4_K 78 GMAC/s against 120 from cache). Prefetches past
+ * the matrix are dropped, never faults. */
+#define KQ_T8_PREFETCH(block, ahead)                                                                                \
+    do {                                                                                                            \
+        const char *p_ = (const char *)(block) + (ahead);                                                           \
+        for (size_t o_ = 0; o_ < sizeof *(block); o_ += 64) _mm_prefetch(p_ + o_, _MM_HINT_T0);                    \
+    } while (0)
+
 #define KQ_TILE8(t, has_min, DMIN, GS, QMAX)                                                                            \
     KQ_INLINE void tile8_##t##_rows(int K, const void *w, size_t w_row_bytes, const int NW, const int NG,           \
                                     const kq_group_block *gb, int nx, float *y, size_t ldy) {                       \
@@ -1414,6 +1424,7 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
             const block_##t *bb[4];                                                                                 \
             for (int r = 0; r < NW; r++) {                                                                          \
                 bb[r] = (const block_##t *)((const char *)w + r * w_row_bytes) + i;                                 \
+                KQ_T8_PREFETCH(bb[r], NW * w_row_bytes);                                                            \
                 unpack8_##t(bb[r], &un[r]);                                                                         \
             }                                                                                                       \
             /* the broadcasts below then load from memory, not extract from the stored registers */                 \
