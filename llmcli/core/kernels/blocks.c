@@ -876,51 +876,127 @@ static void q8a_group(const void *xqv, size_t xrow, int nx, int K, void *groupv)
 }
 
 #if defined(USE_AVX2)
-/* nw weight rows x one group of 8 activation rows (nx of them stored) */
-static inline __attribute__((always_inline)) void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group,
-                                                          int nx, float *y, size_t ldy) {
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define Q_VNNI 1
+#endif
+
+/* Without VNNI: how many maddubs steps' int16 pair sums (at most 2 * qmax * 127 each) can be added
+ * before one could overflow: Q4_0 / Q4_1 (quants <= 15) a whole block, Q5_0 / Q5_1 (<= 31) half */
+static inline int q_run16(int kind) {
+    return kind == KIND_Q4_0 || kind == KIND_Q4_1 ? 8 : kind == KIND_Q5_0 || kind == KIND_Q5_1 ? 4 : 1;
+}
+
+/* NW weight rows x NG consecutive groups of 8 activation rows (nx rows stored in all): each
+ * activation vector loaded once for the NW rows, each 4 weight values broadcast once for the NG
+ * groups (as kquants.c's tile8; the loads were the limit) */
+static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, const int NW, const int NG, int K, const void *w, size_t wrb,
+                                                               const q8a_group_block *group, int nx, float *y, size_t ldy) {
     const int nb = K / 32;
     const size_t wb = q_block_bytes(kind);
-    for (int r = 0; r < nw; r++) {
-        const uint8_t *wr = (const uint8_t *)w + (size_t)r * wrb;
-        __m256 acc[LANES8];
-        for (int j = 0; j < LANES8; j++) acc[j] = _mm256_setzero_ps();
-        for (int b0 = 0; b0 < nb; b0 += LANES8) {
+    __m256 acc[2][4][LANES8];
+    for (int h = 0; h < NG; h++)
+        for (int r = 0; r < NW; r++)
+            for (int j = 0; j < LANES8; j++) acc[h][r][j] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const q8a_group_block *g[2] = {&group[b], &group[(NG > 1 ? nb : 0) + b]};
+        int32_t wq[4][8] __attribute__((aligned(32)));
+        float d[4], m[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        int off = 0;
+        for (int r = 0; r < NW; r++) {
+            const uint8_t *blk = (const uint8_t *)w + (size_t)r * wrb + (size_t)b * wb;
+            _mm_prefetch((const char *)blk + (size_t)NW * wrb, _MM_HINT_T0); /* the next call's rows (see kquants.c) */
+            _mm256_store_si256((__m256i *)wq[r], unpack_u8_avx2(kind, blk, &d[r], &m[r], &off));
+        }
+        __asm__ __volatile__("" : : "r"(wq) : "memory"); /* broadcasts from memory, not extracts */
+        __m256i is[2][4];
+#if defined(Q_VNNI)
+        for (int h = 0; h < NG; h++)
+            for (int r = 0; r < NW; r++) is[h][r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
-            for (int j = 0; j < LANES8; j++) {
-                if (b0 + j >= nb) break;
-                const int b = b0 + j;
-                const q8a_group_block *g = &group[b];
-                float d, m = 0.0f;
-                int off;
-                const __m256i qw = unpack_u8_avx2(kind, wr + (size_t)b * wb, &d, &m, &off);
-                int32_t wq[8] __attribute__((aligned(32)));
-                _mm256_store_si256((__m256i *)wq, qw);
-                __m256i i0 = _mm256_setzero_si256(), i1 = _mm256_setzero_si256();
-                for (int k = 0; k < 8; k += 2) {
-                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)g->qs[k]), x1 = _mm256_loadu_si256((const __m256i *)g->qs[k + 1]);
-                    const __m256i w0 = _mm256_set1_epi32(wq[k]), w1 = _mm256_set1_epi32(wq[k + 1]);
-                    if (kind == KIND_Q8_0 && off < 0) { /* signed . signed: |w| and x with w's sign */
-                        i0 = dpbusd_avx2(i0, _mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0));
-                        i1 = dpbusd_avx2(i1, _mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1));
-                    } else {
-                        i0 = dpbusd_avx2(i0, w0, x0);
-                        i1 = dpbusd_avx2(i1, w1, x1);
-                    }
+        for (int k = 0; k < 8; k++) {
+            __m256i a[2];
+            for (int h = 0; h < NG; h++) {
+                a[h] = _mm256_loadu_si256((const __m256i *)g[h]->qs[k]);
+                BLOCK_PIN(a[h]);
+            }
+            for (int r = 0; r < NW; r++) {
+                const __m256i wk = _mm256_set1_epi32(wq[r][k]);
+                for (int h = 0; h < NG; h++) {
+                    is[h][r] = dpbusd_avx2(is[h][r], wk, a[h]);
+                    BLOCK_PIN(is[h][r]);
                 }
-                __m256i isum = _mm256_add_epi32(i0, i1);
-                if (off > 0) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(_mm256_set1_epi32(off), _mm256_loadu_si256((const __m256i *)g->sum)));
-                const __m256 p = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_loadu_ps(g->d));
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), p, acc[j]);
-                if (HAS_MIN(kind)) acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(m), _mm256_loadu_ps(g->s), acc[j]);
             }
         }
-        /* hsum8 of each row's 8 accumulators: lanes are rows, so the same adds vertically */
-        const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6])),
-                                         _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7])));
-        float out[8];
-        _mm256_storeu_ps(out, sum);
-        for (int c = 0; c < nx; c++) y[c * ldy + r] = out[c];
+#else
+        const int run = q_run16(kind);
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int h = 0; h < NG; h++)
+            for (int r = 0; r < NW; r++) is[h][r] = _mm256_setzero_si256();
+        __m256i p[2][4];
+        for (int h = 0; h < NG; h++)
+            for (int r = 0; r < NW; r++) p[h][r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            __m256i a[2];
+            for (int h = 0; h < NG; h++) {
+                a[h] = _mm256_loadu_si256((const __m256i *)g[h]->qs[k]);
+                BLOCK_PIN(a[h]);
+            }
+            for (int r = 0; r < NW; r++) {
+                const __m256i wk = _mm256_set1_epi32(wq[r][k]);
+                for (int h = 0; h < NG; h++) {
+                    if (kind == KIND_Q8_0 && off < 0) { /* signed . signed: |w| and x with w's sign */
+                        is[h][r] = dpbusd_avx2(is[h][r], _mm256_sign_epi8(wk, wk), _mm256_sign_epi8(a[h], wk));
+                    } else {
+                        p[h][r] = _mm256_add_epi16(p[h][r], _mm256_maddubs_epi16(wk, a[h]));
+                        BLOCK_PIN(p[h][r]); /* else GCC does every maddubs first and spills them */
+                    }
+                }
+            }
+            if (!(kind == KIND_Q8_0 && off < 0) && (k + 1) % run == 0)
+                for (int h = 0; h < NG; h++)
+                    for (int r = 0; r < NW; r++) {
+                        is[h][r] = _mm256_add_epi32(is[h][r], _mm256_madd_epi16(p[h][r], ones));
+                        p[h][r] = _mm256_setzero_si256();
+                    }
+        }
+#endif
+        const int j = b % LANES8;
+        for (int h = 0; h < NG; h++) {
+            const __m256 gd = _mm256_loadu_ps(g[h]->d);
+            for (int r = 0; r < NW; r++) {
+                __m256i isum = is[h][r];
+                if (off > 0) isum = _mm256_sub_epi32(isum, _mm256_mullo_epi32(_mm256_set1_epi32(off), _mm256_loadu_si256((const __m256i *)g[h]->sum)));
+                const __m256 pd = _mm256_mul_ps(_mm256_set1_ps(d[r]), gd);
+                acc[h][r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), pd, acc[h][r][j]);
+                if (HAS_MIN(kind)) acc[h][r][j] = _mm256_fmadd_ps(_mm256_set1_ps(m[r]), _mm256_loadu_ps(g[h]->s), acc[h][r][j]);
+            }
+        }
+    }
+    for (int h = 0; h < NG; h++)
+        for (int r = 0; r < NW; r++) {
+            /* hsum8 of each row's 8 accumulators: lanes are rows, so the same adds vertically */
+            const __m256 *a = acc[h][r];
+            const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+                                             _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])));
+            float out[8];
+            _mm256_storeu_ps(out, sum);
+            for (int c = 0; c < BLOCK_GROUP_ROWS && BLOCK_GROUP_ROWS * h + c < nx; c++) y[(size_t)(BLOCK_GROUP_ROWS * h + c) * ldy + r] = out[c];
+        }
+}
+
+/* nw weight rows x one or two groups (nx rows): 4 rows at a time where there are 4 */
+static inline __attribute__((always_inline)) void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group,
+                                                          int nx, float *y, size_t ldy) {
+    if (nw == 4 && nx > BLOCK_GROUP_ROWS) {
+        q_tile8_rows(kind, 4, 2, K, w, wrb, group, nx, y, ldy);
+    } else if (nw == 4) {
+        q_tile8_rows(kind, 4, 1, K, w, wrb, group, nx, y, ldy);
+    } else {
+        for (int h = 0; BLOCK_GROUP_ROWS * h < nx; h++)
+            for (int r = 0; r < nw; r++)
+                q_tile8_rows(kind, 1, 1, K, (const char *)w + (size_t)r * wrb, 0, group + (size_t)h * (K / 32), nx - BLOCK_GROUP_ROWS * h,
+                             y + (size_t)BLOCK_GROUP_ROWS * h * ldy + r, ldy);
     }
 }
 #endif
@@ -960,9 +1036,9 @@ static inline __attribute__((always_inline)) void q_dot_rows(const int kind, con
     for (int c = 0; c < NX; c++) out[c * ldo] = hsum8_scalar(acc[c]);
 }
 
-/* the portable tile8: each row of the group as q_dot_rows computes it */
-static inline void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group, int nx, float *y,
-                           size_t ldy) {
+/* the portable tile8, one group: each row of the group as q_dot_rows computes it */
+static inline void q_tile8_group(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group, int nx, float *y,
+                                 size_t ldy) {
     const int nb = K / 32;
     const size_t wb = q_block_bytes(kind);
     for (int r = 0; r < nw; r++) {
@@ -982,6 +1058,14 @@ static inline void q_tile8(const int kind, int K, const void *w, size_t wrb, int
         }
         for (int c = 0; c < nx; c++) y[c * ldy + r] = hsum8_scalar(acc[c]);
     }
+}
+
+/* one or two consecutive groups (nx rows in all) */
+static inline void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group, int nx, float *y,
+                           size_t ldy) {
+    for (int h = 0; BLOCK_GROUP_ROWS * h < nx; h++)
+        q_tile8_group(kind, K, w, wrb, nw, group + (size_t)h * (K / 32), nx - BLOCK_GROUP_ROWS * h < BLOCK_GROUP_ROWS ? nx - BLOCK_GROUP_ROWS * h : BLOCK_GROUP_ROWS,
+                      y + (size_t)BLOCK_GROUP_ROWS * h * ldy, ldy);
 }
 #endif
 
@@ -1011,10 +1095,7 @@ static inline __attribute__((always_inline)) void q_tile(const int kind, int K, 
         q_tile(kind, K, w, wrb, nw, xq, xrb, nx, y, ldy);                                                                        \
     }                                                                                                                            \
     static void tile8_##name(int K, const void *w, size_t wrb, int nw, const void *group, int nx, float *y, size_t ldy) {         \
-        for (int h = 0; BLOCK_GROUP_ROWS * h < nx; h++) /* group by group */                                                     \
-            q_tile8(kind, K, w, wrb, nw, (const q8a_group_block *)group + h * (K / 32),                                         \
-                    nx - BLOCK_GROUP_ROWS * h < BLOCK_GROUP_ROWS ? nx - BLOCK_GROUP_ROWS * h : BLOCK_GROUP_ROWS,                  \
-                    y + (size_t)BLOCK_GROUP_ROWS * h * ldy, ldy);                                                                \
+        q_tile8(kind, K, w, wrb, nw, (const q8a_group_block *)group, nx, y, ldy);                                                \
     }
 
 Q_KERNELS(q8_0, KIND_Q8_0)

@@ -38,6 +38,10 @@ static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
 #endif
 }
 
+/* Keeps v in a register at this point: GCC otherwise reassociates exact integer sums into all
+ * products first and spills them to the stack */
+#define BLOCK_PIN(v) __asm__("" : "+x"(v))
+
 /* the 8 lane sums of v[0..7] as one vector: lane j = sum of v[j]'s lanes (exact: int32 adds) */
 static inline __m256i reduce8_epi32(const __m256i *v) {
     const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);

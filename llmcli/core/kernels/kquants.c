@@ -869,16 +869,13 @@ KQ_INLINE __m256i scale_pair16(const kq_scales16 *s, int r) {
     return _mm256_shuffle_epi8(r < 4 ? s->lo : s->hi, idx);
 }
 
-/* Keeps v in a register here: GCC otherwise reassociates the exact integer sums of a tile into
- * all products first, which spills them to the stack (the 4x4 tile ran at half speed). */
-#define KQ_PIN(v) __asm__("" : "+x"(v))
 
 /* acc[c] += scales16 . maddubs(q, a_c) for the 32 activation bytes at offset off of each row */
 #define KQ_ACC(q, s16, off)                                                                                         \
     for (int c = 0; c < NX; c++) {                                                                                  \
         const __m256i a_ = _mm256_loadu_si256((const __m256i *)(xs[c]->qs + (off)));                                \
         acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16((s16), _mm256_maddubs_epi16((q), a_)));                 \
-        KQ_PIN(acc[c]);                                                                                             \
+        BLOCK_PIN(acc[c]);                                                                                             \
     }
 
 /* Each sb_<t> sets, for one weight super-block and NX activation blocks, acc[c] (the 8 isum
@@ -1443,7 +1440,7 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
                         __m256i a[2];                                                                               \
                         for (int h = 0; h < NG; h++) {                                                              \
                             a[h] = _mm256_loadu_si256((const __m256i *)g[h]->qs[e]);                                \
-                            KQ_PIN(a[h]); /* one load for the NW rows, not a memory operand of each step */         \
+                            BLOCK_PIN(a[h]); /* one load for the NW rows, not a memory operand of each step */         \
                         }                                                                                           \
                         _Pragma("GCC unroll 4") for (int r = 0; r < NW; r++) {                                      \
                             int32_t q;                                                                              \
@@ -1451,7 +1448,7 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
                             const __m256i wq = _mm256_set1_epi32(q);                                                \
                             for (int h = 0; h < NG; h++) {                                                          \
                                 part[h][r][s] = KQ_T8_STEP(part[h][r][s], wq, a[h]);                                \
-                                KQ_PIN(part[h][r][s]); /* without VNNI GCC would do every maddubs first, spilling */ \
+                                BLOCK_PIN(part[h][r][s]); /* without VNNI GCC would do every maddubs first, spilling */ \
                             }                                                                                       \
                         }                                                                                           \
                     }                                                                                               \
