@@ -99,7 +99,7 @@ int main(int argc, char **argv) {
             if ((t1 - t0) / 4 < best[3]) best[3] = (t1 - t0) / 4;
             if (group) {
                 t0 = now();
-                for (int n = 0; n < N; n += 4) bt->tile8(K, w + n * row, row, 4, group, M, y8 + n, N);
+                for (int n = 0; n < N; n += 4) bt->tile8(K, w + n * row, row, 4, group, M, y8 + n, N, 0);
                 t1 = now();
                 if ((t1 - t0) / M < best[5]) best[5] = (t1 - t0) / M;
             }

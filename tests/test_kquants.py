@@ -44,7 +44,7 @@ VEC_DOT = ctypes.CFUNCTYPE(None, _I, _FP, _VP, _VP)
 DEQUANTIZE = ctypes.CFUNCTYPE(None, _VP, _FP, _I)
 QUANTIZE = ctypes.CFUNCTYPE(None, _FP, _VP, _I)
 TILE = ctypes.CFUNCTYPE(None, _I, _VP, _SZ, _I, _VP, _SZ, _I, _FP, _SZ)
-TILE8 = ctypes.CFUNCTYPE(None, _I, _VP, _SZ, _I, _VP, _I, _FP, _SZ)
+TILE8 = ctypes.CFUNCTYPE(None, _I, _VP, _SZ, _I, _VP, _I, _FP, _SZ, _I)
 GROUP_ACT = ctypes.CFUNCTYPE(None, _VP, _SZ, _I, _I, _VP)
 GROUP_ROWS = 8  # blocks.h's BLOCK_GROUP_ROWS
 
@@ -122,7 +122,7 @@ class Kernels:
             rows = xq[h : h + GROUP_ROWS]
             bt.group_act(rows.ctypes.data, xq.strides[0], rows.shape[0], k, group[h // GROUP_ROWS * size :].ctypes.data)
         y = np.full((xq.shape[0], ldy), np.nan, np.float32)
-        bt.tile8(k, w.ctypes.data, w.strides[0], w.shape[0], group.ctypes.data, xq.shape[0], _fp(y), ldy)
+        bt.tile8(k, w.ctypes.data, w.strides[0], w.shape[0], group.ctypes.data, xq.shape[0], _fp(y), ldy, 1)
         return y
 
     def tile(self, t: str, w: np.ndarray, xq: np.ndarray, k: int, ldy: int) -> np.ndarray:

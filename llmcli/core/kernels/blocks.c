@@ -9,8 +9,9 @@
  * activation row (decode) the threads split the weight rows and each row is read once. Inside a
  * task a type's `tile` computes up to 4 weight rows x 4 activation rows, unpacking each weight
  * block once for all of them; for 8 rows or more the types with a `tile8` (the 32-value types on
- * every ISA, the K-quants on x86) take the activation rows 8 at a time, interleaved once per call
- * by the type's `group_act` (`tile8`: one vector lane per row).
+ * every ISA, the K-quants on x86) take the activation rows in groups of 8, interleaved once per
+ * call by the type's `group_act` (one vector lane per row), and `tile8` runs 4 weight rows x 2
+ * groups at a time.
  *
  * The 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) take the activation as 8-bit blocks: a float32
  * delta d = amax / 127, 32 int8 values round(x / d) (round half to even) and s = d * sum(q) for the
@@ -890,7 +891,7 @@ static inline int q_run16(int kind) {
  * activation vector loaded once for the NW rows, each 4 weight values broadcast once for the NG
  * groups (as kquants.c's tile8; the loads were the limit) */
 static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, const int NW, const int NG, int K, const void *w, size_t wrb,
-                                                               const q8a_group_block *group, int nx, float *y, size_t ldy) {
+                                                               const q8a_group_block *group, int nx, float *y, size_t ldy, int prefetch) {
     const int nb = K / 32;
     const size_t wb = q_block_bytes(kind);
     __m256 acc[2][4][LANES8];
@@ -904,7 +905,7 @@ static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, c
         int off = 0;
         for (int r = 0; r < NW; r++) {
             const uint8_t *blk = (const uint8_t *)w + (size_t)r * wrb + (size_t)b * wb;
-            _mm_prefetch((const char *)blk + (size_t)NW * wrb, _MM_HINT_T0); /* the next call's rows (see kquants.c) */
+            if (prefetch) _mm_prefetch((const char *)blk + (size_t)NW * wrb, _MM_HINT_T0); /* the next call's rows (BlockType.tile8) */
             _mm256_store_si256((__m256i *)wq[r], unpack_u8_avx2(kind, blk, &d[r], &m[r], &off));
         }
         __asm__ __volatile__("" : : "r"(wq) : "memory"); /* broadcasts from memory, not extracts */
@@ -987,16 +988,16 @@ static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, c
 
 /* nw weight rows x one or two groups (nx rows): 4 rows at a time where there are 4 */
 static inline __attribute__((always_inline)) void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group,
-                                                          int nx, float *y, size_t ldy) {
+                                                          int nx, float *y, size_t ldy, int prefetch) {
     if (nw == 4 && nx > BLOCK_GROUP_ROWS) {
-        q_tile8_rows(kind, 4, 2, K, w, wrb, group, nx, y, ldy);
+        q_tile8_rows(kind, 4, 2, K, w, wrb, group, nx, y, ldy, prefetch);
     } else if (nw == 4) {
-        q_tile8_rows(kind, 4, 1, K, w, wrb, group, nx, y, ldy);
-    } else {
+        q_tile8_rows(kind, 4, 1, K, w, wrb, group, nx, y, ldy, prefetch);
+    } else { /* the matrix's last rows: nothing after them to prefetch */
         for (int h = 0; BLOCK_GROUP_ROWS * h < nx; h++)
             for (int r = 0; r < nw; r++)
                 q_tile8_rows(kind, 1, 1, K, (const char *)w + (size_t)r * wrb, 0, group + (size_t)h * (K / 32), nx - BLOCK_GROUP_ROWS * h,
-                             y + (size_t)BLOCK_GROUP_ROWS * h * ldy + r, ldy);
+                             y + (size_t)BLOCK_GROUP_ROWS * h * ldy + r, ldy, 0);
     }
 }
 #endif
@@ -1062,7 +1063,8 @@ static inline void q_tile8_group(const int kind, int K, const void *w, size_t wr
 
 /* one or two consecutive groups (nx rows in all) */
 static inline void q_tile8(const int kind, int K, const void *w, size_t wrb, int nw, const q8a_group_block *group, int nx, float *y,
-                           size_t ldy) {
+                           size_t ldy, int prefetch) {
+    (void)prefetch; /* portable C has no prefetch */
     for (int h = 0; BLOCK_GROUP_ROWS * h < nx; h++)
         q_tile8_group(kind, K, w, wrb, nw, group + (size_t)h * (K / 32), nx - BLOCK_GROUP_ROWS * h < BLOCK_GROUP_ROWS ? nx - BLOCK_GROUP_ROWS * h : BLOCK_GROUP_ROWS,
                       y + (size_t)BLOCK_GROUP_ROWS * h * ldy, ldy);
@@ -1094,8 +1096,8 @@ static inline __attribute__((always_inline)) void q_tile(const int kind, int K, 
     static void tile_##name(int K, const void *w, size_t wrb, int nw, const void *xq, size_t xrb, int nx, float *y, size_t ldy) { \
         q_tile(kind, K, w, wrb, nw, xq, xrb, nx, y, ldy);                                                                        \
     }                                                                                                                            \
-    static void tile8_##name(int K, const void *w, size_t wrb, int nw, const void *group, int nx, float *y, size_t ldy) {         \
-        q_tile8(kind, K, w, wrb, nw, (const q8a_group_block *)group, nx, y, ldy);                                                \
+    static void tile8_##name(int K, const void *w, size_t wrb, int nw, const void *group, int nx, float *y, size_t ldy, int prefetch) { \
+        q_tile8(kind, K, w, wrb, nw, (const q8a_group_block *)group, nx, y, ldy, prefetch);                                      \
     }
 
 Q_KERNELS(q8_0, KIND_Q8_0)
@@ -1286,7 +1288,8 @@ static void product_task(void *ctx, int t, int worker) {
             const int nx = m1 - m < step ? m1 - m : step;
             float *yt = j->y + (size_t)m * N_ld + part->col + n;
             if (xg) {
-                b->tile8(K, wn, wrb, nw, xg + (size_t)(m / BLOCK_GROUP_ROWS) * group_bytes(b, K), nx, yt, (size_t)N_ld);
+                /* the first pass over these rows prefetches the next ones; later passes find them in cache */
+                b->tile8(K, wn, wrb, nw, xg + (size_t)(m / BLOCK_GROUP_ROWS) * group_bytes(b, K), nx, yt, (size_t)N_ld, m == m0 && n + TILE < n1);
             } else if (b->tile) {
                 b->tile(K, wn, wrb, nw, xb + (size_t)m * xrow, xrow, nx, yt, (size_t)N_ld);
             } else {

@@ -240,8 +240,10 @@ typedef struct {
     /* optional (NULL if absent), for prompts: nw (<= 4) weight rows x one or two consecutive
      * groups of BLOCK_GROUP_ROWS activation rows that group_act interleaved (nx <= 2 *
      * BLOCK_GROUP_ROWS of them stored; group 1 follows group 0's K / block blocks), every element
-     * bit-identical to vec_dot */
-    void (*tile8)(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y, size_t ldy);
+     * bit-identical to vec_dot. prefetch: this is the caller's first pass over these weight rows
+     * and its next call takes the nw rows after them, whose blocks the kernel then prefetches
+     * (their first pass comes from memory; a pass over rows already in cache gains nothing). */
+    void (*tile8)(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y, size_t ldy, int prefetch);
     /* nx (<= BLOCK_GROUP_ROWS) quantized activation rows, xq_row_bytes apart -> one group of
      * K / block blocks of group_bytes each (the missing rows zero) */
     void (*group_act)(const void *xq, size_t xq_row_bytes, int nx, int K, void *group);

@@ -1398,9 +1398,10 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
 #endif
 
 /* The same super-block of the weight rows the driver's next call takes (rows are contiguous, NW at
- * a time): a batch of 16 rows uses each weight byte once, and the hardware prefetcher alone kept
- * tile8 at 2.8 GB/s a thread from memory (Q4_K 78 GMAC/s against 120 from cache). Prefetches past
- * the matrix are dropped, never faults. */
+ * a time), on the driver's first pass over these rows (tile8's prefetch): a batch of 16 rows uses
+ * each weight byte once, and the hardware prefetcher alone kept tile8 at 2.8 GB/s a thread from
+ * memory (Q4_K 78 GMAC/s against 120 from cache); on rows already in cache the prefetches cost
+ * 5-15%. Prefetches past the matrix are dropped, never faults. */
 #define KQ_T8_PREFETCH(block, ahead)                                                                                \
     do {                                                                                                            \
         const char *p_ = (const char *)(block) + (ahead);                                                           \
@@ -1409,7 +1410,7 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
 
 #define KQ_TILE8(t, has_min, DMIN, GS, QMAX)                                                                            \
     KQ_INLINE void tile8_##t##_rows(int K, const void *w, size_t w_row_bytes, const int NW, const int NG,           \
-                                    const kq_group_block *gb, int nx, float *y, size_t ldy) {                       \
+                                    const kq_group_block *gb, int nx, float *y, size_t ldy, int prefetch) {         \
         const int nb = K / QK_K;                                                                                    \
         __m256 accf[2][4][8];                                                                                       \
         for (int h = 0; h < NG; h++)                                                                                \
@@ -1421,7 +1422,7 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
             const block_##t *bb[4];                                                                                 \
             for (int r = 0; r < NW; r++) {                                                                          \
                 bb[r] = (const block_##t *)((const char *)w + r * w_row_bytes) + i;                                 \
-                KQ_T8_PREFETCH(bb[r], NW * w_row_bytes);                                                            \
+                if (prefetch) KQ_T8_PREFETCH(bb[r], NW * w_row_bytes);                                              \
                 unpack8_##t(bb[r], &un[r]);                                                                         \
             }                                                                                                       \
             /* the broadcasts below then load from memory, not extract from the stored registers */                 \
@@ -1492,17 +1493,17 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
             }                                                                                                       \
     }                                                                                                               \
     static void tile8_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y,    \
-                          size_t ldy) {                                                                             \
+                          size_t ldy, int prefetch) {                                                               \
         const kq_group_block *gb = (const kq_group_block *)group;                                                   \
         if (nw == 4 && nx > BLOCK_GROUP_ROWS) {                                                                     \
-            tile8_##t##_rows(K, w, w_row_bytes, 4, 2, gb, nx, y, ldy);                                              \
+            tile8_##t##_rows(K, w, w_row_bytes, 4, 2, gb, nx, y, ldy, prefetch);                                    \
         } else if (nw == 4) {                                                                                       \
-            tile8_##t##_rows(K, w, w_row_bytes, 4, 1, gb, nx, y, ldy);                                              \
-        } else {                                                                                                    \
+            tile8_##t##_rows(K, w, w_row_bytes, 4, 1, gb, nx, y, ldy, prefetch);                                    \
+        } else { /* the matrix's last rows: nothing after them to prefetch */                                       \
             for (int h = 0; BLOCK_GROUP_ROWS * h < nx; h++)                                                         \
                 for (int r = 0; r < nw; r++)                                                                        \
                     tile8_##t##_rows(K, (const char *)w + r * w_row_bytes, 0, 1, 1, gb + h * (K / QK_K),            \
-                                     nx - BLOCK_GROUP_ROWS * h, y + BLOCK_GROUP_ROWS * h * ldy + r, ldy);           \
+                                     nx - BLOCK_GROUP_ROWS * h, y + BLOCK_GROUP_ROWS * h * ldy + r, ldy, 0);        \
         }                                                                                                           \
     }
 
