@@ -909,10 +909,10 @@ static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, c
             _mm256_store_si256((__m256i *)wq[r], unpack_u8_avx2(kind, blk, &d[r], &m[r], &off));
         }
         __asm__ __volatile__("" : : "r"(wq) : "memory"); /* broadcasts from memory, not extracts */
-        __m256i is[2][4];
-#if defined(Q_VNNI)
+        /* is: the exact int32 sums; p (without VNNI): int16 sums of maddubs steps, q_run16 at a time */
+        __m256i is[2][4], p[2][4];
         for (int h = 0; h < NG; h++)
-            for (int r = 0; r < NW; r++) is[h][r] = _mm256_setzero_si256();
+            for (int r = 0; r < NW; r++) is[h][r] = p[h][r] = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int k = 0; k < 8; k++) {
             __m256i a[2];
@@ -923,45 +923,28 @@ static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, c
             for (int r = 0; r < NW; r++) {
                 const __m256i wk = _mm256_set1_epi32(wq[r][k]);
                 for (int h = 0; h < NG; h++) {
+#if defined(Q_VNNI)
                     is[h][r] = dpbusd_avx2(is[h][r], wk, a[h]);
                     BLOCK_PIN(is[h][r]);
-                }
-            }
-        }
 #else
-        const int run = q_run16(kind);
-        const __m256i ones = _mm256_set1_epi16(1);
-        for (int h = 0; h < NG; h++)
-            for (int r = 0; r < NW; r++) is[h][r] = _mm256_setzero_si256();
-        __m256i p[2][4];
-        for (int h = 0; h < NG; h++)
-            for (int r = 0; r < NW; r++) p[h][r] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-        for (int k = 0; k < 8; k++) {
-            __m256i a[2];
-            for (int h = 0; h < NG; h++) {
-                a[h] = _mm256_loadu_si256((const __m256i *)g[h]->qs[k]);
-                BLOCK_PIN(a[h]);
-            }
-            for (int r = 0; r < NW; r++) {
-                const __m256i wk = _mm256_set1_epi32(wq[r][k]);
-                for (int h = 0; h < NG; h++) {
                     if (kind == KIND_Q8_0 && off < 0) { /* signed . signed: |w| and x with w's sign */
                         is[h][r] = dpbusd_avx2(is[h][r], _mm256_sign_epi8(wk, wk), _mm256_sign_epi8(a[h], wk));
                     } else {
                         p[h][r] = _mm256_add_epi16(p[h][r], _mm256_maddubs_epi16(wk, a[h]));
                         BLOCK_PIN(p[h][r]); /* else GCC does every maddubs first and spills them */
                     }
+#endif
                 }
             }
-            if (!(kind == KIND_Q8_0 && off < 0) && (k + 1) % run == 0)
+#if !defined(Q_VNNI)
+            if (!(kind == KIND_Q8_0 && off < 0) && (k + 1) % q_run16(kind) == 0)
                 for (int h = 0; h < NG; h++)
                     for (int r = 0; r < NW; r++) {
-                        is[h][r] = _mm256_add_epi32(is[h][r], _mm256_madd_epi16(p[h][r], ones));
+                        is[h][r] = _mm256_add_epi32(is[h][r], _mm256_madd_epi16(p[h][r], _mm256_set1_epi16(1)));
                         p[h][r] = _mm256_setzero_si256();
                     }
-        }
 #endif
+        }
         const int j = b % LANES8;
         for (int h = 0; h < NG; h++) {
             const __m256 gd = _mm256_loadu_ps(g[h]->d);
