@@ -69,7 +69,7 @@ int main(int argc, char **argv) {
             }
         uint8_t *xq = malloc(xrow * M);
         for (int m = 0; m < M; m++) bt->quantize_act(x + (size_t)m * K, xq + m * xrow, K);
-        const size_t gsize = (size_t)K / QK_K * bt->group_bytes;
+        const size_t gsize = (size_t)K / QK_K * bt->group_block_bytes;
         char *group = bt->group_act ? malloc(2 * gsize) : NULL;
         if (group)
             for (int h = 0; h < 2; h++) bt->group_act(xq + (size_t)8 * h * xrow, xrow, 8, K, group + h * gsize);

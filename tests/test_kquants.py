@@ -62,7 +62,7 @@ class BlockType(ctypes.Structure):
         ("tile", TILE),
         ("tile8", TILE8),
         ("group_act", GROUP_ACT),
-        ("group_bytes", _SZ),
+        ("group_block_bytes", _SZ),
     ]
 
 
@@ -116,7 +116,7 @@ class Kernels:
         """xq's rows (at most 16) in groups of 8 interleaved by group_act, one after the other, against
         w's rows (at most 4)"""
         bt = self.types[t]
-        size = k // QK_K * bt.group_bytes
+        size = k // QK_K * bt.group_block_bytes
         group = np.zeros(2 * size, np.uint8)
         for h in range(0, xq.shape[0], GROUP_ROWS):
             rows = xq[h : h + GROUP_ROWS]

@@ -757,7 +757,7 @@ static inline __m256i unpack_u8_avx2(int kind, const uint8_t *blk, float *d, flo
         const block_q8_0 *w = (const block_q8_0 *)blk;
         *d = H2F(w->d);
         const __m256i q = _mm256_loadu_si256((const __m256i *)w->qs);
-#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+#if defined(BLOCK_VNNI) /* the products of q + 128 need dpbusd: maddubs would saturate */
         *off = 128;
         return _mm256_xor_si256(q, _mm256_set1_epi8((char)0x80));
 #else
@@ -853,8 +853,7 @@ typedef struct {
 } q8a_group_block; /* one block of a group */
 _Static_assert(sizeof(q8a_group_block) == 352, "q8a_group_block layout");
 
-/* rows m0 .. m0+nx-1 (nx <= 8; the missing rows zero) of the q8a rows -> one group */
-/* BlockType.group_act of the 32-value types */
+/* BlockType.group_act of the 32-value types: nx (<= 8) q8a rows -> one group (the missing rows zero) */
 static void q8a_group(const void *xqv, size_t xrow, int nx, int K, void *groupv) {
     const char *xq = (const char *)xqv;
     q8a_group_block *group = (q8a_group_block *)groupv;
@@ -877,14 +876,10 @@ static void q8a_group(const void *xqv, size_t xrow, int nx, int K, void *groupv)
 }
 
 #if defined(USE_AVX2)
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
-#define Q_VNNI 1
-#endif
-
-/* Without VNNI: how many maddubs steps' int16 pair sums (at most 2 * qmax * 127 each) can be added
- * before one could overflow: Q4_0 / Q4_1 (quants <= 15) a whole block, Q5_0 / Q5_1 (<= 31) half */
-static inline int q_run16(int kind) {
-    return kind == KIND_Q4_0 || kind == KIND_Q4_1 ? 8 : kind == KIND_Q5_0 || kind == KIND_Q5_1 ? 4 : 1;
+/* Without VNNI: maddubs steps summed in int16 (BLOCK_INT16_STEPS of the 8 steps of a block): Q4_0
+ * / Q4_1 (unpacked quants <= 15) a whole block, Q5_0 / Q5_1 (<= 31) half; Q8_0 takes dpbusd */
+static inline int q_int16_steps(int kind) {
+    return kind == KIND_Q4_0 || kind == KIND_Q4_1 ? BLOCK_INT16_STEPS(15, 8) : BLOCK_INT16_STEPS(31, 8);
 }
 
 /* NW weight rows x NG consecutive groups of 8 activation rows (nx rows stored in all): each
@@ -909,7 +904,7 @@ static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, c
             _mm256_store_si256((__m256i *)wq[r], unpack_u8_avx2(kind, blk, &d[r], &m[r], &off));
         }
         __asm__ __volatile__("" : : "r"(wq) : "memory"); /* broadcasts from memory, not extracts */
-        /* is: the exact int32 sums; p (without VNNI): int16 sums of maddubs steps, q_run16 at a time */
+        /* is: the exact int32 sums; p (without VNNI): int16 sums of maddubs steps, q_int16_steps at a time */
         __m256i is[2][4], p[2][4];
         for (int h = 0; h < NG; h++)
             for (int r = 0; r < NW; r++) is[h][r] = p[h][r] = _mm256_setzero_si256();
@@ -923,7 +918,7 @@ static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, c
             for (int r = 0; r < NW; r++) {
                 const __m256i wk = _mm256_set1_epi32(wq[r][k]);
                 for (int h = 0; h < NG; h++) {
-#if defined(Q_VNNI)
+#if defined(BLOCK_VNNI)
                     is[h][r] = dpbusd_avx2(is[h][r], wk, a[h]);
                     BLOCK_PIN(is[h][r]);
 #else
@@ -936,8 +931,8 @@ static inline __attribute__((always_inline)) void q_tile8_rows(const int kind, c
 #endif
                 }
             }
-#if !defined(Q_VNNI)
-            if (!(kind == KIND_Q8_0 && off < 0) && (k + 1) % q_run16(kind) == 0)
+#if !defined(BLOCK_VNNI)
+            if (!(kind == KIND_Q8_0 && off < 0) && (k + 1) % q_int16_steps(kind) == 0)
                 for (int h = 0; h < NG; h++)
                     for (int r = 0; r < NW; r++) {
                         is[h][r] = _mm256_add_epi32(is[h][r], _mm256_madd_epi16(p[h][r], _mm256_set1_epi16(1)));
@@ -1201,7 +1196,7 @@ static size_t row_bytes(const BlockType *bt, int K) {
 }
 
 /* bytes of one group of BLOCK_GROUP_ROWS activation rows of K values (types with group_act) */
-static size_t group_bytes(const BlockType *bt, int K) { return (size_t)(K / bt->block) * bt->group_bytes; }
+static size_t group_bytes(const BlockType *bt, int K) { return (size_t)(K / bt->block) * bt->group_block_bytes; }
 
 /* ------------------------------------------------------------------ the driver */
 

@@ -26,6 +26,15 @@
 #if defined(__AVX2__) && !defined(LLMCLI_PORTABLE)
 #include <immintrin.h>
 
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define BLOCK_VNNI 1 /* dpbusd on ymm registers */
+#endif
+
+/* Without VNNI: of maddubs steps whose int16 pair sums are at most 2 * qmax * 127 each, how many
+ * can be added in int16 before a sum could overflow (at most max_steps) */
+#define BLOCK_INT16_STEPS(qmax, max_steps) \
+    (32767 / (2 * (qmax) * 127) < (max_steps) ? 32767 / (2 * (qmax) * 127) : (max_steps))
+
 /* acc + unsigned bytes a . signed bytes b: lane j adds the sum over bytes 4j..4j+3 (exact: without
  * VNNI the byte pairs' sums must stay below 2^15, which the callers' value ranges guarantee) */
 static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
@@ -245,9 +254,9 @@ typedef struct {
      * (their first pass comes from memory; a pass over rows already in cache gains nothing). */
     void (*tile8)(int K, const void *w, size_t w_row_bytes, int nw, const void *group, int nx, float *y, size_t ldy, int prefetch);
     /* nx (<= BLOCK_GROUP_ROWS) quantized activation rows, xq_row_bytes apart -> one group of
-     * K / block blocks of group_bytes each (the missing rows zero) */
+     * K / block blocks of group_block_bytes each (the missing rows zero) */
     void (*group_act)(const void *xq, size_t xq_row_bytes, int nx, int K, void *group);
-    size_t group_bytes;
+    size_t group_block_bytes;
 } BlockType;
 
 /* activation rows per group of tile8 */

@@ -869,13 +869,12 @@ KQ_INLINE __m256i scale_pair16(const kq_scales16 *s, int r) {
     return _mm256_shuffle_epi8(r < 4 ? s->lo : s->hi, idx);
 }
 
-
 /* acc[c] += scales16 . maddubs(q, a_c) for the 32 activation bytes at offset off of each row */
 #define KQ_ACC(q, s16, off)                                                                                         \
     for (int c = 0; c < NX; c++) {                                                                                  \
         const __m256i a_ = _mm256_loadu_si256((const __m256i *)(xs[c]->qs + (off)));                                \
         acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16((s16), _mm256_maddubs_epi16((q), a_)));                 \
-        BLOCK_PIN(acc[c]);                                                                                             \
+        BLOCK_PIN(acc[c]);                                                                                          \
     }
 
 /* Each sb_<t> sets, for one weight super-block and NX activation blocks, acc[c] (the 8 isum
@@ -1140,28 +1139,25 @@ KQ_INLINE __m128i kq_row_sums4(const __m256i *v) {
             const block_##t *row = (const block_##t *)((const char *)w + r * w_row_bytes);                          \
             __m128 accf[8];                                                                                         \
             for (int j = 0; j < 8; j++) accf[j] = _mm_setzero_ps();                                                 \
-            for (int i0 = 0; i0 < nb; i0 += 8) {                                                                    \
-                for (int j = 0; j < 8; j++) {                                               \
-                    const int i = i0 + j;                                                                           \
-                    if (i >= nb) break;                                                                             \
-                    const block_q8_K *xs[4];                                                                        \
-                    for (int c = 0; c < NX; c++) xs[c] = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i; \
-                    /* lane c = row c's scale (built in registers: a vector load of 4 scalar stores stalls) */      \
-                    __m128 vdx = _mm_load_ss(&xs[0]->d);                                                            \
-                    if (NX > 1) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 1 ? 1 : 0]->d), 0x10);                \
-                    if (NX > 2) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 2 ? 2 : 0]->d), 0x20);                \
-                    if (NX > 3) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 3 ? 3 : 0]->d), 0x30);                \
-                    const block_##t *bb = row + i;                                                                  \
-                    __m256i acc[4], m[4];                                                                           \
-                    sb_##t(bb, xs, NX, acc, m);                                                                     \
-                    for (int c = NX; c < 4; c++) acc[c] = m[c] = _mm256_setzero_si256();                            \
-                    const __m128i isum = kq_row_sums4(acc), msum = has_min ? kq_row_sums4(m) : isum;               \
-                    const __m128 dd = _mm_mul_ps(_mm_set1_ps(kq_half(bb->d)), vdx);                                 \
-                    accf[j] = _mm_add_ps(accf[j], _mm_mul_ps(dd, _mm_cvtepi32_ps(isum)));                           \
-                    if (has_min) {                                                                                  \
-                        const __m128 dm = _mm_mul_ps(_mm_set1_ps(kq_half(DMIN)), vdx);                              \
-                        accf[j] = _mm_sub_ps(accf[j], _mm_mul_ps(dm, _mm_cvtepi32_ps(msum)));                       \
-                    }                                                                                               \
+            for (int i = 0; i < nb; i++) { /* super-block i into accumulator i % 8 */                               \
+                const int j = i % 8;                                                                                \
+                const block_q8_K *xs[4];                                                                            \
+                for (int c = 0; c < NX; c++) xs[c] = (const block_q8_K *)((const char *)xq + c * xq_row_bytes) + i; \
+                /* lane c = row c's scale (built in registers: a vector load of 4 scalar stores stalls) */          \
+                __m128 vdx = _mm_load_ss(&xs[0]->d);                                                                \
+                if (NX > 1) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 1 ? 1 : 0]->d), 0x10);                    \
+                if (NX > 2) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 2 ? 2 : 0]->d), 0x20);                    \
+                if (NX > 3) vdx = _mm_insert_ps(vdx, _mm_load_ss(&xs[NX > 3 ? 3 : 0]->d), 0x30);                    \
+                const block_##t *bb = row + i;                                                                      \
+                __m256i acc[4], m[4];                                                                               \
+                sb_##t(bb, xs, NX, acc, m);                                                                         \
+                for (int c = NX; c < 4; c++) acc[c] = m[c] = _mm256_setzero_si256();                                \
+                const __m128i isum = kq_row_sums4(acc), msum = has_min ? kq_row_sums4(m) : isum;                    \
+                const __m128 dd = _mm_mul_ps(_mm_set1_ps(kq_half(bb->d)), vdx);                                     \
+                accf[j] = _mm_add_ps(accf[j], _mm_mul_ps(dd, _mm_cvtepi32_ps(isum)));                               \
+                if (has_min) {                                                                                      \
+                    const __m128 dm = _mm_mul_ps(_mm_set1_ps(kq_half(DMIN)), vdx);                                  \
+                    accf[j] = _mm_sub_ps(accf[j], _mm_mul_ps(dm, _mm_cvtepi32_ps(msum)));                           \
                 }                                                                                                   \
             }                                                                                                       \
             float out[4];                                                                                           \
@@ -1169,48 +1165,46 @@ KQ_INLINE __m128i kq_row_sums4(const __m256i *v) {
             for (int c = 0; c < NX; c++) y[c * ldy + r] = out[c];                                                   \
         }                                                                                                           \
     }                                                                                                               \
-    /* Decode, one activation row: 8 super-blocks at a time, whose integers (lane j = super-block   \
-     * i0 + j, so accumulator j) then take the float steps as one vector, as the 32-value types do */ \
+    /* Decode, one activation row: 8 super-blocks at a time, whose integers (lane j = super-block          \
+     * i0 + j, so accumulator j) then take the float steps as one vector, as the 32-value types do */     \
     __attribute__((noinline)) static void vec_dot_##t(int K, float *y, const void *w, const void *xq) {             \
         const int nb = K / QK_K;                                                                                    \
-        {                                                                                                           \
-            const block_##t *row = (const block_##t *)w;                                                            \
-            __m256 accf = _mm256_setzero_ps();                                                                      \
-            for (int i0 = 0; i0 < nb; i0 += 8) {                                                                    \
-                __m256i ia[8], ma[8];                                                                               \
-                float dd[8], dm[8];                                                                                 \
-                _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {                                               \
-                    const int i = i0 + j;                                                                           \
-                    if (i >= nb) { /* no super-block: 0 * 0 leaves the accumulator as it is */                      \
-                        ia[j] = ma[j] = _mm256_setzero_si256();                                                     \
-                        dd[j] = dm[j] = 0.f;                                                                        \
-                        continue;                                                                                   \
-                    }                                                                                               \
-                    const block_q8_K *xs[1] = {(const block_q8_K *)xq + i};                                         \
-                    const block_##t *bb = row + i;                                                                  \
-                    __m256i m[1];                                                                                   \
-                    sb_##t(bb, xs, 1, &ia[j], m);                                                                   \
-                    ma[j] = has_min ? m[0] : _mm256_setzero_si256();                                                \
-                    dd[j] = kq_half(bb->d) * xs[0]->d;                                                              \
-                    dm[j] = has_min ? kq_half(DMIN) * xs[0]->d : 0.f;                                               \
+        const block_##t *row = (const block_##t *)w;                                                                \
+        __m256 accf = _mm256_setzero_ps();                                                                          \
+        for (int i0 = 0; i0 < nb; i0 += 8) {                                                                        \
+            __m256i ia[8], ma[8];                                                                                   \
+            float dd[8], dm[8];                                                                                     \
+            _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {                                                   \
+                const int i = i0 + j;                                                                               \
+                if (i >= nb) { /* no super-block: 0 * 0 leaves the accumulator as it is */                          \
+                    ia[j] = ma[j] = _mm256_setzero_si256();                                                         \
+                    dd[j] = dm[j] = 0.f;                                                                            \
+                    continue;                                                                                       \
                 }                                                                                                   \
-                const __m256 vdd = _mm256_setr_ps(dd[0], dd[1], dd[2], dd[3], dd[4], dd[5], dd[6], dd[7]);          \
-                accf = _mm256_add_ps(accf, _mm256_mul_ps(vdd, _mm256_cvtepi32_ps(reduce8_epi32(ia))));              \
-                if (has_min) {                                                                                      \
-                    const __m256 vdm = _mm256_setr_ps(dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7]);      \
-                    accf = _mm256_sub_ps(accf, _mm256_mul_ps(vdm, _mm256_cvtepi32_ps(reduce8_epi32(ma))));          \
-                }                                                                                                   \
+                const block_q8_K *xs[1] = {(const block_q8_K *)xq + i};                                             \
+                const block_##t *bb = row + i;                                                                      \
+                __m256i m[1];                                                                                       \
+                sb_##t(bb, xs, 1, &ia[j], m);                                                                       \
+                ma[j] = has_min ? m[0] : _mm256_setzero_si256();                                                    \
+                dd[j] = kq_half(bb->d) * xs[0]->d;                                                                  \
+                dm[j] = has_min ? kq_half(DMIN) * xs[0]->d : 0.f;                                                   \
             }                                                                                                       \
-            float a[8];                                                                                             \
-            _mm256_storeu_ps(a, accf);                                                                              \
-            *y = kq_hsum8(a);                                                                                       \
+            const __m256 vdd = _mm256_setr_ps(dd[0], dd[1], dd[2], dd[3], dd[4], dd[5], dd[6], dd[7]);              \
+            accf = _mm256_add_ps(accf, _mm256_mul_ps(vdd, _mm256_cvtepi32_ps(reduce8_epi32(ia))));                  \
+            if (has_min) {                                                                                          \
+                const __m256 vdm = _mm256_setr_ps(dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7]);          \
+                accf = _mm256_sub_ps(accf, _mm256_mul_ps(vdm, _mm256_cvtepi32_ps(reduce8_epi32(ma))));              \
+            }                                                                                                       \
         }                                                                                                           \
+        float a[8];                                                                                                 \
+        _mm256_storeu_ps(a, accf);                                                                                  \
+        *y = kq_hsum8(a);                                                                                           \
     }                                                                                                               \
     static void tile_##t(int K, const void *w, size_t w_row_bytes, int nw, const void *xq, size_t xq_row_bytes,     \
                          int nx, float *y, size_t ldy) {                                                            \
         switch (nx) {                                                                                               \
-        case 1: /* one call per weight row: inlined into a loop over rows, Q3_K ran at half speed */              \
-            for (int r = 0; r < nw; r++) vec_dot_##t(K, y + r, (const char *)w + r * w_row_bytes, xq);               \
+        case 1: /* one call per weight row: inlined into a loop over rows, Q3_K ran at half speed */                \
+            for (int r = 0; r < nw; r++) vec_dot_##t(K, y + r, (const char *)w + r * w_row_bytes, xq);              \
             break;                                                                                                  \
         case 2: tile_##t##_rows(K, w, w_row_bytes, nw, xq, xq_row_bytes, 2, y, ldy); break;                         \
         case 3: tile_##t##_rows(K, w, w_row_bytes, nw, xq, xq_row_bytes, 3, y, ldy); break;                         \
@@ -1376,20 +1370,15 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
 #define KQ_T8_PARTS 1
 #endif
 
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
-#define KQ_VNNI 1
-#endif
-
 /* NW weight rows x NG consecutive groups (8 activation rows each, lane c = row c): each activation
  * vector is loaded once for the NW rows, each 4 quants of a weight row broadcast once for the
  * NG groups. GS: values per scale (32 for Q4_K and Q5_K, whose two 16-value groups share one,
  * else 16); QMAX: the largest stored quant. With VNNI a scale group's sums run in int32 (dpbusd)
  * and the scale multiplies them once; without, maddubs' int16 pair sums (at most 2 * QMAX * 127)
- * are added in int16 while they cannot overflow (KQ_RUN16 steps: 8 for Q4_K, 2 for Q6_K) and madd
+ * are added in int16 while they cannot overflow (BLOCK_INT16_STEPS: 8 for Q4_K, 2 for Q6_K) and madd
  * applies the scale, which saves AVX2 the widening madd of each step and the 32-bit multiply.
  * The integers are the same either way. */
-#define KQ_RUN16(GS, QMAX) (32767 / (2 * (QMAX) * 127) < (GS) / 4 ? 32767 / (2 * (QMAX) * 127) : (GS) / 4)
-#if defined(KQ_VNNI)
+#if defined(BLOCK_VNNI)
 #define KQ_T8_INT32 1
 #define KQ_T8_STEP(acc, w, a) dpbusd_avx2((acc), (w), (a))
 #else
@@ -1441,7 +1430,7 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
                         __m256i a[2];                                                                               \
                         for (int h = 0; h < NG; h++) {                                                              \
                             a[h] = _mm256_loadu_si256((const __m256i *)g[h]->qs[e]);                                \
-                            BLOCK_PIN(a[h]); /* one load for the NW rows, not a memory operand of each step */         \
+                            BLOCK_PIN(a[h]); /* one load for the NW rows, not a memory operand of each step */      \
                         }                                                                                           \
                         _Pragma("GCC unroll 4") for (int r = 0; r < NW; r++) {                                      \
                             int32_t q;                                                                              \
@@ -1453,7 +1442,7 @@ KQ_INLINE __m256i kq_bsums_dot(const kq_group_block *g, __m256i v) {
                             }                                                                                       \
                         }                                                                                           \
                     }                                                                                               \
-                    if (!KQ_T8_INT32 && (k + 1) % KQ_RUN16(GS, QMAX) == 0) /* the int16 sums, scaled, into isum */ \
+                    if (!KQ_T8_INT32 && (k + 1) % BLOCK_INT16_STEPS(QMAX, (GS) / 4) == 0) /* the int16 sums, scaled, into isum */ \
                         for (int h = 0; h < NG; h++)                                                                \
                             for (int r = 0; r < NW; r++)                                                            \
                                 for (int s = 0; s < KQ_T8_PARTS; s++) {                                             \
@@ -1518,7 +1507,7 @@ KQ_TILE8(q6_K, false, bb[r]->d, 16, 63)
 /* ================================================================== the BlockTypes */
 
 #if defined(KQ_AVX2)
-#define KQ_PROMPT_KERNELS(t) .tile8 = tile8_##t, .group_act = group_q8_K, .group_bytes = sizeof(kq_group_block),
+#define KQ_PROMPT_KERNELS(t) .tile8 = tile8_##t, .group_act = group_q8_K, .group_block_bytes = sizeof(kq_group_block),
 #else
 #define KQ_PROMPT_KERNELS(t)
 #endif
