@@ -174,6 +174,35 @@ def test_attn_decode_equals_sdpa_with_ragged_rows(kernels, window):
         torch.testing.assert_close(out[b].view(nq, D), expected[:, 0], atol=1e-5, rtol=1e-5)
 
 
+def test_attn_rope_tokens_equals_torch_rope_then_attn_tokens(kernels):
+    """A packed step's fused call (attention.c's attn_rope_tokens_f32: rope, cache write, attention)
+    against torch's rope, the cache written by indexing and attn_tokens_f32: the same bits. Tokens
+    of two rows, a 3-token prompt chunk beside a decode token, q/k heads read through a token
+    stride (a view of the fused projection's output), a windowed layer."""
+    nq, nk, D, cap, window = 4, 2, 8, 24, 6
+    rows, pos = torch.tensor([0, 2, 2, 2]), torch.tensor([9, 4, 5, 6])
+    qkv = rand(4, nq + 2 * nk, D, seed=11)  # (N, heads, D)
+    qk, v = qkv[:, : nq + nk], qkv[:, nq + nk :]
+    angles = pos[:, None].float() * (1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))[None]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)  # (N, D)
+    fused_k, fused_v = rand(3, nk, cap, D, seed=12), rand(3, nk, cap, D, seed=13)
+    torch_k, torch_v = fused_k.clone(), fused_v.clone()
+    sb, sh, ss, _ = fused_k.stride()
+    fused = torch.empty(4, nq, D)
+    status = kernels.attn_rope_tokens_f32(
+        qk.data_ptr(), qk.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(), rows.data_ptr(), pos.data_ptr(),
+        fused_k.data_ptr(), fused_v.data_ptr(), sb, sh, ss, 4, nq, nk, D, window, 0.0, fused.data_ptr(),
+    )  # fmt: skip
+    assert status == 0
+    roped = _rope(qk, cos[:, None], sin[:, None])
+    torch_k[rows, :, pos], torch_v[rows, :, pos] = roped[:, nq:], v
+    q = roped[:, :nq].contiguous()
+    expected = torch.empty(4, nq, D)
+    kernels.attn_tokens_f32(q.data_ptr(), rows.data_ptr(), pos.data_ptr(), torch_k.data_ptr(), torch_v.data_ptr(), sb, sh, ss, 4, nq, nk, D, window, 0.0, expected.data_ptr())
+    assert torch.equal(fused_k, torch_k) and torch.equal(fused_v, torch_v)
+    assert torch.equal(fused, expected)
+
+
 # ---------------------------------------------------------------- whole models
 
 

@@ -245,3 +245,35 @@ def test_kv_cache_memory_is_resident_only_where_written():
     pages = 30 * 16 * 3 * 4  # one 4 KiB page per (layer, row, head)
     assert allocated < capacity // 50, (allocated, capacity)
     assert written < 2 * pages + capacity // 50, (written, pages, capacity)
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_cache_rows_come_without_a_copy_and_finished_rows_give_their_pages_back():
+    """A mapped cache has every row from the start (resident only where written), so admitting
+    rows copies nothing (the tensors stay where they are), and trimming to fewer rows releases the
+    pages of the rows above while the rows below keep their keys and values."""
+    cache = KVCache(num_layers=8, batch_size=16, num_kv_heads=2, head_dim=64, max_len=1024, initial_len=256, initial_rows=1)
+    assert cache.lazy and cache.rows == 1
+    where = [t.data_ptr() for t in (*cache.k, *cache.v)]
+    cache.reserve(200, 16)
+    assert cache.rows == 16 and cache.capacity == 256
+    assert [t.data_ptr() for t in (*cache.k, *cache.v)] == where  # no reallocation, no copy
+    before = _rss_kib()
+    for t in (*cache.k, *cache.v):
+        t[:, :, :200] = torch.arange(16, dtype=torch.float32)[:, None, None, None] + 1  # row r holds r + 1
+    written = _rss_kib() - before
+    expected = 16 * 16 * 2 * 200 * 64 * 4 // 1024  # 16 tensors x 16 rows x 2 heads x 200 positions x 64 floats
+    assert written > 0.9 * expected, (written, expected)
+    assert not cache.trim(200, 3)  # 3 rows still run: the pages of rows 3..15 go, no copy (the positions still fit)
+    released = before + written - _rss_kib()
+    assert released > 0.9 * expected * 13 / 16, (released, expected)
+    assert cache.rows == 3 and [t.data_ptr() for t in (*cache.k, *cache.v)] == where
+    for t in (*cache.k, *cache.v):
+        assert torch.equal(t[:3, :, :200], torch.arange(1, 4, dtype=torch.float32)[:, None, None, None].expand(3, 2, 200, 64))
+        assert float(t[3:].abs().sum()) == 0.0  # released pages read as zeros again
+    # half the rows still running keeps them all: rows that come and go often do not fault their pages in anew
+    assert not cache.trim(200, 2) and cache.rows == 3

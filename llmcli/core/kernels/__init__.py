@@ -126,6 +126,9 @@ class Kernels:
         self.attn_tokens_f32 = lib.attn_tokens_f32  # attention.c: one fixed order per query row
         self.attn_tokens_f32.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, ctypes.c_float, vp]
         self.attn_tokens_f32.restype = i  # 0, or -1: no memory for a thread's scratch
+        self.attn_rope_tokens_f32 = lib.attn_rope_tokens_f32  # rope, cache write and attn_tokens_f32 of a packed step's tokens
+        self.attn_rope_tokens_f32.argtypes = [vp, i64, vp, i64, vp, vp, vp, vp, vp, vp, i64, i64, i64, i, i, i, i, i, ctypes.c_float, vp]
+        self.attn_rope_tokens_f32.restype = i  # 0, or -1: no memory for a thread's scratch
         self.decode_blocks_f32 = lib.decode_blocks_f32
         self.decode_blocks_f32.argtypes = [
             ctypes.POINTER(BlockDesc), i, vp, i, i, ctypes.c_float, i, i, i, i, vp, vp, vp, vp, vp, i64, i64, i64

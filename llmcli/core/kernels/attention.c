@@ -217,21 +217,28 @@ static void rope_head(const float *x, const float *cos, const float *sin, int D,
     for (int i = half; i < D; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
 }
 
-int attn_decode_f32(const float *qkv, const float *cos, const float *sin, const int64_t *pos, float *kc, float *vc, int64_t sb, int64_t sh, int64_t ss,
-                    int B, int nq, int nk, int D, int window, float *out) {
-    int heads = nq + 2 * nk;
-    float *q = (float *)malloc(sizeof(float) * ((size_t)B * nq * D + 1));
+int attn_rope_tokens_f32(const float *qk, int64_t qk_stride, const float *v, int64_t v_stride, const float *cos, const float *sin, const int64_t *row,
+                         const int64_t *pos, float *kc, float *vc, int64_t sb, int64_t sh, int64_t ss, int N, int nq, int nk, int D, int window, float scale,
+                         float *out) {
+    float *q = (float *)malloc(sizeof(float) * ((size_t)N * nq * D + 1));
     if (q == NULL) return -1;
-    for (int b = 0; b < B; b++) {
-        const float *x = qkv + (size_t)b * heads * D;
-        const float *cb = cos + (size_t)b * D, *sn = sin + (size_t)b * D;
-        for (int h = 0; h < nq; h++) rope_head(x + (size_t)h * D, cb, sn, D, q + ((size_t)b * nq + h) * D);
+    for (int t = 0; t < N; t++) {
+        const float *x = qk + t * qk_stride, *vt = v + t * v_stride;
+        const float *cb = cos + (size_t)t * D, *sn = sin + (size_t)t * D;
+        int64_t at = (row ? row[t] : t) * sb + pos[t] * ss;
+        for (int h = 0; h < nq; h++) rope_head(x + (size_t)h * D, cb, sn, D, q + ((size_t)t * nq + h) * D);
         for (int h = 0; h < nk; h++) {
-            rope_head(x + (size_t)(nq + h) * D, cb, sn, D, kc + b * sb + h * sh + pos[b] * ss);
-            memcpy(vc + b * sb + h * sh + pos[b] * ss, x + (size_t)(nq + nk + h) * D, sizeof(float) * (size_t)D);
+            rope_head(x + (size_t)(nq + h) * D, cb, sn, D, kc + at + h * sh);
+            memcpy(vc + at + h * sh, vt + (size_t)h * D, sizeof(float) * (size_t)D);
         }
     }
-    int status = attn_tokens_f32(q, NULL, pos, kc, vc, sb, sh, ss, B, nq, nk, D, window, 0.0f, out);
+    int status = attn_tokens_f32(q, row, pos, kc, vc, sb, sh, ss, N, nq, nk, D, window, scale, out);
     free(q);
     return status;
+}
+
+int attn_decode_f32(const float *qkv, const float *cos, const float *sin, const int64_t *pos, float *kc, float *vc, int64_t sb, int64_t sh, int64_t ss,
+                    int B, int nq, int nk, int D, int window, float *out) {
+    int64_t heads = nq + 2 * nk;
+    return attn_rope_tokens_f32(qkv, heads * D, qkv + (nq + nk) * (size_t)D, heads * D, cos, sin, NULL, pos, kc, vc, sb, sh, ss, B, nq, nk, D, window, 0.0f, out);
 }

@@ -16,6 +16,17 @@
 int attn_tokens_f32(const float *q, const int64_t *row, const int64_t *pos, const float *kc, const float *vc, int64_t sb, int64_t sh, int64_t ss,
                     int N, int nq, int nk, int D, int window, float scale, float *out);
 
+/* N query tokens before rope, each over its own cache row (a packed prompt or mixed step).
+ *   qk: token t's nq query heads then nk key heads, D floats each, at qk + t * qk_stride;
+ *   v: its nk value heads at v + t * v_stride; cos, sin (N, D): rope at each token's position
+ *   row, pos, caches, window, scale, out: as attn_tokens_f32
+ * Ropes the queries and keys (as torch's x * cos + rotate_half(x) * sin rounds), writes each key
+ * and value into the cache at (row[t], pos[t]), then attn_tokens_f32. A token's keys are written
+ * before any token attends, so a prompt chunk sees its own earlier tokens. */
+int attn_rope_tokens_f32(const float *qk, int64_t qk_stride, const float *v, int64_t v_stride, const float *cos, const float *sin, const int64_t *row,
+                         const int64_t *pos, float *kc, float *vc, int64_t sb, int64_t sh, int64_t ss, int N, int nq, int nk, int D, int window, float scale,
+                         float *out);
+
 /* One decode step of attention for B sequences (cache row b), one new position each.
  *   qkv (B, nq + 2 nk, D): the fused projection's output before rope
  *   cos, sin (B, D): rope at each row's position; pos (B,): that position

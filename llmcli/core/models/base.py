@@ -25,6 +25,8 @@ Attention layers are 0-based block indices.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import mmap
 from dataclasses import dataclass, field
@@ -75,9 +77,36 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     then takes heap memory and writes its zeros, and a batch of 16 made all 256 positions of its
     rows resident at admission (184 MiB for SmolLM2, twice what 129 positions a row hold)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type == "cpu" and nbytes > 0 and hasattr(mmap, "MAP_PRIVATE"):  # not on Windows
+    if maps_lazily(device) and nbytes > 0:
         return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)  # the tensor keeps the mapping
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def maps_lazily(device: torch.device | str) -> bool:
+    """Whether cache_zeros maps its memory on this device (the CPU, not on Windows): pages are
+    resident only once written, and release_pages can give them back."""
+    return torch.device(device).type == "cpu" and hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MADV_DONTNEED")
+
+
+def release_pages(t: torch.Tensor, start: int, end: int) -> None:
+    """Give back the whole pages within bytes start..end of the tensor `t`, a cache_zeros mapping:
+    they are resident no more (and read as zeros on Linux). Pages only partly inside are kept."""
+    first = t.data_ptr() + start
+    first += -first % mmap.PAGESIZE
+    last = (t.data_ptr() + end) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _libc_madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc_madvise_function():
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
+def _libc_madvise(address, length, advice) -> None:
+    _libc_madvise_function()(address, length, advice)  # advice only: a failure leaves the pages resident
 
 
 class KVCache:
@@ -87,8 +116,8 @@ class KVCache:
     while the others keep decoding. Each forward writes its new keys/values at positions
     lengths[b] .. lengths[b]+T-1 and then advances lengths by the number of real tokens.
 
-    Memory is allocated for `rows` x `capacity` positions and grows on demand (`reserve`); `trim`
-    gives it back once the sequences that needed it are gone. Rows 0..rows-1 are allocated, so a
+    Memory is held for `rows` x `capacity` positions and grows on demand (`reserve`); `trim`
+    gives it back once the sequences that needed it are gone. Rows 0..rows-1 hold memory, so a
     user of fewer rows than batch_size keeps its sequences in the lowest rows.
     """
 
@@ -109,7 +138,13 @@ class KVCache:
         # a long prompt in one row must not make every row that long (initial_rows).
         self.max_len = max_len
         self.initial_len = min(max_len, initial_len or max_len)
-        shape = (min(batch_size, initial_rows or batch_size), num_kv_heads, self.initial_len, head_dim)
+        self.held_rows = min(batch_size, initial_rows or batch_size)
+        # Mapped memory is resident only where written, so a mapped cache has every row from the
+        # start: rows then come and go without a copy of the cache (growing 1, 2, 4 .. 32 rows and
+        # shrinking as sequences finished cost SmolLM2 8% of a 32-request burst's time), and trim
+        # gives a finished row's pages back (release_pages). Elsewhere rows are allocated as needed.
+        self.lazy = maps_lazily(device)
+        shape = (batch_size if self.lazy else self.held_rows, num_kv_heads, self.initial_len, head_dim)
         self.k = [cache_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.v = [cache_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -128,39 +163,58 @@ class KVCache:
 
     @property
     def rows(self) -> int:
-        """Rows allocated now (up to batch_size)."""
-        return self.k[0].shape[0]
+        """Rows that may hold memory now (up to batch_size): reserve grows them, trim gives them back."""
+        return self.held_rows
 
     def reserve(self, n: int, rows: int = 0) -> None:
-        """Make room for n positions in rows 0..rows-1 (each doubling), keeping what is stored. Not on views: reserve the root."""
+        """Make room for n positions in rows 0..rows-1, keeping what is stored. Positions grow by
+        doubling (a copy); rows of a mapped cache are there already, elsewhere they double too.
+        Not on views: reserve the root."""
         if n <= self.capacity and rows <= self.rows:
             return
         if n > self.max_len:
             raise ContextLengthError(f"the sequence needs {n} positions but the cache holds {self.max_len}", "shorten the prompt or lower --max-tokens")
         length = self.capacity if n <= self.capacity else min(self.max_len, max(n, 2 * self.capacity))
-        self._resize(self.rows if rows <= self.rows else min(self.batch_size, max(rows, 2 * self.rows)), length)
+        if rows > self.rows:
+            rows = rows if self.lazy else min(self.batch_size, max(rows, 2 * self.rows))
+        else:
+            rows = self.rows
+        if length != self.capacity or rows > self.k[0].shape[0]:
+            self._resize(rows, length)
+        self.held_rows = rows
 
     def trim(self, n: int, rows: int) -> bool:
         """Give memory back once only rows 0..rows-1 hold sequences, none needing more than n positions.
 
-        Shrinks when the allocation is over twice what they need with room to grow (2n positions),
-        so a finished long prompt does not keep its memory, and the next steps do not regrow at once.
-        Returns whether it shrank.
+        Memory shrinks once it is over twice what the rows need with room to grow (2n positions),
+        so a finished long prompt does not keep its memory, and the next steps do not regrow at
+        once: a mapped cache releases the pages of the rows above (rows admitted later fault them
+        in anew), and positions shrink by a copy. Returns whether it copied.
         """
         length = min(self.max_len, max(self.initial_len, 2 * n))
         rows = max(rows, 1)
-        if self.rows * self.capacity <= 2 * rows * length:
+        if self.lazy:
+            if 2 * rows <= self.held_rows:
+                for t in (*self.k, *self.v):
+                    row_bytes = t.stride(0) * t.element_size()
+                    release_pages(t, rows * row_bytes, self.held_rows * row_bytes)
+                self.held_rows = rows
+            if self.capacity <= 2 * length:
+                return False
+        elif self.rows * self.capacity <= 2 * rows * length:
             return False
         self._resize(rows, length)
         return True
 
     def _resize(self, rows: int, length: int) -> None:
-        keep_rows, keep = min(rows, self.rows), min(length, self.capacity)
+        """Reallocate for `rows` rows (every row when mapped) of `length` positions, keeping what the held rows store."""
+        keep_rows, keep = min(rows, self.held_rows), min(length, self.capacity)
         for cache in (self.k, self.v):
             for i, t in enumerate(cache):
-                resized = cache_zeros((rows, t.shape[1], length, t.shape[3]), t.dtype, t.device)
+                resized = cache_zeros((self.batch_size if self.lazy else rows, t.shape[1], length, t.shape[3]), t.dtype, t.device)
                 resized[:keep_rows, :, :keep] = t[:keep_rows, :, :keep]
                 cache[i] = resized
+        self.held_rows = rows
 
     @property
     def batch_size(self) -> int:
@@ -296,6 +350,8 @@ def rows_view(cache: KVCache, start: int, end: int) -> KVCache:
     view = KVCache.__new__(KVCache)
     view.max_len = cache.max_len
     view.initial_len = cache.initial_len
+    view.held_rows = end - start
+    view.lazy = False  # a view's rows are the root's: only the root reserves and trims
     view.k = [k[start:end] for k in cache.k]
     view.v = [v[start:end] for v in cache.v]
     view.lengths = cache.lengths[start:end]

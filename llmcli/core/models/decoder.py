@@ -64,6 +64,29 @@ class Packed:
             return native_attention(self.kernels, q[0], self.rows, self.positions, kc, vc, window, scale).view(1, N, H * hd)
         return self._attend_torch(kc, vc, q, window, scale)
 
+    def attend_unroped(self, cache: KVCache, layer: int, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nq: int, window: int | None, scale: float | None) -> torch.Tensor | None:
+        """`attend` with the rope done natively in the same call: qk (1, N, nq + Hkv, hd) before rope, v (1, N, Hkv, hd),
+        cos, sin (1, N, hd). None where the kernels cannot take it (another dtype, partial rotary, heads
+        not contiguous within a token): the caller ropes in torch and calls `attend`. The rope rounds
+        as apply_rope does (attention.c's rope_head), so the bits are those of that path."""
+        _, N, heads, hd = qk.shape
+        kc, vc = cache.k[layer], cache.v[layer]
+        if not runs_natively(self.kernels, qk, v, cos, sin, kc, vc) or cos.shape[-1] != hd:
+            return None
+        if qk.stride()[2:] != (hd, 1) or v.stride()[2:] != (hd, 1) or kc.stride(-1) != 1 or kc.stride() != vc.stride():
+            return None
+        cos, sin = cos.reshape(N, hd).contiguous(), sin.reshape(N, hd).contiguous()
+        rows, positions = self.rows.contiguous(), self.positions.contiguous()  # held: the call reads them
+        out = qk.new_empty((N, nq, hd))
+        sb, sh, ss, _ = kc.stride()
+        status = self.kernels.attn_rope_tokens_f32(
+            qk.data_ptr(), qk.stride(1), v.data_ptr(), v.stride(1), cos.data_ptr(), sin.data_ptr(), rows.data_ptr(), positions.data_ptr(),
+            kc.data_ptr(), vc.data_ptr(), sb, sh, ss, N, nq, heads - nq, hd, window or 0, scale or 0.0, out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"not enough memory for the attention scratch of {N} tokens")
+        return out.view(1, N, nq * hd)
+
     def _attend_torch(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, window: int | None, scale: float | None) -> torch.Tensor:
         """Without the kernels (another dtype, LLMCLI_KERNELS=0): masked SDPA per row (not batch-invariant)."""
         _, N, H, hd = q.shape
@@ -85,14 +108,14 @@ def native_attention(
     of them) of row rows[t] of k, v (B, Hkv, S, hd), the key at index s being position s.
     Returns (N, H, hd). Each (token, head) is summed in one written order, the same bits with or
     without AVX-512 and whatever the batch or chunking (attention.c)."""
-    qc = q.contiguous()
+    qc, rows, positions = q.contiguous(), rows.contiguous(), positions.contiguous()  # held: the call reads them
     if k.stride(-1) != 1 or k.stride() != v.stride():  # one set of strides for both (a cache's already are)
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty_like(qc)
     N, H, hd = qc.shape
     sb, sh, ss, _ = k.stride()
     status = kernels.attn_tokens_f32(
-        qc.data_ptr(), rows.contiguous().data_ptr(), positions.contiguous().data_ptr(), k.data_ptr(), v.data_ptr(), sb, sh, ss,
+        qc.data_ptr(), rows.data_ptr(), positions.data_ptr(), k.data_ptr(), v.data_ptr(), sb, sh, ss,
         N, H, k.shape[1], hd, window or 0, scale or 0.0, out.data_ptr(),
     )  # fmt: skip
     if status != 0:

@@ -112,8 +112,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, want_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
-        cos, sin = step.rope[self.spec.rope]
-        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, rot)
+        cos, sin = step.rope[self.spec.rope]  # (B, T, rot)
         nq, nk = self.n_heads, self.n_kv
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x).view(B, T, nq + 2 * nk, self.head_dim)
@@ -123,7 +122,12 @@ class Attention(nn.Module):
             k = self.k_proj(x).view(B, T, nk, self.head_dim)
             qk = torch.cat((q, k), dim=2)
             v = self.v_proj(x).view(B, T, nk, self.head_dim)
-        qk = apply_rope(self.norm_qk(qk), cos, sin)  # rope on q and k heads in one go
+        qk = self.norm_qk(qk)
+        if step.packed is not None:  # a packed step: rope, cache write and attention in one native call where it can
+            out = step.packed.attend_unroped(step.cache, self.layer, qk, v, cos, sin, nq, self.spec.window, self.scale)
+            if out is not None:
+                return self.o_proj(out), None
+        qk = apply_rope(qk, cos[:, :, None], sin[:, :, None])  # rope on q and k heads in one go
         out, probs = step.attend(self.layer, qk[:, :, :nq], qk[:, :, nq:], v, self.spec.window, self.scale, want_probs)  # (B, T, H*hd)
         return self.o_proj(out), probs
 
