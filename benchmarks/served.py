@@ -23,18 +23,20 @@ class ServerProcess:
     """`cmd` (listening on `port`) for the length of a with-block; its output goes to `log` (a temp file by default).
 
     ready: the path that answers 200 once the server can take requests (/v1/models, or llmcli's /health).
+    cwd: the working directory; `python -m llmcli` imports the llmcli package found there before
+    any on PYTHONPATH, so a server of another tree must start inside that tree.
     """
 
     def __init__(self, name: str, cmd: list[str], port: int, *, env: dict[str, str] | None = None, ready: str = "/v1/models",
-                 timeout: float = 900, log: Path | None = None):  # fmt: skip
-        self.name, self.cmd, self.port, self.ready, self.timeout = name, cmd, port, ready, timeout
+                 timeout: float = 900, log: Path | None = None, cwd: Path | None = None):  # fmt: skip
+        self.name, self.cmd, self.port, self.ready, self.timeout, self.cwd = name, cmd, port, ready, timeout, cwd
         self.env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")
         self.base = f"http://127.0.0.1:{port}"
         self.log = Path(log) if log else Path(tempfile.NamedTemporaryFile(prefix=f"llmcli-bench-{name}-", suffix=".log", delete=False).name)
 
     def __enter__(self) -> "ServerProcess":
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         deadline = time.monotonic() + self.timeout
         while True:
             if self.proc.poll() is not None:

@@ -29,6 +29,7 @@ import ctypes
 import functools
 import math
 import mmap
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Collection
 
@@ -69,6 +70,11 @@ class ForwardOutput:
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, H, T, S) probabilities
 
 
+# Linux's MAP_NORESERVE (Python's mmap module names it from 3.12 on): no swap is set aside for the
+# mapping, so the kernel's overcommit heuristic does not refuse a cache whose rows are mostly unwritten
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
 def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """A zeroed cache tensor. On the CPU a private anonymous mapping: fresh zero pages, resident
     only once a position is written, and no thread writes zeros (torch.zeros fills in an OpenMP
@@ -78,7 +84,8 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     rows resident at admission (184 MiB for SmolLM2, twice what 129 positions a row hold)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if maps_lazily(device) and nbytes > 0:
-        return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)  # the tensor keeps the mapping
+        flags = mmap.MAP_PRIVATE | MAP_NORESERVE  # address space only: a mapped cache has every row at its capacity
+        return torch.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=dtype).view(shape)  # the tensor keeps the mapping
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
