@@ -157,8 +157,9 @@ def _cpu_has(*flags: str) -> bool:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     """kquants.c built for the portable path and, where the CPU runs them, the AVX2 and AVX-512
-    paths; the AVX-512 path is compiled everywhere, and run everywhere with its intrinsics emulated
-    ("avx512-emulated"): ({name: Kernels}, the AVX-512 compiler's result)."""
+    paths, each also with VNNI where the CPU has it; the AVX-512 path is compiled everywhere, and
+    run everywhere with its intrinsics emulated ("avx512-emulated"): ({name: Kernels}, the AVX-512
+    compiler's result)."""
     tmp = tmp_path_factory.mktemp("kquants")
     libs = {"portable": []} | ({"avx2": AVX2_FLAGS} if _cpu_has("avx2", "fma", "f16c") else {})
     run512 = _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq")
@@ -167,6 +168,14 @@ def compiled(tmp_path_factory):
         emulated = ["-DKQ_AVX512_EMULATED", "-include", str(Path(__file__).with_name("kquants_avx512_emul.h"))]
         libs["avx512-emulated"] = [*AVX2_FLAGS, *emulated]
         commands.append([*GCC, *AVX2_FLAGS, *emulated, "-shared", str(SOURCE), "-o", str(tmp / "libkq_avx512-emulated.so")])
+    # the 8-bit products' single-instruction form (dpbusd, blocks.h's BLOCK_VNNI), where the CPU has
+    # it, as the kernels' loader builds it there: tile8's VNNI sums (and their offset start) differ
+    # from the maddubs ones in every step
+    vnni = {name: flags for name, flags, cpu in (("avx2-vnni", [*AVX2_FLAGS, "-mavxvnni"], "avx_vnni"),
+                                                  ("avx512-vnni", [*AVX512_FLAGS, "-mavx512vnni"], "avx512_vnni"))
+            if _cpu_has(cpu) and (name == "avx2-vnni" or run512)}  # fmt: skip
+    libs |= vnni
+    commands += [[*GCC, *flags, "-shared", str(SOURCE), "-o", str(tmp / f"libkq_{name}.so")] for name, flags in vnni.items()]
     commands.append([*GCC, *AVX512_FLAGS, "-shared" if run512 else "-c", str(SOURCE), "-o", str(tmp / "libkq_avx512.so")])
     results = _compile_all(commands)
     for result in results[:-1]:
