@@ -143,7 +143,7 @@ def main() -> int:
     names = args.servers.split(",")
     order = [name for r in range(args.rounds) for name in (names if r % 2 == 0 else names[::-1])]
     all_rates: list[dict[str, float]] = []
-    for round_index, name in enumerate(order):
+    for run, name in enumerate(order):
         # the limit's rate right before each server: this VM's speed drifts by 20-30% within minutes
         rates = pp512_rates(gguf, args.threads)
         all_rates.append(rates)
@@ -177,7 +177,7 @@ def main() -> int:
                     "ttft_p99_s": summary["p99_ttft_ms"] / 1000, "ttft_p50_s": summary["median_ttft_ms"] / 1000,
                     "ttft_p99_over_limit": summary["p99_ttft_ms"] / 1000 / limit, "output_tok_s": summary["output_throughput"],
                     "itl_p50_ms": summary["median_itl_ms"], "itl_p99_ms": summary["p99_itl_ms"],
-                    "failed": summary["failed"], "load_1min": load, "round": round_index // len(names),
+                    "failed": summary["failed"], "load_1min": load, "round": run // len(names),
                 }  # fmt: skip
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr)

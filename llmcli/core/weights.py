@@ -13,7 +13,6 @@ models/registry.config_from_gguf.
 from __future__ import annotations
 
 import json
-import mmap
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmcli.core import pages
 from llmcli.core.config import ModelConfig
 from llmcli.core.gguf_meta import GGUFTensorInfo, read_gguf_header
 from llmcli.core.models.registry import config_from_gguf, family_of
@@ -251,11 +251,7 @@ class FileMappings:
     correct: they are private, never written, so a later touch reads them from the file again.
     """
 
-    MADV_DONTNEED = 4
-
     def __init__(self) -> None:
-        import ctypes
-
         self.ranges: list[tuple[int, int]] = []
         try:
             with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
@@ -266,21 +262,13 @@ class FileMappings:
                         self.ranges.append((int(lo, 16), int(hi, 16)))
         except OSError:
             pass  # not Linux: nothing to release
-        # once, and only where there is something to release: building a CDLL costs about a millisecond
-        self._libc = ctypes.CDLL(None, use_errno=True) if self.ranges else None
 
     def release(self, tensor: torch.Tensor) -> None:
         """Drop the whole pages under `tensor` when they belong to a file mapping; otherwise nothing."""
-        import ctypes
-        import mmap
-
         start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi <= lo or not any(a <= lo and hi <= b for a, b in self.ranges):
-            return
-        self._libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), self.MADV_DONTNEED)
+        lo, hi = pages.whole_pages(start, start + tensor.numel() * tensor.element_size())
+        if hi > lo and any(a <= lo and hi <= b for a, b in self.ranges):
+            pages.release(lo, hi)
 
 
 # ------------------------------------------------------------------ GGUF
@@ -425,11 +413,8 @@ def _release_pages(mm: np.memmap, offset: int, nbytes: int) -> None:
     """Drop the whole pages of mm[offset : offset + nbytes] from this process's RSS (they stay in
     the page cache, and a later read maps them again). The copied Q/K rows' source pages would
     otherwise count twice: 36 MiB for a 1B Llama, about 380 MiB for an 8B in Q4_K_M."""
-    handle = getattr(mm, "_mmap", None)
-    first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if handle is not None and last > first and hasattr(mmap, "MADV_DONTNEED"):
-        handle.madvise(mmap.MADV_DONTNEED, first, last - first)
+    start = mm.ctypes.data + offset
+    pages.release(start, start + nbytes)
 
 
 def _unpermute_if_qk(t: MappedTensor, config: ModelConfig) -> MappedTensor:

@@ -1228,7 +1228,8 @@ KQ_AVX2_TILE(q6_K, false, bb->d)
 typedef struct {
     int32_t qs[QK_K / 4][BLOCK_GROUP_ROWS]; /* [4-value group k][row c]: values 4k..4k+3 of row c */
     /* row c's activation sums, [group][row c], so that one vector holds a group's 8 rows: */
-    int32_t bsums_by_lane[16][BLOCK_GROUP_ROWS]; /* of 16 values (its bsums) */
+    int32_t bsums_by_lane[16][BLOCK_GROUP_ROWS]; /* of 16 values (its bsums); pairs16 holds them too, but
+                                                  * widening them there cost Q6_K's VNNI tile8 7% */
     int32_t pairs16[8][BLOCK_GROUP_ROWS];        /* of 16 values, groups 2q and 2q + 1 as two int16 (for madd) */
     int32_t pairs32[4][BLOCK_GROUP_ROWS];        /* of 32 values, groups 2q and 2q + 1 as two int16 */
     float d[BLOCK_GROUP_ROWS];
@@ -1411,6 +1412,7 @@ KQ_INLINE __m256i kq_corr_dot(const kq_group_block *g, const kq_unpacked8 *u, co
  * the scale multiplies sum((q - offset) a) and no per-row bsums product is left to add: the same
  * integer, and for Q6_K's prompts 23% of the tile's time (in L1: 89 -> 115 GMAC/s). Without VNNI
  * the int16 sums cannot start there (32 x 2032 overflows), so the product is subtracted after. */
+#define KQ_T8_OFFSET_IN_SUMS(OFF_SHIFT, GS) (KQ_T8_INT32 && (OFF_SHIFT) && (GS) == 16)
 #define KQ_TILE8(t, has_min, DMIN, GS, QMAX, OFF_SHIFT)                                                                 \
     KQ_INLINE void tile8_##t##_rows(int K, const void *w, size_t w_row_bytes, const int NW, const int NG,           \
                                     const kq_group_block *gb, int nx, float *y, size_t ldy, int prefetch) {         \
@@ -1438,7 +1440,7 @@ KQ_INLINE __m256i kq_corr_dot(const kq_group_block *g, const kq_unpacked8 *u, co
                 for (int h = 0; h < NG; h++)                                                                        \
                     for (int s = 0; s < KQ_T8_PARTS; s++) {                                                         \
                         __m256i start = _mm256_setzero_si256();                                                     \
-                        if (KQ_T8_INT32 && (OFF_SHIFT) && (GS) == 16) /* -offset * the group's activation sums */   \
+                        if (KQ_T8_OFFSET_IN_SUMS(OFF_SHIFT, GS)) /* -offset * the group's activation sums */        \
                             start = _mm256_sub_epi32(start, _mm256_slli_epi32(_mm256_loadu_si256(                   \
                                 (const __m256i *)g[h]->bsums_by_lane[s0 + s]), (OFF_SHIFT)));                        \
                         for (int r = 0; r < NW; r++) part[h][r][s] = start;                                         \
@@ -1481,7 +1483,7 @@ KQ_INLINE __m256i kq_corr_dot(const kq_group_block *g, const kq_unpacked8 *u, co
                 const __m256 vdx = _mm256_loadu_ps(g[h]->d);                                                        \
                 for (int r = 0; r < NW; r++) {                                                                      \
                     __m256i is = isum[h][r];                                                                        \
-                    if ((OFF_SHIFT) && !(KQ_T8_INT32 && (GS) == 16)) /* the offset, where not already in the sums */  \
+                    if ((OFF_SHIFT) && !KQ_T8_OFFSET_IN_SUMS(OFF_SHIFT, GS)) /* the offset, not yet in the sums */  \
                         is = _mm256_sub_epi32(is, _mm256_slli_epi32(kq_corr_dot(g[h], &un[r], (GS)), (OFF_SHIFT)));  \
                     const __m256 dd = _mm256_mul_ps(_mm256_set1_ps(kq_half(bb[r]->d)), vdx);                        \
                     accf[h][r][j] = _mm256_add_ps(accf[h][r][j], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(is)));        \

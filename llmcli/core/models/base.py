@@ -25,8 +25,6 @@ Attention layers are 0-based block indices.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import mmap
 import sys
@@ -36,6 +34,7 @@ from typing import Callable, Collection
 import torch
 import torch.nn.functional as F
 
+from llmcli.core import pages
 from llmcli.errors import ContextLengthError, ModelError
 
 # hidden_act names of gelu's tanh approximation: the ones the native tanh gelu kernels compute
@@ -91,29 +90,8 @@ def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 def maps_lazily(device: torch.device | str) -> bool:
     """Whether cache_zeros maps its memory on this device (the CPU, not on Windows): pages are
-    resident only once written, and release_pages can give them back."""
-    return torch.device(device).type == "cpu" and hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MADV_DONTNEED")
-
-
-def release_pages(t: torch.Tensor, start: int, end: int) -> None:
-    """Give back the whole pages within bytes start..end of the tensor `t`, a cache_zeros mapping:
-    they are resident no more (and read as zeros on Linux). Pages only partly inside are kept."""
-    first = t.data_ptr() + start
-    first += -first % mmap.PAGESIZE
-    last = (t.data_ptr() + end) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        _libc_madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
-
-
-@functools.cache
-def _libc_madvise_function():
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
-
-
-def _libc_madvise(address, length, advice) -> None:
-    _libc_madvise_function()(address, length, advice)  # advice only: a failure leaves the pages resident
+    resident only once written, and pages.release can give them back."""
+    return torch.device(device).type == "cpu" and hasattr(mmap, "MAP_PRIVATE") and pages.AVAILABLE
 
 
 class KVCache:
@@ -149,7 +127,7 @@ class KVCache:
         # Mapped memory is resident only where written, so a mapped cache has every row from the
         # start: rows then come and go without a copy of the cache (growing 1, 2, 4 .. 32 rows and
         # shrinking as sequences finished cost SmolLM2 8% of a 32-request burst's time), and trim
-        # gives a finished row's pages back (release_pages). Elsewhere rows are allocated as needed.
+        # gives a finished row's pages back (pages.release). Elsewhere rows are allocated as needed.
         self.lazy = maps_lazily(device)
         shape = (batch_size if self.lazy else self.held_rows, num_kv_heads, self.initial_len, head_dim)
         self.k = [cache_zeros(shape, dtype, device) for _ in range(num_layers)]
@@ -204,7 +182,7 @@ class KVCache:
             if 2 * rows <= self.held_rows:
                 for t in (*self.k, *self.v):
                     row_bytes = t.stride(0) * t.element_size()
-                    release_pages(t, rows * row_bytes, self.held_rows * row_bytes)
+                    pages.release(t.data_ptr() + rows * row_bytes, t.data_ptr() + self.held_rows * row_bytes)
                 self.held_rows = rows
             if self.capacity <= 2 * length:
                 return False
