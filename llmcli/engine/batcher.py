@@ -306,19 +306,20 @@ class ContinuousBatcher:
         self.cache.load_row(row, kv[0], kv[1])
         return kv.shape[3]
 
-    def _store_prefix(self, seq: _Sequence, ids: list[int]) -> None:
-        """Keep the full blocks of ids, whose K/V the sequence's row holds from position 0 (prompt, or prompt and reply).
+    def _store_prefix(self, seq: _Sequence, ids: list[int]) -> int:
+        """Keep the full blocks of ids, whose K/V the sequence's row holds from position 0 (prompt, or
+        prompt and reply); returns how many leading blocks of ids the prefix cache now holds.
 
         Not for a row that began from a saved attend cache: another forward computed those K/V.
         """
         if self.prefix_cache is None or seq.request.prompt_cache is not None:
-            return
+            return 0
         cache, row = self.cache, seq.row
 
         def kv_of(start: int, end: int) -> torch.Tensor:  # (2, L, Hkv, end - start, D)
             return torch.stack([torch.stack([k[row, :, start:end] for k in cache.k]), torch.stack([v[row, :, start:end] for v in cache.v])])
 
-        self.prefix_cache.insert(ids[: int(cache.lengths[row])], kv_of)
+        return self.prefix_cache.insert(ids[: int(cache.lengths[row])], kv_of)
 
     def _choose(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], list[dict | None]]:
         """Sample one token per sequence from its (n, V) logits with each request's own settings."""
@@ -381,7 +382,10 @@ class ContinuousBatcher:
             piece += seq.text.finish()
         keep = seq.text.tokens_before_stop()
         # the reply's blocks too: the next turn of a chat starts with this prompt and reply
-        self._store_prefix(seq, request_ids(seq))
+        if self._store_prefix(seq, request_ids(seq)):
+            # the prefix cache holds its own copy: the row's pages would count the K/V twice (a
+            # batch finishing together held twice its cache at its end: 116 MiB of the 1B's peak)
+            self.cache.release_row(seq.row)
         self.rows[seq.row] = None
         if seq.constraint is not None:
             seq.constraint.close()

@@ -23,11 +23,11 @@
  * can sit in vector lanes (tile8: 8 activation rows interleaved, one lane each), and the group
  * scales multiply 8 rows' sums at once.
  *
- * Paths: AVX2 (and tile8 for prompts); AVX-512 (Q4_K, Q5_K, Q6_K two chunks of 32 values per
- * 512-bit register in vec_dot and tile; Q2_K and Q3_K run the AVX2 code); NEON (vdotq_s32 with
- * __ARM_FEATURE_DOTPROD, widening multiplies otherwise) on the unpacked super-block; portable C
- * otherwise. KQ_AVX512_EMULATED (tests only) runs the AVX-512 code on AVX2 with its intrinsics
- * written in C (tests/kquants_avx512_emul.h).
+ * Paths: AVX2 (and tile8 for prompts); AVX-512 (Q6_K: two chunks of 32 values per 512-bit
+ * register in vec_dot and tile; the other types run the AVX2 code, which was faster there on Zen
+ * 4); NEON (vdotq_s32 with __ARM_FEATURE_DOTPROD, widening multiplies otherwise) on the unpacked
+ * super-block; portable C otherwise. KQ_AVX512_EMULATED (tests only) runs the AVX-512 code on
+ * AVX2 with its intrinsics written in C (tests/kquants_avx512_emul.h).
  */
 #include "blocks.h"
 
@@ -897,66 +897,11 @@ KQ_INLINE __m256i k4_scales(const uint8_t *packed, const block_q8_K *const *xs, 
 /* int16 element e of v in all 16 places */
 #define KQ_BCAST16(v, e) _mm256_shuffle_epi8((v), _mm256_set1_epi16((short)((2 * (e)) | ((2 * (e) + 1) << 8))))
 
-#if defined(__AVX512BW__) || defined(KQ_AVX512_EMULATED)
 
-/* AVX-512: two chunks of 32 values per 512-bit register; the 16 int32 lanes fold into the 8 of
- * the header comment (lane l + lane l + 8: the same bytes 4l..4l+3 of each chunk), exactly. */
-static const int16_t kq_idx_k4[4][32] __attribute__((aligned(64))) = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1},
-    {2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5},
-    {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7},
-};
-
-/* int16 a in the low 256 bits, b in the high 256 */
-KQ_INLINE __m512i kq_halves16(short a, short b) {
-    return _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1);
-}
-
-#define KQ_ACC512(q, s, off)                                                                                        \
-    for (int c = 0; c < NX; c++) {                                                                                  \
-        const __m512i a_ = _mm512_loadu_si512((const void *)(xs[c]->qs + (off)));                                   \
-        acc5[c] = _mm512_add_epi32(acc5[c], _mm512_madd_epi16((s), _mm512_maddubs_epi16((q), a_)));                 \
-    }
-
-#define KQ_FOLD512()                                                                                                \
-    for (int c = 0; c < NX; c++)                                                                                    \
-        acc[c] = _mm256_add_epi32(_mm512_castsi512_si256(acc5[c]), _mm512_extracti64x4_epi64(acc5[c], 1))
-
-KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
-    const __m512i sc = _mm512_castsi256_si512(k4_scales(w->scales, xs, NX, m));
-    const __m512i m4 = _mm512_set1_epi8(0xF), shift = kq_halves16(0, 4);
-    __m512i acc5[4];
-    for (int c = 0; c < NX; c++) acc5[c] = _mm512_setzero_si512();
-    for (int j = 0; j < 4; j++) {
-        /* low nibbles (values 64j..64j+31) in the low half, high nibbles (64j+32..) in the high half */
-        const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w->qs + 32 * j)));
-        const __m512i q = _mm512_and_si512(_mm512_srlv_epi16(bits, shift), m4);
-        const __m512i s = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx_k4[j]), sc);
-        KQ_ACC512(q, s, 64 * j)
-    }
-    KQ_FOLD512();
-}
-
-KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
-    const __m512i sc = _mm512_castsi256_si512(k4_scales(w->scales, xs, NX, m));
-    const __m512i m4 = _mm512_set1_epi8(0xF), m1 = _mm512_set1_epi8(1), shift = kq_halves16(0, 4);
-    const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)w->qh));
-    __m512i acc5[4];
-    for (int c = 0; c < NX; c++) acc5[c] = _mm512_setzero_si512();
-    for (int j = 0; j < 4; j++) {
-        const __m512i bits = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w->qs + 32 * j)));
-        /* the 5th bit: bit 2j of qh for the low half, bit 2j + 1 for the high half (16-bit shifts by
-         * at most 7 keep bit 0 of each byte its own) */
-        const __m512i h = _mm512_and_si512(_mm512_srlv_epi16(hb, kq_halves16((short)(2 * j), (short)(2 * j + 1))), m1);
-        const __m512i q = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi16(bits, shift), m4), _mm512_slli_epi16(h, 4));
-        const __m512i s = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)kq_idx_k4[j]), sc);
-        KQ_ACC512(q, s, 64 * j)
-    }
-    KQ_FOLD512();
-}
-
-#else
+/* Q4_K, Q5_K: AVX2 code on every x86 level. Their AVX-512 form (two 32-value chunks per register,
+ * scales by permutexvar) ran 16-17% slower in decode and 7% in the 4x4 tile on Zen 4 (kquant_dots,
+ * 2048 x 8192, one thread: Q4_K vec_dot 0.52 -> 0.43 ms, Q5_K 0.68 -> 0.57 ms), whose 512-bit
+ * integer ops take two 256-bit passes anyway. */
 
 KQ_INLINE void sb_q4_K(const block_q4_K *w, const block_q8_K *const *xs, const int NX, __m256i *acc, __m256i *m) {
     const __m256i sc16 = k4_scales(w->scales, xs, NX, m);
@@ -990,8 +935,6 @@ KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const i
     }
 }
 
-#endif
-
 /* the per-16-scale types: acc[c] -= off * (sc[2l] bsums[2l] + sc[2l+1] bsums[2l+1]) (Q3_K: off 4, Q6_K: off 32) */
 #define KQ_BSUM_CORRECTION(sc8, shift)                                                                              \
     do {                                                                                                            \
@@ -1003,6 +946,23 @@ KQ_INLINE void sb_q5_K(const block_q5_K *w, const block_q8_K *const *xs, const i
     } while (0)
 
 #if defined(__AVX512BW__) || defined(KQ_AVX512_EMULATED)
+
+/* AVX-512 (Q6_K): two chunks of 32 values per 512-bit register; the 16 int32 lanes fold into the 8
+ * of the header comment (lane l + lane l + 8: the same bytes 4l..4l+3 of each chunk), exactly. */
+/* int16 a in the low 256 bits, b in the high 256 */
+KQ_INLINE __m512i kq_halves16(short a, short b) {
+    return _mm512_inserti64x4(_mm512_set1_epi16(a), _mm256_set1_epi16(b), 1);
+}
+
+#define KQ_ACC512(q, s, off)                                                                                        \
+    for (int c = 0; c < NX; c++) {                                                                                  \
+        const __m512i a_ = _mm512_loadu_si512((const void *)(xs[c]->qs + (off)));                                   \
+        acc5[c] = _mm512_add_epi32(acc5[c], _mm512_madd_epi16((s), _mm512_maddubs_epi16((q), a_)));                 \
+    }
+
+#define KQ_FOLD512()                                                                                                \
+    for (int c = 0; c < NX; c++)                                                                                    \
+        acc[c] = _mm256_add_epi32(_mm512_castsi512_si256(acc5[c]), _mm512_extracti64x4_epi64(acc5[c], 1))
 
 /* [scale 4p x8, 4p+1 x8, 4p+2 x8, 4p+3 x8] from the 16 int16 scales */
 static const int16_t kq_idx_q6[4][32] __attribute__((aligned(64))) = {

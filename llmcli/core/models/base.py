@@ -191,6 +191,16 @@ class KVCache:
         self._resize(rows, length)
         return True
 
+    def release_row(self, row: int) -> None:
+        """Hand back the pages of one row of a mapped cache (elsewhere nothing): for a finished
+        sequence whose K/V another owner now holds (the prefix cache), so they are not held twice.
+        The row reads as zeros again; a sequence admitted to it faults its pages in anew."""
+        if not self.lazy:
+            return
+        for t in (*self.k, *self.v):
+            row_bytes = t.stride(0) * t.element_size()
+            pages.release(t.data_ptr() + row * row_bytes, t.data_ptr() + (row + 1) * row_bytes)
+
     def _resize(self, rows: int, length: int) -> None:
         """Reallocate for `rows` rows (every row when mapped) of `length` positions, keeping what the held rows store."""
         keep_rows, keep = min(rows, self.held_rows), min(length, self.capacity)
