@@ -139,6 +139,33 @@ def gguf_weight_bytes(path: Path) -> tuple[int, int]:
     return sum(int(t.n_bytes) for t in reader.tensors), sum(int(t.n_elements) for t in reader.tensors)
 
 
+def decode_bytes_per_token(path: Path) -> int:
+    """Weight bytes one batch-1 decode step reads: every tensor once, except the token embedding,
+    of which it reads one row, unless the output projection is tied to it (then all of it)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight" or tied)
+
+
+def read_bandwidth(threads: int, nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
+    """Bytes/s of a sum over a buffer far larger than the caches on `threads` threads: what reading
+    the weights once per token can reach at best (measured right before each worker, as the
+    machine's bandwidth drifts; torch's sum read at the speed of a hand-written AVX-512 loop)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
 def copy_bandwidth(threads: int, nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
     """Bytes/s of a copy of a buffer far larger than the caches (read + write counted), on as many
     threads as the tools get: one thread cannot saturate the memory system, so a one-thread copy
@@ -373,7 +400,10 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", LLMCLI_HOME=str(OUT / "llmcli-home"))
     jobs = [({"tool": tool}, tool) for tool in tools]
     jobs += [({"tool": tool, "file": str(path), "file_key": key}, f"{tool} {key}") for key, path in files.items() for tool in FILE_TOOLS]
-    file_meta = {key: {"path": str(path), "bytes": path.stat().st_size, "kv_per_token": kv_bytes_per_token(path)} for key, path in files.items()}
+    file_meta = {
+        key: {"path": str(path), "bytes": path.stat().st_size, "kv_per_token": kv_bytes_per_token(path), "decode_bytes": decode_bytes_per_token(path)}
+        for key, path in files.items()
+    }
 
     for key, path in files.items():
         print(f"[prepare] llmcli {key} ...", file=sys.stderr, flush=True)
@@ -382,8 +412,10 @@ def main() -> None:
     runs = []
     for rep in range(args.reps):
         for job, name in jobs:
+            read_bw = None
             if "file" in job:
                 warm_page_cache(Path(job["file"]))
+                read_bw = read_bandwidth(args.threads)
             print(f"[rep {rep + 1}/{args.reps}] {name} ...", file=sys.stderr, flush=True)
             load = os.getloadavg()[0]
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, **job})], capture_output=True, text=True, env=env)
@@ -391,7 +423,7 @@ def main() -> None:
                 sys.stderr.write(proc.stderr[-3000:])
                 raise SystemExit(f"{name} worker failed ({proc.returncode})")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
-            result.update(rep=rep, load_before=load, load_after=os.getloadavg()[0])
+            result.update(rep=rep, load_before=load, load_after=os.getloadavg()[0], read_bandwidth=read_bw)
             runs.append(result)
             print("   " + ", ".join(f"{r['test']} b{r['batch']} {r['tokens'] / r['seconds']:.1f} t/s" for r in result["rows"]), file=sys.stderr, flush=True)
 
@@ -506,12 +538,24 @@ def tabulate_files(meta: dict, runs: list[dict]) -> str:
         f = meta["files"][key]
         return 1.25 * f["bytes"] + f["kv_per_token"] * max(prompt + 1, batch * (gen + 1)) + 200 * mib
 
+    def ceilings(key: str, runs_of_tool: list[dict]) -> list[float]:
+        """Each run's batch-1 decode ceiling, tokens/s: the read bandwidth measured right before it
+        over the weight bytes a token reads."""
+        per_token = meta["files"][key].get("decode_bytes")  # absent from runs saved before it was measured
+        return [r["read_bandwidth"] / per_token for r in runs_of_tool if per_token and r.get("read_bandwidth")]
+
+    def of_ceiling(key: str, runs_of_tool: list[dict]) -> str:
+        """Each run's tg b1 over its own ceiling: mean (best)."""
+        measured = [run for run in runs_of_tool if run.get("read_bandwidth")]
+        pairs = [(r["tokens"] / r["seconds"]) / c for run, c in zip(measured, ceilings(key, measured)) for r in run["rows"] if r["test"] == tg and r["batch"] == 1]
+        return f"{statistics.fmean(pairs):.0%} ({max(pairs):.0%})" if pairs else "-"
+
     pp, tg = f"pp{prompt}", f"tg{gen}"
     lines = [
         f"Same file: llmcli and llama.cpp on each GGUF, {meta['threads']} threads, {meta['reps']} interleaved repetitions; tokens/s as mean ± sd (best)",
         "",
-        f"| file | tool | {pp} b1 | {tg} b1 | {tg} b{batch} | load | time to first token | peak RSS | RSS budget |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| file | tool | {pp} b1 | {tg} b1 | {tg} b{batch} | load | time to first token | peak RSS | RSS budget | {tg} b1 / read ceiling |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key in meta["files"]:
         for tool in FILE_TOOLS:
@@ -524,7 +568,7 @@ def tabulate_files(meta: dict, runs: list[dict]) -> str:
             size = meta["files"][key]["bytes"]
             lines.append(
                 f"| {key} ({size / mib:.0f} MiB) | {LABELS[tool]} | {cell(speeds(key, tool, pp, 1))} | {cell(speeds(key, tool, tg, 1))} | "
-                f"{cell(speeds(key, tool, tg, batch))} | {load:.2f} s | {ttft:.2f} s | {rss / mib:.0f} MiB | {budget(key) / mib:.0f} MiB |"
+                f"{cell(speeds(key, tool, tg, batch))} | {load:.2f} s | {ttft:.2f} s | {rss / mib:.0f} MiB | {budget(key) / mib:.0f} MiB | {of_ceiling(key, got)} |"
             )
     lines += [
         "",
@@ -548,6 +592,9 @@ def tabulate_files(meta: dict, runs: list[dict]) -> str:
     lines += [
         "",
         f"load: start of the load to a model ready to run; time to first token: start of the load to the argmax of a cold {prompt}-token prefill (page cache warm, best repetition).",
+        f"read ceiling: the read bandwidth on {meta['threads']} threads (a sum over 512 MiB, measured right before each run) / the weight bytes a batch-1 token reads"
+        " (every tensor once; the token embedding whole only when the output is tied to it); no decode that reads the weights once per token can pass it,"
+        " so 1.2x llama.cpp cannot be reached where llama.cpp runs above 83% of it.",
         f"RSS budget (issue 13, item 5): 1.25 x file size + llmcli's float32 KV cache for max({prompt} + 1, {batch} x ({gen} + 1)) tokens + 200 MiB; peak RSS is VmHWM, loading included.",
         "ratios: mean (best); llama.cpp's Python API has no batched decode, so b" + str(batch) + " is llmcli's own.",
         f"machine: {meta['machine']}.",

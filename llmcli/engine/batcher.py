@@ -71,6 +71,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     prompt_logits: list[torch.Tensor] | None = field(default_factory=list)  # echo: the chunks' logits until the prompt is in
+    plain_greedy: bool = False  # the request's params at admission: the token is the raw argmax (asked once, not per step)
 
     @property
     def prompt_left(self) -> int:
@@ -283,7 +284,7 @@ class ContinuousBatcher:
             self.prefix_cache.lookup(ids)  # a miss, counted as a query
         seq = _Sequence(
             request, row, sampling.make_generator(request.params.seed, request.id, request.sample_index), TextStream(self.tokenizer, request.stop),
-            admitted=self.admissions, prefilled=start, cached=start,
+            admitted=self.admissions, prefilled=start, cached=start, plain_greedy=request.params.plain_greedy,
         )  # fmt: skip
         self.admissions += 1
         if request.grammar is not None:  # its first mask is computed while the prompt runs
@@ -337,7 +338,7 @@ class ContinuousBatcher:
                     allowed = allowed.clone() if allowed is logits else allowed
                     allowed[i, blocked] = float("-inf")
         allowed = mask_logits([s.constraint for s in seqs], allowed)  # a response format's grammar
-        if all(_plain_greedy(p) for p in params):
+        if all(s.plain_greedy for s in seqs):
             # nothing reshapes the distribution: the argmax (lowest id on ties, as sample() does) is the answer
             chosen = allowed.argmax(-1)
         else:
@@ -453,8 +454,3 @@ def _glibc_function(name: str):
 def request_ids(seq: _Sequence) -> list[int]:
     """The prompt and every token accepted so far: the row's K/V covers the first lengths[row] of them."""
     return list(seq.request.prompt_ids) + seq.generated
-
-
-def _plain_greedy(params: sampling.SamplingParams) -> bool:
-    """Greedy with no bias or penalty: the chosen token is the argmax of the raw logits."""
-    return params.plain_greedy
