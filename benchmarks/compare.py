@@ -32,6 +32,11 @@ The memory-bandwidth bound of batch-1 decode is copy bandwidth (torch's copy on 
 counted as bytes read + bytes written, STREAM's convention) / the weight bytes read per token (every matrix once;
 the tied embedding matrix is read whole by the output projection).
 
+--llamacpp-path DIR runs the llama.cpp workers on the llama_cpp package installed in DIR (pip
+install --target DIR), e.g. a build for the AVX2 level, to compare with llmcli at LLMCLI_ISA=avx2:
+the pip build compiles for the machine it is built on (AVX-512 here). benchmarks/README.md has the
+build line.
+
 Results: benchmarks/out/compare.md (the tables, also printed) and compare.json (every sample).
 The workers run with LLMCLI_HOME=benchmarks/out/llmcli-home, so llmcli's caches of these files
 stay out of the user's cache.
@@ -368,6 +373,7 @@ def main() -> None:
     ap.add_argument("--files", default=",".join(FILES), help=f"GGUFs for llmcli vs llama.cpp on the same file: {', '.join(FILES)} or paths; '' for none")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gguf", type=Path, default=None, help="the SmolLM2 Q4_1 GGUF (default: the llmcli catalogue copy)")
+    ap.add_argument("--llamacpp-path", type=Path, default=None, help="run llama.cpp from the llama_cpp package in this directory (pip install --target)")
     ap.add_argument("--table-from", type=Path, help="print the tables of a saved compare.json again, measuring nothing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -398,6 +404,7 @@ def main() -> None:
         weight_bytes["llamacpp-q8_0"] = gguf_weight_bytes(q8)[0]
     spec = {"prompt": args.prompt, "gen": args.gen, "batches": [1, args.batch] if args.batch > 1 else [1], "batch_prefill": args.batch_prefill, "threads": args.threads, "seed": args.seed, "gguf": str(gguf), "q8_0": str(q8) if q8 else None}
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", LLMCLI_HOME=str(OUT / "llmcli-home"))
+    llama_env = env if args.llamacpp_path is None else dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(args.llamacpp_path.resolve()), env.get("PYTHONPATH")) if p))
     jobs = [({"tool": tool}, tool) for tool in tools]
     jobs += [({"tool": tool, "file": str(path), "file_key": key}, f"{tool} {key}") for key, path in files.items() for tool in FILE_TOOLS]
     file_meta = {
@@ -418,7 +425,7 @@ def main() -> None:
                 read_bw = read_bandwidth(args.threads)
             print(f"[rep {rep + 1}/{args.reps}] {name} ...", file=sys.stderr, flush=True)
             load = os.getloadavg()[0]
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, **job})], capture_output=True, text=True, env=env)
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, **job})], capture_output=True, text=True, env=llama_env if job["tool"].startswith("llamacpp") else env)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-3000:])
                 raise SystemExit(f"{name} worker failed ({proc.returncode})")
@@ -429,16 +436,15 @@ def main() -> None:
 
     import torch
 
-    try:
-        import llama_cpp
-
-        llama_version = llama_cpp.__version__
-    except ImportError:
-        llama_version = "absent"
+    probe = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True, env=llama_env)
+    llama_version = probe.stdout.strip() or "absent"
+    if args.llamacpp_path is not None:
+        llama_version += f" from {args.llamacpp_path}"
     meta = {
         "prompt": args.prompt, "gen": args.gen, "batch": args.batch, "batch_prefill": args.batch_prefill, "threads": args.threads,
         "reps": args.reps, "tools": tools, "copy_bandwidth": bandwidth, "weight_bytes": weight_bytes, "files": file_meta,
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; torch {torch.__version__}, llama-cpp-python {llama_version}",
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; torch {torch.__version__}, llama-cpp-python {llama_version}"
+        + (f"; llmcli at LLMCLI_ISA={os.environ['LLMCLI_ISA']}" if os.environ.get("LLMCLI_ISA") else ""),
     }  # fmt: skip
     (OUT / "compare.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     table = tabulate(meta, runs) if tools else ""
