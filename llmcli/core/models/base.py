@@ -180,9 +180,7 @@ class KVCache:
         rows = max(rows, 1)
         if self.lazy:
             if 2 * rows <= self.held_rows:
-                for t in (*self.k, *self.v):
-                    row_bytes = t.stride(0) * t.element_size()
-                    pages.release(t.data_ptr() + rows * row_bytes, t.data_ptr() + self.held_rows * row_bytes)
+                self._release_rows(rows, self.held_rows)
                 self.held_rows = rows
             if self.capacity <= 2 * length:
                 return False
@@ -195,11 +193,14 @@ class KVCache:
         """Hand back the pages of one row of a mapped cache (elsewhere nothing): for a finished
         sequence whose K/V another owner now holds (the prefix cache), so they are not held twice.
         The row reads as zeros again; a sequence admitted to it faults its pages in anew."""
-        if not self.lazy:
-            return
+        if self.lazy:
+            self._release_rows(row, row + 1)
+
+    def _release_rows(self, first: int, end: int) -> None:
+        """The pages of rows first..end-1 of every layer back to the system (a mapped cache)."""
         for t in (*self.k, *self.v):
             row_bytes = t.stride(0) * t.element_size()
-            pages.release(t.data_ptr() + row * row_bytes, t.data_ptr() + (row + 1) * row_bytes)
+            pages.release(t.data_ptr() + first * row_bytes, t.data_ptr() + end * row_bytes)
 
     def _resize(self, rows: int, length: int) -> None:
         """Reallocate for `rows` rows (every row when mapped) of `length` positions, keeping what the held rows store."""

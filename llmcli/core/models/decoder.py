@@ -348,7 +348,6 @@ class Decoder(nn.Module):
             # the packing bookkeeping: its positions are the rows' lengths (0.25 ms of SmolLM2's 8 ms token)
             decoding = N <= cache.batch_size and torch.equal(rows, torch.arange(N, device=rows.device))
             if decoding:
-                counts = 1
                 positions = cache.lengths[:N].clone()
             else:
                 counts = torch.bincount(rows, minlength=cache.batch_size)  # (batch,) tokens per row
