@@ -127,13 +127,23 @@ def resolve_file(key: str, threads: int) -> Path:
 
 def kv_bytes_per_token(path: Path) -> int:
     """llmcli's float32 K and V for one token of every layer, from the GGUF's metadata."""
+    return gguf_token_bytes(path)[0]
+
+
+def gguf_token_bytes(path: Path) -> tuple[int, int]:
+    """(llmcli's float32 K and V bytes for one token of every layer, the weight bytes one batch-1
+    decode step reads), from one read of the header: gguf's reader takes seconds on a 128k-token
+    vocabulary. A decode step reads every tensor once, except the token embedding, of which it
+    reads one row, unless the output projection is tied to it (then all of it)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     arch = reader.fields["general.architecture"].contents()
     meta = {k: reader.fields[f"{arch}.{k}"].contents() for k in ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv")}
     head_dim = meta["embedding_length"] // meta["attention.head_count"]
-    return meta["block_count"] * 2 * meta["attention.head_count_kv"] * head_dim * 4
+    tied = "output.weight" not in {t.name for t in reader.tensors}
+    decode_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight" or tied)
+    return meta["block_count"] * 2 * meta["attention.head_count_kv"] * head_dim * 4, decode_bytes
 
 
 def gguf_weight_bytes(path: Path) -> tuple[int, int]:
@@ -142,17 +152,6 @@ def gguf_weight_bytes(path: Path) -> tuple[int, int]:
 
     reader = GGUFReader(str(path))
     return sum(int(t.n_bytes) for t in reader.tensors), sum(int(t.n_elements) for t in reader.tensors)
-
-
-def decode_bytes_per_token(path: Path) -> int:
-    """Weight bytes one batch-1 decode step reads: every tensor once, except the token embedding,
-    of which it reads one row, unless the output projection is tied to it (then all of it)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    names = {t.name for t in reader.tensors}
-    tied = "output.weight" not in names
-    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight" or tied)
 
 
 def read_bandwidth(threads: int, nbytes: int = 512 * 2**20, repeats: int = 7) -> float:
@@ -407,10 +406,10 @@ def main() -> None:
     llama_env = env if args.llamacpp_path is None else dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(args.llamacpp_path.resolve()), env.get("PYTHONPATH")) if p))
     jobs = [({"tool": tool}, tool) for tool in tools]
     jobs += [({"tool": tool, "file": str(path), "file_key": key}, f"{tool} {key}") for key, path in files.items() for tool in FILE_TOOLS]
-    file_meta = {
-        key: {"path": str(path), "bytes": path.stat().st_size, "kv_per_token": kv_bytes_per_token(path), "decode_bytes": decode_bytes_per_token(path)}
-        for key, path in files.items()
-    }
+    file_meta = {}
+    for key, path in files.items():
+        kv_per_token, decode_bytes = gguf_token_bytes(path)
+        file_meta[key] = {"path": str(path), "bytes": path.stat().st_size, "kv_per_token": kv_per_token, "decode_bytes": decode_bytes}
 
     for key, path in files.items():
         print(f"[prepare] llmcli {key} ...", file=sys.stderr, flush=True)
